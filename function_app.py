@@ -1,0 +1,55 @@
+"""Azure Functions entry points (v2 programming model): triggers and bindings only.
+
+All logic lives in ``shared/``; each function hands its trigger's payload to it.
+"""
+
+import json
+
+import azure.functions as func
+
+from shared import api, pipeline
+from shared.runtime import get_app
+
+app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
+
+
+@app.function_name("record_completion")
+@app.queue_trigger(arg_name="msg", queue_name="%COMPLETIONS_QUEUE_NAME%",
+                   connection="AzureWebJobsStorage")
+def record_completion(msg: func.QueueMessage) -> None:
+    """Record one step's completion, then try to lead and commit what is ready."""
+    pipeline.handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
+                               dequeue_count=msg.dequeue_count or 1)
+
+
+@app.function_name("sweep")
+@app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False)
+def sweep(timer: func.TimerRequest) -> None:
+    """Every minute: run the election so that nothing waits for the next message."""
+    pipeline.run_election(get_app())
+
+
+def _json(reply: api.Reply) -> func.HttpResponse:
+    return func.HttpResponse(json.dumps(reply.body), status_code=reply.status,
+                             mimetype="application/json")
+
+
+@app.function_name("get_account")
+@app.route(route="accounts/{accountId}", methods=["GET"])
+def get_account(req: func.HttpRequest) -> func.HttpResponse:
+    """The committed balance of one account."""
+    return _json(api.account(get_app(), req.route_params["accountId"]))
+
+
+@app.function_name("get_request")
+@app.route(route="requests/{requestId}", methods=["GET"])
+def get_request(req: func.HttpRequest) -> func.HttpResponse:
+    """The status of one request: pending, committed, aborted, rejected or expired."""
+    return _json(api.request(get_app(), req.route_params["requestId"]))
+
+
+@app.function_name("get_leader")
+@app.route(route="leader", methods=["GET"])
+def get_leader(req: func.HttpRequest) -> func.HttpResponse:
+    """Who leads, with which epoch, and how much work waits."""
+    return _json(api.leader(get_app()))

@@ -1,0 +1,196 @@
+// Ledger leader election on Azure Functions (Flex Consumption, Python), deployed into one resource
+// group: `az deployment group create -g <rg> -f infra/main.bicep -p infra/main.bicepparam`, or
+// `azd up`. Storage is reached with a user-assigned managed identity only: no key, no connection
+// string with a secret, anywhere. See docs/deploy.md.
+targetScope = 'resourceGroup'
+
+@description('Azure region of every resource (one that offers Flex Consumption: az functionapp list-flexconsumption-locations).')
+param location string = resourceGroup().location
+
+@description('Prefix of resource names: 2-10 lower-case letters or digits.')
+@minLength(2)
+@maxLength(10)
+param namePrefix string = 'ledger'
+
+@description('Tags applied to every resource.')
+param tags object = {}
+
+@description('Upper bound of instances Flex Consumption scales the app out to.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 100
+
+@description('Memory of each instance, in MB.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 2048
+
+@description('Python version of the Functions runtime.')
+@allowed([
+  '3.10'
+  '3.11'
+  '3.12'
+])
+param pythonVersion string = '3.11'
+
+@description('Optional object id of an extra principal (e.g. the deploying developer: az ad signed-in-user show --query id -o tsv) granted the same data roles as the app. Empty: none.')
+param deployerPrincipalId string = ''
+
+@description('Kind of the extra principal.')
+@allowed([
+  'User'
+  'Group'
+  'ServicePrincipal'
+])
+param deployerPrincipalType string = 'User'
+
+// The settings the app code reads: shared/settings.py SETTINGS, with the code's defaults.
+
+@description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
+param completionsQueueName string = 'completions'
+
+@description('COMPLETIONS_TABLE_NAME: table where every completion is recorded.')
+param completionsTableName string = 'completions'
+
+@description('LEDGER_TABLE_NAME: table of balances, request outcomes and the fence.')
+param ledgerTableName string = 'ledger'
+
+@description('PARKED_TABLE_NAME: table where malformed messages are parked.')
+param parkedTableName string = 'parkedmessages'
+
+@description('LEASE_CONTAINER_NAME: blob container that holds the lease blob.')
+param leaseContainerName string = 'leader-election'
+
+@description('LEASE_BLOB_NAME: blob whose lease elects the leader.')
+param leaseBlobName string = 'ledger-leader'
+
+@description('LEASE_SECONDS: lease duration (Azure allows 15-60 s).')
+@minValue(15)
+@maxValue(60)
+param leaseSeconds int = 60
+
+@description('RENEW_INTERVAL_SECONDS: how often the leader renews its lease while it drains.')
+@minValue(1)
+param renewIntervalSeconds int = 20
+
+@description('LEASE_SAFETY_MARGIN_SECONDS: no commit starts later than last renew sent + lease - this margin.')
+@minValue(1)
+param leaseSafetyMarginSeconds int = 10
+
+@description('DRAIN_BUDGET_SECONDS: longest a leader drains in one invocation (below host.json functionTimeout).')
+@minValue(1)
+param drainBudgetSeconds int = 240
+
+@description('REQUEST_TIMEOUT_SECONDS: an incomplete request expires this long after its first step.')
+@minValue(1)
+param requestTimeoutSeconds int = 900
+
+@description('STORAGE_TIMEOUT_SECONDS: per-call network timeout of the ledger and lease clients.')
+@minValue(1)
+param storageTimeoutSeconds int = 5
+
+var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, namePrefix))
+var storageAccountName = take('st${replace(toLower(namePrefix), '-', '')}${resourceToken}', 24)
+var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
+
+// Every setting of shared/settings.py, as the strings the app reads from its environment.
+var appSettings = {
+  COMPLETIONS_QUEUE_NAME: completionsQueueName
+  COMPLETIONS_TABLE_NAME: completionsTableName
+  LEDGER_TABLE_NAME: ledgerTableName
+  PARKED_TABLE_NAME: parkedTableName
+  LEASE_CONTAINER_NAME: leaseContainerName
+  LEASE_BLOB_NAME: leaseBlobName
+  LEASE_SECONDS: string(leaseSeconds)
+  RENEW_INTERVAL_SECONDS: string(renewIntervalSeconds)
+  LEASE_SAFETY_MARGIN_SECONDS: string(leaseSafetyMarginSeconds)
+  DRAIN_BUDGET_SECONDS: string(drainBudgetSeconds)
+  REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
+  STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
+}
+
+module identity 'modules/identity.bicep' = {
+  name: 'identity'
+  params: {
+    name: 'id-${namePrefix}-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'modules/storage.bicep' = {
+  name: 'storage'
+  params: {
+    name: storageAccountName
+    location: location
+    tags: tags
+    completionsQueueName: completionsQueueName
+    completionsTableName: completionsTableName
+    ledgerTableName: ledgerTableName
+    parkedTableName: parkedTableName
+    leaseContainerName: leaseContainerName
+    deploymentContainerName: deploymentContainerName
+  }
+}
+
+module monitoring 'modules/monitoring.bicep' = {
+  name: 'monitoring'
+  params: {
+    logAnalyticsName: 'log-${namePrefix}-${resourceToken}'
+    appInsightsName: 'appi-${namePrefix}-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module appRoles 'modules/roles.bicep' = {
+  name: 'app-roles'
+  params: {
+    principalId: identity.outputs.principalId
+    principalType: 'ServicePrincipal'
+    storageAccountName: storage.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+// Off by default: only when deployerPrincipalId is given.
+module deployerRoles 'modules/roles.bicep' = if (!empty(deployerPrincipalId)) {
+  name: 'deployer-roles'
+  params: {
+    principalId: deployerPrincipalId
+    principalType: deployerPrincipalType
+    storageAccountName: storage.outputs.name
+    appInsightsName: monitoring.outputs.appInsightsName
+  }
+}
+
+module functionApp 'modules/functionapp.bicep' = {
+  name: 'function-app'
+  params: {
+    name: 'func-${namePrefix}-${resourceToken}'
+    planName: 'plan-${namePrefix}-${resourceToken}'
+    location: location
+    tags: tags
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    appInsightsName: monitoring.outputs.appInsightsName
+    pythonVersion: pythonVersion
+    maximumInstanceCount: maximumInstanceCount
+    instanceMemoryMB: instanceMemoryMB
+    appSettings: appSettings
+  }
+  // The host starts with its storage and telemetry roles in place.
+  dependsOn: [
+    appRoles
+  ]
+}
+
+output AZURE_FUNCTION_APP_NAME string = functionApp.outputs.name
+output AZURE_FUNCTION_APP_HOSTNAME string = functionApp.outputs.defaultHostName
+output AZURE_STORAGE_ACCOUNT_NAME string = storage.outputs.name
+output AZURE_COMPLETIONS_QUEUE_NAME string = storage.outputs.completionsQueueName

@@ -1,0 +1,30 @@
+// Parameters of infra/main.bicep for `az deployment group create` and `azd up`. The app settings
+// keep the code's defaults (shared/settings.py); change them here, never in the portal, so that a
+// redeployment does not undo the change.
+using './main.bicep'
+
+param namePrefix = 'ledger'
+
+// Flex Consumption: scale out to at most this many instances of 2048 MB each.
+param maximumInstanceCount = 100
+param instanceMemoryMB = 2048
+param pythonVersion = '3.11'
+
+// Object id of a developer who should read and write the app's storage too (queue messages,
+// tables) with `--auth-mode login`; empty grants nothing. Override on the command line:
+//   --parameters deployerPrincipalId=$(az ad signed-in-user show --query id -o tsv)
+param deployerPrincipalId = ''
+param deployerPrincipalType = 'User'
+
+param completionsQueueName = 'completions'
+param completionsTableName = 'completions'
+param ledgerTableName = 'ledger'
+param parkedTableName = 'parkedmessages'
+param leaseContainerName = 'leader-election'
+param leaseBlobName = 'ledger-leader'
+param leaseSeconds = 60
+param renewIntervalSeconds = 20
+param leaseSafetyMarginSeconds = 10
+param drainBudgetSeconds = 240
+param requestTimeoutSeconds = 900
+param storageTimeoutSeconds = 5

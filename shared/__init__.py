@@ -1,0 +1,1 @@
+"""The ledger app's package: leader-elected commits of completion messages (see docs/design.md)."""

@@ -1,0 +1,77 @@
+"""The read API: what the HTTP-triggered functions answer, as (status code, JSON body) pairs."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
+
+from shared.app import LedgerApp
+from shared.contract import IDENTIFIER_PATTERN
+from shared.ledger import outcome_view
+from shared.money import format_money
+
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer before it becomes an ``HttpResponse``."""
+
+    status: int
+    body: dict[str, Any]
+
+
+def _bad_identifier(kind: str, value: str) -> Reply | None:
+    if _IDENTIFIER.match(value):
+        return None
+    return Reply(400, {"error": f"{kind} must be 1-128 characters of A-Za-z0-9._:-"})
+
+
+def account(app: LedgerApp, account_id: str) -> Reply:
+    """``GET /api/accounts/{accountId}``: the committed balance, or 404."""
+    if bad := _bad_identifier("accountId", account_id):
+        return bad
+    row = app.ledger.read_account(account_id)
+    if row.etag is None:
+        return Reply(404, {"error": f"account {account_id} has no committed balance"})
+    return Reply(200, {"accountId": account_id, "balance": format_money(row.balance)})
+
+
+def request(app: LedgerApp, request_id: str) -> Reply:
+    """``GET /api/requests/{requestId}``: the outcome, ``pending`` while steps wait, or 404."""
+    if bad := _bad_identifier("requestId", request_id):
+        return bad
+    outcome = app.ledger.read_outcome(request_id)
+    if outcome is not None:
+        return Reply(200, {"requestId": request_id, **outcome_view(outcome)})
+    steps = app.completions.steps_of(request_id)
+    if not steps:
+        return Reply(404, {"error": f"request {request_id} is unknown"})
+    arrived = len({s.operation_id for s in steps})
+    expected = max(s.expected_operations for s in steps)
+    return Reply(200, {"requestId": request_id, "status": "pending",
+                       "reason": f"{arrived} of {expected} steps arrived"})
+
+
+def leader(app: LedgerApp) -> Reply:
+    """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
+    fence = app.ledger.read_fence() or {}
+    try:
+        props = app.elector.blob.get_blob_properties()
+        lease = {"state": props.lease.state, "status": props.lease.status}
+    except ResourceNotFoundError:
+        lease = {"state": "available", "status": "unlocked"}
+    except HttpResponseError as exc:
+        lease = {"state": "unknown", "error": str(exc.reason)}
+    holder = fence.get("holder") if lease.get("state") == "leased" else None
+    return Reply(200, {
+        "holder": holder,
+        "lastHolder": fence.get("holder"),
+        "epoch": fence.get("epoch", 0),
+        "lease": lease,
+        "pendingCompletions": app.completions.count(),
+        "lastCommitAt": fence.get("lastCommitAt") or None,
+    })

@@ -1,0 +1,89 @@
+"""``LedgerApp``: one instance's configuration, clients, stores and clocks, wired together once.
+
+Everything the functions do takes a ``LedgerApp``; the Functions host builds one per worker
+process (``shared/runtime.py``), the simulator one per simulated instance, the tests one per test
+(with their own table, queue and blob names on a shared Azurite).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from azure.core.exceptions import ResourceExistsError
+from azure.storage.queue import QueueClient, TextBase64EncodePolicy
+
+from shared.clients import StorageClients
+from shared.completions import CompletionStore
+from shared.election import ElectionCallbacks, LeaseElector, MonotonicClock
+from shared.ledger import Ledger
+from shared.parking import ParkingLot
+from shared.settings import AppConfig
+
+
+def utc_now() -> datetime:
+    """Wall-clock time, for timestamps and request expiry (never for lease safety)."""
+    return datetime.now(UTC)
+
+
+@dataclass
+class LedgerApp:
+    """The assembled app of one instance."""
+
+    config: AppConfig
+    clients: StorageClients
+    completions: CompletionStore
+    ledger: Ledger
+    parking: ParkingLot
+    elector: LeaseElector
+    clock: MonotonicClock = time.monotonic
+    wallclock: Callable[[], datetime] = utc_now
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: AppConfig, clients: StorageClients,
+               callbacks: ElectionCallbacks | None = None,
+               clock: MonotonicClock = time.monotonic,
+               wallclock: Callable[[], datetime] = utc_now) -> LedgerApp:
+        """Wire the stores and the elector to the clients (makes no storage call)."""
+        tables = clients.table
+        container = clients.blob.get_container_client(config.lease_container)
+        return cls(
+            config=config,
+            clients=clients,
+            completions=CompletionStore(tables.get_table_client(config.completions_table)),
+            ledger=Ledger(tables.get_table_client(config.ledger_table)),
+            parking=ParkingLot(tables.get_table_client(config.parked_table)),
+            elector=LeaseElector(container, config.lease_blob, config.election,
+                                 config.instance_id, clock, callbacks),
+            clock=clock,
+            wallclock=wallclock,
+        )
+
+    def ensure_resources(self, queues: bool = True) -> None:
+        """Create the tables, the lease blob and (locally) the queues. Idempotent.
+
+        In Azure the Bicep deployment creates them; this is for Azurite and first runs.
+        """
+        for name in (self.config.completions_table, self.config.ledger_table,
+                     self.config.parked_table):
+            self.clients.table.create_table_if_not_exists(name)
+        self.elector.ensure_blob()
+        if queues:
+            for name in (self.config.completions_queue, self.config.poison_queue):
+                with contextlib.suppress(ResourceExistsError):
+                    self.clients.queue.create_queue(name)
+
+    def queue_client(self, name: str | None = None, policies: Sequence[Any] = ()) -> QueueClient:
+        """A client for the completions queue (or ``name``) that encodes as the host decodes."""
+        service = self.clients.queue
+        return QueueClient(
+            service.url, name or self.config.completions_queue,
+            credential=service.credential,
+            message_encode_policy=TextBase64EncodePolicy(),
+            per_call_policies=list(policies),
+        )

@@ -1,0 +1,126 @@
+"""Storage service clients built from the ``AzureWebJobsStorage`` settings.
+
+Locally ``AzureWebJobsStorage`` holds a connection string (``UseDevelopmentStorage=true`` or
+Azurite's explicit one). In Azure it is identity-based:
+``AzureWebJobsStorage__blobServiceUri``, ``__queueServiceUri``, ``__tableServiceUri`` (or
+``__accountName``), ``__credential=managedidentity`` and
+``__clientId`` for a user-assigned identity. No account key is ever needed in Azure.
+
+``policies`` are azure-core per-call policies added to every client: the hook for counting
+storage calls (benchmarks) and for injecting faults (chaos tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from azure.core.credentials import TokenCredential
+from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.policies import SansIOHTTPPolicy
+from azure.data.tables import TableServiceClient
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
+
+from shared.settings import STORAGE_CONNECTION, ConfigError
+
+# Azurite's well-known development account (public, documented, not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = ("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/"
+               "KBHBeksoGMGw==")
+
+
+def azurite_connection_string(host: str = "127.0.0.1", blob_port: int = 10000,
+                              queue_port: int = 10001, table_port: int = 10002) -> str:
+    """The explicit connection string of an Azurite instance."""
+    return (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://{host}:{blob_port}/{AZURITE_ACCOUNT};"
+            f"QueueEndpoint=http://{host}:{queue_port}/{AZURITE_ACCOUNT};"
+            f"TableEndpoint=http://{host}:{table_port}/{AZURITE_ACCOUNT};")
+
+
+class CallCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
+    """Counts storage calls by HTTP method (a per-call policy: retries are counted too)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def on_request(self, request: PipelineRequest) -> None:  # type: ignore[type-arg]
+        method = request.http_request.method
+        self.calls[method] = self.calls.get(method, 0) + 1
+
+    @property
+    def total(self) -> int:
+        """All calls counted so far."""
+        return sum(self.calls.values())
+
+
+@dataclass(frozen=True)
+class StorageClients:
+    """The three service clients of one storage account."""
+
+    blob: BlobServiceClient
+    queue: QueueServiceClient
+    table: TableServiceClient
+
+
+def _client_options(timeout_seconds: float, policies: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "connection_timeout": timeout_seconds,
+        "read_timeout": timeout_seconds,
+        "retry_total": 3,
+        "per_call_policies": list(policies),
+    }
+
+
+def clients_from_connection_string(connection_string: str, timeout_seconds: float = 5,
+                                   policies: Sequence[Any] = ()) -> StorageClients:
+    """Clients for a connection string (Azurite or a key-based account outside Azure)."""
+    if connection_string.strip().lower().startswith("usedevelopmentstorage=true"):
+        connection_string = azurite_connection_string()
+    options = _client_options(timeout_seconds, policies)
+    return StorageClients(
+        blob=BlobServiceClient.from_connection_string(connection_string, **options),
+        queue=QueueServiceClient.from_connection_string(connection_string, **options),
+        table=TableServiceClient.from_connection_string(connection_string, **options),
+    )
+
+
+def _credential(env: Mapping[str, str]) -> TokenCredential:
+    from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+    kind = env.get(f"{STORAGE_CONNECTION}__credential", "").strip().lower()
+    client_id = env.get(f"{STORAGE_CONNECTION}__clientId", "").strip() or None
+    if kind == "managedidentity":
+        return ManagedIdentityCredential(client_id=client_id)
+    return DefaultAzureCredential(managed_identity_client_id=client_id)
+
+
+def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
+                          policies: Sequence[Any] = ()) -> StorageClients:
+    """Clients from the app settings, as the Functions host reads ``AzureWebJobsStorage``."""
+    connection_string = env.get(STORAGE_CONNECTION, "").strip()
+    if connection_string:
+        return clients_from_connection_string(connection_string, timeout_seconds, policies)
+    prefix = f"{STORAGE_CONNECTION}__"
+    account = env.get(prefix + "accountName", "").strip()
+    uris = {service: env.get(f"{prefix}{service}ServiceUri", "").strip() or (
+        f"https://{account}.{service}.core.windows.net" if account else "")
+        for service in ("blob", "queue", "table")}
+    missing = [service for service, uri in uris.items() if not uri]
+    if missing:
+        raise ConfigError(
+            f"No storage connection: set {STORAGE_CONNECTION} to a connection string "
+            f"(UseDevelopmentStorage=true for Azurite), or set {prefix}blobServiceUri, "
+            f"{prefix}queueServiceUri and {prefix}tableServiceUri (or {prefix}accountName) with "
+            f"{prefix}credential=managedidentity; missing: {', '.join(missing)}."
+        )
+    credential = _credential(env)
+    options = _client_options(timeout_seconds, policies)
+    return StorageClients(
+        blob=BlobServiceClient(uris["blob"], credential=credential, **options),
+        queue=QueueServiceClient(uris["queue"], credential=credential, **options),
+        table=TableServiceClient(uris["table"], credential=credential, **options),
+    )

@@ -1,0 +1,165 @@
+"""The completions table: every completion recorded (one row per step), read back by the leader.
+
+Row layout: PartitionKey = requestId, RowKey = operationId. A second delivery of an operationId
+with the same content is a duplicate and changes nothing; with different content it is recorded
+beside the first as a *conflict* row (``RowKey = operationId~digest``) so that the leader rejects
+the request. Rows are deleted only after the request's outcome is written to the ledger.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any
+
+from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.data.tables import TableClient, TableEntity, TableTransactionError
+
+from shared.contract import Completion, Operation, StepStatus
+from shared.money import format_money, parse_balance
+
+logger = logging.getLogger(__name__)
+
+CONFLICT_SEPARATOR = "~"  # not in the identifier charset, so it cannot clash with an operationId
+_DELETE_CHUNK = 100
+
+
+class RecordResult(StrEnum):
+    """What recording one delivery did."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class RecordedStep:
+    """One completion row as the leader reads it."""
+
+    request_id: str
+    row_key: str
+    operation_id: str
+    operation: Operation
+    account_id: str
+    amount: Decimal
+    expected_operations: int
+    status: StepStatus
+    content_key: str
+    recorded_at: datetime
+    conflict: bool
+
+    @property
+    def signed_amount(self) -> Decimal:
+        """The change this step makes to its account's balance when committed."""
+        return self.amount if self.operation is Operation.ADD_FUNDS else -self.amount
+
+
+def _entity(completion: Completion, row_key: str, instance_id: str, now: datetime,
+            conflict: bool) -> dict[str, Any]:
+    return {
+        "PartitionKey": completion.request_id,
+        "RowKey": row_key,
+        "operationId": completion.operation_id,
+        "operation": completion.operation.value,
+        "accountId": completion.account_id,
+        "amount": format_money(completion.amount),
+        "expectedOperations": completion.expected_operations,
+        "status": completion.status.value,
+        "completedAt": completion.completed_at.isoformat() if completion.completed_at else "",
+        "contentKey": completion.content_key(),
+        "recordedAt": now.isoformat(),
+        "recordedBy": instance_id,
+        "conflict": conflict,
+    }
+
+
+def _step(row: TableEntity) -> RecordedStep:
+    return RecordedStep(
+        request_id=row["PartitionKey"],
+        row_key=row["RowKey"],
+        operation_id=row["operationId"],
+        operation=Operation(row["operation"]),
+        account_id=row["accountId"],
+        amount=parse_balance(row["amount"]),
+        expected_operations=int(row["expectedOperations"]),
+        status=StepStatus(row["status"]),
+        content_key=row["contentKey"],
+        recorded_at=datetime.fromisoformat(row["recordedAt"]),
+        conflict=bool(row.get("conflict", False)),
+    )
+
+
+class CompletionStore:
+    """Records completions and gives the leader its view of them."""
+
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def record(self, completion: Completion, instance_id: str, now: datetime) -> RecordResult:
+        """Record one delivery. Idempotent: a redelivery of the same content is a no-op."""
+        try:
+            self.table.create_entity(_entity(completion, completion.operation_id, instance_id,
+                                             now, conflict=False))
+            return RecordResult.RECORDED
+        except ResourceExistsError:
+            pass
+        first = self.table.get_entity(completion.request_id, completion.operation_id)
+        if first["contentKey"] == completion.content_key():
+            logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
+                        completion.operation_id)
+            return RecordResult.DUPLICATE
+        row_key = f"{completion.operation_id}{CONFLICT_SEPARATOR}{completion.content_key()}"
+        with contextlib.suppress(ResourceExistsError):  # this content was recorded already
+            self.table.create_entity(_entity(completion, row_key, instance_id, now,
+                                             conflict=True))
+        logger.warning("operationId %s of request %s arrived twice with different content; the "
+                       "request will be rejected", completion.operation_id, completion.request_id)
+        return RecordResult.CONFLICT
+
+    def steps_by_request(self) -> dict[str, list[RecordedStep]]:
+        """Every recorded step, grouped by request (one scan of the table)."""
+        grouped: dict[str, list[RecordedStep]] = defaultdict(list)
+        for row in self.table.list_entities():
+            grouped[row["PartitionKey"]].append(_step(row))
+        return dict(grouped)
+
+    def steps_of(self, request_id: str) -> list[RecordedStep]:
+        """The recorded steps of one request."""
+        rows = self.table.query_entities("PartitionKey eq @pk", parameters={"pk": request_id})
+        return [_step(row) for row in rows]
+
+    def count(self, limit: int = 10_000) -> int:
+        """How many completion rows wait for the leader (counting stops at ``limit``)."""
+        total = 0
+        for _ in self.table.list_entities(select=["RowKey"], results_per_page=1000):
+            total += 1
+            if total >= limit:
+                break
+        return total
+
+    def delete(self, steps: Iterable[RecordedStep]) -> None:
+        """Delete rows of requests whose outcome is already in the ledger (idempotent)."""
+        by_request: dict[str, list[str]] = defaultdict(list)
+        for step in steps:
+            by_request[step.request_id].append(step.row_key)
+        for request_id, row_keys in by_request.items():
+            for chunk in _chunks(row_keys, _DELETE_CHUNK):
+                try:
+                    self.table.submit_transaction(
+                        [("delete", {"PartitionKey": request_id, "RowKey": rk}) for rk in chunk])
+                except TableTransactionError:
+                    # One row was already gone (a previous leader crashed mid-cleanup).
+                    for rk in chunk:
+                        with contextlib.suppress(ResourceNotFoundError):
+                            self.table.delete_entity(request_id, rk)
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,127 @@
+"""The v1 completion message contract: validation of one queue message into a ``Completion``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
+
+from shared.money import MoneyError, parse_amount
+
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+MAX_EXPECTED_OPERATIONS = 50
+
+Identifier = Annotated[StrictStr, Field(pattern=IDENTIFIER_PATTERN)]
+
+
+class Operation(StrEnum):
+    """What a step did to its account."""
+
+    ADD_FUNDS = "add_funds"
+    WITHDRAW_FUNDS = "withdraw_funds"
+
+
+class StepStatus(StrEnum):
+    """How a step ended upstream."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class MalformedMessage(ValueError):
+    """A queue message breaks the v1 contract. It is parked, never retried as it is."""
+
+
+class Completion(BaseModel):
+    """One validated completion message (one step of one request)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    request_id: Identifier = Field(alias="requestId")
+    operation_id: Identifier = Field(alias="operationId")
+    operation: Operation
+    account_id: Identifier = Field(alias="accountId")
+    amount: Decimal
+    expected_operations: StrictInt = Field(alias="expectedOperations", ge=1,
+                                           le=MAX_EXPECTED_OPERATIONS)
+    status: StepStatus
+    completed_at: datetime | None = Field(default=None, alias="completedAt")
+
+    @field_validator("amount", mode="before")
+    @classmethod
+    def _amount_is_a_decimal_string(cls, value: Any) -> Decimal:
+        if not isinstance(value, str):
+            raise ValueError("amount must be a decimal string such as \"12.50\"; JSON numbers are "
+                             "refused so that money is never a float")
+        try:
+            return parse_amount(value)
+        except MoneyError as exc:
+            raise ValueError(str(exc)) from None
+
+    def content_key(self) -> str:
+        """A digest of what makes two deliveries of one operationId the same step.
+
+        ``completedAt`` is left out: an upstream retry may restamp it without changing the step.
+        """
+        parts = [self.request_id, self.operation_id, self.operation.value, self.account_id,
+                 str(self.amount), str(self.expected_operations), self.status.value]
+        return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+    @property
+    def signed_amount(self) -> Decimal:
+        """The change this step makes to its account's balance when committed."""
+        return self.amount if self.operation is Operation.ADD_FUNDS else -self.amount
+
+    def to_message(self) -> str:
+        """The JSON text of this completion, as upstream systems send it."""
+        body: dict[str, Any] = {
+            "requestId": self.request_id,
+            "operationId": self.operation_id,
+            "operation": self.operation.value,
+            "accountId": self.account_id,
+            "amount": str(self.amount),
+            "expectedOperations": self.expected_operations,
+            "status": self.status.value,
+        }
+        if self.completed_at is not None:
+            body["completedAt"] = self.completed_at.isoformat()
+        return json.dumps(body, separators=(",", ":"))
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors(include_url=False):
+        where = ".".join(str(p) for p in item["loc"]) or "message"
+        problems.append(f"{where}: {item['msg']}")
+    return "; ".join(problems)
+
+
+def parse_completion(body: bytes | str) -> Completion:
+    """Validate one message body; raise ``MalformedMessage`` saying every field that is wrong."""
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes) else body
+    except UnicodeDecodeError as exc:
+        raise MalformedMessage(f"message is not UTF-8 text: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedMessage(f"message is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise MalformedMessage("message must be one JSON object (v1 completion contract)")
+    try:
+        return Completion.model_validate(data)
+    except ValidationError as exc:
+        raise MalformedMessage(_describe(exc)) from None

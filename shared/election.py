@@ -1,0 +1,233 @@
+"""Leader election over an Azure blob lease, in the manner of client-go's ``leaderelection``.
+
+One ``LeaderElectionConfig`` whose timings are validated up front, a ``LeaseElector`` that makes
+exactly one acquire attempt per call, and a ``HeldLease`` that renews itself and says, from a
+monotonic clock, whether a piece of work may still start.
+
+What this guarantees, and what it does not:
+
+- While a lease is held, Azure Storage refuses every other acquire (409): at most one process
+  *believes* it holds a valid lease at a time, up to clock drift and pauses.
+- It does **not** guarantee that a holder which was paused (GC, SIGSTOP, a slow network) past its
+  lease stops acting: it only finds out at its next storage call. That is why every ledger write
+  is also fenced by an epoch checked by storage itself (see ``shared/ledger.py``); the lease gives
+  liveness and saves wasted work, the fence gives safety.
+- The commit deadline is ``last successful renew *sent* + lease - margin`` on the monotonic clock,
+  so a slow renew response cannot extend it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.storage.blob import BlobLeaseClient, ContainerClient
+
+logger = logging.getLogger(__name__)
+
+MonotonicClock = Callable[[], float]
+
+
+class ElectionConfigError(ValueError):
+    """The election timings are inconsistent; the message says which setting to change."""
+
+
+@dataclass(frozen=True)
+class LeaderElectionConfig:
+    """Timings of the election. Build it with ``build`` so that they are validated.
+
+    ``lease_seconds > renew_deadline_seconds > renew_interval_seconds`` must hold, as
+    client-go's LeaseDuration > RenewDeadline > RetryPeriod: the leader renews every
+    ``renew_interval_seconds`` and stops leading if it has not renewed for
+    ``renew_deadline_seconds`` (= lease - safety margin).
+    """
+
+    lease_seconds: float = 60
+    renew_interval_seconds: float = 20
+    safety_margin_seconds: float = 10
+
+    @property
+    def renew_deadline_seconds(self) -> float:
+        """How long after the last successful renew was sent the leader may still start work."""
+        return self.lease_seconds - self.safety_margin_seconds
+
+    @classmethod
+    def build(
+        cls,
+        lease_seconds: float = 60,
+        renew_interval_seconds: float = 20,
+        safety_margin_seconds: float = 10,
+        setting_names: Sequence[str] = ("lease_seconds", "renew_interval_seconds",
+                                        "safety_margin_seconds"),
+    ) -> LeaderElectionConfig:
+        """Validate and return the config; raise ``ElectionConfigError`` naming the fix."""
+        lease_name, renew_name, margin_name = setting_names
+        if not 15 <= lease_seconds <= 60:
+            raise ElectionConfigError(
+                f"{lease_name}={lease_seconds:g}: Azure blob leases last 15 to 60 seconds; "
+                f"set {lease_name} between 15 and 60 (default 60)."
+            )
+        if safety_margin_seconds <= 0:
+            raise ElectionConfigError(f"{margin_name} must be greater than 0.")
+        config = cls(lease_seconds, renew_interval_seconds, safety_margin_seconds)
+        if not config.renew_deadline_seconds > renew_interval_seconds > 0:
+            raise ElectionConfigError(
+                f"{lease_name} - {margin_name} ({config.renew_deadline_seconds:g} s) must be "
+                f"greater than {renew_name} ({renew_interval_seconds:g} s) and that greater "
+                f"than 0, or the leader cannot renew before it must stop; lower {renew_name} "
+                f"or {margin_name}."
+            )
+        return config
+
+
+class LeaseState(StrEnum):
+    """Where one holder's lease stands."""
+
+    LEADING = "leading"
+    RELEASED = "released"
+    LOST = "lost"
+
+
+class LeadershipLost(RuntimeError):
+    """The lease is gone or too close to expiry: stop leading at once and start nothing new."""
+
+
+@dataclass
+class ElectionCallbacks:
+    """Hooks called as leadership changes (for metrics, tests and the simulator).
+
+    ``on_started_leading(holder_id)`` after the lease is acquired; ``on_stopped_leading(holder_id,
+    state)`` when it is released or lost; ``on_refused(instance_id)`` after a 409 (another leader).
+    """
+
+    on_started_leading: Callable[[str], None] = lambda holder_id: None
+    on_stopped_leading: Callable[[str, LeaseState], None] = lambda holder_id, state: None
+    on_refused: Callable[[str], None] = lambda instance_id: None
+
+
+@dataclass
+class HeldLease:
+    """A lease this process holds: renews itself, knows its deadline, releases once."""
+
+    lease: BlobLeaseClient
+    config: LeaderElectionConfig
+    clock: MonotonicClock
+    last_renew_sent: float
+    callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
+    state: LeaseState = LeaseState.LEADING
+
+    @property
+    def lease_id(self) -> str:
+        """The lease id storage knows this holder by."""
+        return str(self.lease.id)
+
+    def deadline(self) -> float:
+        """Monotonic time after which no work may still be running under this lease."""
+        return self.last_renew_sent + self.config.renew_deadline_seconds
+
+    def remaining(self) -> float:
+        """Seconds left before ``deadline``."""
+        return self.deadline() - self.clock()
+
+    def ensure_can_start(self, work_seconds: float) -> None:
+        """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
+        self.renew_if_due()
+        if self.clock() + work_seconds > self.deadline():
+            self._stop(LeaseState.LOST)
+            raise LeadershipLost(
+                f"lease {self.lease_id} has {self.remaining():.1f} s left, less than the "
+                f"{work_seconds:g} s the next step may take; stopping before it"
+            )
+
+    def renew_if_due(self) -> None:
+        """Renew when ``renew_interval_seconds`` have passed; a failed renew stops leadership."""
+        if self.state is not LeaseState.LEADING:
+            raise LeadershipLost(f"lease {self.lease_id} is {self.state.value}")
+        if self.clock() - self.last_renew_sent < self.config.renew_interval_seconds:
+            return
+        self.renew()
+
+    def renew(self) -> None:
+        """Renew now; on any failure mark the lease lost and raise ``LeadershipLost``."""
+        sent = self.clock()
+        try:
+            self.lease.renew()
+        except HttpResponseError as exc:
+            self._stop(LeaseState.LOST)
+            raise LeadershipLost(f"renewing lease {self.lease_id} failed: {exc.reason}") from exc
+        self.last_renew_sent = sent
+        logger.debug("renewed lease %s", self.lease_id)
+
+    def release(self) -> None:
+        """Give the lease back so the next candidate need not wait for it to expire."""
+        if self.state is not LeaseState.LEADING:
+            return
+        try:
+            self.lease.release()
+        except HttpResponseError as exc:
+            # Already expired or taken over: nothing to give back.
+            logger.info("lease %s was not released (%s)", self.lease_id, exc.reason)
+            self._stop(LeaseState.LOST)
+            return
+        self._stop(LeaseState.RELEASED)
+
+    def _stop(self, state: LeaseState) -> None:
+        if self.state is LeaseState.LEADING:
+            self.state = state
+            self.callbacks.on_stopped_leading(self.lease_id, state)
+
+
+class LeaseElector:
+    """Makes one acquire attempt per ``try_acquire`` on one blob's lease."""
+
+    def __init__(
+        self,
+        container: ContainerClient,
+        blob_name: str,
+        config: LeaderElectionConfig,
+        instance_id: str,
+        clock: MonotonicClock = time.monotonic,
+        callbacks: ElectionCallbacks | None = None,
+    ) -> None:
+        self.container = container
+        self.blob = container.get_blob_client(blob_name)
+        self.config = config
+        self.instance_id = instance_id
+        self.clock = clock
+        self.callbacks = callbacks or ElectionCallbacks()
+
+    def ensure_blob(self) -> None:
+        """Create the lease blob (and its container) if missing; idempotent."""
+        with contextlib.suppress(ResourceExistsError):
+            self.container.create_container()
+        with contextlib.suppress(ResourceExistsError):  # exists, possibly leased: both fine
+            self.blob.upload_blob(b"", overwrite=False)
+
+    def try_acquire(self) -> HeldLease | None:
+        """One attempt. ``None`` when another holder has it (a normal outcome, not an error)."""
+        lease = BlobLeaseClient(self.blob, lease_id=str(uuid.uuid4()))
+        sent = self.clock()
+        try:
+            try:
+                lease.acquire(lease_duration=int(self.config.lease_seconds))
+            except ResourceNotFoundError:
+                self.ensure_blob()  # first run against this account: make the blob, try once more
+                sent = self.clock()
+                lease.acquire(lease_duration=int(self.config.lease_seconds))
+        except HttpResponseError as exc:
+            if exc.status_code == 409:
+                logger.debug("%s: lease held by another instance; exiting early", self.instance_id)
+                self.callbacks.on_refused(self.instance_id)
+                return None
+            raise
+        held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
+                         callbacks=self.callbacks)
+        logger.info("%s acquired lease %s", self.instance_id, held.lease_id)
+        self.callbacks.on_started_leading(held.lease_id)
+        return held

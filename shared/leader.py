@@ -1,0 +1,161 @@
+"""One leadership term: drain the completions table and commit, fenced by the term's epoch.
+
+A ``LeaderTerm`` holds the lease, the epoch it claimed, and a cache of the balances it read. It
+is valid only while its fence holds: every transaction is conditional on the fence, so the cache
+can never be acted on after a newer leader has written.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+
+from shared.app import LedgerApp
+from shared.decision import Assessment, InsufficientFunds, Verdict, apply_legs, assess
+from shared.election import HeldLease
+from shared.ledger import (
+    MAX_TRANSACTION_OPERATIONS,
+    AccountChanged,
+    AccountRow,
+    Fence,
+    Outcome,
+    OutcomeExists,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DrainReport:
+    """What one term did."""
+
+    epoch: int
+    outcomes: Counter[str] = field(default_factory=Counter)
+    late_requests: list[str] = field(default_factory=list)
+    transactions: int = 0
+    scans: int = 0
+    budget_exhausted: bool = False
+
+
+def ready_assessments(app: LedgerApp) -> list[Assessment]:
+    """Every request the leader can decide now, in commit order (oldest last step first)."""
+    now = app.wallclock()
+    timeout = timedelta(seconds=app.config.request_timeout_seconds)
+    found = [assess(request_id, steps, now, timeout)
+             for request_id, steps in app.completions.steps_by_request().items()]
+    return sorted((a for a in found if a.decided),
+                  key=lambda a: (a.last_recorded_at, a.request_id))
+
+
+def _accounts(assessment: Assessment) -> set[str]:
+    return {account for account, _ in assessment.legs}
+
+
+def plan_batches(ready: Sequence[Assessment]) -> list[list[Assessment]]:
+    """Group requests into transactions of at most 100 operations (fence + outcomes + accounts)."""
+    batches: list[list[Assessment]] = []
+    batch: list[Assessment] = []
+    accounts: set[str] = set()
+    for assessment in ready:
+        merged = accounts | _accounts(assessment)
+        if batch and 1 + len(batch) + 1 + len(merged) > MAX_TRANSACTION_OPERATIONS:
+            batches.append(batch)
+            batch, merged = [], _accounts(assessment)
+        batch.append(assessment)
+        accounts = merged
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class LeaderTerm:
+    """The work of one leader between acquiring and releasing the lease."""
+
+    def __init__(self, app: LedgerApp, lease: HeldLease, fence: Fence) -> None:
+        self.app = app
+        self.lease = lease
+        self.fence = fence
+        self.balances: dict[str, AccountRow] = {}
+        self.report = DrainReport(fence.epoch)
+
+    def drain(self, budget_deadline: float) -> DrainReport:
+        """Commit every ready request until none is left or the budget (monotonic) runs out.
+
+        Raises ``LeadershipLost`` or ``FencedOut`` when leadership ends under it.
+        """
+        step_seconds = self.app.config.storage_timeout_seconds
+        while True:
+            if self.app.clock() >= budget_deadline:
+                self.report.budget_exhausted = True
+                return self.report
+            self.lease.ensure_can_start(step_seconds)
+            ready = ready_assessments(self.app)
+            self.report.scans += 1
+            if not ready:
+                return self.report
+            for batch in plan_batches(ready):
+                if self.app.clock() >= budget_deadline:
+                    self.report.budget_exhausted = True
+                    return self.report
+                self._commit(batch)
+
+    def _commit(self, batch: list[Assessment]) -> None:
+        step_seconds = self.app.config.storage_timeout_seconds
+        pending = list(batch)
+        while pending:
+            self.lease.ensure_can_start(step_seconds)
+            for account in sorted(set().union(*(_accounts(a) for a in pending))):
+                if account not in self.balances:
+                    self.balances[account] = self.app.ledger.read_account(account)
+            outcomes, new_balances = self._decide(pending)
+            self.lease.ensure_can_start(step_seconds)
+            try:
+                result = self.app.ledger.commit(self.fence, outcomes, new_balances,
+                                                self.app.wallclock())
+            except OutcomeExists as exc:
+                late = next(a for a in pending if a.request_id == exc.request_id)
+                pending.remove(late)
+                logger.info("late step(s) %s for request %s, which already ended, ignored",
+                            ", ".join(s.row_key for s in late.steps), late.request_id)
+                self.app.completions.delete(late.steps)
+                self.report.late_requests.append(late.request_id)
+                continue
+            except AccountChanged as exc:
+                logger.warning("%s; reading it again", exc)
+                self.balances.pop(exc.account_id, None)
+                continue
+            self.report.transactions += 1
+            self.balances.update(result.accounts)
+            for outcome in outcomes:
+                self.report.outcomes[outcome.status] += 1
+            self.app.completions.delete(step for a in pending for step in a.steps)
+            return
+
+    def _decide(self, batch: Sequence[Assessment]) -> tuple[
+            list[Outcome], dict[str, tuple[AccountRow, Decimal]]]:
+        working = {account: row.balance for account, row in self.balances.items()}
+        touched: set[str] = set()
+        outcomes: list[Outcome] = []
+        for assessment in batch:
+            operations = len({s.operation_id for s in assessment.steps})
+            if assessment.verdict is not Verdict.COMMIT:
+                outcomes.append(Outcome(assessment.request_id, assessment.verdict.value,
+                                        assessment.reason, (), operations))
+                continue
+            try:
+                changed = apply_legs(working, assessment.legs)
+            except InsufficientFunds as exc:
+                outcomes.append(Outcome(assessment.request_id, Verdict.REJECTED.value, str(exc),
+                                        (), operations))
+                continue
+            working.update(changed)
+            touched.update(changed)
+            outcomes.append(Outcome(assessment.request_id, "committed", "", assessment.legs,
+                                    operations))
+        new_balances = {account: (self.balances[account], working[account])
+                        for account in sorted(touched)}
+        return outcomes, new_balances

@@ -1,0 +1,109 @@
+"""Parked messages: malformed queue messages kept, raw body included, for an operator to replay.
+
+A malformed message is never retried as it is (it would fail the same way until it is poisoned).
+It is stored here with the validation error and acknowledged; it changes no balance. An operator
+lists them (``python -m shared.cli parked list``), fixes the sender, and replays one
+(``parked replay ID``): its body goes back on the completions queue and the row is removed.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from azure.core.exceptions import ResourceNotFoundError
+from azure.data.tables import TableClient, UpdateMode
+from azure.storage.queue import QueueClient
+
+logger = logging.getLogger(__name__)
+
+PARKED_PARTITION = "parked"
+# A table string property holds 64 KiB (32K UTF-16 characters): bodies are split across columns.
+_CHUNK = 30_000
+_MAX_CHUNKS = 20
+
+
+@dataclass(frozen=True)
+class ParkedMessage:
+    """One parked message as an operator sees it."""
+
+    parked_id: str
+    body: bytes
+    error: str
+    parked_at: str
+    dequeue_count: int
+    instance_id: str
+
+
+def _encode(body: bytes) -> tuple[str, str]:
+    try:
+        return "utf-8", body.decode("utf-8")
+    except UnicodeDecodeError:
+        return "base64", base64.b64encode(body).decode("ascii")
+
+
+class ParkingLot:
+    """The table of parked messages."""
+
+    def __init__(self, table: TableClient) -> None:
+        self.table = table
+
+    def park(self, parked_id: str, body: bytes, error: str, dequeue_count: int,
+             instance_id: str, now: datetime) -> None:
+        """Keep a malformed message. Idempotent per ``parked_id`` (the queue message id)."""
+        encoding, text = _encode(body)
+        chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
+        if len(chunks) > _MAX_CHUNKS:
+            raise ValueError(f"message {parked_id} is too large to park ({len(body)} bytes)")
+        entity: dict[str, Any] = {
+            "PartitionKey": PARKED_PARTITION, "RowKey": parked_id, "error": error[:30_000],
+            "encoding": encoding, "chunks": len(chunks), "parkedAt": now.isoformat(),
+            "dequeueCount": dequeue_count, "instanceId": instance_id,
+        }
+        for index, chunk in enumerate(chunks):
+            entity[f"body{index}"] = chunk
+        self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        logger.warning("parked malformed message %s: %s", parked_id, error)
+
+    def list(self, limit: int = 1000) -> list[ParkedMessage]:
+        """Parked messages, oldest first."""
+        rows = self.table.query_entities("PartitionKey eq @pk",
+                                         parameters={"pk": PARKED_PARTITION})
+        found: list[ParkedMessage] = []
+        for row in rows:
+            found.append(self._message(row))
+            if len(found) >= limit:
+                break
+        return sorted(found, key=lambda m: m.parked_at)
+
+    def get(self, parked_id: str) -> ParkedMessage | None:
+        """One parked message, or ``None``."""
+        try:
+            return self._message(self.table.get_entity(PARKED_PARTITION, parked_id))
+        except ResourceNotFoundError:
+            return None
+
+    def replay(self, parked_id: str, queue: QueueClient, body: bytes | None = None) -> None:
+        """Put the message (or a corrected ``body``) back on the queue, then forget it.
+
+        The queue client must encode as the Functions host decodes (``TextBase64EncodePolicy``).
+        At least once: a crash between the two steps leaves the row to replay again, and the
+        pipeline treats a second delivery of the same step as a duplicate.
+        """
+        message = self.get(parked_id)
+        if message is None:
+            raise KeyError(f"no parked message {parked_id!r}; list them with "
+                           "'python -m shared.cli parked list'")
+        queue.send_message((body if body is not None else message.body).decode("utf-8"))
+        self.table.delete_entity(PARKED_PARTITION, parked_id)
+        logger.info("replayed parked message %s", parked_id)
+
+    @staticmethod
+    def _message(row: Any) -> ParkedMessage:
+        text = "".join(row.get(f"body{i}", "") for i in range(int(row.get("chunks", 1))))
+        body = base64.b64decode(text) if row.get("encoding") == "base64" else text.encode()
+        return ParkedMessage(row["RowKey"], body, row.get("error", ""), row.get("parkedAt", ""),
+                             int(row.get("dequeueCount", 0)), row.get("instanceId", ""))

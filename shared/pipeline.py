@@ -1,0 +1,112 @@
+"""What each trigger does: record a completion, then run the election (and drain if elected).
+
+``handle_completion`` is the queue trigger's whole job; ``run_election`` is shared with the
+timer-triggered sweeper. Both take a ``LedgerApp`` and nothing from the Functions runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from shared.app import LedgerApp
+from shared.completions import RecordResult
+from shared.contract import MalformedMessage, parse_completion
+from shared.election import LeadershipLost
+from shared.leader import DrainReport, LeaderTerm, ready_assessments
+from shared.ledger import FencedOut
+
+logger = logging.getLogger(__name__)
+
+# A leader that keeps finding work after releasing goes round at most this many times per
+# invocation; the drain budget bounds it in time as well.
+MAX_TERMS_PER_INVOCATION = 20
+
+
+class Role(StrEnum):
+    """How an invocation took part in the election."""
+
+    FOLLOWER = "follower"  # another instance held the lease: exited early
+    LEADER = "leader"  # held the lease at least once
+
+
+@dataclass
+class ElectionResult:
+    """What one ``run_election`` did."""
+
+    role: Role
+    terms: list[DrainReport] = field(default_factory=list)
+    stopped_by: str = ""  # why the last term ended early, if it did
+
+
+@dataclass
+class CompletionResult:
+    """What one queue message did."""
+
+    recorded: RecordResult | None
+    parked: bool = False
+    election: ElectionResult | None = None
+
+
+def handle_completion(app: LedgerApp, body: bytes, message_id: str,
+                      dequeue_count: int = 1) -> CompletionResult:
+    """Record one completion message, then try to lead.
+
+    A malformed message is parked and acknowledged (it must not be retried into the poison
+    queue). Storage errors while recording raise, so the host retries the message. Once the
+    completion is recorded the message's job is done: an error while leading is logged, not
+    raised, because the next leader (or the sweeper) resumes from the table.
+    """
+    try:
+        completion = parse_completion(body)
+    except MalformedMessage as exc:
+        app.parking.park(message_id, body, str(exc), dequeue_count, app.config.instance_id,
+                         app.wallclock())
+        return CompletionResult(recorded=None, parked=True)
+    recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())
+    try:
+        election = run_election(app)
+    except Exception:
+        logger.exception("leading after recording %s/%s failed; the sweeper or the next leader "
+                         "will resume", completion.request_id, completion.operation_id)
+        election = None
+    return CompletionResult(recorded=recorded, election=election)
+
+
+def run_election(app: LedgerApp) -> ElectionResult:
+    """One acquire attempt; if elected, drain, release, and look again for work left behind.
+
+    Looking again after the release is what guarantees that a completion recorded by an
+    instance that exited early (because this one held the lease) is still committed.
+    """
+    result = ElectionResult(Role.FOLLOWER)
+    budget_deadline = app.clock() + app.config.drain_budget_seconds
+    for _ in range(MAX_TERMS_PER_INVOCATION):
+        lease = app.elector.try_acquire()
+        if lease is None:
+            return result
+        result.role = Role.LEADER
+        try:
+            lease.ensure_can_start(app.config.storage_timeout_seconds)
+            fence = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
+                                           app.wallclock())
+            logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
+            term = LeaderTerm(app, lease, fence)
+            result.terms.append(term.report)
+            report = term.drain(budget_deadline)
+        except (LeadershipLost, FencedOut) as exc:
+            logger.warning("%s stopped leading: %s", app.config.instance_id, exc)
+            result.stopped_by = str(exc)
+            return result
+        finally:
+            lease.release()
+        if report.outcomes or report.late_requests:
+            logger.info("epoch %d decided %s in %d transaction(s)", report.epoch,
+                        dict(report.outcomes), report.transactions)
+        if report.budget_exhausted:
+            result.stopped_by = "drain budget exhausted"
+            return result
+        if app.clock() >= budget_deadline or not ready_assessments(app):
+            return result
+    return result

@@ -1,0 +1,38 @@
+"""The process-wide ``LedgerApp`` the Functions host's worker uses, built on first use."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from shared.app import LedgerApp
+from shared.clients import clients_from_settings
+from shared.settings import load_config
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_app: LedgerApp | None = None
+
+
+def get_app() -> LedgerApp:
+    """The app for this process, from the environment (validated: a bad setting raises here)."""
+    global _app
+    with _lock:
+        if _app is None:
+            config = load_config(os.environ)
+            clients = clients_from_settings(os.environ, config.storage_timeout_seconds)
+            app = LedgerApp.create(config, clients)
+            app.ensure_resources(queues=False)
+            logger.info("instance %s ready (lease %g s, renew every %g s)", config.instance_id,
+                        config.election.lease_seconds, config.election.renew_interval_seconds)
+            _app = app
+        return _app
+
+
+def reset() -> None:
+    """Forget the app so the next ``get_app`` reads the environment again (tests, simulator)."""
+    global _app
+    with _lock:
+        _app = None

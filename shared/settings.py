@@ -1,0 +1,174 @@
+"""The app settings this app reads: one source of truth for their names and defaults.
+
+Every other place that names a setting (``host.json`` binding expressions,
+``local.settings.sample.json``, ``infra/``) is checked against ``SETTINGS`` by the tests.
+``load_config`` turns the environment into a validated ``AppConfig``; an invalid value fails at
+start-up with a ``ConfigError`` that says which setting to fix and how.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.election import LeaderElectionConfig
+
+# The storage connection: a connection string locally, identity-based settings in Azure
+# (AzureWebJobsStorage__blobServiceUri, __queueServiceUri, __tableServiceUri, __credential,
+# __clientId). See shared/clients.py.
+STORAGE_CONNECTION = "AzureWebJobsStorage"
+STORAGE_IDENTITY_SUFFIXES = (
+    "blobServiceUri",
+    "queueServiceUri",
+    "tableServiceUri",
+    "credential",
+    "clientId",
+)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One app setting: its name, default (as the string an app setting would hold) and role."""
+
+    name: str
+    default: str
+    description: str
+
+
+COMPLETIONS_QUEUE_NAME = Setting(
+    "COMPLETIONS_QUEUE_NAME", "completions", "Queue the upstream steps post completions to."
+)
+COMPLETIONS_TABLE_NAME = Setting(
+    "COMPLETIONS_TABLE_NAME", "completions", "Table where every completion is recorded."
+)
+LEDGER_TABLE_NAME = Setting(
+    "LEDGER_TABLE_NAME", "ledger", "Table of balances, request outcomes and the fence."
+)
+PARKED_TABLE_NAME = Setting(
+    "PARKED_TABLE_NAME", "parkedmessages", "Table where malformed messages are parked."
+)
+LEASE_CONTAINER_NAME = Setting(
+    "LEASE_CONTAINER_NAME", "leader-election", "Blob container that holds the lease blob."
+)
+LEASE_BLOB_NAME = Setting("LEASE_BLOB_NAME", "ledger-leader", "Blob whose lease elects the leader.")
+LEASE_SECONDS = Setting("LEASE_SECONDS", "60", "Lease duration, 15-60 s (Azure's limits).")
+RENEW_INTERVAL_SECONDS = Setting(
+    "RENEW_INTERVAL_SECONDS", "20", "How often the leader renews its lease while it drains."
+)
+LEASE_SAFETY_MARGIN_SECONDS = Setting(
+    "LEASE_SAFETY_MARGIN_SECONDS",
+    "10",
+    "No commit starts later than last renew sent + lease - this margin.",
+)
+DRAIN_BUDGET_SECONDS = Setting(
+    "DRAIN_BUDGET_SECONDS", "240", "Longest a leader drains in one invocation (< functionTimeout)."
+)
+REQUEST_TIMEOUT_SECONDS = Setting(
+    "REQUEST_TIMEOUT_SECONDS", "900",
+    "An incomplete request expires this long after its first step.",
+)
+STORAGE_TIMEOUT_SECONDS = Setting(
+    "STORAGE_TIMEOUT_SECONDS", "5", "Per-call network timeout of the ledger and lease clients."
+)
+
+SETTINGS: tuple[Setting, ...] = (
+    COMPLETIONS_QUEUE_NAME,
+    COMPLETIONS_TABLE_NAME,
+    LEDGER_TABLE_NAME,
+    PARKED_TABLE_NAME,
+    LEASE_CONTAINER_NAME,
+    LEASE_BLOB_NAME,
+    LEASE_SECONDS,
+    RENEW_INTERVAL_SECONDS,
+    LEASE_SAFETY_MARGIN_SECONDS,
+    DRAIN_BUDGET_SECONDS,
+    REQUEST_TIMEOUT_SECONDS,
+    STORAGE_TIMEOUT_SECONDS,
+)
+
+# host.json's functionTimeout; the drain budget must stay below it (checked by the tests).
+FUNCTION_TIMEOUT_SECONDS = 300
+
+
+class ConfigError(ValueError):
+    """An app setting has a value the app cannot run with; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Validated configuration of one app instance."""
+
+    completions_queue: str
+    completions_table: str
+    ledger_table: str
+    parked_table: str
+    lease_container: str
+    lease_blob: str
+    election: LeaderElectionConfig
+    drain_budget_seconds: float
+    request_timeout_seconds: float
+    storage_timeout_seconds: float
+    instance_id: str
+
+    @property
+    def poison_queue(self) -> str:
+        """The queue the Functions host moves a message to after maxDequeueCount failures."""
+        return f"{self.completions_queue}-poison"
+
+
+def _text(env: Mapping[str, str], setting: Setting) -> str:
+    value = env.get(setting.name, "").strip()
+    return value or setting.default
+
+
+def _number(env: Mapping[str, str], setting: Setting, low: float, high: float) -> float:
+    raw = _text(env, setting)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"{setting.name}={raw!r} is not a number; set it to a number of seconds between "
+            f"{low:g} and {high:g} (default {setting.default})."
+        ) from None
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{setting.name}={raw} is out of range; set it between {low:g} and {high:g} "
+            f"(default {setting.default}). {setting.description}"
+        )
+    return value
+
+
+def default_instance_id() -> str:
+    """A name for this process: the Functions instance id in Azure, host:pid elsewhere."""
+    site_instance = os.environ.get("WEBSITE_INSTANCE_ID", "")[:12]
+    return f"{site_instance or socket.gethostname()}:{os.getpid()}"
+
+
+def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = None) -> AppConfig:
+    """Read and validate every setting; raise ``ConfigError`` naming the first bad one."""
+    env = os.environ if env is None else env
+    lease = _number(env, LEASE_SECONDS, 15, 60)
+    margin = _number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30)
+    election = LeaderElectionConfig.build(
+        lease_seconds=lease,
+        renew_interval_seconds=_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
+        safety_margin_seconds=margin,
+        setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
+                       LEASE_SAFETY_MARGIN_SECONDS.name),
+    )
+    drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
+    return AppConfig(
+        completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
+        completions_table=_text(env, COMPLETIONS_TABLE_NAME),
+        ledger_table=_text(env, LEDGER_TABLE_NAME),
+        parked_table=_text(env, PARKED_TABLE_NAME),
+        lease_container=_text(env, LEASE_CONTAINER_NAME),
+        lease_blob=_text(env, LEASE_BLOB_NAME),
+        election=election,
+        drain_budget_seconds=drain,
+        request_timeout_seconds=_number(env, REQUEST_TIMEOUT_SECONDS, 1, 7 * 24 * 3600),
+        storage_timeout_seconds=_number(env, STORAGE_TIMEOUT_SECONDS, 1, 60),
+        instance_id=instance_id or default_instance_id(),
+    )

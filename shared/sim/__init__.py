@@ -1,0 +1,1 @@
+"""Local tooling: Azurite launcher, the scale-out simulator and the demo (not deployed)."""

@@ -1,0 +1,118 @@
+"""Test helpers: message builders, app factories on a shared Azurite, waiting on conditions."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from shared.app import LedgerApp
+from shared.clients import clients_from_connection_string
+from shared.election import ElectionCallbacks
+from shared.pipeline import CompletionResult, handle_completion
+from shared.settings import load_config
+
+
+def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,
+         expected: int, status: str = "succeeded", **extra: Any) -> bytes:
+    """One completion message body (v1 contract)."""
+    body = {"requestId": request_id, "operationId": operation_id, "operation": operation,
+            "accountId": account_id, "amount": amount, "expectedOperations": expected,
+            "status": status, **extra}
+    return json.dumps(body).encode()
+
+
+def deposit(request_id: str, account_id: str, amount: str) -> list[bytes]:
+    """A one-step request that adds funds."""
+    return [step(request_id, f"{request_id}-add", "add_funds", account_id, amount, 1)]
+
+
+def transfer(request_id: str, source: str, target: str, amount: str,
+             fail: str | None = None) -> list[bytes]:
+    """A two-step request: withdraw from ``source``, add to ``target``."""
+    return [
+        step(request_id, f"{request_id}-w", "withdraw_funds", source, amount, 2,
+             "failed" if fail == "withdraw" else "succeeded"),
+        step(request_id, f"{request_id}-a", "add_funds", target, amount, 2,
+             "failed" if fail == "add" else "succeeded"),
+    ]
+
+
+class ManualClock:
+    """A wall clock the test moves by hand (for request expiry)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@dataclass
+class Namespace:
+    """Unique storage names for one test, so tests share one Azurite without seeing each other."""
+
+    connection_string: str
+    prefix: str = field(default_factory=lambda: "t" + uuid.uuid4().hex[:10])
+    counter: int = 0
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        names = {
+            "COMPLETIONS_QUEUE_NAME": f"{self.prefix}-completions",
+            "COMPLETIONS_TABLE_NAME": f"{self.prefix}completions",
+            "LEDGER_TABLE_NAME": f"{self.prefix}ledger",
+            "PARKED_TABLE_NAME": f"{self.prefix}parked",
+            "LEASE_CONTAINER_NAME": f"{self.prefix}-leases",
+            "AzureWebJobsStorage": self.connection_string,
+        }
+        names.update(overrides)
+        return names
+
+    def app(self, instance_id: str | None = None, callbacks: ElectionCallbacks | None = None,
+            wallclock: Callable[[], datetime] | None = None, **overrides: str) -> LedgerApp:
+        """A ``LedgerApp`` (one simulated instance) on this namespace, resources created."""
+        self.counter += 1
+        config = load_config(self.env(**overrides),
+                             instance_id=instance_id or f"instance-{self.counter}")
+        clients = clients_from_connection_string(self.connection_string,
+                                                 config.storage_timeout_seconds)
+        kwargs: dict[str, Any] = {"callbacks": callbacks}
+        if wallclock is not None:
+            kwargs["wallclock"] = wallclock
+        app = LedgerApp.create(config, clients, **kwargs)
+        app.ensure_resources()
+        return app
+
+
+def send(app: LedgerApp, *bodies: bytes) -> list[CompletionResult]:
+    """Deliver message bodies to one instance, one invocation each, in order."""
+    return [handle_completion(app, body, message_id=uuid.uuid4().hex) for body in bodies]
+
+
+def balance(app: LedgerApp, account_id: str) -> Decimal:
+    """The committed balance (0 for an account with no row)."""
+    return app.ledger.read_account(account_id).balance
+
+
+def status(app: LedgerApp, request_id: str) -> str | None:
+    """The request's recorded outcome status, or None."""
+    row = app.ledger.read_outcome(request_id)
+    return None if row is None else str(row["status"])
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               interval: float = 0.05) -> None:
+    """Poll ``predicate`` until true; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
