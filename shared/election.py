@@ -102,11 +102,13 @@ class LeadershipLost(RuntimeError):
 class ElectionCallbacks:
     """Hooks called as leadership changes (for metrics, tests and the simulator).
 
-    ``on_started_leading(holder_id)`` after the lease is acquired; ``on_stopped_leading(holder_id,
+    ``on_started_leading(holder_id)`` after the lease is acquired; ``before_release(holder_id)``
+    just before it is given back (the leader has stopped working); ``on_stopped_leading(holder_id,
     state)`` when it is released or lost; ``on_refused(instance_id)`` after a 409 (another leader).
     """
 
     on_started_leading: Callable[[str], None] = lambda holder_id: None
+    before_release: Callable[[str], None] = lambda holder_id: None
     on_stopped_leading: Callable[[str, LeaseState], None] = lambda holder_id, state: None
     on_refused: Callable[[str], None] = lambda instance_id: None
 
@@ -168,6 +170,7 @@ class HeldLease:
         """Give the lease back so the next candidate need not wait for it to expire."""
         if self.state is not LeaseState.LEADING:
             return
+        self.callbacks.before_release(self.lease_id)
         try:
             self.lease.release()
         except HttpResponseError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -22,7 +22,7 @@ from typing import Any
 
 from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
 from shared.money import format_money, parse_balance
 
@@ -165,6 +165,21 @@ class Ledger:
         except ResourceNotFoundError:
             return None
 
+    def _prefixed(self, prefix: str) -> Iterator[TableEntity]:
+        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        return iter(self.table.query_entities(
+            "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+            parameters={"pk": self.partition, "low": prefix, "high": upper}))
+
+    def list_outcomes(self) -> list[dict[str, Any]]:
+        """Every outcome row (a scan: for operators, the demo and checks, not the hot path)."""
+        return [dict(row) for row in self._prefixed(REQUEST_PREFIX)]
+
+    def list_balances(self) -> dict[str, Decimal]:
+        """Every account's balance (a scan, like ``list_outcomes``)."""
+        return {row["RowKey"].removeprefix(ACCOUNT_PREFIX): parse_balance(row["balance"])
+                for row in self._prefixed(ACCOUNT_PREFIX)}
+
     # --- the one write path ----------------------------------------------------------------
     def commit(self, fence: Fence, outcomes: Sequence[Outcome],
                balances: Mapping[str, tuple[AccountRow, Decimal]], now: datetime) -> CommitResult:
@@ -189,7 +204,8 @@ class Ledger:
             operations.append(("create", {
                 "PartitionKey": self.partition, "RowKey": request_key(outcome.request_id),
                 "status": outcome.status, "reason": outcome.reason, "decidedAt": stamp,
-                "epoch": fence.epoch, "operations": outcome.operations,
+                "epoch": fence.epoch, "decidedBy": fence.holder,
+                "operations": outcome.operations,
                 "legs": json.dumps([[acct, format_money(amt)] for acct, amt in outcome.legs]),
             }))
             subjects.append(("request", outcome.request_id))

@@ -1,0 +1,105 @@
+"""The scale-out simulator's supervisor: N instance processes on one storage account.
+
+Each instance is a separate Python process (``python -m shared.sim instance``) so that it can be
+killed (SIGKILL) or paused (SIGSTOP) like a real scaled-out instance. The supervisor collects
+their JSON event lines and keeps counts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Cluster:
+    """Start, signal and stop simulated instances; count what they report."""
+
+    def __init__(self, env: Mapping[str, str], instances: int = 8, threads: int = 4,
+                 lock_seconds: float = 30, sweep_seconds: float | None = 60,
+                 log_path: Path | None = None) -> None:
+        self.env = dict(env)
+        self.size = instances
+        self.threads = threads
+        self.lock_seconds = lock_seconds
+        self.sweep_seconds = sweep_seconds
+        self.log_path = log_path
+        self.processes: dict[int, subprocess.Popen[str]] = {}
+        self.events: Counter[str] = Counter()
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._log: IO[str] | None = None
+
+    def start(self) -> Cluster:
+        """Start every instance; instance 0 also runs the timer-triggered sweeper."""
+        if self.log_path is not None:
+            self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
+        for index in range(self.size):
+            self.start_instance(index)
+        return self
+
+    def start_instance(self, index: int) -> None:
+        """(Re)start one instance process."""
+        args = [sys.executable, "-m", "shared.sim", "instance", "--index", str(index),
+                "--threads", str(self.threads), "--lock-seconds", str(self.lock_seconds)]
+        if index == 0 and self.sweep_seconds:
+            args += ["--sweep-seconds", str(self.sweep_seconds)]
+        env = {**os.environ, **self.env, "WEBSITE_INSTANCE_ID": f"sim-i{index}",
+               "PYTHONPATH": str(REPO_ROOT)}
+        process = subprocess.Popen(args, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                                   stderr=self._log or subprocess.DEVNULL,
+                                   stdin=subprocess.DEVNULL, text=True)
+        self.processes[index] = process
+        threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
+
+    def _read_events(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            with self._lock:
+                self.events[event.get("event", "?")] += 1
+                if event.get("event") in ("failed", "poisoned"):
+                    self.errors.append(str(event.get("error", "")))
+
+    def count(self, event: str) -> int:
+        """How many events of this kind all instances reported so far."""
+        with self._lock:
+            return self.events[event]
+
+    def signal(self, index: int, signum: int) -> None:
+        """Send a signal to one instance (SIGKILL, SIGSTOP, SIGCONT ... for chaos runs)."""
+        self.processes[index].send_signal(signum)
+
+    def alive(self) -> list[int]:
+        """Indexes of the instances still running."""
+        return [i for i, p in self.processes.items() if p.poll() is None]
+
+    def stop(self, timeout: float = 20) -> None:
+        """Ask every instance to finish its in-flight work and exit; kill what does not."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None

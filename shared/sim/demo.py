@@ -1,0 +1,179 @@
+"""The local demo: a generated workload through N simulated instances, then a checked summary."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from shared import runtime
+from shared.app import LedgerApp
+from shared.settings import SETTINGS
+from shared.sim.azurite import Azurite
+from shared.sim.cluster import Cluster
+from shared.sim.http import serve
+from shared.sim.workload import Workload, check, generate
+
+
+@dataclass
+class DemoOptions:
+    """Knobs of one demo run."""
+
+    instances: int = 8
+    accounts: int = 20
+    transfers: int = 200
+    malformed: int = 5
+    seed: int = 7
+    timeout: float = 300
+    sweep_seconds: float = 5
+    connection_string: str | None = None
+    serve_after: bool = False
+
+
+class Progress:
+    """A one-line progress bar on a terminal; plain periodic lines elsewhere (CI logs)."""
+
+    def __init__(self, stream: TextIO = sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last = 0.0
+
+    def show(self, done: int, total: int, decided: int, requests: int, started: float,
+             force: bool = False) -> None:
+        now = time.monotonic()
+        if not self.tty and not force and now - self.last < 2:
+            return
+        self.last = now
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"[{bar}] messages {done}/{total}  requests decided {decided}/{requests}  "
+                f"{now - started:5.1f} s")
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+
+
+@contextlib.contextmanager
+def storage(connection_string: str | None) -> Iterator[str]:
+    """The given storage, or a private in-memory Azurite for the run."""
+    if connection_string:
+        yield connection_string
+        return
+    with Azurite(in_memory=True) as azurite:
+        yield azurite.connection_string
+
+
+def _enqueue(app: LedgerApp, work: Workload) -> None:
+    queue = app.queue_client()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(queue.send_message, work.messages))
+
+
+def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
+    """Run the demo; return 0 when the independent check holds, 1 otherwise."""
+    work = generate(accounts=options.accounts, transfers=options.transfers,
+                    malformed=options.malformed, seed=options.seed)
+    with storage(options.connection_string) as connection_string:
+        env = {s.name: os.environ.get(s.name) or s.default for s in SETTINGS}
+        env["AzureWebJobsStorage"] = connection_string
+        os.environ.update(env)
+        runtime.reset()
+        app = runtime.get_app()  # the supervisor's own instance: HTTP API and checks
+        app.ensure_resources()
+        out.write(f"Workload: {work.requests} requests ({len(work.deposits)} deposits, "
+                  f"{len(work.transfers)} transfers, {len(work.doomed)} with a failed step), "
+                  f"{len(work.messages)} messages incl. {work.duplicates} duplicates and "
+                  f"{work.malformed} malformed, shuffled.\n")
+        _enqueue(app, work)
+        server, base_url = serve()
+        out.write(f"Read API on {base_url}/api/leader (and /api/accounts/{{id}}, "
+                  f"/api/requests/{{id}})\n")
+        log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
+        cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
+                          log_path=log_path)
+        out.write(f"Starting {options.instances} instances (logs: {log_path}) ...\n")
+        out.flush()
+        started = time.monotonic()
+        progress = Progress()
+        cluster.start()
+        finished = False
+        try:
+            while time.monotonic() - started < options.timeout:
+                done = cluster.count("done") + cluster.count("poisoned")
+                decided = len(app.ledger.list_outcomes())
+                progress.show(done, len(work.messages), decided, work.requests, started)
+                if done >= len(work.messages) and decided >= work.requests:
+                    finished = True
+                    break
+                time.sleep(0.25)
+            progress.show(cluster.count("done") + cluster.count("poisoned"), len(work.messages),
+                          len(app.ledger.list_outcomes()), work.requests, started, force=True)
+        finally:
+            progress.close()
+            cluster.stop()
+        elapsed = time.monotonic() - started
+        code = _summary(app, work, cluster, base_url, elapsed, finished, out)
+        if options.serve_after:
+            out.write(f"Serving the read API on {base_url} until Ctrl-C ...\n")
+            out.flush()
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(1)
+        server.shutdown()
+        return code
+
+
+def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, elapsed: float,
+             finished: bool, out: TextIO) -> int:
+    outcomes = app.ledger.list_outcomes()
+    balances = app.ledger.list_balances()
+    parked = len(app.parking.list())
+    poisoned = int(app.queue_client(app.config.poison_queue).get_queue_properties()
+                   .approximate_message_count or 0)
+    result = check(work, outcomes, balances, parked, poisoned)
+    leaders: Counter[tuple[int, str]] = Counter(
+        (int(row["epoch"]), str(row.get("decidedBy", "?")).split("/")[0]) for row in outcomes)
+    fence = app.ledger.read_fence() or {}
+    with urllib.request.urlopen(f"{base_url}/api/leader", timeout=10) as response:
+        leader_view = json.loads(response.read())
+    sample = sorted(balances)[0] if balances else "acct-000"
+    with urllib.request.urlopen(f"{base_url}/api/accounts/{sample}", timeout=10) as response:
+        sample_view = json.loads(response.read())
+
+    w = out.write
+    w(f"\n== Summary ({elapsed:.1f} s, {cluster.size} instances, "
+      f"{cluster.count('done')} invocations acknowledged)\n")
+    w(f"Leaders: {fence.get('epoch', 0)} epochs claimed; these decided requests:\n")
+    for (epoch, holder), count in sorted(leaders.items()):
+        w(f"  epoch {epoch:>3}  {holder:<16} {count:>4} request(s)\n")
+    w("Requests by outcome: " + ", ".join(f"{k} {v}" for k, v in
+                                         sorted(result.outcomes.items())) + "\n")
+    conserved = result.total_deposited == result.total_balance
+    w(f"Money: committed deposits {result.total_deposited}, balances sum to "
+      f"{result.total_balance} over {len(balances)} accounts -> "
+      f"{'conserved to the cent' if conserved else 'NOT conserved'}\n")
+    w(f"Dead letters: {parked} parked (malformed), {poisoned} in {app.config.poison_queue}\n")
+    w(f"GET /api/leader -> epoch {leader_view['epoch']}, lease {leader_view['lease']['state']}, "
+      f"pending {leader_view['pendingCompletions']}\n")
+    w(f"GET /api/accounts/{sample} -> {sample_view}\n")
+    if not finished:
+        result.problems.insert(0, "the run timed out before every request was decided")
+    if result.problems:
+        w("CHECK FAILED:\n" + "".join(f"  - {p}\n" for p in result.problems))
+        return 1
+    w("Check: every request decided once, balances equal the committed legs, none negative.\n")
+    return 0

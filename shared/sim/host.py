@@ -1,0 +1,192 @@
+"""One simulated Functions host instance: the queue listener and timer, as host.json sets them.
+
+It dequeues from the real (Azurite) queue like the host's queue listener: batches of
+``batchSize``, a new batch when in-flight work drops to ``newBatchThreshold``, exponential
+polling back-off up to ``maxPollingInterval``, base64 decoding, delete on success, and on failure
+a retry after ``visibilityTimeout`` or, past ``maxDequeueCount``, a move to the poison queue. It
+invokes the app's real decorated functions (``shared.sim.functions``).
+
+Run as a process: ``python -m shared.sim instance --index N``; it prints one JSON event per line
+on stdout for the supervisor (``shared.sim.demo``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from azure.functions.queue import QueueMessage
+from azure.functions.timer import TimerRequest
+from azure.storage.queue import QueueClient
+from azure.storage.queue import QueueMessage as StorageQueueMessage
+
+from shared.clients import clients_from_settings
+from shared.settings import SETTINGS
+from shared.sim.functions import indexed, resolve_setting
+
+logger = logging.getLogger(__name__)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _timespan(text: str) -> float:
+    hours, minutes, seconds = (float(part) for part in text.split(":"))
+    return timedelta(hours=hours, minutes=minutes, seconds=seconds).total_seconds()
+
+
+@dataclass(frozen=True)
+class QueueOptions:
+    """The queues extension settings of host.json that the listener honours."""
+
+    batch_size: int = 16
+    new_batch_threshold: int = 8
+    max_dequeue_count: int = 5
+    visibility_timeout: float = 0.0
+    max_polling_interval: float = 60.0
+    message_encoding: str = "base64"
+
+    @classmethod
+    def from_host_json(cls, path: Path = REPO_ROOT / "host.json") -> QueueOptions:
+        """Read ``extensions.queues`` the way the host does (with the host's defaults)."""
+        queues: dict[str, Any] = json.loads(path.read_text())["extensions"]["queues"]
+        return cls(
+            batch_size=int(queues.get("batchSize", 16)),
+            new_batch_threshold=int(queues.get("newBatchThreshold", 8)),
+            max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
+            visibility_timeout=_timespan(queues.get("visibilityTimeout", "00:00:00")),
+            max_polling_interval=_timespan(queues.get("maxPollingInterval", "00:01:00")),
+            message_encoding=str(queues.get("messageEncoding", "base64")),
+        )
+
+
+def emit(event: str, **fields: Any) -> None:
+    """One event line for the supervisor."""
+    sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
+    sys.stdout.flush()
+
+
+class InstanceHost:
+    """The queue listener (and optionally the timer) of one instance."""
+
+    def __init__(self, index: int, options: QueueOptions, threads: int,
+                 lock_seconds: float, sweep_seconds: float | None) -> None:
+        self.index = index
+        self.options = options
+        self.lock_seconds = lock_seconds
+        self.sweep_seconds = sweep_seconds
+        self.stopping = threading.Event()
+        self.functions = indexed()
+        env = dict(os.environ)
+        defaults = {s.name: s.default for s in SETTINGS}
+        queue_name = resolve_setting(self.functions.queue_name_setting, env, defaults)
+        service = clients_from_settings(env).queue
+        self.queue = QueueClient(service.url, queue_name, credential=service.credential)
+        self.poison = QueueClient(service.url, f"{queue_name}-poison",
+                                  credential=service.credential)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
+        self.in_flight: set[Future[None]] = set()
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        """Listen until SIGTERM/SIGINT."""
+        if self.sweep_seconds:
+            threading.Thread(target=self._timer, daemon=True).start()
+        idle = 0.1
+        while not self.stopping.is_set():
+            with self.lock:
+                busy = len(self.in_flight)
+            if busy > self.options.new_batch_threshold:
+                time.sleep(0.01)
+                continue
+            wanted = min(32, self.options.batch_size)
+            messages = list(self.queue.receive_messages(
+                max_messages=wanted, visibility_timeout=int(self.lock_seconds)))
+            if not messages:
+                self.stopping.wait(idle)
+                idle = min(idle * 2, self.options.max_polling_interval)
+                continue
+            idle = 0.1
+            for message in messages:
+                future = self.pool.submit(self._invoke, message)
+                with self.lock:
+                    self.in_flight.add(future)
+                future.add_done_callback(self._done)
+        self.pool.shutdown(wait=True)
+
+    def _done(self, future: Future[None]) -> None:
+        with self.lock:
+            self.in_flight.discard(future)
+
+    def _decode(self, message: StorageQueueMessage) -> bytes:
+        content = str(message.content)
+        if self.options.message_encoding == "base64":
+            return base64.b64decode(content, validate=True)
+        return content.encode()
+
+    def _invoke(self, message: StorageQueueMessage) -> None:
+        count = int(message.dequeue_count or 1)
+        if count > self.options.max_dequeue_count:
+            self._poison(message, "dequeue count above maxDequeueCount")
+            return
+        try:
+            body = self._decode(message)
+            self.functions.queue_handler(QueueMessage(  # type: ignore[no-untyped-call]
+                id=message.id, body=body, dequeue_count=count, pop_receipt=message.pop_receipt,
+                insertion_time=message.inserted_on, expiration_time=message.expires_on,
+                time_next_visible=message.next_visible_on))
+        except Exception as exc:  # the host catches everything (bad base64 included)
+            logger.warning("instance %d: invocation of message %s failed (dequeue count %d): "
+                           "%s", self.index, message.id, count, exc)
+            emit("failed", message=message.id, dequeueCount=count, error=str(exc)[:200])
+            if count >= self.options.max_dequeue_count:
+                self._poison(message, str(exc))
+            else:
+                self.queue.update_message(message, pop_receipt=message.pop_receipt,
+                                          visibility_timeout=int(self.options.visibility_timeout))
+            return
+        self.queue.delete_message(message)
+        emit("done", message=message.id)
+
+    def _poison(self, message: StorageQueueMessage, why: str) -> None:
+        self.poison.send_message(str(message.content))
+        self.queue.delete_message(message)
+        emit("poisoned", message=message.id, error=why[:200])
+
+    def _timer(self) -> None:
+        assert self.sweep_seconds
+        while not self.stopping.wait(self.sweep_seconds):
+            try:
+                self.functions.timer_handler(TimerRequest(past_due=False))
+                emit("swept")
+            except Exception:
+                logger.exception("instance %d: sweep failed", self.index)
+
+
+def run_instance(index: int, threads: int, lock_seconds: float,
+                 sweep_seconds: float | None) -> None:
+    """Entry point of one instance process."""
+    logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING"),
+                        format=f"%(asctime)s i{index} %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
+                        sweep_seconds)
+
+    def stop(signum: int, frame: object) -> None:
+        host.stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    emit("started", index=index, pid=os.getpid())
+    host.run()
+    emit("stopped", index=index)
+
