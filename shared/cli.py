@@ -95,8 +95,8 @@ def build_app(env: Mapping[str, str]) -> LedgerApp:
     try:
         clients = clients_from_settings(env, config.storage_timeout_seconds)
     except ConfigError as exc:
-        raise ConfigError(f"{exc} Or copy local.settings.sample.json to {LOCAL_SETTINGS}.") \
-            from None
+        raise ConfigError(f"{exc} For a local run, copy local.settings.sample.json to "
+                          f"local.settings.json ({LOCAL_SETTINGS}).") from None
     return LedgerApp.create(config, clients)
 
 
@@ -147,8 +147,8 @@ FLAG_FIELDS: tuple[tuple[str, str], ...] = (
 def bodies_from_text(text: str) -> list[str]:
     """Message bodies from a file's text: a JSON array, one JSON object, or JSON lines.
 
-    JSON lines are kept exactly as written (so ``--raw`` can send text that is not JSON);
-    the items of an array are serialised compactly.
+    JSON lines and a lone object are sent as written (so ``--raw`` can send text that is not
+    JSON); the items of an array are serialised compactly.
     """
     try:
         document = json.loads(text)
@@ -157,7 +157,7 @@ def bodies_from_text(text: str) -> list[str]:
     if isinstance(document, list):
         return [json.dumps(item, separators=(",", ":")) for item in document]
     if isinstance(document, dict):
-        return [json.dumps(document, separators=(",", ":"))]
+        return [text.strip()]
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.app import LedgerApp
 from shared.clients import clients_from_connection_string
+from shared.contract import parse_completion
 from shared.election import ElectionCallbacks
 from shared.pipeline import CompletionResult, handle_completion
 from shared.settings import load_config
@@ -95,6 +96,12 @@ class Namespace:
 def send(app: LedgerApp, *bodies: bytes) -> list[CompletionResult]:
     """Deliver message bodies to one instance, one invocation each, in order."""
     return [handle_completion(app, body, message_id=uuid.uuid4().hex) for body in bodies]
+
+
+def record(app: LedgerApp, *bodies: bytes) -> None:
+    """Record completions as an instance would, without running any election."""
+    for body in bodies:
+        app.completions.record(parse_completion(body), "upstream", app.wallclock())
 
 
 def balance(app: LedgerApp, account_id: str) -> Decimal:

@@ -5,9 +5,18 @@ from __future__ import annotations
 from decimal import Decimal
 
 from shared.completions import RecordResult
-from shared.contract import parse_completion
 from shared.pipeline import run_election
-from tests.helpers import ManualClock, Namespace, balance, deposit, send, status, step, transfer
+from tests.helpers import (
+    ManualClock,
+    Namespace,
+    balance,
+    deposit,
+    record,
+    send,
+    status,
+    step,
+    transfer,
+)
 
 
 def test_deposit_then_transfer_commits_exact_balances(ns: Namespace) -> None:
@@ -66,12 +75,10 @@ def test_steps_disagreeing_on_expected_operations_are_rejected(ns: Namespace) ->
 
 def test_more_distinct_steps_than_expected_are_rejected(ns: Namespace) -> None:
     app = ns.app()
-    other = ns.app()
     # Record all three before anyone leads, so the leader sees them together.
-    for body in (step("r1", "a", "add_funds", "alice", "1.00", 2),
-                 step("r1", "b", "add_funds", "alice", "1.00", 2),
-                 step("r1", "c", "add_funds", "alice", "1.00", 2)):
-        other.completions.record(parse_completion(body), "x", other.wallclock())
+    record(app, step("r1", "a", "add_funds", "alice", "1.00", 2),
+           step("r1", "b", "add_funds", "alice", "1.00", 2),
+           step("r1", "c", "add_funds", "alice", "1.00", 2))
     send(app, step("r1", "c", "add_funds", "alice", "1.00", 2))
     assert status(app, "r1") == "rejected"
     assert "3 distinct steps" in str(app.ledger.read_outcome("r1")["reason"])  # type: ignore[index]
