@@ -8,8 +8,9 @@ import json
 import azure.functions as func
 
 from shared import api, pipeline
-from shared.runtime import get_app
+from shared.runtime import get_app, validate_environment
 
+validate_environment()  # a bad setting (e.g. LEASE_SECONDS=90) stops the app at start-up
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 
 

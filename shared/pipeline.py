@@ -6,6 +6,7 @@ timer-triggered sweeper. Both take a ``LedgerApp`` and nothing from the Function
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -61,7 +62,8 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
     try:
         completion = parse_completion(body)
     except MalformedMessage as exc:
-        app.parking.park(message_id, body, str(exc), dequeue_count, app.config.instance_id,
+        parked_id = message_id or hashlib.sha256(body).hexdigest()[:32]
+        app.parking.park(parked_id, body, str(exc), dequeue_count, app.config.instance_id,
                          app.wallclock())
         return CompletionResult(recorded=None, parked=True)
     recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())

@@ -31,6 +31,11 @@ def get_app() -> LedgerApp:
         return _app
 
 
+def validate_environment() -> None:
+    """Fail fast, at indexing time, on a setting the app cannot run with (no network call)."""
+    load_config(os.environ)
+
+
 def reset() -> None:
     """Forget the app so the next ``get_app`` reads the environment again (tests, simulator)."""
     global _app
