@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
@@ -20,7 +19,7 @@ from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 from shared.clients import StorageClients
 from shared.completions import CompletionStore
 from shared.election import ElectionCallbacks, LeaseElector, MonotonicClock
-from shared.ledger import Ledger
+from shared.ledger import Ledger, LedgerSnapshot
 from shared.parking import ParkingLot
 from shared.settings import AppConfig
 
@@ -42,7 +41,7 @@ class LedgerApp:
     elector: LeaseElector
     clock: MonotonicClock = time.monotonic
     wallclock: Callable[[], datetime] = utc_now
-    extras: dict[str, Any] = field(default_factory=dict)
+    snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
 
     @classmethod
     def create(cls, config: AppConfig, clients: StorageClients,
@@ -78,12 +77,11 @@ class LedgerApp:
                 with contextlib.suppress(ResourceExistsError):
                     self.clients.queue.create_queue(name)
 
-    def queue_client(self, name: str | None = None, policies: Sequence[Any] = ()) -> QueueClient:
+    def queue_client(self, name: str | None = None) -> QueueClient:
         """A client for the completions queue (or ``name``) that encodes as the host decodes."""
         service = self.clients.queue
         return QueueClient(
             service.url, name or self.config.completions_queue,
             credential=service.credential,
             message_encode_policy=TextBase64EncodePolicy(),
-            per_call_policies=list(policies),
         )

@@ -350,19 +350,36 @@ def _reply(reply: api.Reply, output: Output) -> int:
     return EXIT_USAGE if reply.status == 400 else EXIT_REFUSED
 
 
+def _read(app: LedgerApp, call: Callable[[], api.Reply]) -> api.Reply:
+    try:
+        return call()
+    except ResourceNotFoundError as exc:
+        raise Refused(f"{_storage_problem(exc)}: the app creates its tables and lease blob on "
+                      f"its first run (check the names: tables {app.config.completions_table!r}, "
+                      f"{app.config.ledger_table!r})") from None
+
+
 def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """The leader view of ``GET /api/leader``."""
-    return _reply(api.leader(app), output)
+    return _reply(_read(app, lambda: api.leader(app)), output)
 
 
 def cmd_balance(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """One account's committed balance, as ``GET /api/accounts/{id}``."""
-    return _reply(api.account(app, args.account), output)
+    return _reply(_read(app, lambda: api.account(app, args.account)), output)
 
 
 def cmd_request(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """One request's status, as ``GET /api/requests/{id}``."""
-    return _reply(api.request(app, args.request_id), output)
+    return _reply(_read(app, lambda: api.request(app, args.request_id)), output)
+
+
+def _storage_problem(exc: AzureError) -> str:
+    """One line about a storage error (the SDK's text repeats the whole response)."""
+    first = (str(exc.message or exc).strip().splitlines() or [type(exc).__name__])[0]
+    code = getattr(exc, "error_code", None)
+    code = getattr(code, "value", code)  # the SDKs give an enum or a str
+    return f"{first} ({code})" if code else first
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -481,7 +498,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         output.error(str(exc))
         return EXIT_REFUSED
     except AzureError as exc:
-        output.error(f"storage call failed: {exc}")
+        output.error(f"storage call failed: {_storage_problem(exc)}")
         return EXIT_REFUSED
 
 

@@ -6,19 +6,21 @@ Azurite's explicit one). In Azure it is identity-based:
 ``__accountName``), ``__credential=managedidentity`` and
 ``__clientId`` for a user-assigned identity. No account key is ever needed in Azure.
 
-``policies`` are azure-core per-call policies added to every client: the hook for counting
-storage calls (benchmarks) and for injecting faults (chaos tests).
+``request_hook`` is called with every HTTP request each client sends, retries included (azure-core's
+``raw_request_hook``, honoured by the blob, queue and table SDKs alike): the hook for counting
+storage calls (benchmarks) and for injecting faults by raising (chaos tests); an exception it
+raises goes through the SDK's retry policy like a network fault.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.credentials import TokenCredential
 from azure.core.pipeline import PipelineRequest
-from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
@@ -41,15 +43,20 @@ def azurite_connection_string(host: str = "127.0.0.1", blob_port: int = 10000,
             f"TableEndpoint=http://{host}:{table_port}/{AZURITE_ACCOUNT};")
 
 
-class CallCounter(SansIOHTTPPolicy):  # type: ignore[type-arg]
-    """Counts storage calls by HTTP method (a per-call policy: retries are counted too)."""
+RequestHook = Callable[[PipelineRequest], None]  # type: ignore[type-arg]
+
+
+class CallCounter:
+    """A ``request_hook`` that counts storage calls by HTTP method (retries count too)."""
 
     def __init__(self) -> None:
         self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
 
-    def on_request(self, request: PipelineRequest) -> None:  # type: ignore[type-arg]
+    def __call__(self, request: PipelineRequest) -> None:  # type: ignore[type-arg]
         method = request.http_request.method
-        self.calls[method] = self.calls.get(method, 0) + 1
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
 
     @property
     def total(self) -> int:
@@ -66,21 +73,23 @@ class StorageClients:
     table: TableServiceClient
 
 
-def _client_options(timeout_seconds: float, policies: Sequence[Any]) -> dict[str, Any]:
-    return {
+def _client_options(timeout_seconds: float, request_hook: RequestHook | None) -> dict[str, Any]:
+    options: dict[str, Any] = {
         "connection_timeout": timeout_seconds,
         "read_timeout": timeout_seconds,
         "retry_total": 3,
-        "per_call_policies": list(policies),
     }
+    if request_hook is not None:
+        options["raw_request_hook"] = request_hook
+    return options
 
 
 def clients_from_connection_string(connection_string: str, timeout_seconds: float = 5,
-                                   policies: Sequence[Any] = ()) -> StorageClients:
+                                   request_hook: RequestHook | None = None) -> StorageClients:
     """Clients for a connection string (Azurite or a key-based account outside Azure)."""
     if connection_string.strip().lower().startswith("usedevelopmentstorage=true"):
         connection_string = azurite_connection_string()
-    options = _client_options(timeout_seconds, policies)
+    options = _client_options(timeout_seconds, request_hook)
     return StorageClients(
         blob=BlobServiceClient.from_connection_string(connection_string, **options),
         queue=QueueServiceClient.from_connection_string(connection_string, **options),
@@ -99,11 +108,11 @@ def _credential(env: Mapping[str, str]) -> TokenCredential:
 
 
 def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
-                          policies: Sequence[Any] = ()) -> StorageClients:
+                          request_hook: RequestHook | None = None) -> StorageClients:
     """Clients from the app settings, as the Functions host reads ``AzureWebJobsStorage``."""
     connection_string = env.get(STORAGE_CONNECTION, "").strip()
     if connection_string:
-        return clients_from_connection_string(connection_string, timeout_seconds, policies)
+        return clients_from_connection_string(connection_string, timeout_seconds, request_hook)
     prefix = f"{STORAGE_CONNECTION}__"
     account = env.get(prefix + "accountName", "").strip()
     uris = {service: env.get(f"{prefix}{service}ServiceUri", "").strip() or (
@@ -118,7 +127,7 @@ def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
             f"{prefix}credential=managedidentity; missing: {', '.join(missing)}."
         )
     credential = _credential(env)
-    options = _client_options(timeout_seconds, policies)
+    options = _client_options(timeout_seconds, request_hook)
     return StorageClients(
         blob=BlobServiceClient(uris["blob"], credential=credential, **options),
         queue=QueueServiceClient(uris["queue"], credential=credential, **options),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
@@ -22,6 +22,7 @@ from shared.ledger import (
     AccountChanged,
     AccountRow,
     Fence,
+    LedgerSnapshot,
     Outcome,
     OutcomeExists,
 )
@@ -75,17 +76,30 @@ def plan_batches(ready: Sequence[Assessment]) -> list[list[Assessment]]:
 class LeaderTerm:
     """The work of one leader between acquiring and releasing the lease."""
 
-    def __init__(self, app: LedgerApp, lease: HeldLease, fence: Fence) -> None:
+    def __init__(self, app: LedgerApp, lease: HeldLease, fence: Fence,
+                 balances: Mapping[str, AccountRow] | None = None) -> None:
         self.app = app
         self.lease = lease
         self.fence = fence
-        self.balances: dict[str, AccountRow] = {}
+        self.balances: dict[str, AccountRow] = dict(balances or {})
         self.report = DrainReport(fence.epoch)
 
-    def drain(self, budget_deadline: float) -> DrainReport:
+    @classmethod
+    def begin(cls, app: LedgerApp, lease: HeldLease) -> LeaderTerm:
+        """Claim the next epoch under ``lease``; reuse this process's balances if still current."""
+        lease.ensure_can_start(app.config.storage_timeout_seconds)
+        known = app.snapshot
+        fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
+                                                  app.wallclock(), known)
+        logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
+        return cls(app, lease, fence, known.balances if continued and known else None)
+
+    def drain(self, budget_deadline: float,
+              ready: list[Assessment] | None = None) -> DrainReport:
         """Commit every ready request until none is left or the budget (monotonic) runs out.
 
-        Raises ``LeadershipLost`` or ``FencedOut`` when leadership ends under it.
+        ``ready`` is a scan made just before (it saves one). Raises ``LeadershipLost`` or
+        ``FencedOut`` when leadership ends under it.
         """
         step_seconds = self.app.config.storage_timeout_seconds
         while True:
@@ -93,8 +107,9 @@ class LeaderTerm:
                 self.report.budget_exhausted = True
                 return self.report
             self.lease.ensure_can_start(step_seconds)
-            ready = ready_assessments(self.app)
-            self.report.scans += 1
+            if ready is None:
+                ready = ready_assessments(self.app)
+                self.report.scans += 1
             if not ready:
                 return self.report
             for batch in plan_batches(ready):
@@ -102,6 +117,7 @@ class LeaderTerm:
                     self.report.budget_exhausted = True
                     return self.report
                 self._commit(batch)
+            ready = None  # committed everything seen: scan again for what arrived meanwhile
 
     def _commit(self, batch: list[Assessment]) -> None:
         step_seconds = self.app.config.storage_timeout_seconds
@@ -130,6 +146,8 @@ class LeaderTerm:
                 continue
             self.report.transactions += 1
             self.balances.update(result.accounts)
+            self.app.snapshot = LedgerSnapshot(self.fence.epoch, self.fence.etag,
+                                               self.fence.last_commit_at, dict(self.balances))
             for outcome in outcomes:
                 self.report.outcomes[outcome.status] += 1
             self.app.completions.delete(step for a in pending for step in a.steps)

@@ -63,6 +63,21 @@ class Fence:
     etag: str
     holder: str
     claimed_at: str
+    last_commit_at: str = ""
+
+
+@dataclass(frozen=True)
+class LedgerSnapshot:
+    """What a leader knew when its last transaction landed.
+
+    Every ledger write changes the fence's ETag, so while the fence still has ``etag`` nothing
+    was written since and ``balances`` are current: the next term may start from them.
+    """
+
+    epoch: int
+    etag: str
+    last_commit_at: str
+    balances: Mapping[str, AccountRow]
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,23 @@ class Ledger:
         except ResourceNotFoundError:
             return None
 
-    def claim_epoch(self, holder: str, now: datetime, attempts: int = 5) -> Fence:
-        """Claim the next epoch with a conditional update; every later write depends on it."""
+    def claim_epoch(self, holder: str, now: datetime, known: LedgerSnapshot | None = None,
+                    attempts: int = 5) -> tuple[Fence, bool]:
+        """Claim the next epoch with a conditional update; every later write depends on it.
+
+        With ``known`` (this process's last snapshot) the claim is one call when nothing was
+        written since; the second value is then True and the snapshot's balances are current.
+        """
+        if known is not None:
+            entity = self._fence_entity(known.epoch + 1, holder, now.isoformat(),
+                                        known.last_commit_at)
+            try:
+                meta = self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=known.etag,
+                                                match_condition=MatchConditions.IfNotModified)
+                return Fence(known.epoch + 1, meta["etag"], holder, entity["claimedAt"],
+                             known.last_commit_at), True
+            except (ResourceModifiedError, ResourceNotFoundError):
+                pass  # someone wrote since: claim the long way
         for _ in range(attempts):
             try:
                 current = self.table.get_entity(self.partition, FENCE_ROW)
@@ -129,7 +159,7 @@ class Ledger:
                     meta = self.table.create_entity(entity)
                 except ResourceExistsError:
                     continue
-                return Fence(1, meta["etag"], holder, entity["claimedAt"])
+                return Fence(1, meta["etag"], holder, entity["claimedAt"]), False
             epoch = int(current["epoch"]) + 1
             entity = self._fence_entity(epoch, holder, now.isoformat(),
                                         last_commit_at=str(current.get("lastCommitAt", "")))
@@ -140,7 +170,8 @@ class Ledger:
                 )
             except ResourceModifiedError:
                 continue  # a deposed leader's last commit landed in between: read again
-            return Fence(epoch, meta["etag"], holder, entity["claimedAt"])
+            return Fence(epoch, meta["etag"], holder, entity["claimedAt"],
+                         entity["lastCommitAt"]), False
         raise FencedOut(f"could not claim an epoch in {attempts} attempts: the fence keeps "
                         "changing, so another leader is active")
 
@@ -233,6 +264,7 @@ class Ledger:
                 raise AccountChanged(subject) from exc
             raise
         fence.etag = results[0]["etag"]
+        fence.last_commit_at = stamp
         written: dict[str, AccountRow] = {}
         for (kind, subject), result in zip(subjects, results, strict=True):
             if kind == "account":

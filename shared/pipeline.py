@@ -90,13 +90,16 @@ def run_election(app: LedgerApp) -> ElectionResult:
             return result
         result.role = Role.LEADER
         try:
-            lease.ensure_can_start(app.config.storage_timeout_seconds)
-            fence = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
-                                           app.wallclock())
-            logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
-            term = LeaderTerm(app, lease, fence)
+            ready = ready_assessments(app)
+            if not ready:
+                # Nothing to commit: no epoch is claimed, the lease goes straight back.
+                lease.release()
+                if ready_assessments(app):
+                    continue  # recorded while we held the lease: go round again
+                return result
+            term = LeaderTerm.begin(app, lease)
             result.terms.append(term.report)
-            report = term.drain(budget_deadline)
+            report = term.drain(budget_deadline, ready)
         except (LeadershipLost, FencedOut) as exc:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc)
             result.stopped_by = str(exc)

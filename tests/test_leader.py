@@ -12,7 +12,7 @@ from shared.app import LedgerApp
 from shared.election import ElectionCallbacks, LeadershipLost, LeaseState
 from shared.leader import LeaderTerm
 from shared.ledger import FencedOut
-from shared.pipeline import Role, handle_completion, run_election
+from shared.pipeline import CompletionResult, Role, handle_completion, run_election
 from tests.helpers import Namespace, balance, deposit, record, send, status, transfer
 
 
@@ -34,9 +34,7 @@ def _external_lease(app: LedgerApp) -> BlobLeaseClient:
 def _lead(app: LedgerApp) -> LeaderTerm:
     lease = app.elector.try_acquire()
     assert lease is not None
-    fence = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
-                                   app.wallclock())
-    return LeaderTerm(app, lease, fence)
+    return LeaderTerm.begin(app, lease)
 
 
 def test_non_leaders_record_and_exit_without_touching_balances(ns: Namespace) -> None:
@@ -117,7 +115,7 @@ def test_no_commit_starts_past_the_renew_deadline(ns: Namespace) -> None:
 
 def test_completion_recorded_while_leader_holds_the_lease_is_committed_without_new_traffic(
         ns: Namespace) -> None:
-    late_results = []
+    late_results: list[CompletionResult] = []
 
     def record_from_another_instance(_holder: str) -> None:
         if not late_results:  # once: the leader has drained and is about to release
