@@ -191,3 +191,20 @@ def test_each_leadership_claims_a_strictly_higher_epoch(ns: Namespace) -> None:
         epochs.append(int(app.ledger.read_outcome(f"d{i}")["epoch"]))  # type: ignore[index]
     assert epochs == sorted(set(epochs))
     assert len(epochs) == 3
+
+
+def test_a_leader_reuses_its_balances_only_while_nobody_else_wrote(ns: Namespace) -> None:
+    a, b = ns.app("a"), ns.app("b")
+    send(a, *deposit("d1", "alice", "10.00"))
+    assert a.snapshot is not None
+    known_etag = a.snapshot.etag
+    fence, continued = a.ledger.claim_epoch("a/test", a.wallclock(), a.snapshot)
+    assert continued, "nothing was written since a's commit: one-call claim"
+    assert fence.etag != known_etag
+    send(b, *deposit("d2", "alice", "5.00"))  # b claims and writes: a's snapshot is stale now
+    _, continued = a.ledger.claim_epoch("a/test", a.wallclock(), a.snapshot)
+    assert not continued
+    send(a, *transfer("t1", "alice", "bob", "15.00"))  # needs b's 5.00 to be seen
+    assert status(a, "t1") == "committed"
+    assert balance(a, "alice") == Decimal("0.00")
+    assert balance(a, "bob") == Decimal("15.00")
