@@ -25,7 +25,7 @@ class Reply:
 
 
 def _bad_identifier(kind: str, value: str) -> Reply | None:
-    if _IDENTIFIER.match(value):
+    if _IDENTIFIER.fullmatch(value):
         return None
     return Reply(400, {"error": f"{kind} must be 1-128 characters of A-Za-z0-9._:-"})
 

@@ -84,4 +84,6 @@ class LedgerApp:
             service.url, name or self.config.completions_queue,
             credential=service.credential,
             message_encode_policy=TextBase64EncodePolicy(),
+            connection_timeout=self.config.storage_timeout_seconds,
+            read_timeout=self.config.storage_timeout_seconds,
         )

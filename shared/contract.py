@@ -71,6 +71,13 @@ class Completion(BaseModel):
         except MoneyError as exc:
             raise ValueError(str(exc)) from None
 
+    @field_validator("completed_at", mode="before")
+    @classmethod
+    def _completed_at_is_text(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, str):
+            raise ValueError("completedAt must be an ISO-8601 timestamp string")
+        return value
+
     def content_key(self) -> str:
         """A digest of what makes two deliveries of one operationId the same step.
 

@@ -13,7 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.election import LeaderElectionConfig
+from shared.election import ElectionConfigError, LeaderElectionConfig
 
 # The storage connection: a connection string locally, identity-based settings in Azure
 # (AzureWebJobsStorage__blobServiceUri, __queueServiceUri, __tableServiceUri, __credential,
@@ -150,14 +150,20 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
     """Read and validate every setting; raise ``ConfigError`` naming the first bad one."""
     env = os.environ if env is None else env
     lease = _number(env, LEASE_SECONDS, 15, 60)
+    if lease != int(lease):
+        raise ConfigError(f"{LEASE_SECONDS.name}={lease:g}: blob leases last whole seconds; "
+                          "set an integer between 15 and 60.")
     margin = _number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30)
-    election = LeaderElectionConfig.build(
-        lease_seconds=lease,
-        renew_interval_seconds=_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
-        safety_margin_seconds=margin,
-        setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
-                       LEASE_SAFETY_MARGIN_SECONDS.name),
-    )
+    try:
+        election = LeaderElectionConfig.build(
+            lease_seconds=lease,
+            renew_interval_seconds=_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
+            safety_margin_seconds=margin,
+            setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
+                           LEASE_SAFETY_MARGIN_SECONDS.name),
+        )
+    except ElectionConfigError as exc:
+        raise ConfigError(str(exc)) from None
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
