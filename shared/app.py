@@ -8,9 +8,11 @@ process (``shared/runtime.py``), the simulator one per simulated instance, the t
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from azure.core.exceptions import ResourceExistsError
@@ -22,6 +24,31 @@ from shared.election import ElectionCallbacks, LeaseElector, MonotonicClock
 from shared.ledger import Ledger, LedgerSnapshot
 from shared.parking import ParkingLot
 from shared.settings import AppConfig
+
+
+class RecentRequests:
+    """The ids of the last ``capacity`` requests this process decided (thread-safe, bounded).
+
+    A completion of one of these is a late step: the leader drops it at once instead of waiting
+    for the request to expire. Requests decided by other processes are caught at expiry.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, request_ids: Iterable[str]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                self._ids[request_id] = None
+                self._ids.move_to_end(request_id)
+            while len(self._ids) > self.capacity:
+                self._ids.popitem(last=False)
+
+    def __contains__(self, request_id: object) -> bool:
+        with self._lock:
+            return request_id in self._ids
 
 
 def utc_now() -> datetime:
@@ -42,6 +69,7 @@ class LedgerApp:
     clock: MonotonicClock = time.monotonic
     wallclock: Callable[[], datetime] = utc_now
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
+    recently_decided: RecentRequests = field(default_factory=RecentRequests)
 
     @classmethod
     def create(cls, config: AppConfig, clients: StorageClients,

@@ -32,6 +32,7 @@ class Verdict(StrEnum):
     ABORTED = "aborted"
     REJECTED = "rejected"
     EXPIRED = "expired"
+    LATE = "late"  # steps of a request that already ended: dropped, nothing written
 
 
 @dataclass(frozen=True)

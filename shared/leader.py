@@ -46,8 +46,13 @@ def ready_assessments(app: LedgerApp) -> list[Assessment]:
     """Every request the leader can decide now, in commit order (oldest last step first)."""
     now = app.wallclock()
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
-    found = [assess(request_id, steps, now, timeout)
-             for request_id, steps in app.completions.steps_by_request().items()]
+    found = []
+    for request_id, steps in app.completions.steps_by_request().items():
+        assessment = assess(request_id, steps, now, timeout)
+        if not assessment.decided and request_id in app.recently_decided:
+            assessment = Assessment(request_id, Verdict.LATE, "request already ended",
+                                    assessment.steps)
+        found.append(assessment)
     return sorted((a for a in found if a.decided),
                   key=lambda a: (a.last_recorded_at, a.request_id))
 
@@ -112,7 +117,10 @@ class LeaderTerm:
                 self.report.scans += 1
             if not ready:
                 return self.report
-            for batch in plan_batches(ready):
+            late = [a for a in ready if a.verdict is Verdict.LATE]
+            for assessment in late:
+                self._drop_late(assessment)
+            for batch in plan_batches([a for a in ready if a.verdict is not Verdict.LATE]):
                 if self.app.clock() >= budget_deadline:
                     self.report.budget_exhausted = True
                     return self.report
@@ -135,10 +143,7 @@ class LeaderTerm:
             except OutcomeExists as exc:
                 late = next(a for a in pending if a.request_id == exc.request_id)
                 pending.remove(late)
-                logger.info("late step(s) %s for request %s, which already ended, ignored",
-                            ", ".join(s.row_key for s in late.steps), late.request_id)
-                self.app.completions.delete(late.steps)
-                self.report.late_requests.append(late.request_id)
+                self._drop_late(late)
                 continue
             except AccountChanged as exc:
                 logger.warning("%s; reading it again", exc)
@@ -150,8 +155,16 @@ class LeaderTerm:
                                                self.fence.last_commit_at, dict(self.balances))
             for outcome in outcomes:
                 self.report.outcomes[outcome.status] += 1
+            self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
             self.app.completions.delete(step for a in pending for step in a.steps)
             return
+
+    def _drop_late(self, late: Assessment) -> None:
+        logger.info("late step(s) %s for request %s, which already ended, ignored",
+                    ", ".join(s.row_key for s in late.steps), late.request_id)
+        self.app.completions.delete(late.steps)
+        self.app.recently_decided.add([late.request_id])
+        self.report.late_requests.append(late.request_id)
 
     def _decide(self, batch: Sequence[Assessment]) -> tuple[
             list[Outcome], dict[str, tuple[AccountRow, Decimal]]]:

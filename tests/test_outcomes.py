@@ -148,3 +148,36 @@ def test_step_after_its_request_ended_changes_nothing(ns: Namespace) -> None:
     assert balance(app, "alice") == Decimal("5.00")
     assert balance(app, "bob") == Decimal("5.00")
     assert app.completions.count() == 0
+
+
+def test_a_single_late_duplicate_is_dropped_at_once_by_the_instance_that_decided(
+        ns: Namespace) -> None:
+    app = ns.app()
+    w, a = transfer("t1", "alice", "bob", "5.00")
+    send(app, *deposit("d1", "alice", "10.00"))
+    send(app, w, a)
+    results = send(app, a)  # one leg again: on its own it looks like a pending request
+    election = results[0].election
+    assert election is not None
+    assert any("t1" in term.late_requests for term in election.terms)
+    assert app.completions.count() == 0
+    assert status(app, "t1") == "committed"
+    assert balance(app, "bob") == Decimal("5.00")
+
+
+def test_a_late_duplicate_decided_elsewhere_waits_for_expiry_and_changes_nothing(
+        ns: Namespace) -> None:
+    clock = ManualClock()
+    first = ns.app("first", wallclock=clock)
+    other = ns.app("other", wallclock=clock)
+    w, a = transfer("t1", "alice", "bob", "5.00")
+    send(first, *deposit("d1", "alice", "10.00"))
+    send(first, w, a)
+    send(other, a)  # `other` never saw t1 decided: the row waits
+    assert other.completions.count() == 1
+    clock.advance(900)
+    election = run_election(other)  # the sweeper, after the timeout
+    assert any("t1" in term.late_requests for term in election.terms)
+    assert other.completions.count() == 0
+    assert status(other, "t1") == "committed", "not turned into expired"
+    assert balance(other, "bob") == Decimal("5.00")
