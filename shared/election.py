@@ -26,7 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceExistsError,
+    ResourceNotFoundError,
+)
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
 logger = logging.getLogger(__name__)
@@ -141,10 +146,11 @@ class HeldLease:
         """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
         self.renew_if_due()
         if self.clock() + work_seconds > self.deadline():
-            self._stop(LeaseState.LOST)
+            left = self.remaining()
+            self.release()  # best effort: frees it for the next leader before it expires
             raise LeadershipLost(
-                f"lease {self.lease_id} has {self.remaining():.1f} s left, less than the "
-                f"{work_seconds:g} s the next step may take; stopping before it"
+                f"lease {self.lease_id} had {left:.1f} s left, less than the "
+                f"{work_seconds:g} s the next step may take; stopped before it"
             )
 
     def renew_if_due(self) -> None:
@@ -160,9 +166,9 @@ class HeldLease:
         sent = self.clock()
         try:
             self.lease.renew()
-        except HttpResponseError as exc:
+        except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
             self._stop(LeaseState.LOST)
-            raise LeadershipLost(f"renewing lease {self.lease_id} failed: {exc.reason}") from exc
+            raise LeadershipLost(f"renewing lease {self.lease_id} failed: {_why(exc)}") from exc
         self.last_renew_sent = sent
         logger.debug("renewed lease %s", self.lease_id)
 
@@ -173,9 +179,9 @@ class HeldLease:
         self.callbacks.before_release(self.lease_id)
         try:
             self.lease.release()
-        except HttpResponseError as exc:
-            # Already expired or taken over: nothing to give back.
-            logger.info("lease %s was not released (%s)", self.lease_id, exc.reason)
+        except AzureError as exc:
+            # Already expired or taken over (or unreachable): it expires by itself.
+            logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
             self._stop(LeaseState.LOST)
             return
         self._stop(LeaseState.RELEASED)
@@ -184,6 +190,10 @@ class HeldLease:
         if self.state is LeaseState.LEADING:
             self.state = state
             self.callbacks.on_stopped_leading(self.lease_id, state)
+
+
+def _why(exc: AzureError) -> str:
+    return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
 class LeaseElector:

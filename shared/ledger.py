@@ -150,6 +150,7 @@ class Ledger:
                              known.last_commit_at), True
             except (ResourceModifiedError, ResourceNotFoundError):
                 pass  # someone wrote since: claim the long way
+        seen: int | None = None
         for _ in range(attempts):
             try:
                 current = self.table.get_entity(self.partition, FENCE_ROW)
@@ -160,7 +161,15 @@ class Ledger:
                 except ResourceExistsError:
                     continue
                 return Fence(1, meta["etag"], holder, entity["claimedAt"]), False
-            epoch = int(current["epoch"]) + 1
+            if current.get("holder") == holder:
+                # Our own claim landed but its response was lost (the holder names our lease).
+                return Fence(int(current["epoch"]), str(current.metadata["etag"]), holder,
+                             str(current["claimedAt"]), str(current.get("lastCommitAt", ""))), False
+            if seen is not None and int(current["epoch"]) > seen:
+                raise FencedOut(f"epoch {current['epoch']} was claimed by {current.get('holder')} "
+                                "while this claim was in flight: another leader is active")
+            seen = int(current["epoch"])
+            epoch = seen + 1
             entity = self._fence_entity(epoch, holder, now.isoformat(),
                                         last_commit_at=str(current.get("lastCommitAt", "")))
             try:
@@ -256,8 +265,10 @@ class Ledger:
         except TableTransactionError as exc:
             kind, subject = subjects[exc.index] if 0 <= exc.index < len(subjects) else ("?", "")
             if kind == "fence":
-                raise FencedOut(f"epoch {fence.epoch} is no longer current: a newer leader "
-                                "claimed the fence; nothing was committed") from exc
+                raise FencedOut(f"epoch {fence.epoch} is no longer current (the fence's ETag "
+                                "changed): this attempt wrote nothing. If it was an SDK retry "
+                                "of an attempt that did land, the next leader drops these "
+                                "steps as late") from exc
             if kind == "request":
                 raise OutcomeExists(subject) from exc
             if kind == "account":

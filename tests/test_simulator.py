@@ -8,9 +8,12 @@ import sys
 from decimal import Decimal
 
 import pytest
+from azure.storage.queue import QueueClient
 
 from shared.sim.azurite import REPO_ROOT, Azurite
+from shared.sim.cluster import Cluster
 from shared.sim.workload import check, generate
+from tests.helpers import Namespace, balance, deposit, status, transfer, wait_until
 
 
 @pytest.mark.slow
@@ -51,3 +54,26 @@ def test_the_independent_check_catches_a_wrong_balance() -> None:
     problems = check(work, outcomes, wrong, parked=0, poisoned=0).problems
     assert any("committed legs sum to" in p for p in problems)
     assert any("money not conserved" in p for p in problems)
+
+
+def test_instances_commit_from_the_queue_and_poison_what_the_host_cannot_decode(
+        ns: Namespace) -> None:
+    app = ns.app()
+    env = ns.env()
+    raw = QueueClient.from_connection_string(ns.connection_string, env["COMPLETIONS_QUEUE_NAME"])
+    raw.send_message("%% not base64 %%")  # the host cannot even decode this one
+    encoded = app.queue_client()
+    for body in deposit("d1", "alice", "12.34") + transfer("t1", "alice", "bob", "2.34"):
+        encoded.send_message(body.decode())
+    cluster = Cluster(env, instances=2, threads=2, sweep_seconds=None).start()
+    try:
+        wait_until(lambda: status(app, "t1") == "committed", 60, "t1 committed by the instances")
+        poison = QueueClient.from_connection_string(ns.connection_string, app.config.poison_queue)
+        wait_until(lambda: (poison.get_queue_properties().approximate_message_count or 0) == 1,
+                   60, "the undecodable message in the poison queue")
+    finally:
+        cluster.stop()
+    assert balance(app, "alice") == Decimal("10.00")
+    assert balance(app, "bob") == Decimal("2.34")
+    assert [m.content for m in poison.peek_messages()] == ["%% not base64 %%"]
+    assert cluster.count("poisoned") == 1

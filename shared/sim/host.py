@@ -13,6 +13,7 @@ on stdout for the supervisor (``shared.sim.demo``).
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import logging
 import os
@@ -20,12 +21,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from azure.core.exceptions import AzureError
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
@@ -73,6 +76,41 @@ def emit(event: str, **fields: Any) -> None:
     """One event line for the supervisor."""
     sys.stdout.write(json.dumps({"event": event, **fields}) + "\n")
     sys.stdout.flush()
+
+
+class VisibilityKeeper:
+    """Keeps a message invisible while its invocation runs, as the host's listener does."""
+
+    def __init__(self, queue: QueueClient, message: StorageQueueMessage, seconds: float) -> None:
+        self.queue = queue
+        self.message_id = str(message.id)
+        self.pop_receipt = str(message.pop_receipt)
+        self.seconds = seconds
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> VisibilityKeeper:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.seconds / 2):
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                try:
+                    updated = self.queue.update_message(self.message_id,
+                                                        pop_receipt=self.pop_receipt,
+                                                        visibility_timeout=int(self.seconds))
+                except AzureError as exc:
+                    logger.warning("could not extend message %s: %s", self.message_id, exc)
+                    return
+                self.pop_receipt = str(updated.pop_receipt)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
 
 
 class InstanceHost:
@@ -140,27 +178,49 @@ class InstanceHost:
             return
         try:
             body = self._decode(message)
+        except (binascii.Error, ValueError) as exc:  # the extension poisons these at once
+            self._poison(message, f"message is not valid base64: {exc}")
+            return
+        keeper = VisibilityKeeper(self.queue, message, self.lock_seconds).start()
+        try:
             self.functions.queue_handler(QueueMessage(  # type: ignore[no-untyped-call]
                 id=message.id, body=body, dequeue_count=count, pop_receipt=message.pop_receipt,
                 insertion_time=message.inserted_on, expiration_time=message.expires_on,
                 time_next_visible=message.next_visible_on))
-        except Exception as exc:  # the host catches everything (bad base64 included)
+        except Exception as exc:  # the host catches everything
+            keeper.stop()
             logger.warning("instance %d: invocation of message %s failed (dequeue count %d): "
                            "%s", self.index, message.id, count, exc)
             emit("failed", message=message.id, dequeueCount=count, error=str(exc)[:200])
             if count >= self.options.max_dequeue_count:
-                self._poison(message, str(exc))
+                self._poison(message, str(exc), keeper.pop_receipt)
             else:
-                self.queue.update_message(message, pop_receipt=message.pop_receipt,
-                                          visibility_timeout=int(self.options.visibility_timeout))
+                self._settle(lambda: self.queue.update_message(
+                    message.id, pop_receipt=keeper.pop_receipt,
+                    visibility_timeout=int(self.options.visibility_timeout)), message.id)
             return
-        self.queue.delete_message(message)
-        emit("done", message=message.id)
+        keeper.stop()
+        if self._settle(lambda: self.queue.delete_message(message.id, keeper.pop_receipt),
+                        message.id):
+            emit("done", message=message.id)
 
-    def _poison(self, message: StorageQueueMessage, why: str) -> None:
+    def _settle(self, action: Callable[[], object], message_id: str) -> bool:
+        """Acknowledge or release a message; a lost pop receipt means it was redelivered."""
+        try:
+            action()
+        except AzureError as exc:
+            logger.warning("instance %d: could not settle message %s: %s", self.index,
+                           message_id, exc)
+            emit("unsettled", message=message_id, error=str(exc)[:200])
+            return False
+        return True
+
+    def _poison(self, message: StorageQueueMessage, why: str,
+                pop_receipt: str | None = None) -> None:
         self.poison.send_message(str(message.content))
-        self.queue.delete_message(message)
-        emit("poisoned", message=message.id, error=why[:200])
+        if self._settle(lambda: self.queue.delete_message(
+                message.id, pop_receipt or message.pop_receipt), message.id):
+            emit("poisoned", message=message.id, error=why[:200])
 
     def _timer(self) -> None:
         assert self.sweep_seconds
