@@ -157,7 +157,9 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     w = out.write
     w(f"\n== Summary ({elapsed:.1f} s, {cluster.size} instances, "
       f"{cluster.count('done')} invocations acknowledged)\n")
-    w(f"Leaders: {fence.get('epoch', 0)} epochs claimed; these decided requests:\n")
+    w(f"Election: {cluster.count('leading')} lease(s) won, {cluster.count('refused')} attempt(s) "
+      f"refused (those invocations exited early); {fence.get('epoch', 0)} epoch(s) claimed.\n")
+    w("Leaders that decided requests:\n")
     for (epoch, holder), count in sorted(leaders.items()):
         w(f"  epoch {epoch:>3}  {holder:<16} {count:>4} request(s)\n")
     w("Requests by outcome: " + ", ".join(f"{k} {v}" for k, v in

@@ -35,6 +35,8 @@ from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageQueueMessage
 
 from shared.clients import clients_from_settings
+from shared.election import ElectionCallbacks
+from shared.runtime import get_app
 from shared.settings import SETTINGS
 from shared.sim.functions import indexed, resolve_setting
 
@@ -240,6 +242,11 @@ def run_instance(index: int, threads: int, lock_seconds: float,
                         stream=sys.stderr)
     host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
                         sweep_seconds)
+    # Observe the election for the supervisor (the functions themselves return nothing).
+    get_app().elector.callbacks = ElectionCallbacks(
+        on_started_leading=lambda lease_id: emit("leading", index=index, lease=lease_id),
+        on_refused=lambda _instance: emit("refused", index=index),
+    )
 
     def stop(signum: int, frame: object) -> None:
         host.stopping.set()
