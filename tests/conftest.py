@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
 
 from shared.sim.azurite import Azurite
 from tests.helpers import Namespace
+
+# The SDKs log every HTTP request and response at INFO: keep the app's INFO logs, not theirs.
+logging.getLogger("azure").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")

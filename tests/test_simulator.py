@@ -67,10 +67,10 @@ def test_instances_commit_from_the_queue_and_poison_what_the_host_cannot_decode(
         encoded.send_message(body.decode())
     cluster = Cluster(env, instances=2, threads=2, sweep_seconds=None).start()
     try:
-        wait_until(lambda: status(app, "t1") == "committed", 60, "t1 committed by the instances")
+        wait_until(lambda: status(app, "t1") == "committed", 120, "t1 committed by the instances")
         poison = QueueClient.from_connection_string(ns.connection_string, app.config.poison_queue)
         wait_until(lambda: (poison.get_queue_properties().approximate_message_count or 0) == 1,
-                   60, "the undecodable message in the poison queue")
+                   120, "the undecodable message in the poison queue")
     finally:
         cluster.stop()
     assert balance(app, "alice") == Decimal("10.00")

@@ -1,0 +1,1 @@
+"""Offline validation of infra/ (Bicep): parsed-AST assertions, checkov, settings agreement."""

@@ -1,0 +1,151 @@
+"""The setting names and defaults in infra/, host.json and local.settings.sample.json agree with
+the one source of truth in the code: ``shared/settings.py``."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from shared.settings import (
+    COMPLETIONS_QUEUE_NAME,
+    COMPLETIONS_TABLE_NAME,
+    DRAIN_BUDGET_SECONDS,
+    FUNCTION_TIMEOUT_SECONDS,
+    LEASE_CONTAINER_NAME,
+    LEDGER_TABLE_NAME,
+    PARKED_TABLE_NAME,
+    SETTINGS,
+    STORAGE_CONNECTION,
+    STORAGE_IDENTITY_SUFFIXES,
+    load_config,
+)
+from tests.infra.bicep_model import REPO_ROOT, Scope, app_settings_of, root_scope
+
+SETTING_NAMES = {setting.name for setting in SETTINGS}
+
+# Settings the platform reads, not the app code: allowed beside SETTINGS.
+PLATFORM_SETTINGS = {"FUNCTIONS_WORKER_RUNTIME", "AzureWebJobsFeatureFlags", STORAGE_CONNECTION}
+PLATFORM_PREFIXES = (f"{STORAGE_CONNECTION}__", "APPLICATIONINSIGHTS_")
+
+
+def _is_platform(name: str) -> bool:
+    return name in PLATFORM_SETTINGS or name.startswith(PLATFORM_PREFIXES)
+
+
+def _camel(setting_name: str) -> str:
+    """COMPLETIONS_QUEUE_NAME -> completionsQueueName: the Bicep parameter of a setting."""
+    first, *rest = setting_name.lower().split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
+def _sample_values() -> dict[str, str]:
+    sample = json.loads((REPO_ROOT / "local.settings.sample.json").read_text())
+    return dict(sample["Values"])
+
+
+def _deployed_settings(with_param_file: bool) -> dict[str, Any]:
+    main = root_scope(with_param_file)
+    _, app = main.module("modules/functionapp.bicep")
+    return app_settings_of(app, app.file.one("Microsoft.Web/sites"))
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["bicep-defaults", "bicepparam"])
+def deployed(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """The function app's settings with main.bicep's defaults, then with main.bicepparam."""
+    return _deployed_settings(bool(request.param))
+
+
+def test_sample_lists_every_setting_with_its_default() -> None:
+    values = _sample_values()
+    for setting in SETTINGS:
+        assert values.get(setting.name) == setting.default, setting.name
+
+
+def test_sample_has_no_setting_the_code_does_not_know() -> None:
+    unknown = sorted(name for name in _sample_values()
+                     if name not in SETTING_NAMES and not _is_platform(name))
+    assert not unknown, f"local.settings.sample.json: unknown settings {unknown}"
+
+
+def test_bicep_sets_every_setting_with_the_code_default(deployed: dict[str, Any]) -> None:
+    for setting in SETTINGS:
+        assert setting.name in deployed, f"the function app does not set {setting.name}"
+        assert deployed[setting.name] == setting.default, setting.name
+
+
+def test_each_setting_is_a_main_parameter_with_the_code_default() -> None:
+    main = root_scope()
+    for setting in SETTINGS:
+        param = _camel(setting.name)
+        assert param in main.file.params, f"main.bicep has no parameter {param} ({setting.name})"
+        assert str(main.param(param)) == setting.default, param
+
+
+def test_bicep_has_no_setting_the_code_does_not_know(deployed: dict[str, Any]) -> None:
+    unknown = sorted(name for name in deployed
+                     if name not in SETTING_NAMES and not _is_platform(name))
+    assert not unknown, f"the function app sets unknown settings {unknown}"
+
+
+def test_bicep_sets_the_identity_based_storage_connection(deployed: dict[str, Any]) -> None:
+    for suffix in STORAGE_IDENTITY_SUFFIXES:
+        assert f"{STORAGE_CONNECTION}__{suffix}" in deployed, suffix
+    assert deployed[f"{STORAGE_CONNECTION}__credential"] == "managedidentity"
+    assert "APPLICATIONINSIGHTS_CONNECTION_STRING" in deployed
+    assert "APPLICATIONINSIGHTS_AUTHENTICATION_STRING" in deployed
+
+
+def _names(storage: Scope, resource_type: str) -> set[str]:
+    return {storage.resolve(resource["name"])
+            for resource in storage.file.of_type(resource_type).values()}
+
+
+@pytest.mark.parametrize("with_param_file", [False, True], ids=["bicep-defaults", "bicepparam"])
+def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
+    config = load_config({}, instance_id="test")
+    storage = root_scope(with_param_file).module("modules/storage.bicep")[1]
+    queues = _names(storage, "Microsoft.Storage/storageAccounts/queueServices/queues")
+    assert queues == {COMPLETIONS_QUEUE_NAME.default, config.poison_queue}
+    assert config.completions_queue == COMPLETIONS_QUEUE_NAME.default
+    tables = _names(storage, "Microsoft.Storage/storageAccounts/tableServices/tables")
+    assert tables == {COMPLETIONS_TABLE_NAME.default, LEDGER_TABLE_NAME.default,
+                      PARKED_TABLE_NAME.default}
+    containers = _names(storage, "Microsoft.Storage/storageAccounts/blobServices/containers")
+    assert LEASE_CONTAINER_NAME.default in containers
+    assert storage.param("deploymentContainerName") in containers
+    assert len(containers) == 2, containers
+
+
+def _host_json() -> dict[str, Any]:
+    return dict(json.loads((REPO_ROOT / "host.json").read_text()))
+
+
+def test_host_json_function_timeout_and_drain_budget() -> None:
+    hours, minutes, seconds = (int(part) for part in _host_json()["functionTimeout"].split(":"))
+    timeout = hours * 3600 + minutes * 60 + seconds
+    assert timeout == FUNCTION_TIMEOUT_SECONDS
+    main = root_scope()
+    assert int(main.param(_camel(DRAIN_BUDGET_SECONDS.name))) < timeout
+    assert int(DRAIN_BUDGET_SECONDS.default) < timeout
+
+
+@pytest.mark.parametrize("file_name", ["host.json", "function_app.py"])
+def test_binding_expressions_name_known_settings(file_name: str) -> None:
+    text = (REPO_ROOT / file_name).read_text()
+    named = set(re.findall(r"%([A-Za-z0-9_]+)%", text))
+    assert named <= SETTING_NAMES, sorted(named - SETTING_NAMES)
+
+
+def test_trigger_connection_is_the_identity_based_one() -> None:
+    # The Bicep sets AzureWebJobsStorage__* for exactly the connection the triggers name.
+    text = (REPO_ROOT / "function_app.py").read_text()
+    connections = set(re.findall(r"connection\s*=\s*[\"']([^\"']+)[\"']", text))
+    assert connections <= {STORAGE_CONNECTION}, connections
+
+
+def test_host_json_queue_encoding_is_base64() -> None:
+    # docs/deploy.md tells users to base64-encode what they put on the deployed queue.
+    assert _host_json()["extensions"]["queues"]["messageEncoding"] == "base64"
