@@ -36,6 +36,15 @@ param instanceMemoryMB int = 2048
 ])
 param pythonVersion string = '3.11'
 
+@description('Redundancy of the storage account (the ledger lives there): LRS by default; ZRS, GRS or GZRS for production.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param storageSkuName string = 'Standard_LRS'
+
 @description('Optional object id of an extra principal (e.g. the deploying developer: az ad signed-in-user show --query id -o tsv) granted the same data roles as the app. Empty: none.')
 param deployerPrincipalId string = ''
 
@@ -127,6 +136,7 @@ module storage 'modules/storage.bicep' = {
     name: storageAccountName
     location: location
     tags: tags
+    skuName: storageSkuName
     completionsQueueName: completionsQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName

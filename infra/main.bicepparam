@@ -10,6 +10,9 @@ param maximumInstanceCount = 100
 param instanceMemoryMB = 2048
 param pythonVersion = '3.11'
 
+// Standard_LRS keeps a demo cheap; Standard_ZRS, Standard_GRS or Standard_GZRS for production.
+param storageSkuName = 'Standard_LRS'
+
 // Object id of a developer who should read and write the app's storage too (queue messages,
 // tables) with `--auth-mode login`; empty grants nothing. Override on the command line:
 //   --parameters deployerPrincipalId=$(az ad signed-in-user show --query id -o tsv)

@@ -64,21 +64,47 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
+// The code's settings as name/value pairs. The loop runs over a parameter, whose value is known
+// when the deployment starts, as a Bicep for-expression requires.
+var codeSettings = [for setting in items(appSettings): {
+  name: setting.key
+  value: setting.value
+}]
+
 // Identity-based host storage and Entra ID authenticated telemetry. Flex Consumption takes the
 // runtime from functionAppConfig, so FUNCTIONS_WORKER_RUNTIME is not set here.
-var platformSettings = {
-  AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
-  AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
-  AzureWebJobsStorage__tableServiceUri: storage.properties.primaryEndpoints.table
-  AzureWebJobsStorage__credential: 'managedidentity'
-  AzureWebJobsStorage__clientId: identityClientId
-  APPLICATIONINSIGHTS_CONNECTION_STRING: appInsights.properties.ConnectionString
-  APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identityClientId};Authorization=AAD'
-}
+var platformSettings = [
+  {
+    name: 'AzureWebJobsStorage__blobServiceUri'
+    value: storage.properties.primaryEndpoints.blob
+  }
+  {
+    name: 'AzureWebJobsStorage__queueServiceUri'
+    value: storage.properties.primaryEndpoints.queue
+  }
+  {
+    name: 'AzureWebJobsStorage__tableServiceUri'
+    value: storage.properties.primaryEndpoints.table
+  }
+  {
+    name: 'AzureWebJobsStorage__credential'
+    value: 'managedidentity'
+  }
+  {
+    name: 'AzureWebJobsStorage__clientId'
+    value: identityClientId
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_CONNECTION_STRING'
+    value: appInsights.properties.ConnectionString
+  }
+  {
+    name: 'APPLICATIONINSIGHTS_AUTHENTICATION_STRING'
+    value: 'ClientId=${identityClientId};Authorization=AAD'
+  }
+]
 
 resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
-  // checkov:skip=CKV_AZURE_211: Flex Consumption (FC1) is the serverless production SKU; the dedicated-plan SKU list of this check does not know it
-  // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero on demand; a minimum instance count is a dedicated-plan setting
   // checkov:skip=CKV_AZURE_225: zone redundancy of Flex Consumption is opt-in per region and not needed by this app (state lives in storage)
   name: planName
   location: location
@@ -94,7 +120,7 @@ resource plan 'Microsoft.Web/serverfarms@2024-04-01' = {
 }
 
 resource app 'Microsoft.Web/sites@2024-04-01' = {
-  // checkov:skip=CKV_AZURE_56: the read API authenticates callers with function keys (auth level FUNCTION), as the issue fixes; App Service Authentication is not used
+  // checkov:skip=CKV_AZURE_212: Flex Consumption scales from zero on demand; a minimum instance count is a dedicated-plan setting
   // checkov:skip=CKV_AZURE_17: callers use function keys, not client certificates
   // checkov:skip=CKV_AZURE_222: the HTTP read API is public by design (function keys guard it); there is no private network to serve it on
   // checkov:skip=CKV_AZURE_213: Flex Consumption scales per trigger and has no health-check based instance replacement
@@ -119,6 +145,7 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       minTlsVersion: '1.2'
       scmMinTlsVersion: '1.2'
       http20Enabled: true
+      appSettings: concat(codeSettings, platformSettings)
     }
     functionAppConfig: {
       deployment: {
@@ -141,12 +168,6 @@ resource app 'Microsoft.Web/sites@2024-04-01' = {
       }
     }
   }
-}
-
-resource settings 'Microsoft.Web/sites/config@2024-04-01' = {
-  parent: app
-  name: 'appsettings'
-  properties: union(appSettings, platformSettings)
 }
 
 output name string = app.name

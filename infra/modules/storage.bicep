@@ -31,6 +31,15 @@ param leaseContainerName string
 @description('Blob container Flex Consumption deploys the code package from.')
 param deploymentContainerName string
 
+@description('Redundancy of the account: LRS by default; ZRS, GRS or GZRS for production.')
+@allowed([
+  'Standard_LRS'
+  'Standard_ZRS'
+  'Standard_GRS'
+  'Standard_GZRS'
+])
+param skuName string = 'Standard_LRS'
+
 @description('Days a deleted blob or container can be restored.')
 @minValue(1)
 @maxValue(365)
@@ -39,15 +48,13 @@ param softDeleteRetentionDays int = 7
 resource account 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   // checkov:skip=CKV_AZURE_35: Flex Consumption without VNet integration reaches storage over its public endpoint; every request still needs an Entra ID token (shared keys are off)
   // checkov:skip=CKV_AZURE_59: same reason as CKV_AZURE_35: the app and its deployer reach the account over the public endpoint, authorised by Entra ID RBAC only
-  // checkov:skip=CKV_AZURE_206: locally redundant storage is the cost-conscious default; pass a zone/geo-redundant SKU for production
-  // checkov:skip=CKV_AZURE_33: queue service diagnostic logging needs a diagnostic setting on a sink; the app logs every queue operation to Application Insights
-  // checkov:skip=CKV2_AZURE_1: encryption with customer-managed keys needs a Key Vault; Microsoft-managed keys are used
+  // checkov:skip=CKV_AZURE_206: LRS is the cost-conscious default of a demo; set storageSkuName to Standard_ZRS, Standard_GRS or Standard_GZRS for production
   name: name
   location: location
   tags: tags
   kind: 'StorageV2'
   sku: {
-    name: 'Standard_LRS'
+    name: skuName
   }
   properties: {
     accessTier: 'Hot'
