@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -288,7 +288,3 @@ def outcome_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"status": row["status"], "reason": row.get("reason") or None,
             "decidedAt": row.get("decidedAt"), "epoch": row.get("epoch")}
 
-
-def legs_total(outcomes: Iterable[Outcome]) -> Decimal:
-    """The net money a set of outcomes moved (0 for transfers between accounts)."""
-    return sum((amount for o in outcomes for _, amount in o.legs), Decimal("0.00"))

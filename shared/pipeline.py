@@ -80,7 +80,8 @@ def run_election(app: LedgerApp) -> ElectionResult:
     """One acquire attempt; if elected, drain, release, and look again for work left behind.
 
     Looking again after the release is what guarantees that a completion recorded by an
-    instance that exited early (because this one held the lease) is still committed.
+    instance that exited early (because this one held the lease) is still committed: when the
+    look finds ready work, this invocation competes for the lease again.
     """
     result = ElectionResult(Role.FOLLOWER)
     budget_deadline = app.clock() + app.config.drain_budget_seconds
@@ -89,29 +90,27 @@ def run_election(app: LedgerApp) -> ElectionResult:
         if lease is None:
             return result
         result.role = Role.LEADER
+        report: DrainReport | None = None
         try:
             ready = ready_assessments(app)
-            if not ready:
-                # Nothing to commit: no epoch is claimed, the lease goes straight back.
-                lease.release()
-                if ready_assessments(app):
-                    continue  # recorded while we held the lease: go round again
-                return result
-            term = LeaderTerm.begin(app, lease)
-            result.terms.append(term.report)
-            report = term.drain(budget_deadline, ready)
+            if ready:  # otherwise no epoch is claimed and the lease goes straight back
+                term = LeaderTerm.begin(app, lease)
+                result.terms.append(term.report)
+                report = term.drain(budget_deadline, ready)
         except (LeadershipLost, FencedOut) as exc:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc)
             result.stopped_by = str(exc)
             return result
         finally:
             lease.release()
-        if report.outcomes or report.late_requests:
-            logger.info("epoch %d decided %s in %d transaction(s)", report.epoch,
-                        dict(report.outcomes), report.transactions)
-        if report.budget_exhausted:
-            result.stopped_by = "drain budget exhausted"
-            return result
+        if report is not None:
+            if report.outcomes or report.late_requests:
+                logger.info("epoch %d decided %s in %d transaction(s)", report.epoch,
+                            dict(report.outcomes), report.transactions)
+            if report.budget_exhausted:
+                result.stopped_by = "drain budget exhausted"
+                return result
+        # Released: look again for work recorded by instances that exited early meanwhile.
         if app.clock() >= budget_deadline or not ready_assessments(app):
             return result
     return result
