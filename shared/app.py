@@ -105,6 +105,13 @@ class LedgerApp:
                 with contextlib.suppress(ResourceExistsError):
                     self.clients.queue.create_queue(name)
 
+    def raw_queue_client(self, name: str) -> QueueClient:
+        """A client that sends and receives message text as it is (no base64 policy)."""
+        service = self.clients.queue
+        return QueueClient(service.url, name, credential=service.credential,
+                           connection_timeout=self.config.storage_timeout_seconds,
+                           read_timeout=self.config.storage_timeout_seconds)
+
     def queue_client(self, name: str | None = None) -> QueueClient:
         """A client for the completions queue (or ``name``) that encodes as the host decodes."""
         service = self.clients.queue

@@ -20,6 +20,8 @@ Exit codes: 0 ok, 1 not found or refused (or a storage error), 2 usage or config
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -37,7 +39,7 @@ from shared.app import LedgerApp
 from shared.clients import clients_from_settings
 from shared.contract import MalformedMessage, parse_completion
 from shared.election import ElectionConfigError
-from shared.parking import ParkedMessage
+from shared.parking import ParkedMessage, peek_poisoned, replay_poisoned
 from shared.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
 
 logger = logging.getLogger(__name__)
@@ -342,6 +344,49 @@ def cmd_parked_replay(app: LedgerApp, args: argparse.Namespace, output: Output,
     return EXIT_OK
 
 
+# --- the poison queue ----------------------------------------------------------------------
+def _poison_text(text: str) -> str:
+    """The message as the function would see it (base64-decoded when it decodes)."""
+    try:
+        return _text(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        return text
+
+
+def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
+    """Peek at the poison queue (messages the host gave up on after maxDequeueCount)."""
+    try:
+        found = peek_poisoned(app.raw_queue_client(app.config.poison_queue), args.limit)
+    except ResourceNotFoundError:
+        found = []
+    views: list[dict[str, Any]] = [
+        {"id": m.message_id, "insertedOn": m.inserted_on, "dequeueCount": m.dequeue_count,
+         "body": _poison_text(m.text)} for m in found]
+    if output.as_json:
+        output.data(views)
+        return EXIT_OK
+    for view in views:
+        output.line(f"{view['id']}  {view['insertedOn']}  {view['body'][:80]}")
+    output.line(f"{len(views)} poisoned message(s) shown (at most 32 are peeked)")
+    return EXIT_OK
+
+
+def cmd_poison_replay(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
+    """Move poisoned messages back to the completions queue, unchanged."""
+    try:
+        moved = replay_poisoned(app.raw_queue_client(app.config.poison_queue),
+                                app.raw_queue_client(app.config.completions_queue), args.limit)
+    except ResourceNotFoundError:
+        raise Refused(f"queue {app.config.poison_queue!r} or {app.config.completions_queue!r} "
+                      "does not exist; check COMPLETIONS_QUEUE_NAME") from None
+    if output.as_json:
+        output.data({"replayed": moved, "queue": app.config.completions_queue})
+    else:
+        output.line(f"replayed {moved} message(s) from {app.config.poison_queue!r} to "
+                    f"{app.config.completions_queue!r}")
+    return EXIT_OK
+
+
 # --- read API ------------------------------------------------------------------------------
 def _reply(reply: api.Reply, output: Output) -> int:
     output.data(reply.body)
@@ -451,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--raw", action="store_true",
                         help="replay even if the body breaks the contract")
     replay.set_defaults(handler=cmd_parked_replay)
+
+    poison = commands.add_parser("poison", help="messages the host gave up on")
+    poison_commands = poison.add_subparsers(dest="poison_command", required=True,
+                                            metavar="ACTION")
+    poison_list = poison_commands.add_parser("list", parents=[common],
+                                             help="peek at the poison queue")
+    poison_list.add_argument("--limit", type=int, default=32)
+    poison_list.set_defaults(handler=_ignore_stdin(cmd_poison_list))
+    poison_replay = poison_commands.add_parser(
+        "replay", parents=[common], help="move poisoned messages back to the completions queue")
+    poison_replay.add_argument("--limit", type=int, default=1000)
+    poison_replay.set_defaults(handler=_ignore_stdin(cmd_poison_replay))
 
     status = commands.add_parser("status", parents=[common],
                                  help="leader, epoch, lease state, pending completions")

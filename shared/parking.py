@@ -1,9 +1,13 @@
-"""Parked messages: malformed queue messages kept, raw body included, for an operator to replay.
+"""Dead letters: parked (malformed) messages, and the poison queue, for an operator to replay.
 
 A malformed message is never retried as it is (it would fail the same way until it is poisoned).
 It is stored here with the validation error and acknowledged; it changes no balance. An operator
 lists them (``python -m shared.cli parked list``), fixes the sender, and replays one
 (``parked replay ID``): its body goes back on the completions queue and the row is removed.
+
+A message whose invocation kept failing (storage down, say) is moved by the Functions host to the
+poison queue after ``maxDequeueCount`` attempts; ``replay_poisoned`` puts such messages back
+(``python -m shared.cli poison replay``) once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -107,3 +111,41 @@ class ParkingLot:
         body = base64.b64decode(text) if row.get("encoding") == "base64" else text.encode()
         return ParkedMessage(row["RowKey"], body, row.get("error", ""), row.get("parkedAt", ""),
                              int(row.get("dequeueCount", 0)), row.get("instanceId", ""))
+
+
+@dataclass(frozen=True)
+class PoisonedMessage:
+    """One message in the poison queue, as peeked (its text is what the host received)."""
+
+    message_id: str
+    text: str
+    inserted_on: str
+    dequeue_count: int
+
+
+def peek_poisoned(poison: QueueClient, limit: int = 32) -> list[PoisonedMessage]:
+    """Up to 32 messages of the poison queue, without taking them (the queue's peek limit)."""
+    return [PoisonedMessage(str(m.id), str(m.content), str(m.inserted_on or ""),
+                            int(m.dequeue_count or 0))
+            for m in poison.peek_messages(max_messages=min(limit, 32))]
+
+
+def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int:
+    """Move up to ``limit`` poisoned messages back to ``target`` unchanged; return how many.
+
+    Both clients must carry no encode/decode policy: the text moves as it is, already in the
+    host's encoding. At least once: a crash between send and delete replays a message twice,
+    which the pipeline treats as a duplicate delivery.
+    """
+    moved = 0
+    while moved < limit:
+        batch = list(poison.receive_messages(max_messages=min(32, limit - moved),
+                                             visibility_timeout=60))
+        if not batch:
+            break
+        for message in batch:
+            target.send_message(message.content)
+            poison.delete_message(message)
+            moved += 1
+    logger.info("replayed %d poisoned message(s)", moved)
+    return moved

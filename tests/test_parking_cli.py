@@ -6,6 +6,7 @@ import base64
 import io
 import json
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -269,3 +270,24 @@ def test_the_cli_finds_storage_through_local_settings_json(ns: Namespace, run: R
     run.env = {}
     assert run("balance", "alice") == 0, run.err
     assert run.json()["balance"] == "1.00"
+
+
+def test_poison_list_and_replay_move_the_messages_back_unchanged(ns: Namespace, run: Run,
+                                                                 app: LedgerApp) -> None:
+    # What the host does after maxDequeueCount failures: the message text, as received, goes
+    # to <queue>-poison.
+    poison = QueueClient.from_connection_string(ns.connection_string, app.config.poison_queue)
+    encoded = base64.b64encode(VALID.encode()).decode()
+    poison.send_message(encoded)
+    assert run("--json", "poison", "list") == 0
+    assert [m["body"] for m in run.json()] == [VALID]
+    assert run("poison", "replay") == 0
+    assert "replayed 1 message(s)" in run.out
+    main_queue = QueueClient.from_connection_string(ns.connection_string,
+                                                    app.config.completions_queue)
+    assert [m.content for m in main_queue.peek_messages()] == [encoded], "moved as it was"
+    assert poison.peek_messages() == []
+    # and the replayed message is then processed like any other
+    message = next(iter(main_queue.receive_messages()))
+    handle_completion(app, base64.b64decode(message.content), message_id=message.id)
+    assert app.ledger.read_account("alice").balance == Decimal("12.50")
