@@ -103,13 +103,21 @@ class CompletionStore:
 
     def record(self, completion: Completion, instance_id: str, now: datetime) -> RecordResult:
         """Record one delivery. Idempotent: a redelivery of the same content is a no-op."""
-        try:
-            self.table.create_entity(_entity(completion, completion.operation_id, instance_id,
-                                             now, conflict=False))
-            return RecordResult.RECORDED
-        except ResourceExistsError:
-            pass
-        first = self.table.get_entity(completion.request_id, completion.operation_id)
+        entity = _entity(completion, completion.operation_id, instance_id, now, conflict=False)
+        for _ in range(3):
+            try:
+                self.table.create_entity(entity)
+                return RecordResult.RECORDED
+            except ResourceExistsError:
+                pass
+            try:
+                first = self.table.get_entity(completion.request_id, completion.operation_id)
+                break
+            except ResourceNotFoundError:
+                continue  # the leader deleted it in between (its request ended): record anew
+        else:
+            raise RuntimeError(f"{completion.request_id}/{completion.operation_id} kept "
+                               "appearing and disappearing; the host will retry the message")
         if first["contentKey"] == completion.content_key():
             logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
                         completion.operation_id)

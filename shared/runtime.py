@@ -7,13 +7,20 @@ import os
 import threading
 
 from shared.app import LedgerApp
-from shared.clients import clients_from_settings
+from shared.clients import RequestHook, clients_from_settings
 from shared.settings import load_config
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _app: LedgerApp | None = None
+_request_hook: RequestHook | None = None
+
+
+def set_request_hook(hook: RequestHook | None) -> None:
+    """Call ``hook`` on every storage request of the app built next (call counts, faults)."""
+    global _request_hook
+    _request_hook = hook
 
 
 def get_app() -> LedgerApp:
@@ -22,7 +29,8 @@ def get_app() -> LedgerApp:
     with _lock:
         if _app is None:
             config = load_config(os.environ)
-            clients = clients_from_settings(os.environ, config.storage_timeout_seconds)
+            clients = clients_from_settings(os.environ, config.storage_timeout_seconds,
+                                            _request_hook)
             app = LedgerApp.create(config, clients)
             app.ensure_resources(queues=False)
             logger.info("instance %s ready (lease %g s, renew every %g s)", config.instance_id,

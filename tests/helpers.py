@@ -12,7 +12,7 @@ from decimal import Decimal
 from typing import Any
 
 from shared.app import LedgerApp
-from shared.clients import clients_from_connection_string
+from shared.clients import RequestHook, clients_from_connection_string
 from shared.contract import parse_completion
 from shared.election import ElectionCallbacks
 from shared.pipeline import CompletionResult, handle_completion
@@ -78,13 +78,14 @@ class Namespace:
         return names
 
     def app(self, instance_id: str | None = None, callbacks: ElectionCallbacks | None = None,
-            wallclock: Callable[[], datetime] | None = None, **overrides: str) -> LedgerApp:
+            wallclock: Callable[[], datetime] | None = None,
+            request_hook: RequestHook | None = None, **overrides: str) -> LedgerApp:
         """A ``LedgerApp`` (one simulated instance) on this namespace, resources created."""
         self.counter += 1
         config = load_config(self.env(**overrides),
                              instance_id=instance_id or f"instance-{self.counter}")
         clients = clients_from_connection_string(self.connection_string,
-                                                 config.storage_timeout_seconds)
+                                                 config.storage_timeout_seconds, request_hook)
         kwargs: dict[str, Any] = {"callbacks": callbacks}
         if wallclock is not None:
             kwargs["wallclock"] = wallclock

@@ -9,6 +9,7 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 
 from shared.app import LedgerApp
+from shared.clients import CallCounter
 from shared.election import ElectionCallbacks, LeadershipLost, LeaseState
 from shared.leader import LeaderTerm
 from shared.ledger import FencedOut
@@ -52,6 +53,18 @@ def test_non_leaders_record_and_exit_without_touching_balances(ns: Namespace) ->
     holder.release()
     assert run_election(app).role is Role.LEADER
     assert balance(app, "alice") == Decimal("10.00")
+
+
+def test_a_follower_spends_two_storage_calls_record_and_one_acquire_attempt(
+        ns: Namespace) -> None:
+    counter = CallCounter()
+    app = ns.app(request_hook=counter)
+    holder = _external_lease(app)
+    holder.acquire(lease_duration=60)
+    counter.calls.clear()
+    send(app, *deposit("d1", "alice", "10.00"))
+    assert counter.calls == {"POST": 1, "PUT": 1}, "insert the completion, try the lease"
+    holder.release()
 
 
 def test_a_deposed_leader_commits_nothing(ns: Namespace) -> None:
