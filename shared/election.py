@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -120,7 +121,12 @@ class ElectionCallbacks:
 
 @dataclass
 class HeldLease:
-    """A lease this process holds: renews itself, knows its deadline, releases once."""
+    """A lease this process holds: renews itself, knows its deadline, releases once.
+
+    Renewal happens at the leader's checkpoints (``ensure_can_start``) and, once
+    ``keep_renewing`` is called, also on a background thread every ``renew_interval_seconds``,
+    so that one long storage step does not starve it. A lock serialises the two.
+    """
 
     lease: BlobLeaseClient
     config: LeaderElectionConfig
@@ -128,6 +134,21 @@ class HeldLease:
     last_renew_sent: float
     callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
     state: LeaseState = LeaseState.LEADING
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _ended: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def keep_renewing(self) -> None:
+        """Renew in the background every renew interval until released or lost."""
+        threading.Thread(target=self._renew_loop, name=f"renew-{self.lease_id[:8]}",
+                         daemon=True).start()
+
+    def _renew_loop(self) -> None:
+        while not self._ended.wait(self.config.renew_interval_seconds):
+            try:
+                self.renew_if_due()
+            except LeadershipLost as exc:
+                logger.warning("background renewal stopped: %s", exc)
+                return
 
     @property
     def lease_id(self) -> str:
@@ -155,38 +176,43 @@ class HeldLease:
 
     def renew_if_due(self) -> None:
         """Renew when ``renew_interval_seconds`` have passed; a failed renew stops leadership."""
-        if self.state is not LeaseState.LEADING:
-            raise LeadershipLost(f"lease {self.lease_id} is {self.state.value}")
-        if self.clock() - self.last_renew_sent < self.config.renew_interval_seconds:
-            return
-        self.renew()
+        with self._lock:
+            if self.state is not LeaseState.LEADING:
+                raise LeadershipLost(f"lease {self.lease_id} is {self.state.value}")
+            if self.clock() - self.last_renew_sent < self.config.renew_interval_seconds:
+                return
+            self.renew()
 
     def renew(self) -> None:
         """Renew now; on any failure mark the lease lost and raise ``LeadershipLost``."""
-        sent = self.clock()
-        try:
-            self.lease.renew()
-        except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
-            self._stop(LeaseState.LOST)
-            raise LeadershipLost(f"renewing lease {self.lease_id} failed: {_why(exc)}") from exc
-        self.last_renew_sent = sent
-        logger.debug("renewed lease %s", self.lease_id)
+        with self._lock:
+            sent = self.clock()
+            try:
+                self.lease.renew()
+            except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
+                self._stop(LeaseState.LOST)
+                raise LeadershipLost(
+                    f"renewing lease {self.lease_id} failed: {_why(exc)}") from exc
+            self.last_renew_sent = sent
+            logger.debug("renewed lease %s", self.lease_id)
 
     def release(self) -> None:
         """Give the lease back so the next candidate need not wait for it to expire."""
-        if self.state is not LeaseState.LEADING:
-            return
-        self.callbacks.before_release(self.lease_id)
-        try:
-            self.lease.release()
-        except AzureError as exc:
-            # Already expired or taken over (or unreachable): it expires by itself.
-            logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
-            self._stop(LeaseState.LOST)
-            return
-        self._stop(LeaseState.RELEASED)
+        with self._lock:
+            if self.state is not LeaseState.LEADING:
+                return
+            self.callbacks.before_release(self.lease_id)
+            try:
+                self.lease.release()
+            except AzureError as exc:
+                # Already expired or taken over (or unreachable): it expires by itself.
+                logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
+                self._stop(LeaseState.LOST)
+                return
+            self._stop(LeaseState.RELEASED)
 
     def _stop(self, state: LeaseState) -> None:
+        self._ended.set()
         if self.state is LeaseState.LEADING:
             self.state = state
             self.callbacks.on_stopped_leading(self.lease_id, state)

@@ -99,6 +99,7 @@ class LeaderTerm:
         fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
                                                   app.wallclock(), known)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
+        lease.keep_renewing()
         return cls(app, lease, fence, known.balances if continued and known else None)
 
     def drain(self, budget_deadline: float,

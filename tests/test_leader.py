@@ -14,7 +14,16 @@ from shared.election import ElectionCallbacks, LeadershipLost, LeaseState
 from shared.leader import LeaderTerm
 from shared.ledger import FencedOut
 from shared.pipeline import CompletionResult, Role, handle_completion, run_election
-from tests.helpers import Namespace, balance, deposit, record, send, status, transfer
+from tests.helpers import (
+    Namespace,
+    balance,
+    deposit,
+    record,
+    send,
+    status,
+    transfer,
+    wait_until,
+)
 
 
 class FakeMonotonic:
@@ -235,3 +244,21 @@ def test_a_balance_edited_outside_the_leader_is_read_again_not_overwritten(
     send(app, *deposit("d2", "alice", "5.00"))
     assert status(app, "d2") == "committed"
     assert balance(app, "alice") == Decimal("105.00")
+
+
+def test_the_lease_renews_in_the_background_and_a_lost_lease_stops_the_leader(
+        ns: Namespace) -> None:
+    stopped: list[LeaseState] = []
+    app = ns.app(callbacks=ElectionCallbacks(
+        on_stopped_leading=lambda _id, state: stopped.append(state)),
+        LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="1", LEASE_SAFETY_MARGIN_SECONDS="5")
+    lease = app.elector.try_acquire()
+    assert lease is not None
+    first = lease.last_renew_sent
+    lease.keep_renewing()
+    wait_until(lambda: lease.last_renew_sent > first, 10, "a background renewal")
+    _external_lease(app).break_lease(lease_break_period=0)
+    wait_until(lambda: lease.state is LeaseState.LOST, 10, "the failed renewal to be noticed")
+    assert stopped == [LeaseState.LOST]
+    with pytest.raises(LeadershipLost):
+        lease.ensure_can_start(1)
