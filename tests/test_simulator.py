@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from decimal import Decimal
@@ -77,3 +78,34 @@ def test_instances_commit_from_the_queue_and_poison_what_the_host_cannot_decode(
     assert balance(app, "bob") == Decimal("2.34")
     assert [m.content for m in poison.peek_messages()] == ["%% not base64 %%"]
     assert cluster.count("poisoned") == 1
+
+
+@pytest.mark.slow
+def test_killing_the_leader_mid_drain_loses_nothing_and_applies_nothing_twice(
+        ns: Namespace) -> None:
+    app = ns.app()
+    env = ns.env(LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="5", LEASE_SAFETY_MARGIN_SECONDS="5")
+    work = generate(accounts=6, transfers=80, malformed=2, seed=5)
+    queue = app.queue_client()
+    for message in work.messages:
+        queue.send_message(message)
+    cluster = Cluster(env, instances=3, threads=2, lock_seconds=10, sweep_seconds=2).start()
+    try:
+        wait_until(lambda: cluster.last_leader is not None, 60, "a first leader")
+        victim = cluster.last_leader
+        assert victim is not None
+        cluster.signal(victim, signal.SIGKILL)  # no release, no clean-up: the lease must expire
+        cluster.processes[victim].wait(timeout=10)
+        cluster.start_instance(victim)  # Azure brings a replacement instance up
+        wait_until(lambda: len(app.ledger.list_outcomes()) == work.requests, 180,
+                   "every request decided after the leader was killed")
+        wait_until(lambda: (queue.get_queue_properties().approximate_message_count or 0) == 0,
+                   60, "the queue drained")
+    finally:
+        cluster.stop()
+    poison = app.queue_client(app.config.poison_queue)
+    result = check(work, app.ledger.list_outcomes(), app.ledger.list_balances(),
+                   parked=len(app.parking.list()),
+                   poisoned=poison.get_queue_properties().approximate_message_count or 0)
+    assert result.problems == []
+    assert result.total_balance == result.total_deposited

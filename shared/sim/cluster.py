@@ -37,6 +37,7 @@ class Cluster:
         self.processes: dict[int, subprocess.Popen[str]] = {}
         self.events: Counter[str] = Counter()
         self.errors: list[str] = []
+        self.last_leader: int | None = None  # index of the instance that most recently led
         self._lock = threading.Lock()
         self._log: IO[str] | None = None
 
@@ -71,6 +72,8 @@ class Cluster:
                 continue
             with self._lock:
                 self.events[event.get("event", "?")] += 1
+                if event.get("event") == "leading":
+                    self.last_leader = int(event["index"])
                 if event.get("event") in ("failed", "poisoned"):
                     self.errors.append(str(event.get("error", "")))
 
