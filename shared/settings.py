@@ -165,6 +165,13 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
     except ElectionConfigError as exc:
         raise ConfigError(str(exc)) from None
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
+    storage_timeout = _number(env, STORAGE_TIMEOUT_SECONDS, 1, 60)
+    if storage_timeout >= election.renew_deadline_seconds:
+        raise ConfigError(
+            f"{STORAGE_TIMEOUT_SECONDS.name}={storage_timeout:g} must be below "
+            f"{LEASE_SECONDS.name} - {LEASE_SAFETY_MARGIN_SECONDS.name} "
+            f"({election.renew_deadline_seconds:g} s), or no commit could ever start in time; "
+            f"lower {STORAGE_TIMEOUT_SECONDS.name} (default {STORAGE_TIMEOUT_SECONDS.default}).")
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
         completions_table=_text(env, COMPLETIONS_TABLE_NAME),
@@ -175,6 +182,6 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         election=election,
         drain_budget_seconds=drain,
         request_timeout_seconds=_number(env, REQUEST_TIMEOUT_SECONDS, 1, 7 * 24 * 3600),
-        storage_timeout_seconds=_number(env, STORAGE_TIMEOUT_SECONDS, 1, 60),
+        storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
     )

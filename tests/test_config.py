@@ -88,7 +88,8 @@ def test_lease_seconds_outside_15_to_60_fails_naming_the_setting(value: str) -> 
 
 @pytest.mark.parametrize("value", ["15", "60", "45"])
 def test_lease_seconds_at_and_inside_the_limits_is_accepted(value: str) -> None:
-    env = {"LEASE_SECONDS": value, "RENEW_INTERVAL_SECONDS": "4"}
+    env = {"LEASE_SECONDS": value, "RENEW_INTERVAL_SECONDS": "4",
+           "LEASE_SAFETY_MARGIN_SECONDS": "5"}
     assert load_config(env).election.lease_seconds == float(value)
 
 
@@ -105,6 +106,15 @@ def test_renewing_no_sooner_than_lease_minus_margin_is_refused(lease: str, renew
     with pytest.raises(ConfigError, match="RENEW_INTERVAL_SECONDS") as caught:
         load_config(env)
     assert "LEASE_SAFETY_MARGIN_SECONDS" in str(caught.value)
+
+
+def test_a_storage_timeout_that_leaves_no_time_to_commit_is_refused() -> None:
+    with pytest.raises(ConfigError, match="STORAGE_TIMEOUT_SECONDS=20 must be below"):
+        load_config({"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
+                     "LEASE_SAFETY_MARGIN_SECONDS": "5", "STORAGE_TIMEOUT_SECONDS": "20"})
+    assert load_config({"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
+                        "LEASE_SAFETY_MARGIN_SECONDS": "5",
+                        "STORAGE_TIMEOUT_SECONDS": "9"}).storage_timeout_seconds == 9
 
 
 def test_a_fractional_lease_is_refused() -> None:
