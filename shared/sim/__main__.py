@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="timer period of the sweeper (60 in Azure)")
     demo.add_argument("--connection-string", default=None,
                       help="use this storage instead of a private in-memory Azurite")
+    demo.add_argument("--kill-leader", action="store_true",
+                      help="SIGKILL the leading instance a third of the way in (15 s lease)")
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
 
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             instances=args.instances, accounts=args.accounts, transfers=args.transfers,
             malformed=args.malformed, seed=args.seed, timeout=args.timeout,
             sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
-            serve_after=args.serve))
+            serve_after=args.serve, kill_leader=args.kill_leader))
     from shared.sim.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)

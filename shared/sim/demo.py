@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ class DemoOptions:
     sweep_seconds: float = 5
     connection_string: str | None = None
     serve_after: bool = False
+    kill_leader: bool = False  # SIGKILL the leader a third of the way in: watch the failover
 
 
 class Progress:
@@ -90,6 +92,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
     with storage(options.connection_string) as connection_string:
         env = {s.name: os.environ.get(s.name) or s.default for s in SETTINGS}
         env["AzureWebJobsStorage"] = connection_string
+        if options.kill_leader:  # the shortest lease Azure allows, so the failover is quick
+            env.update(LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="5",
+                       LEASE_SAFETY_MARGIN_SECONDS="5")
         os.environ.update(env)
         runtime.reset()
         app = runtime.get_app()  # the supervisor's own instance: HTTP API and checks
@@ -104,19 +109,26 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
                   f"/api/requests/{{id}})\n")
         log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
-                          log_path=log_path)
+                          lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
+        queue = app.queue_client()
         out.write(f"Starting {options.instances} instances (logs: {log_path}) ...\n")
         out.flush()
         started = time.monotonic()
         progress = Progress()
         cluster.start()
         finished = False
+        killed = not options.kill_leader
         try:
             while time.monotonic() - started < options.timeout:
                 done = cluster.count("done") + cluster.count("poisoned")
                 decided = len(app.ledger.list_outcomes())
                 progress.show(done, len(work.messages), decided, work.requests, started)
-                if done >= len(work.messages) and decided >= work.requests:
+                leader = cluster.last_leader
+                if not killed and done >= len(work.messages) // 3 and leader is not None:
+                    killed = True
+                    _kill_leader(cluster, leader, started, out)
+                if decided >= work.requests and killed and not (
+                        queue.get_queue_properties().approximate_message_count or 0):
                     finished = True
                     break
                 time.sleep(0.25)
@@ -135,6 +147,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
                     time.sleep(1)
         server.shutdown()
         return code
+
+
+def _kill_leader(cluster: Cluster, index: int, started: float, out: TextIO) -> None:
+    """SIGKILL the leading instance (no release, no clean-up) and start a replacement."""
+    cluster.signal(index, signal.SIGKILL)
+    cluster.processes[index].wait(timeout=10)
+    cluster.start_instance(index)
+    out.write(f"\n{time.monotonic() - started:5.1f} s: killed the leader, instance {index} "
+              "(SIGKILL: its lease is not released and expires within 15 s), started a "
+              "replacement\n")
+    out.flush()
 
 
 def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, elapsed: float,
@@ -169,6 +192,13 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
       f"{result.total_balance} over {len(balances)} accounts -> "
       f"{'conserved to the cent' if conserved else 'NOT conserved'}\n")
     w(f"Dead letters: {parked} parked (malformed), {poisoned} in {app.config.poison_queue}\n")
+    left = app.completions.steps_by_request()
+    decided = {row["RowKey"].removeprefix("request:") for row in outcomes}
+    rows = sum(len(steps) for steps in left.values())
+    late = sum(len(steps) for request_id, steps in left.items() if request_id in decided)
+    w(f"Completion rows left: {rows}" + (
+        f", {late} of them late duplicates of decided requests (a leader that did not decide "
+        "those requests drops them when they would expire)\n" if rows else "\n"))
     w(f"GET /api/leader -> epoch {leader_view['epoch']}, lease {leader_view['lease']['state']}, "
       f"pending {leader_view['pendingCompletions']}\n")
     w(f"GET /api/accounts/{sample} -> {sample_view}\n")

@@ -138,9 +138,10 @@ class InstanceHost:
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        """Listen until SIGTERM/SIGINT."""
+        """Listen until SIGTERM/SIGINT, then let running invocations (and a sweep) finish."""
+        timer = threading.Thread(target=self._timer, name=f"timer-i{self.index}")
         if self.sweep_seconds:
-            threading.Thread(target=self._timer, daemon=True).start()
+            timer.start()
         idle = 0.1
         while not self.stopping.is_set():
             with self.lock:
@@ -162,6 +163,8 @@ class InstanceHost:
                     self.in_flight.add(future)
                 future.add_done_callback(self._done)
         self.pool.shutdown(wait=True)
+        if timer.is_alive():
+            timer.join()
 
     def _done(self, future: Future[None]) -> None:
         with self.lock:
