@@ -17,19 +17,33 @@ from shared.sim.workload import check, generate
 from tests.helpers import Namespace, balance, deposit, status, transfer, wait_until
 
 
-@pytest.mark.slow
-def test_demo_through_four_instances_conserves_money() -> None:
+def _demo(*options: str) -> subprocess.CompletedProcess[str]:
     # A private Azurite: the demo uses the default names.
     with Azurite(in_memory=True) as own:
-        run = subprocess.run(
-            [sys.executable, "-m", "shared.sim", "demo", "--instances", "4", "--accounts", "8",
-             "--transfers", "60", "--malformed", "3", "--timeout", "120",
-             "--connection-string", own.connection_string],
+        return subprocess.run(
+            [sys.executable, "-m", "shared.sim", "demo", "--accounts", "8", "--transfers", "60",
+             "--malformed", "3", "--timeout", "150", "--connection-string",
+             own.connection_string, *options],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)
+
+
+@pytest.mark.slow
+def test_demo_through_four_instances_conserves_money() -> None:
+    run = _demo("--instances", "4")
     assert run.returncode == 0, run.stdout + run.stderr
     assert "conserved to the cent" in run.stdout
     assert "3 parked (malformed), 0 in completions-poison" in run.stdout
+    assert "Completion rows left: 0\n" in run.stdout
     assert "CHECK FAILED" not in run.stdout
+
+
+@pytest.mark.slow
+def test_demo_with_the_leader_killed_fails_over_to_a_higher_epoch() -> None:
+    run = _demo("--instances", "3", "--kill-leader")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "killed the leader" in run.stdout
+    assert "epoch   2" in run.stdout, "a new leader claimed a higher epoch and decided requests"
+    assert "conserved to the cent" in run.stdout
 
 
 def test_workload_is_reproducible_and_mixes_the_faults_in() -> None:

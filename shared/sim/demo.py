@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -123,8 +124,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
                 done = cluster.count("done") + cluster.count("poisoned")
                 decided = len(app.ledger.list_outcomes())
                 progress.show(done, len(work.messages), decided, work.requests, started)
-                leader = cluster.last_leader
-                if not killed and done >= len(work.messages) // 3 and leader is not None:
+                leader = _epoch_holder(app) if not killed else None
+                if leader is not None and done >= len(work.messages) // 3:
                     killed = True
                     _kill_leader(cluster, leader, started, out)
                 if decided >= work.requests and killed and not (
@@ -149,12 +150,20 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         return code
 
 
+def _epoch_holder(app: LedgerApp) -> int | None:
+    """The index of the instance that claimed the current epoch (``sim-iN:pid/lease``)."""
+    fence = app.ledger.read_fence()
+    match = re.match(r"sim-i(\d+):", str((fence or {}).get("holder", "")))
+    return int(match.group(1)) if match else None
+
+
 def _kill_leader(cluster: Cluster, index: int, started: float, out: TextIO) -> None:
     """SIGKILL the leading instance (no release, no clean-up) and start a replacement."""
     cluster.signal(index, signal.SIGKILL)
     cluster.processes[index].wait(timeout=10)
     cluster.start_instance(index)
-    out.write(f"\n{time.monotonic() - started:5.1f} s: killed the leader, instance {index} "
+    out.write(f"\n{time.monotonic() - started:5.1f} s: killed the leader (the holder of the "
+              f"current epoch), instance {index} "
               "(SIGKILL: its lease is not released and expires within 15 s), started a "
               "replacement\n")
     out.flush()
