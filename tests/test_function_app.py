@@ -19,16 +19,17 @@ from azure.data.tables import TableClient
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 
-import function_app
 from shared import runtime
 from shared.app import LedgerApp
 from shared.clients import azurite_connection_string
 from shared.completions import CompletionStore
 from shared.contract import parse_completion
 from shared.sim.azurite import free_port
+from shared.sim.functions import indexed
 from tests.helpers import Namespace, deposit, step, transfer
 
-FUNCTIONS = {fn.get_function_name(): fn for fn in function_app.app.get_functions()}
+# Indexed once per process, as the worker does (a second get_functions() call fails).
+FUNCTIONS = indexed().by_name
 
 
 def user_function(name: str) -> Callable[..., Any]:
