@@ -14,6 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
@@ -105,20 +106,14 @@ class LedgerApp:
                 with contextlib.suppress(ResourceExistsError):
                     self.clients.queue.create_queue(name)
 
-    def raw_queue_client(self, name: str) -> QueueClient:
+    def raw_queue_client(self, name: str, **policies: Any) -> QueueClient:
         """A client that sends and receives message text as it is (no base64 policy)."""
         service = self.clients.queue
         return QueueClient(service.url, name, credential=service.credential,
                            connection_timeout=self.config.storage_timeout_seconds,
-                           read_timeout=self.config.storage_timeout_seconds)
+                           read_timeout=self.config.storage_timeout_seconds, **policies)
 
     def queue_client(self, name: str | None = None) -> QueueClient:
         """A client for the completions queue (or ``name``) that encodes as the host decodes."""
-        service = self.clients.queue
-        return QueueClient(
-            service.url, name or self.config.completions_queue,
-            credential=service.credential,
-            message_encode_policy=TextBase64EncodePolicy(),
-            connection_timeout=self.config.storage_timeout_seconds,
-            read_timeout=self.config.storage_timeout_seconds,
-        )
+        return self.raw_queue_client(name or self.config.completions_queue,
+                                     message_encode_policy=TextBase64EncodePolicy())

@@ -34,7 +34,6 @@ from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageQueueMessage
 
-from shared.clients import clients_from_settings
 from shared.election import ElectionCallbacks
 from shared.runtime import get_app
 from shared.settings import SETTINGS
@@ -129,10 +128,9 @@ class InstanceHost:
         env = dict(os.environ)
         defaults = {s.name: s.default for s in SETTINGS}
         queue_name = resolve_setting(self.functions.queue_name_setting, env, defaults)
-        service = clients_from_settings(env).queue
-        self.queue = QueueClient(service.url, queue_name, credential=service.credential)
-        self.poison = QueueClient(service.url, f"{queue_name}-poison",
-                                  credential=service.credential)
+        app = get_app()  # the same clients the functions use
+        self.queue = app.raw_queue_client(queue_name)
+        self.poison = app.raw_queue_client(f"{queue_name}-poison")
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
         self.in_flight: set[Future[None]] = set()
         self.lock = threading.Lock()
