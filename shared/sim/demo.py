@@ -118,17 +118,17 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         progress = Progress()
         cluster.start()
         finished = False
-        killed = not options.kill_leader
+        kill_pending = options.kill_leader
         try:
             while time.monotonic() - started < options.timeout:
                 done = cluster.count("done") + cluster.count("poisoned")
                 decided = len(app.ledger.list_outcomes())
                 progress.show(done, len(work.messages), decided, work.requests, started)
-                leader = _epoch_holder(app) if not killed else None
-                if leader is not None and done >= len(work.messages) // 3:
-                    killed = True
+                if kill_pending and done >= len(work.messages) // 3 and (
+                        leader := _epoch_holder(app)) is not None:
+                    kill_pending = False
                     _kill_leader(cluster, leader, started, out)
-                if decided >= work.requests and killed and not (
+                if decided >= work.requests and not kill_pending and not (
                         queue.get_queue_properties().approximate_message_count or 0):
                     finished = True
                     break
