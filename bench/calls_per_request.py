@@ -21,8 +21,8 @@ from shared.app import LedgerApp
 from shared.clients import CallCounter, clients_from_connection_string
 from shared.pipeline import handle_completion, run_election
 from shared.settings import load_config
-from shared.sim.azurite import Azurite
-from shared.sim.workload import generate
+from simulator.azurite import Azurite
+from simulator.workload import generate
 
 
 def run(connection_string: str, instances: int, transfers: int) -> dict[str, float]:

@@ -2,12 +2,12 @@
 
 A malformed message is never retried as it is (it would fail the same way until it is poisoned).
 It is stored here with the validation error and acknowledged; it changes no balance. An operator
-lists them (``python -m shared.cli parked list``), fixes the sender, and replays one
+lists them (``./dev cli parked list``), fixes the sender, and replays one
 (``parked replay ID``): its body goes back on the completions queue and the row is removed.
 
 A message whose invocation kept failing (storage down, say) is moved by the Functions host to the
 poison queue after ``maxDequeueCount`` attempts; ``replay_poisoned`` puts such messages back
-(``python -m shared.cli poison replay``) once the cause is fixed.
+(``./dev cli poison replay``) once the cause is fixed.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class ParkingLot:
         message = self.get(parked_id)
         if message is None:
             raise KeyError(f"no parked message {parked_id!r}; list them with "
-                           "'python -m shared.cli parked list'")
+                           "'./dev cli parked list'")
         queue.send_message((body if body is not None else message.body).decode("utf-8"))
         self.table.delete_entity(PARKED_PARTITION, parked_id)
         logger.info("replayed parked message %s", parked_id)

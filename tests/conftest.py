@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.sim.azurite import Azurite
+from simulator.azurite import Azurite
 from tests.helpers import Namespace
 
 # The SDKs log every HTTP request and response at INFO: keep the app's INFO logs, not theirs.

@@ -6,7 +6,6 @@ No storage call is made here: clients are built, never used.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,7 @@ from shared.settings import (
     ConfigError,
     load_config,
 )
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from simulator import REPO_ROOT
 
 
 def host_json() -> dict[str, Any]:

@@ -24,8 +24,8 @@ from shared.app import LedgerApp
 from shared.clients import azurite_connection_string
 from shared.completions import CompletionStore
 from shared.contract import parse_completion
-from shared.sim.azurite import free_port
-from shared.sim.functions import indexed
+from simulator.azurite import free_port
+from simulator.functions import indexed
 from tests.helpers import Namespace, deposit, step, transfer
 
 # Indexed once per process, as the worker does (a second get_functions() call fails).

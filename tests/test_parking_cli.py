@@ -1,4 +1,4 @@
-"""The operator CLI (``python -m shared.cli``), run in-process against a real Azurite."""
+"""The operator CLI (``python -m operator_cli``), run in-process against a real Azurite."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from azure.storage.queue import QueueClient
 
-from shared import cli
+from operator_cli import cli
 from shared.app import LedgerApp
 from shared.pipeline import handle_completion
 from tests.helpers import Namespace, deposit, send, step

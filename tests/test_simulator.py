@@ -11,9 +11,10 @@ from decimal import Decimal
 import pytest
 from azure.storage.queue import QueueClient
 
-from shared.sim.azurite import REPO_ROOT, Azurite
-from shared.sim.cluster import Cluster
-from shared.sim.workload import check, generate
+from simulator import REPO_ROOT
+from simulator.azurite import Azurite
+from simulator.cluster import Cluster
+from simulator.workload import check, generate
 from tests.helpers import Namespace, balance, deposit, status, transfer, wait_until
 
 
@@ -21,7 +22,7 @@ def _demo(*options: str) -> subprocess.CompletedProcess[str]:
     # A private Azurite: the demo uses the default names.
     with Azurite(in_memory=True) as own:
         return subprocess.run(
-            [sys.executable, "-m", "shared.sim", "demo", "--accounts", "8", "--transfers", "60",
+            [sys.executable, "-m", "simulator", "demo", "--accounts", "8", "--transfers", "60",
              "--malformed", "3", "--timeout", "150", "--connection-string",
              own.connection_string, *options],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=240, check=False)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from shared.sim.azurite import REPO_ROOT
+from simulator import REPO_ROOT
 
 
 @pytest.mark.parametrize(("name", "value", "says"), [

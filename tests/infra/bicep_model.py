@@ -22,7 +22,8 @@ from typing import Any, cast
 
 from pycep import BicepParser
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from simulator import REPO_ROOT
+
 INFRA = REPO_ROOT / "infra"
 MAIN = INFRA / "main.bicep"
 MAIN_PARAMS = INFRA / "main.bicepparam"

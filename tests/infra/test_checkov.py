@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.infra.bicep_model import INFRA, REPO_ROOT, bicep_files
+from simulator import REPO_ROOT
+from tests.infra.bicep_model import INFRA, bicep_files
 
 CHECKOV = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
 EXTERNAL_CHECKS = INFRA / "checkov"

@@ -22,7 +22,8 @@ from shared.settings import (
     STORAGE_IDENTITY_SUFFIXES,
     load_config,
 )
-from tests.infra.bicep_model import REPO_ROOT, Scope, app_settings_of, root_scope
+from simulator import REPO_ROOT
+from tests.infra.bicep_model import Scope, app_settings_of, root_scope
 
 SETTING_NAMES = {setting.name for setting in SETTINGS}
 

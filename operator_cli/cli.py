@@ -1,6 +1,6 @@
 """The operator CLI: enqueue completions, inspect and replay parked messages, read the ledger.
 
-Run it as ``python -m shared.cli`` (or ``./dev cli``)::
+Run it as ``python -m operator_cli`` (or ``./dev cli``)::
 
     ./dev cli enqueue --request-id r1 --operation-id r1-add --operation add_funds \\
         --account alice --amount 10.00 --expected 1
@@ -44,8 +44,8 @@ from shared.settings import STORAGE_CONNECTION, ConfigError, default_instance_id
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-LOCAL_SETTINGS = REPO_ROOT / "local.settings.json"
+# Read from the current directory, as ``func start`` reads it (``./dev cli`` runs in the repo root).
+LOCAL_SETTINGS = Path("local.settings.json")
 PREVIEW_CHARS = 80
 
 EXIT_OK = 0
@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     common = _common_options(at_top=False)
     parser = argparse.ArgumentParser(
-        prog="python -m shared.cli", description=__doc__.split("\n\n")[0] if __doc__ else None,
+        prog="python -m operator_cli", description=__doc__.split("\n\n")[0] if __doc__ else None,
         parents=[_common_options(at_top=True)])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

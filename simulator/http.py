@@ -13,7 +13,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import azure.functions as func
 
-from shared.sim.functions import indexed
+from simulator.functions import indexed
 
 logger = logging.getLogger(__name__)
 

@@ -4,10 +4,10 @@ It dequeues from the real (Azurite) queue like the host's queue listener: batche
 ``batchSize``, a new batch when in-flight work drops to ``newBatchThreshold``, exponential
 polling back-off up to ``maxPollingInterval``, base64 decoding, delete on success, and on failure
 a retry after ``visibilityTimeout`` or, past ``maxDequeueCount``, a move to the poison queue. It
-invokes the app's real decorated functions (``shared.sim.functions``).
+invokes the app's real decorated functions (``simulator.functions``).
 
-Run as a process: ``python -m shared.sim instance --index N``; it prints one JSON event per line
-on stdout for the supervisor (``shared.sim.demo``).
+Run as a process: ``python -m simulator instance --index N``; it prints one JSON event per line
+on stdout for the supervisor (``simulator.demo``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,10 @@ from azure.storage.queue import QueueMessage as StorageQueueMessage
 from shared.election import ElectionCallbacks
 from shared.runtime import get_app
 from shared.settings import SETTINGS
-from shared.sim.functions import indexed, resolve_setting
+from simulator import REPO_ROOT
+from simulator.functions import indexed, resolve_setting
 
 logger = logging.getLogger(__name__)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _timespan(text: str) -> float:

@@ -1,16 +1,16 @@
-"""``python -m shared.sim``: the demo, a single simulated instance, or the read API server."""
+"""``python -m simulator``: the demo, a single simulated instance, or the read API server."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from shared.sim.demo import DemoOptions, run_demo
+from simulator.demo import DemoOptions, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it."""
-    parser = argparse.ArgumentParser(prog="python -m shared.sim",
+    parser = argparse.ArgumentParser(prog="python -m simulator",
                                      description="Scale-out simulator of the ledger app.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             malformed=args.malformed, seed=args.seed, timeout=args.timeout,
             sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
             serve_after=args.serve, kill_leader=args.kill_leader))
-    from shared.sim.host import run_instance
+    from simulator.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)
     return 0

@@ -1,6 +1,6 @@
 """The scale-out simulator's supervisor: N instance processes on one storage account.
 
-Each instance is a separate Python process (``python -m shared.sim instance``) so that it can be
+Each instance is a separate Python process (``python -m simulator instance``) so that it can be
 killed (SIGKILL) or paused (SIGSTOP) like a real scaled-out instance. The supervisor collects
 their JSON event lines and keeps counts.
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from simulator import REPO_ROOT
 
 
 class Cluster:
@@ -51,7 +51,7 @@ class Cluster:
 
     def start_instance(self, index: int) -> None:
         """(Re)start one instance process."""
-        args = [sys.executable, "-m", "shared.sim", "instance", "--index", str(index),
+        args = [sys.executable, "-m", "simulator", "instance", "--index", str(index),
                 "--threads", str(self.threads), "--lock-seconds", str(self.lock_seconds)]
         if index == 0 and self.sweep_seconds:
             args += ["--sweep-seconds", str(self.sweep_seconds)]

@@ -21,10 +21,10 @@ from typing import TextIO
 from shared import runtime
 from shared.app import LedgerApp
 from shared.settings import SETTINGS
-from shared.sim.azurite import Azurite
-from shared.sim.cluster import Cluster
-from shared.sim.http import serve
-from shared.sim.workload import Workload, check, generate
+from simulator.azurite import Azurite
+from simulator.cluster import Cluster
+from simulator.http import serve
+from simulator.workload import Workload, check, generate
 
 
 @dataclass

@@ -10,12 +10,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from pathlib import Path
 from types import TracebackType
 
 from shared.clients import azurite_connection_string
+from simulator import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AZURITE_BIN = REPO_ROOT / "node_modules" / ".bin" / "azurite"
 
 

@@ -1,0 +1,1 @@
+"""The operator CLI (local tool, not deployed): enqueue, dead letters, ledger reads."""

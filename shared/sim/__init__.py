@@ -1,1 +1,0 @@
-"""Local tooling: Azurite launcher, the scale-out simulator and the demo (not deployed)."""
