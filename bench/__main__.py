@@ -1,0 +1,152 @@
+"""The benchmark, one command: strategies side by side, the leader's drain, failover, on one
+private Azurite; writes JSON, Markdown and a PNG under ``bench/results/``.
+
+    ./dev bench                 # the full matrix (~15 min on 2 cores)
+    ./dev bench --quick         # a small run (seconds), what the smoke test runs
+    ./dev bench --profile       # also profile the drain (pyinstrument), text under results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import shlex
+import shutil
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.cells import run_cell
+from bench.drain import measure_drain
+from bench.failover import measure_failover
+from bench.report import write
+from bench.strategies import STRATEGIES
+from bench.workloads import WORKLOADS
+from simulator.azurite import Azurite
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    """A one-line description of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info
+                       if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}, load {load:.1f} at start")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a small run for the smoke test")
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--instances", nargs="+", type=int, default=None)
+    parser.add_argument("--latency-ms", nargs="+", type=float, default=None,
+                        help="injected per storage call (default 0 and 8)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per cell")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="instances stop taking deliveries after this long")
+    parser.add_argument("--backlog", type=int, default=None, help="drain benchmark backlog")
+    parser.add_argument("--no-cells", action="store_true")
+    parser.add_argument("--no-drain", action="store_true")
+    parser.add_argument("--no-failover", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a 1,000-request drain at each latency (pyinstrument)")
+    parser.add_argument("--connection-string", default=None,
+                        help="an Azurite to use instead of starting a private one")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default=None, help="file name stem (default: a timestamp)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.instances = args.instances or ([1, 4] if quick else [1, 4, 16, 32])
+    args.latency_ms = args.latency_ms or ([0.0] if quick else [0.0, 8.0])
+    args.requests = args.requests or (30 if quick else 3000)
+    args.seconds = args.seconds or (3.0 if quick else 10.0)
+    args.backlog = args.backlog or (100 if quick else 5000)
+    return args
+
+
+def run(args: argparse.Namespace, connection_string: str, command: str) -> dict[str, Any]:
+    """Every measurement the arguments ask for, as one JSON-able dict."""
+    result: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
+                              "command": command, "machine": machine(), "quick": args.quick,
+                              "cells": [], "drain": [], "failover": [], "paced": []}
+    log = logging.getLogger("bench")
+    if not args.no_drain:
+        for latency in args.latency_ms:
+            drained = measure_drain(connection_string, args.backlog, 200, latency)
+            log.warning("drain %d at %g ms: %.0f requests/s", args.backlog, latency,
+                        drained.rate)
+            result["drain"].append(drained.as_dict())
+        if args.profile:
+            for latency in args.latency_ms:
+                profile = args.out / f"profile-drain-{latency:g}ms.txt"
+                measure_drain(connection_string, min(args.backlog, 1000), 200, latency, profile)
+    if not args.no_cells:
+        for latency in args.latency_ms:
+            for workload in args.workloads:
+                for strategy in args.strategies:
+                    for instances in args.instances:
+                        cell = run_cell(connection_string, strategy, workload, instances,
+                                        latency, args.requests, args.seconds)
+                        log.warning("%s %s %g ms x%d: %.0f/s", workload, strategy, latency,
+                                    instances, cell.rate)
+                        result["cells"].append(cell.as_dict())
+        # Commit latency below the peak: the leader, spread deposits, 16 instances (or the
+        # most asked for), offered at half of the best rate it reached in this run.
+        for latency in args.latency_ms:
+            best = [c for c in result["cells"] if c["strategy"] == "leader"
+                    and c["workload"] == "spread" and c["latency_ms"] == latency]
+            if not best or "leader" not in args.strategies:
+                continue
+            peak = max(c["rate"] for c in best)
+            instances = 16 if 16 in args.instances else max(args.instances)
+            paced = run_cell(connection_string, "leader", "spread", instances, latency,
+                             args.requests, args.seconds, rate=max(1.0, peak / 2))
+            log.warning("paced at %.0f/s, %g ms: p99 %s ms", peak / 2, latency, paced.p99_ms)
+            result["cells"].append(paced.as_dict())
+    if not args.no_failover:
+        kinds = ["release"] if args.quick else ["release", "sigkill"]
+        for kind in kinds:
+            for latency in args.latency_ms[:1] if args.quick else args.latency_ms:
+                failover = measure_failover(connection_string, kind, latency,
+                                            backlog=200 if args.quick else 1000)
+                log.warning("failover after %s at %g ms: %s s", kind, latency, failover.seconds)
+                result["failover"].append(failover.as_dict())
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its results; print where they are."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("azure").setLevel(logging.ERROR)
+    logging.getLogger("shared").setLevel(logging.ERROR)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    command = "./dev bench " + shlex.join(argv) if argv else "./dev bench"
+    name = args.name or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + (
+        "-quick" if args.quick else "")
+    if args.connection_string:
+        data = run(args, args.connection_string, command)
+    else:
+        with Azurite(in_memory=True) as azurite:
+            data = run(args, azurite.connection_string, command.strip())
+    paths = write(data, args.out, name)
+    if not args.quick:
+        for path in paths:
+            shutil.copyfile(path, args.out / f"latest{path.suffix}")
+    print("\n".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Write one run's results: JSON (everything), a Markdown table and a PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def markdown(run: dict[str, Any]) -> str:
+    """The run as Markdown: headline, cells, drain, failover."""
+    lines = [f"# Benchmark run {run['started']}", "",
+             f"Command: `{run['command']}`  ", f"Machine: {run['machine']}", ""]
+    if run.get("drain"):
+        lines += ["## Leader drain rate on a ready backlog", "",
+                  "| backlog | accounts | latency ms | decided | seconds | requests/s | terms | "
+                  "calls by kind |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for d in run["drain"]:
+            calls = ", ".join(f"{k} {v}" for k, v in d["calls"].items())
+            lines.append(f"| {d['backlog']} | {d['accounts']} | {d['latency_ms']:g} | "
+                         f"{d['decided']} | {d['seconds']:.2f} | **{d['rate']:.0f}** | "
+                         f"{d['terms']} | {calls} |")
+        lines.append("")
+    if run.get("failover"):
+        lines += ["## Failover (leader ends -> first commit by another instance)", "",
+                  "| how the leader ended | latency ms | lease s | deliveries/s | seconds |",
+                  "|---|---:|---:|---:|---:|"]
+        for f in run["failover"]:
+            lines.append(f"| {f['kind']} | {f['latency_ms']:g} | {f['lease_seconds']} | "
+                         f"{f['delivery_rate']:g} | {_num(f['seconds'], 2)} |")
+        lines.append("")
+    lines += ["## Strategies side by side", "",
+              "Rate: committed requests/s. Latency: last step enqueued -> committed. Calls: "
+              "storage calls per committed request (record / lease / scan / read / commit / "
+              "delete = total). Lease: requests/s on lease blobs.", "",
+              "| workload | latency ms | strategy | instances | offered/s | committed | "
+              "rate/s | p50 ms | p99 ms | calls per request | lease req/s |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for c in run["cells"]:
+        if c["skipped"]:
+            lines.append(f"| {c['workload']} | {c['latency_ms']:g} | {c['strategy']} | "
+                         f"{c['instances']} | | | n/a: {c['skipped']} | | | | |")
+            continue
+        per = c["calls_per_request"]
+        calls = " / ".join(_num(per.get(k), 2) for k in
+                           ("record", "lease", "scan", "read", "commit", "delete"))
+        offered = _num(c["offered_rate"]) if c["offered_rate"] else "backlog"
+        lines.append(f"| {c['workload']} | {c['latency_ms']:g} | {c['strategy']} | "
+                     f"{c['instances']} | {offered} | {c['committed']}/{c['sent']} | "
+                     f"**{c['rate']:.0f}** | {_num(c['p50_ms'])} | {_num(c['p99_ms'])} | "
+                     f"{calls} = {_num(per.get('total'), 2)} | {c['lease_rps']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(run: dict[str, Any], path: Path) -> None:
+    """Committed requests/s against instances, one line per strategy, one panel per
+    (workload, latency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [c for c in run["cells"] if not c["skipped"] and c["offered_rate"] is None]
+    panels = sorted({(c["workload"], c["latency_ms"]) for c in cells})
+    if not panels:
+        return
+    columns = min(3, len(panels))
+    rows = (len(panels) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for ax, (workload, latency) in zip(axes.flat, panels, strict=False):
+        for strategy in ("leader", "naive", "single"):
+            points = sorted((c["instances"], c["rate"]) for c in cells
+                            if c["strategy"] == strategy and c["workload"] == workload
+                            and c["latency_ms"] == latency)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=strategy)
+        ax.set_title(f"{workload}, {latency:g} ms per call")
+        ax.set_xlabel("instances")
+        ax.set_ylabel("committed requests/s")
+        ax.set_xscale("log", base=2)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def write(run: dict[str, Any], directory: Path, name: str) -> list[Path]:
+    """Write ``name``.json, .md and .png into ``directory``; return the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    json_path, md_path, png_path = (directory / f"{name}.{ext}" for ext in ("json", "md", "png"))
+    json_path.write_text(json.dumps(run, indent=1) + "\n")
+    md_path.write_text(markdown(run))
+    plot(run, png_path)
+    return [json_path, md_path, png_path]
