@@ -75,7 +75,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, connection_string: str, command: str) -> dict[str, Any]:
+def run(args: argparse.Namespace, connection_string: str, command: str,
+        name: str) -> dict[str, Any]:
     """Every measurement the arguments ask for, as one JSON-able dict."""
     result: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
                               "command": command, "machine": machine(), "quick": args.quick,
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, connection_string: str, command: str) -> dict[
             result["drain"].append(drained.as_dict())
         if args.profile:
             for latency in args.latency_ms:
-                profile = args.out / f"profile-drain-{latency:g}ms.txt"
+                profile = args.out / f"profile-{name}-drain-{latency:g}ms.txt"
                 measure_drain(connection_string, min(args.backlog, 1000), 200, latency, profile)
     if not args.no_cells:
         for latency in args.latency_ms:
@@ -114,6 +115,15 @@ def run(args: argparse.Namespace, connection_string: str, command: str) -> dict[
                              args.requests, args.seconds, rate=max(1.0, peak / 2))
             log.warning("paced at %.0f/s, %g ms: p99 %s ms", peak / 2, latency, paced.p99_ms)
             result["cells"].append(paced.as_dict())
+        # The lease blob under load: transfers offered at 1,000 deliveries/s (500 requests/s)
+        # to the most instances asked for.
+        if "leader" in args.strategies and "transfers" in args.workloads and not args.quick:
+            for latency in args.latency_ms:
+                loaded = run_cell(connection_string, "leader", "transfers", max(args.instances),
+                                  latency, args.requests, args.seconds, rate=500)
+                log.warning("1,000 deliveries/s offered at %g ms: %d delivered, lease %.0f/s",
+                            latency, loaded.deliveries, loaded.lease_rps)
+                result["cells"].append(loaded.as_dict())
     if not args.no_failover:
         kinds = ["release"] if args.quick else ["release", "sigkill"]
         for kind in kinds:
@@ -136,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + (
         "-quick" if args.quick else "")
     if args.connection_string:
-        data = run(args, args.connection_string, command)
+        data = run(args, args.connection_string, command, name)
     else:
         with Azurite(in_memory=True) as azurite:
-            data = run(args, azurite.connection_string, command.strip())
+            data = run(args, azurite.connection_string, command, name)
     paths = write(data, args.out, name)
     if not args.quick:
         for path in paths:

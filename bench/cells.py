@@ -110,6 +110,8 @@ class CellResult:
     calls: dict[str, int] = field(default_factory=dict)
     calls_per_request: dict[str, float] = field(default_factory=dict)
     lease_rps: float = 0.0
+    deliveries: int = 0  # messages handled (each one a queue-trigger invocation)
+    lease_per_delivery: float = 0.0
     errors: int = 0
     skipped: str = ""
 
@@ -170,8 +172,9 @@ def run_cell(connection_string: str, strategy: str, workload: str, instances: in
         producing.clear()
 
     errors: list[BaseException] = []
+    handled = [0] * len(handlers)
 
-    def consume(handle: Callable[[bytes], None]) -> None:
+    def consume(index: int, handle: Callable[[bytes], None]) -> None:
         while time.monotonic() < stop_at:
             try:
                 _, body = deliveries.get(timeout=0.02)
@@ -181,6 +184,7 @@ def run_cell(connection_string: str, strategy: str, workload: str, instances: in
                 continue
             try:
                 handle(body)
+                handled[index] += 1
             except Exception as exc:  # the host would redeliver: count it and put it back
                 errors.append(exc)
                 logger.warning("delivery failed: %r", exc)
@@ -188,7 +192,8 @@ def run_cell(connection_string: str, strategy: str, workload: str, instances: in
 
     producer = threading.Thread(target=produce, args=(work,), daemon=True)
     producer.start()
-    threads = [threading.Thread(target=consume, args=(h,), daemon=True) for h in handlers]
+    threads = [threading.Thread(target=consume, args=(i, h), daemon=True)
+               for i, h in enumerate(handlers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -202,6 +207,9 @@ def run_cell(connection_string: str, strategy: str, workload: str, instances: in
     result.sent = len(enqueued_at)
     result.committed = len(done)
     result.errors = len(errors)
+    result.deliveries = sum(handled)
+    if result.deliveries:
+        result.lease_per_delivery = calls.get("lease", 0) / result.deliveries
     if done:
         last = max(when for _, when in done)
         result.elapsed_s = last - started

@@ -38,12 +38,12 @@ def markdown(run: dict[str, Any]) -> str:
               "storage calls per committed request (record / lease / scan / read / commit / "
               "delete = total). Lease: requests/s on lease blobs.", "",
               "| workload | latency ms | strategy | instances | offered/s | committed | "
-              "rate/s | p50 ms | p99 ms | calls per request | lease req/s |",
-              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|"]
+              "rate/s | p50 ms | p99 ms | calls per request | lease req/s | lease/delivery |",
+              "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for c in run["cells"]:
         if c["skipped"]:
             lines.append(f"| {c['workload']} | {c['latency_ms']:g} | {c['strategy']} | "
-                         f"{c['instances']} | | | n/a: {c['skipped']} | | | | |")
+                         f"{c['instances']} | | | n/a: {c['skipped']} | | | | | |")
             continue
         per = c["calls_per_request"]
         calls = " / ".join(_num(per.get(k), 2) for k in
@@ -52,7 +52,8 @@ def markdown(run: dict[str, Any]) -> str:
         lines.append(f"| {c['workload']} | {c['latency_ms']:g} | {c['strategy']} | "
                      f"{c['instances']} | {offered} | {c['committed']}/{c['sent']} | "
                      f"**{c['rate']:.0f}** | {_num(c['p50_ms'])} | {_num(c['p99_ms'])} | "
-                     f"{calls} = {_num(per.get('total'), 2)} | {c['lease_rps']:.0f} |")
+                     f"{calls} = {_num(per.get('total'), 2)} | {c['lease_rps']:.0f} | "
+                     f"{_num(c.get('lease_per_delivery'), 2)} |")
     return "\n".join(lines) + "\n"
 
 
