@@ -132,3 +132,37 @@ def parse_completion(body: bytes | str) -> Completion:
         return Completion.model_validate(data)
     except ValidationError as exc:
         raise MalformedMessage(_describe(exc)) from None
+
+
+# --- building messages ----------------------------------------------------------------------
+def message_body(**fields: object) -> dict[str, object]:
+    """A v1 message body from ``Completion`` field names (``request_id=...``), not validated.
+
+    The one place that knows the wire names: keys are ``Completion``'s aliases, values are
+    written as given (enum members as their value, ``Decimal`` as its text, datetimes in
+    ISO-8601), and only the fields given appear. It does not validate, so a test or
+    ``enqueue --raw`` can build a message that breaks the contract; ``parse_completion`` judges.
+    """
+    body: dict[str, object] = {}
+    for name, value in fields.items():
+        info = Completion.model_fields.get(name)
+        if info is None:
+            raise TypeError(f"Completion has no field {name!r} (fields: "
+                            f"{', '.join(Completion.model_fields)})")
+        body[info.alias or name] = _wire_value(value)
+    return body
+
+
+def completion_message(**fields: object) -> str:
+    """The compact JSON text of ``message_body(**fields)``, as a queue message carries it."""
+    return json.dumps(message_body(**fields), separators=(",", ":"))
+
+
+def _wire_value(value: object) -> object:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

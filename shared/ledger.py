@@ -288,3 +288,9 @@ def outcome_view(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"status": row["status"], "reason": row.get("reason") or None,
             "decidedAt": row.get("decidedAt"), "epoch": row.get("epoch")}
 
+
+def request_id_of(row_key: str) -> str:
+    """The request id in an outcome row's key (the inverse of ``request_key``)."""
+    if not row_key.startswith(REQUEST_PREFIX):
+        raise ValueError(f"{row_key!r} is not an outcome row key ({REQUEST_PREFIX}<requestId>)")
+    return row_key.removeprefix(REQUEST_PREFIX)
