@@ -24,7 +24,7 @@ def step(request_id: str, operation_id: str, operation: str, account_id: str, am
     """One completion message body (v1 contract), built by the contract's own builder.
 
     Not validated, so a test can build a malformed one (``amount="1.005"``); ``extra`` adds or
-    replaces fields by their wire name (``completedAt=...``, ``amount=12.5``) as written.
+    replaces fields by their wire name (``completedAt=...``, ``expectedOperations="2"``) as written.
     """
     body = message_body(request_id=request_id, operation_id=operation_id, operation=operation,
                         account_id=account_id, amount=amount, expected_operations=expected,
