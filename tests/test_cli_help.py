@@ -13,7 +13,7 @@ import pytest
 from operator_cli import cli
 from shared.contract import Operation, StepStatus
 from simulator import __main__ as sim
-from simulator.demo import DemoOptions
+from simulator.demo import DemoOptions, run_log_path
 
 
 def parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
@@ -81,3 +81,12 @@ def test_demo_defaults_are_the_demo_options_defaults() -> None:
     defaults = DemoOptions()
     assert (demo.instances, demo.transfers, demo.seed) == (
         defaults.instances, defaults.transfers, defaults.seed)
+
+
+def test_each_demo_run_logs_to_a_file_of_its_own() -> None:
+    first, second = run_log_path(), run_log_path()
+    assert first != second
+    assert first.parent != second.parent
+    assert first.parent.name.startswith("ledger-demo-")
+    assert first.parent.is_dir()
+    assert not first.exists(), "nothing of an earlier run is in it"
