@@ -410,7 +410,8 @@ def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     output.lines(fields([
         ("leader", leader),
         ("epoch", view.get("epoch")),
-        ("lease", ", ".join(f"{k} {v}" for k, v in lease.items())),
+        ("lease", " ".join(str(lease[k]) if k == "state" else f"({k}: {lease[k]})"
+                           for k in lease)),
         ("pending", f"{view.get('pendingCompletions')} completion(s)"),
         ("last commit", view.get("lastCommitAt") or "never"),
     ]))

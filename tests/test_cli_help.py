@@ -90,3 +90,5 @@ def test_each_demo_run_logs_to_a_file_of_its_own() -> None:
     assert first.parent.name.startswith("ledger-demo-")
     assert first.parent.is_dir()
     assert not first.exists(), "nothing of an earlier run is in it"
+    for path in (first, second):
+        path.parent.rmdir()
