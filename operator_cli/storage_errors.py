@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from urllib.parse import urlparse
 
-from azure.core.exceptions import AzureError, HttpResponseError, ServiceRequestError
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+)
 
 from shared.clients import StorageClients
 from shared.settings import STORAGE_CONNECTION
@@ -88,6 +93,10 @@ def explain(exc: AzureError, clients: StorageClients, env: Mapping[str, str]) ->
         return (f"cannot reach the storage account ({where}): {problem(exc)}. Check {setting}, "
                 "that the account exists and that this network may reach it (firewall, private "
                 "endpoint); locally, start Azurite (./dev bootstrap, then npx azurite).")
+    if isinstance(exc, ClientAuthenticationError) and exc.status_code is None:
+        return (f"could not sign in to storage: {problem(exc)}. Sign in with az login (the CLI "
+                f"uses DefaultAzureCredential), or locally set {STORAGE_CONNECTION} to a "
+                "connection string (UseDevelopmentStorage=true for Azurite).")
     if not isinstance(exc, HttpResponseError) or exc.status_code != 403:
         return f"storage call failed: {problem(exc)}"
     service = service_of(exc, clients)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from azure.core.exceptions import HttpResponseError
+from azure.identity import CredentialUnavailableError
 from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
 
 from operator_cli import cli
@@ -205,3 +206,10 @@ def test_with_identity_settings_the_error_speaks_of_the_signed_in_identity(
     assert "'Storage Queue Data Contributor'" in text
     assert "Owner or Reader is not enough" in text
     assert text.splitlines()[1].strip().startswith("az role assignment create")
+
+
+def test_no_credential_says_how_to_sign_in(ns: Namespace) -> None:
+    clients = clients_from_connection_string(ns.connection_string)
+    text = explain(CredentialUnavailableError("no az login"), clients, {})
+    assert text.startswith("could not sign in to storage: no az login")
+    assert "az login" in text
