@@ -53,7 +53,7 @@ from shared.contract import (
     parse_completion,
 )
 from shared.election import ElectionConfigError
-from shared.parking import ParkedMessage, peek_poisoned, replay_poisoned
+from shared.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
 from shared.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
 
 logger = logging.getLogger(__name__)
@@ -361,7 +361,7 @@ def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) ->
         output.lines(table(["ID", "INSERTED ON", "DEQUEUES", "BODY"], [
             (v["id"], v["insertedOn"], v["dequeueCount"], preview(v["body"])) for v in views]))
     output.line(f"{len(views)} message(s) in {app.config.poison_queue!r} shown (a peek shows "
-                "at most 32)")
+                f"at most {QUEUE_BATCH_LIMIT})")
     return EXIT_OK
 
 
@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             metavar="ACTION", parser_class=Parser)
     poison_list = poison_commands.add_parser("list", parents=[common],
                                              help="peek at the poison queue")
-    _limit(poison_list, 32, "messages (a peek shows 32 at most)")
+    _limit(poison_list, QUEUE_BATCH_LIMIT,
+           f"messages (a peek shows {QUEUE_BATCH_LIMIT} at most)")
     poison_list.set_defaults(handler=_ignore_stdin(cmd_poison_list))
     poison_replay = poison_commands.add_parser(
         "replay", parents=[common], help="move poisoned messages back to the completions queue")
