@@ -94,18 +94,7 @@ class Completion(BaseModel):
 
     def to_message(self) -> str:
         """The JSON text of this completion, as upstream systems send it."""
-        body: dict[str, Any] = {
-            "requestId": self.request_id,
-            "operationId": self.operation_id,
-            "operation": self.operation.value,
-            "accountId": self.account_id,
-            "amount": str(self.amount),
-            "expectedOperations": self.expected_operations,
-            "status": self.status.value,
-        }
-        if self.completed_at is not None:
-            body["completedAt"] = self.completed_at.isoformat()
-        return json.dumps(body, separators=(",", ":"))
+        return completion_message(**self.model_dump(exclude_none=True))
 
 
 def _describe(error: ValidationError) -> str:
