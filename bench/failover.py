@@ -27,6 +27,7 @@ from bench.cells import Names, leader_app
 from bench.drain import record_backlog
 from bench.strategies import LeaderInstance
 from bench.workloads import deposit_body
+from shared.app import LedgerApp
 from shared.election import ElectionCallbacks
 from shared.pipeline import run_election
 from simulator import REPO_ROOT
@@ -120,12 +121,12 @@ def measure_failover(connection_string: str, kind: str, latency_ms: float,
     return result
 
 
-def _wait_for_commit_by(app: Any, holder_prefix: str, timeout: float) -> None:
+def _wait_for_commit_by(app: LedgerApp, holder_prefix: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         fence = app.ledger.read_fence()
-        if fence and str(fence.get("holder", "")).startswith(holder_prefix) \
-                and fence.get("lastCommitAt"):
+        if fence is not None and fence.holder.startswith(holder_prefix) \
+                and fence.last_commit_at:
             return
         time.sleep(0.05)
     raise RuntimeError(f"{holder_prefix} did not commit within {timeout} s")

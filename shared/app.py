@@ -19,6 +19,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
+from shared.cleanup import RowCleaner
 from shared.clients import StorageClients
 from shared.completions import CompletionStore
 from shared.election import ElectionCallbacks, LeaseElector, MonotonicClock
@@ -74,6 +75,10 @@ class LedgerApp:
     time_shift: Callable[[], timedelta] = lambda: timedelta(0)
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
     recently_decided: RecentRequests = field(default_factory=RecentRequests)
+    cleaner: RowCleaner = field(init=False)  # deletes consumed completion rows, batched
+
+    def __post_init__(self) -> None:
+        self.cleaner = RowCleaner(self.completions)
 
     @classmethod
     def create(cls, config: AppConfig, clients: StorageClients,

@@ -1,11 +1,15 @@
 """The completions table: every completion recorded (one row per step), read back by the leader.
 
-Row layout: PartitionKey = requestId, RowKey = operationId. A second delivery of an operationId
-with the same content is a duplicate and changes nothing; with different content it is recorded
-beside the first as a *conflict* row (``RowKey = operationId~conflict``, one per operationId
-however many contents arrive, so a request holds at most two rows per operationId) and the
-leader rejects the request. Rows are deleted only after the request's outcome is written to the
-ledger.
+Row layout: PartitionKey = one of ``BUCKETS`` (16) buckets, a stable hash of the requestId;
+RowKey = ``requestId|operationId`` (``|`` is outside the identifier charset); the requestId is
+also a property. One (requestId, operationId) thus has one key, as before: a second delivery of
+an operationId with the same content is a duplicate and changes nothing; with different content
+it is recorded beside the first as a *conflict* row (``RowKey = requestId|operationId~conflict``,
+one per operationId however many contents arrive, so a request holds at most two rows per
+operationId) and the leader rejects the request. Rows are deleted only after the request's
+outcome is written to the ledger. Buckets let the leader delete the rows of many requests in one
+transaction (up to 100 rows of one bucket) instead of one transaction per request. Rows of the
+earlier layout (PartitionKey = requestId, RowKey = operationId) are still read and deleted.
 
 The time of record is storage's own entity ``Timestamp``, and the leader's "now" for expiry is
 the ``Date`` of storage's answer to its scan: one clock that every instance shares, so a skewed
@@ -15,6 +19,7 @@ instance clock can neither expire a fresh request nor keep an old one alive.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -36,7 +41,20 @@ logger = logging.getLogger(__name__)
 
 CONFLICT_SEPARATOR = "~"  # not in the identifier charset, so it cannot clash with an operationId
 CONFLICT_SUFFIX = CONFLICT_SEPARATOR + "conflict"
-_DELETE_CHUNK = 100
+KEY_SEPARATOR = "|"  # between requestId and operationId in a RowKey; outside the charset too
+BUCKETS = 16
+MAX_BATCH_ROWS = 100  # rows of one partition per entity-group transaction
+
+
+def bucket_of(request_id: str) -> str:
+    """The PartitionKey of a request's rows: a stable hash of its id, one of ``BUCKETS``."""
+    digest = hashlib.sha256(request_id.encode()).digest()
+    return f"b{int.from_bytes(digest[:4], 'big') % BUCKETS:02d}"
+
+
+def row_key_of(request_id: str, operation_id: str) -> str:
+    """The RowKey of a step's row."""
+    return f"{request_id}{KEY_SEPARATOR}{operation_id}"
 
 
 class RecordResult(StrEnum):
@@ -63,6 +81,7 @@ class RecordedStep:
     recorded_at: datetime  # storage's Timestamp of the row: the shared clock
     conflict: bool
     completed_at: str = ""
+    partition_key: str = ""  # where the row is stored (the bucket; the requestId for old rows)
 
     def to_message(self) -> bytes:
         """The step as the v1 message upstream sent (to park it for an operator)."""
@@ -82,8 +101,9 @@ class RecordedStep:
 def _entity(completion: Completion, row_key: str, instance_id: str, now: datetime,
             conflict: bool) -> dict[str, Any]:
     return {
-        "PartitionKey": completion.request_id,
+        "PartitionKey": bucket_of(completion.request_id),
         "RowKey": row_key,
+        "requestId": completion.request_id,
         "operationId": completion.operation_id,
         "operation": completion.operation.value,
         "accountId": completion.account_id,
@@ -100,7 +120,7 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
 
 def _step(row: TableEntity) -> RecordedStep:
     return RecordedStep(
-        request_id=row["PartitionKey"],
+        request_id=row.get("requestId") or row["PartitionKey"],
         row_key=row["RowKey"],
         operation_id=row["operationId"],
         operation=Operation(row["operation"]),
@@ -112,6 +132,7 @@ def _step(row: TableEntity) -> RecordedStep:
         recorded_at=_storage_time(row),
         conflict=bool(row.get("conflict", False)),
         completed_at=str(row.get("completedAt") or ""),
+        partition_key=row["PartitionKey"],
     )
 
 
@@ -129,6 +150,7 @@ class CompletionScan:
 
     steps: dict[str, list[RecordedStep]]
     storage_time: datetime  # the Date of storage's answer: "now" on the record times' clock
+    newest_record: datetime | None = None  # the latest Timestamp among the rows read
 
 
 class StorageDate:
@@ -151,7 +173,8 @@ class CompletionStore:
 
     def record(self, completion: Completion, instance_id: str, now: datetime) -> RecordResult:
         """Record one delivery. Idempotent: a redelivery of the same content is a no-op."""
-        entity = _entity(completion, completion.operation_id, instance_id, now, conflict=False)
+        key = row_key_of(completion.request_id, completion.operation_id)
+        entity = _entity(completion, key, instance_id, now, conflict=False)
         for _ in range(3):
             try:
                 self.table.create_entity(entity)
@@ -159,7 +182,7 @@ class CompletionStore:
             except ResourceExistsError:
                 pass
             try:
-                first = self.table.get_entity(completion.request_id, completion.operation_id)
+                first = self.table.get_entity(entity["PartitionKey"], key)
                 break
             except ResourceNotFoundError:
                 continue  # the leader deleted it in between (its request ended): record anew
@@ -170,7 +193,7 @@ class CompletionStore:
             logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
                         completion.operation_id)
             return RecordResult.DUPLICATE
-        row_key = completion.operation_id + CONFLICT_SUFFIX
+        row_key = key + CONFLICT_SUFFIX
         with contextlib.suppress(ResourceExistsError):  # a conflict was recorded already
             self.table.create_entity(_entity(completion, row_key, instance_id, now,
                                              conflict=True))
@@ -178,23 +201,40 @@ class CompletionStore:
                        "request will be rejected", completion.operation_id, completion.request_id)
         return RecordResult.CONFLICT
 
-    def scan(self, fallback_now: datetime) -> CompletionScan:
+    def scan(self, fallback_now: datetime, since: datetime | None = None) -> CompletionScan:
         """Every recorded step, grouped by request (one scan of the table), and storage's time.
 
+        With ``since``, only the rows whose storage ``Timestamp`` is at or after it (the leader's
+        incremental read; storage evaluates the filter, so only those rows travel).
         ``fallback_now`` is used only if storage's answer carried no ``Date`` header.
         """
         grouped: dict[str, list[RecordedStep]] = defaultdict(list)
         date = StorageDate()
-        for row in self.table.list_entities(raw_response_hook=date):
-            grouped[row["PartitionKey"]].append(_step(row))
+        if since is None:
+            rows = self.table.list_entities(raw_response_hook=date)
+        else:
+            rows = self.table.query_entities("Timestamp ge @since", parameters={"since": since},
+                                             raw_response_hook=date)
+        newest: datetime | None = None
+        for row in rows:
+            step = _step(row)
+            grouped[step.request_id].append(step)
+            if newest is None or step.recorded_at > newest:
+                newest = step.recorded_at
         if date.latest is None:
             logger.warning("storage sent no Date header; request expiry uses this instance's "
                            "clock for this scan")
-        return CompletionScan(dict(grouped), date.latest or fallback_now)
+        return CompletionScan(dict(grouped), date.latest or fallback_now, newest)
 
     def steps_of(self, request_id: str) -> list[RecordedStep]:
-        """The recorded steps of one request."""
-        rows = self.table.query_entities("PartitionKey eq @pk", parameters={"pk": request_id})
+        """The recorded steps of one request (either layout)."""
+        low = request_id + KEY_SEPARATOR
+        high = request_id + chr(ord(KEY_SEPARATOR) + 1)
+        rows = self.table.query_entities(
+            "( PartitionKey eq @bucket and RowKey ge @low and RowKey lt @high ) "
+            "or PartitionKey eq @request",  # spaces: the SDK substitutes whole words
+            parameters={"bucket": bucket_of(request_id), "low": low, "high": high,
+                        "request": request_id})
         return [_step(row) for row in rows]
 
     def count(self, limit: int = 10_000) -> int:
@@ -207,20 +247,23 @@ class CompletionStore:
         return total
 
     def delete(self, steps: Iterable[RecordedStep]) -> None:
-        """Delete rows of requests whose outcome is already in the ledger (idempotent)."""
-        by_request: dict[str, list[str]] = defaultdict(list)
+        """Delete rows of requests whose outcome is already in the ledger (idempotent).
+
+        One transaction per 100 rows of a partition, whatever requests they belong to.
+        """
+        by_partition: dict[str, set[str]] = defaultdict(set)
         for step in steps:
-            by_request[step.request_id].append(step.row_key)
-        for request_id, row_keys in by_request.items():
-            for chunk in _chunks(row_keys, _DELETE_CHUNK):
+            by_partition[step.partition_key or step.request_id].add(step.row_key)
+        for partition, row_keys in by_partition.items():
+            for chunk in _chunks(sorted(row_keys), MAX_BATCH_ROWS):
                 try:
                     self.table.submit_transaction(
-                        [("delete", {"PartitionKey": request_id, "RowKey": rk}) for rk in chunk])
+                        [("delete", {"PartitionKey": partition, "RowKey": rk}) for rk in chunk])
                 except TableTransactionError:
                     # One row was already gone (a previous leader crashed mid-cleanup).
                     for rk in chunk:
                         with contextlib.suppress(ResourceNotFoundError):
-                            self.table.delete_entity(request_id, rk)
+                            self.table.delete_entity(partition, rk)
 
 
 def _chunks(items: list[str], size: int) -> Iterator[list[str]]:

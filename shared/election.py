@@ -231,8 +231,19 @@ def _why(exc: AzureError) -> str:
     return str(getattr(exc, "reason", None) or type(exc).__name__)
 
 
+# After a refused acquire (409: a leader holds the lease) an instance makes no further attempt
+# for this long: its completions are covered by that leader's final look, which comes this long
+# after its release (``shared.pipeline.run_election``). It keeps the lease blob's load at most
+# one attempt per instance per window, whatever the message rate.
+FOLLOWER_SKIP_SECONDS = 0.25
+
+
 class LeaseElector:
-    """Makes one acquire attempt per ``try_acquire`` on one blob's lease."""
+    """Makes one acquire attempt per ``try_acquire`` on one blob's lease.
+
+    After a refusal it skips attempts (returns ``None`` without a call) for ``skip_seconds``,
+    measured on ``time.monotonic`` from before the refused request was sent.
+    """
 
     def __init__(
         self,
@@ -249,6 +260,9 @@ class LeaseElector:
         self.instance_id = instance_id
         self.clock = clock
         self.callbacks = callbacks or ElectionCallbacks()
+        self.skip_seconds = FOLLOWER_SKIP_SECONDS
+        self.skipped = 0  # attempts skipped because a leader was seen within the window
+        self._leader_seen_until = float("-inf")
 
     def ensure_blob(self) -> None:
         """Create the lease blob (and its container) if missing; idempotent."""
@@ -257,8 +271,16 @@ class LeaseElector:
         with contextlib.suppress(ResourceExistsError):  # exists, possibly leased: both fine
             self.blob.upload_blob(b"", overwrite=False)
 
-    def try_acquire(self) -> HeldLease | None:
-        """One attempt. ``None`` when another holder has it (a normal outcome, not an error)."""
+    def try_acquire(self, skip_if_leader_seen: bool = False) -> HeldLease | None:
+        """One attempt. ``None`` when another holder has it (a normal outcome, not an error).
+
+        With ``skip_if_leader_seen``, within ``skip_seconds`` of a refusal: ``None`` without
+        asking storage (a leader was active then, and its final look covers this window).
+        """
+        seen = time.monotonic()
+        if skip_if_leader_seen and seen < self._leader_seen_until:
+            self.skipped += 1
+            return None
         lease = BlobLeaseClient(self.blob, lease_id=str(uuid.uuid4()))
         sent = self.clock()
         try:
@@ -270,6 +292,7 @@ class LeaseElector:
                 lease.acquire(lease_duration=int(self.config.lease_seconds))
         except HttpResponseError as exc:
             if exc.status_code == 409:
+                self._leader_seen_until = seen + self.skip_seconds
                 logger.debug("%s: lease held by another instance; exiting early", self.instance_id)
                 self.callbacks.on_refused(self.instance_id)
                 return None

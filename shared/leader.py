@@ -3,18 +3,29 @@
 A ``LeaderTerm`` holds the lease, the epoch it claimed, and a cache of the balances it read. It
 is valid only while its fence holds: every transaction is conditional on the fence, so the cache
 can never be acted on after a newer leader has written.
+
+The drain keeps one thing strictly serial: the commit transactions, each conditional on the
+fence ETag the one before returned. Everything else is batched or runs beside them: the account
+rows a round needs are read many at once (``ACCOUNT_READERS`` threads); consumed completion rows
+are deleted in batches by background threads once their outcome is durable
+(``shared/cleanup.py``); and after the first full scan the leader reads only rows stored since
+the newest it has seen (``CompletionView``). A leader whose work keeps coming lingers
+(``LINGER_SECONDS``) instead of releasing at once. docs/design.md says why each is safe.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from shared.app import LedgerApp
+from shared.completions import RecordedStep
 from shared.decision import (
     Assessment,
     InsufficientFunds,
@@ -39,6 +50,14 @@ from shared.parking import ParkedKind, late_step_id
 logger = logging.getLogger(__name__)
 
 MAX_ACCOUNT_RETRIES = 3  # re-reads of accounts changed under the leader, per batch
+ACCOUNT_READERS = 6  # concurrent account reads (the clients' connection pool holds 10)
+LINGER_SECONDS = 0.25  # a leader whose work kept coming holds the lease this long once idle
+POLL_SECONDS = 0.02  # between its reads while it lingers
+FULL_SCAN_SECONDS = 30.0  # a long term re-reads the whole table at least this often
+# An incremental read starts this long before the newest row already seen: it covers writes
+# that storage stamped earlier but made visible later. A row missed anyway is found by the next
+# full scan (at most FULL_SCAN_SECONDS later, and at every term's start and final look).
+READ_OVERLAP = timedelta(seconds=1)
 
 
 @dataclass
@@ -54,23 +73,80 @@ class DrainReport:
     budget_exhausted: bool = False
 
 
+class CompletionView:
+    """The leader's picture of the completions table: a full scan, then incremental reads.
+
+    Rows whose delete is already queued (``app.cleaner``) are left out, so a committed request
+    is never proposed twice by the process that committed it. Requests decided or settled
+    through this view are not looked at again by incremental reads (a late step of theirs waits
+    for the next full read), so rows whose delete failed cannot keep a term busy.
+    """
+
+    def __init__(self, app: LedgerApp) -> None:
+        self.app = app
+        self.rows: dict[str, dict[tuple[str, str], RecordedStep]] = {}
+        self.done: set[str] = set()
+        self.since: datetime | None = None  # storage time the next incremental read starts at
+        self.full_scan_at = float("-inf")  # time.monotonic() of the last full scan
+
+    def read(self, full: bool = False) -> list[Assessment]:
+        """Every request decidable now, oldest last step first, after reading what is new.
+
+        ``full`` (or no earlier read, or ``FULL_SCAN_SECONDS`` since the last full scan) reads
+        the whole table; otherwise only rows storage stamped at or after ``since``. Expiry
+        compares storage's time of record with storage's time of the read: one clock.
+        """
+        app = self.app
+        full = full or self.since is None or \
+            time.monotonic() - self.full_scan_at >= FULL_SCAN_SECONDS
+        scan = app.completions.scan(fallback_now=app.wallclock(),
+                                    since=None if full else self.since)
+        if full:
+            self.rows = {}
+            self.full_scan_at = time.monotonic()
+        touched: set[str] = set()
+        for request_id, steps in scan.steps.items():
+            if not full and request_id in self.done:
+                continue
+            fresh = [s for s in steps if not app.cleaner.is_pending(s.partition_key, s.row_key)]
+            if fresh:
+                known = self.rows.setdefault(request_id, {})
+                known.update(((s.partition_key, s.row_key), s) for s in fresh)
+                touched.add(request_id)
+        newest = scan.newest_record if scan.newest_record is not None else scan.storage_time
+        mark = newest - READ_OVERLAP
+        if self.since is None or mark > self.since:
+            self.since = mark
+        # A full read decides on everything (expiry included); an incremental one on the
+        # requests it brought new rows for.
+        candidates = self.rows.keys() if full else touched
+        now = scan.storage_time + app.time_shift()
+        timeout = timedelta(seconds=app.config.request_timeout_seconds)
+        found = []
+        for request_id in candidates:
+            assessment = assess(request_id, list(self.rows[request_id].values()), now, timeout)
+            if request_id in app.recently_decided:
+                # This process decided it: whatever rows are still here are late (or their
+                # delete failed); either way they are settled against the outcome.
+                assessment = Assessment(request_id, Verdict.LATE, "request already ended",
+                                        assessment.steps)
+            if assessment.decided:
+                found.append(assessment)
+        return sorted(found, key=lambda a: (a.last_recorded_at, a.request_id))
+
+    def forget(self, request_ids: Iterable[str]) -> None:
+        """Drop requests that were decided (their rows are being deleted)."""
+        for request_id in request_ids:
+            self.rows.pop(request_id, None)
+            self.done.add(request_id)
+
+
 def ready_assessments(app: LedgerApp) -> list[Assessment]:
     """Every request the leader can decide now, in commit order (oldest last step first).
 
-    Expiry compares storage's time of record with storage's time of the scan: one clock.
+    One full scan of the completions table (rows already being deleted left out).
     """
-    scan = app.completions.scan(fallback_now=app.wallclock())
-    now = scan.storage_time + app.time_shift()
-    timeout = timedelta(seconds=app.config.request_timeout_seconds)
-    found = []
-    for request_id, steps in scan.steps.items():
-        assessment = assess(request_id, steps, now, timeout)
-        if not assessment.decided and request_id in app.recently_decided:
-            assessment = Assessment(request_id, Verdict.LATE, "request already ended",
-                                    assessment.steps)
-        found.append(assessment)
-    return sorted((a for a in found if a.decided),
-                  key=lambda a: (a.last_recorded_at, a.request_id))
+    return CompletionView(app).read(full=True)
 
 
 def _accounts(assessment: Assessment) -> set[str]:
@@ -98,15 +174,18 @@ class LeaderTerm:
     """The work of one leader between acquiring and releasing the lease."""
 
     def __init__(self, app: LedgerApp, lease: HeldLease, fence: Fence,
-                 balances: Mapping[str, AccountRow] | None = None) -> None:
+                 balances: Mapping[str, AccountRow] | None = None,
+                 view: CompletionView | None = None) -> None:
         self.app = app
         self.lease = lease
         self.fence = fence
         self.balances: dict[str, AccountRow] = dict(balances or {})
+        self.view = view or CompletionView(app)
         self.report = DrainReport(fence.epoch)
 
     @classmethod
-    def begin(cls, app: LedgerApp, lease: HeldLease) -> LeaderTerm:
+    def begin(cls, app: LedgerApp, lease: HeldLease,
+              view: CompletionView | None = None) -> LeaderTerm:
         """Claim the next epoch under ``lease``; reuse this process's balances if still current."""
         lease.ensure_can_start(app.config.storage_timeout_seconds)
         known = app.snapshot
@@ -114,35 +193,64 @@ class LeaderTerm:
                                                   app.wallclock(), known)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
-        return cls(app, lease, fence, known.balances if continued and known else None)
+        return cls(app, lease, fence, known.balances if continued and known else None, view)
 
     def drain(self, budget_deadline: float,
               ready: list[Assessment] | None = None) -> DrainReport:
         """Commit every ready request until none is left or the budget (monotonic) runs out.
 
-        ``ready`` is a scan made just before (it saves one). Raises ``LeadershipLost`` or
+        ``ready`` is a read of ``self.view`` made just before (it saves one). Once more than
+        one round found work (work keeps coming), an empty read does not end the term at once:
+        the leader keeps reading for ``LINGER_SECONDS`` first. Raises ``LeadershipLost`` or
         ``FencedOut`` when leadership ends under it.
         """
         step_seconds = self.app.config.storage_timeout_seconds
+        rounds_with_work = 0
+        idle_since: float | None = None
         while True:
             if self.app.clock() >= budget_deadline:
                 self.report.budget_exhausted = True
                 return self.report
             self.lease.ensure_can_start(step_seconds)
             if ready is None:
-                ready = ready_assessments(self.app)
+                ready = self.view.read()
                 self.report.scans += 1
             if not ready:
-                return self.report
+                now = time.monotonic()
+                idle_since = now if idle_since is None else idle_since
+                if rounds_with_work < 2 or now - idle_since >= LINGER_SECONDS:
+                    return self.report
+                time.sleep(POLL_SECONDS)
+                ready = None
+                continue
+            idle_since = None
             late = [a for a in ready if a.verdict is Verdict.LATE]
+            rounds_with_work += len(late) < len(ready)
             for assessment in late:
                 self._settle_late(assessment)
-            for batch in plan_batches([a for a in ready if a.verdict is not Verdict.LATE]):
+            batches = plan_batches([a for a in ready if a.verdict is not Verdict.LATE])
+            self._read_accounts({account for batch in batches for a in batch
+                                 for account in _accounts(a)})
+            for batch in batches:
                 if self.app.clock() >= budget_deadline:
                     self.report.budget_exhausted = True
                     return self.report
                 self._commit(batch)
-            ready = None  # committed everything seen: scan again for what arrived meanwhile
+            ready = None  # committed everything seen: read again for what arrived meanwhile
+
+    def _read_accounts(self, accounts: Iterable[str]) -> None:
+        """Read the balances not cached yet, ``ACCOUNT_READERS`` at a time."""
+        missing = sorted(a for a in set(accounts) if a not in self.balances)
+        if not missing:
+            return
+        self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
+        if len(missing) == 1:
+            self.balances[missing[0]] = self.app.ledger.read_account(missing[0])
+            return
+        with ThreadPoolExecutor(min(ACCOUNT_READERS, len(missing)),
+                                thread_name_prefix="read-account") as pool:
+            for row in pool.map(self.app.ledger.read_account, missing):
+                self.balances[row.account_id] = row
 
     def _commit(self, batch: list[Assessment]) -> None:
         step_seconds = self.app.config.storage_timeout_seconds
@@ -151,10 +259,7 @@ class LeaderTerm:
         for _ in range(len(batch) + MAX_ACCOUNT_RETRIES):
             if not pending:
                 return
-            self.lease.ensure_can_start(step_seconds)
-            for account in sorted(set().union(*(_accounts(a) for a in pending))):
-                if account not in self.balances:
-                    self.balances[account] = self.app.ledger.read_account(account)
+            self._read_accounts(set().union(*(_accounts(a) for a in pending)))
             outcomes, new_balances = self._decide(pending)
             self.lease.ensure_can_start(step_seconds)
             try:
@@ -177,7 +282,9 @@ class LeaderTerm:
             for outcome in outcomes:
                 self.report.outcomes[outcome.status] += 1
             self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
-            self.app.completions.delete(step for a in pending for step in a.steps)
+            # The outcomes are durable: their rows may go now, in the background, batched.
+            self.view.forget(a.request_id for a in pending)
+            self.app.cleaner.consumed(step for a in pending for step in a.steps)
             return
         raise LedgerWriteError(f"account rows kept changing under epoch {self.fence.epoch} "
                                "while it committed; is something other than the leader writing "
@@ -187,11 +294,13 @@ class LeaderTerm:
         """Steps of a request that already has an outcome: park what contradicts it, drop the rest.
 
         Parking comes before the delete (and is idempotent), so a crash in between loses
-        nothing: the next leader finds the rows again and parks them again.
+        nothing: the next leader finds the rows again and parks them again. The delete itself
+        is queued on ``app.cleaner`` like any consumed row.
         """
         decided = self.app.ledger.read_outcome(late.request_id)
         if decided is None:  # not decided after all (a cache from an older fence?): keep them
             logger.warning("request %s has no outcome; its steps are kept", late.request_id)
+            self.view.forget([late.request_id])
             return
         parked = 0
         for step in late.steps:
@@ -205,7 +314,8 @@ class LeaderTerm:
         if parked < len(late.steps):
             logger.info("%d late step(s) of request %s, which already ended, dropped",
                         len(late.steps) - parked, late.request_id)
-        self.app.completions.delete(late.steps)
+        self.view.forget([late.request_id])
+        self.app.cleaner.consumed(late.steps)
         self.app.recently_decided.add([late.request_id])
         self.report.late_requests.append(late.request_id)
         self.report.parked_late_steps += parked

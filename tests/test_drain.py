@@ -1,0 +1,99 @@
+"""The batched drain: deletes off the commit's path, incremental reads, follower skips."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from shared.clients import CallCounter
+from shared.completions import BUCKETS, bucket_of
+from shared.election import ElectionCallbacks, LeaseState
+from shared.leader import CompletionView
+from shared.pipeline import Role, handle_completion, run_election
+from tests.helpers import Namespace, balance, deposit, record, send, status, transfer
+
+
+def test_rows_of_many_requests_are_deleted_in_one_transaction_per_bucket(ns: Namespace) -> None:
+    counter = CallCounter()
+    app = ns.app(request_hook=counter)
+    requests = [f"d{i}" for i in range(60)]
+    for request_id in requests:
+        record(app, *deposit(request_id, f"acct{int(request_id[1:]) % 5}", "1.00"))
+    counter.calls.clear()
+    assert run_election(app).role is Role.LEADER
+    assert all(status(app, r) == "committed" for r in requests)
+    assert app.completions.count() == 0
+    buckets = {bucket_of(r) for r in requests}
+    assert len(buckets) <= BUCKETS
+    # 60 rows: one delete transaction per bucket they fall in (not one per request), plus one
+    # commit, the fence claim, 5 account reads, the two scans and the lease acquire/release.
+    assert counter.calls["POST"] <= len(buckets) + 1 + 1
+
+
+def test_a_commit_whose_rows_were_never_deleted_is_not_applied_again(ns: Namespace) -> None:
+    crashed = ns.app("crashed")
+
+    def die(_steps: object) -> None:
+        raise RuntimeError("the process died right after the commit")
+
+    crashed.cleaner.consumed = die  # type: ignore[method-assign,assignment]
+    send(crashed, *deposit("d1", "alice", "10.00"))
+    assert status(crashed, "d1") == "committed"
+    assert crashed.completions.count() > 0, "the rows outlived their commit"
+    other = ns.app("other")
+    assert run_election(other).role is Role.LEADER
+    assert balance(other, "alice") == Decimal("10.00"), "not applied a second time"
+    assert other.completions.count() == 0, "the next leader removed them as late"
+
+
+def test_a_follower_that_saw_a_leader_skips_its_attempt_and_the_final_look_commits_its_work(
+        ns: Namespace) -> None:
+    counter = CallCounter()
+    follower = ns.app("follower", request_hook=counter)
+    follower.elector.skip_seconds = 2.0
+    calls: list[int] = []
+    roles: list[Role | None] = []
+
+    def deliver(body: bytes) -> None:
+        before = counter.total
+        result = handle_completion(follower, body, message_id=body.decode()[:40])
+        calls.append(counter.total - before)
+        roles.append(result.election.role if result.election else None)
+
+    def while_leading(_lease_id: str) -> None:
+        if not calls:
+            deliver(deposit("f1", "bob", "1.00")[0])  # refused: the leader holds the lease
+
+    def after_release(_lease_id: str, state: LeaseState) -> None:
+        if state is LeaseState.RELEASED and len(calls) == 1:
+            deliver(deposit("f2", "bob", "2.00")[0])  # lease free, but still skipping
+
+    leader = ns.app("leader", callbacks=ElectionCallbacks(before_release=while_leading,
+                                                          on_stopped_leading=after_release))
+    leader.elector.skip_seconds = 2.0  # every instance runs with the same window
+    send(leader, *deposit("d1", "alice", "1.00"))
+    assert calls == [2, 1], "insert + refused attempt; then the insert alone"
+    assert roles == [Role.FOLLOWER, Role.FOLLOWER]
+    assert follower.elector.skipped == 1
+    # No further message and no sweeper: the leader's final look, skip_seconds after its
+    # release, found both completions and committed them.
+    assert status(leader, "f1") == "committed"
+    assert status(leader, "f2") == "committed"
+    assert balance(leader, "bob") == Decimal("3.00")
+
+
+def test_incremental_reads_see_new_rows_and_skip_rows_being_deleted(ns: Namespace) -> None:
+    app = ns.app()
+    record(app, *deposit("d1", "alice", "1.00"))
+    view = CompletionView(app)
+    assert [a.request_id for a in view.read(full=True)] == ["d1"]
+    record(app, *deposit("d2", "alice", "2.00"), *transfer("t1", "alice", "bob", "1.00")[:1])
+    ready = view.read()
+    assert [a.request_id for a in ready] == ["d1", "d2"] or \
+        [a.request_id for a in ready] == ["d2"], "d2 is new; t1 has one of two legs"
+    assert "t1" in view.rows, "the pending transfer is known"
+    assert view.since is not None
+    steps = view.rows["d2"].values()
+    app.cleaner.consumed(steps)  # queued for deletion
+    assert "d2" not in [a.request_id for a in view.read(full=True)]
+    assert app.cleaner.drain(timeout=10)
+    assert app.completions.steps_of("d2") == []
