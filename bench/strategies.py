@@ -43,6 +43,7 @@ from shared.app import LedgerApp
 from shared.contract import Operation, parse_completion
 from shared.money import format_money, parse_balance
 from shared.pipeline import handle_completion
+from shared.transactions import submit_transaction
 
 STRATEGIES = ("leader", "naive", "single")
 LOCK_POLL_SECONDS = 0.05  # how often a single-consumer instance retries a refused lock
@@ -115,7 +116,7 @@ def apply_optimistically(table: TableClient, body: bytes) -> tuple[str, bool, in
                 "mode": UpdateMode.REPLACE, "etag": etag,
                 "match_condition": MatchConditions.IfNotModified}))
         try:
-            table.submit_transaction(operations)
+            submit_transaction(table, operations)  # the leader's fast path, for fairness
             return request_id, True, attempt
         except TableTransactionError as exc:
             if exc.index == 0:  # the idempotency row exists: a redelivery, already applied

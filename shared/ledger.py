@@ -31,6 +31,7 @@ from azure.data.tables import TableClient, TableEntity, TableTransactionError, U
 from shared.contract import MAX_EXPECTED_OPERATIONS
 from shared.election import TermEnded
 from shared.money import format_money, parse_balance
+from shared.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ class Ledger:
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp)
         try:
-            results = self.table.submit_transaction(plan.operations)
+            results = submit_transaction(self.table, plan.operations)  # the fast path
         except TableTransactionError as exc:
             error_code = getattr(exc, "error_code", None)  # set by azure-core from the answer
             code = str(getattr(error_code, "value", error_code) or "")
