@@ -82,6 +82,7 @@ class RecordedStep:
     conflict: bool
     completed_at: str = ""
     partition_key: str = ""  # where the row is stored (the bucket; the requestId for old rows)
+    recorded_by: str = ""  # the instance that recorded it
 
     def to_message(self) -> bytes:
         """The step as the v1 message upstream sent (to park it for an operator)."""
@@ -133,6 +134,7 @@ def _step(row: TableEntity) -> RecordedStep:
         conflict=bool(row.get("conflict", False)),
         completed_at=str(row.get("completedAt") or ""),
         partition_key=row["PartitionKey"],
+        recorded_by=str(row.get("recordedBy") or ""),
     )
 
 

@@ -262,6 +262,7 @@ class LeaseElector:
         self.callbacks = callbacks or ElectionCallbacks()
         self.skip_seconds = FOLLOWER_SKIP_SECONDS
         self.skipped = 0  # attempts skipped because a leader was seen within the window
+        self.window_opened_at = float("-inf")  # time.monotonic() of the last refusal that did
         self._leader_seen_until = float("-inf")
 
     def ensure_blob(self) -> None:
@@ -271,14 +272,15 @@ class LeaseElector:
         with contextlib.suppress(ResourceExistsError):  # exists, possibly leased: both fine
             self.blob.upload_blob(b"", overwrite=False)
 
-    def try_acquire(self, skip_if_leader_seen: bool = False) -> HeldLease | None:
+    def try_acquire(self, after_recording: bool = False) -> HeldLease | None:
         """One attempt. ``None`` when another holder has it (a normal outcome, not an error).
 
-        With ``skip_if_leader_seen``, within ``skip_seconds`` of a refusal: ``None`` without
-        asking storage (a leader was active then, and its final look covers this window).
+        ``after_recording``: this attempt follows a row this invocation wrote. Then, within
+        ``skip_seconds`` of an earlier such refusal, ``None`` without asking storage (a leader
+        was active then, and its final look covers the window); and a refusal opens the window.
         """
         seen = time.monotonic()
-        if skip_if_leader_seen and seen < self._leader_seen_until:
+        if after_recording and seen < self._leader_seen_until:
             self.skipped += 1
             return None
         lease = BlobLeaseClient(self.blob, lease_id=str(uuid.uuid4()))
@@ -292,7 +294,9 @@ class LeaseElector:
                 lease.acquire(lease_duration=int(self.config.lease_seconds))
         except HttpResponseError as exc:
             if exc.status_code == 409:
-                self._leader_seen_until = seen + self.skip_seconds
+                if after_recording:
+                    self._leader_seen_until = seen + self.skip_seconds
+                    self.window_opened_at = seen
                 logger.debug("%s: lease held by another instance; exiting early", self.instance_id)
                 self.callbacks.on_refused(self.instance_id)
                 return None

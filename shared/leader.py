@@ -86,6 +86,7 @@ class CompletionView:
         self.app = app
         self.rows: dict[str, dict[tuple[str, str], RecordedStep]] = {}
         self.done: set[str] = set()
+        self.others_seen = False  # a row recorded by another instance was read
         self.since: datetime | None = None  # storage time the next incremental read starts at
         self.full_scan_at = float("-inf")  # time.monotonic() of the last full scan
 
@@ -105,7 +106,9 @@ class CompletionView:
             self.rows = {}
             self.full_scan_at = time.monotonic()
         touched: set[str] = set()
+        me = app.config.instance_id
         for request_id, steps in scan.steps.items():
+            self.others_seen = self.others_seen or any(s.recorded_by != me for s in steps)
             if not full and request_id in self.done:
                 continue
             fresh = [s for s in steps if not app.cleaner.is_pending(s.partition_key, s.row_key)]

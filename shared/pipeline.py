@@ -15,7 +15,7 @@ from enum import StrEnum
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
-from shared.decision import Verdict
+from shared.decision import Assessment, Verdict
 from shared.election import TermEnded
 from shared.leader import CompletionView, DrainReport, LeaderTerm, ready_assessments
 
@@ -69,7 +69,7 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
         return CompletionResult(recorded=None, parked=True)
     recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())
     try:
-        election = run_election(app, after_delivery=True)
+        election = run_election(app, recorded_a_row=recorded is not RecordResult.DUPLICATE)
     except Exception:
         logger.exception("leading after recording %s/%s failed; the sweeper or the next leader "
                          "will resume", completion.request_id, completion.operation_id)
@@ -77,28 +77,34 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
     return CompletionResult(recorded=recorded, election=election)
 
 
-def run_election(app: LedgerApp, after_delivery: bool = False) -> ElectionResult:
+def run_election(app: LedgerApp, recorded_a_row: bool = False) -> ElectionResult:
     """One acquire attempt; if elected, drain, release, and look again for work left behind.
 
     Looking again after the release is what guarantees that a completion recorded by an
     instance that exited early (because this one held the lease) is still committed: when the
-    look finds ready work, this invocation competes for the lease again. The look comes
-    ``elector.skip_seconds`` after the release: an instance refused while this one held the
-    lease makes no attempt of its own for that long (``LeaseElector.try_acquire``), so every
-    completion it recorded meanwhile is in the table by the time of the look.
-    ``after_delivery`` (the queue trigger) allows that skip; the sweeper always attempts.
+    look finds ready work, this invocation competes for the lease again.
+
+    ``recorded_a_row`` (the queue trigger, when it wrote a row) lets the attempt be skipped
+    within ``elector.skip_seconds`` of an earlier refusal (``LeaseElector.try_acquire``). Such a
+    skipping instance wrote a row before its refusal, so a leader that read a row of another
+    instance (or whose own process was refused meanwhile) looks once more,
+    ``elector.skip_seconds`` after its release, when every window opened during its term has
+    closed: whatever the skipping instances recorded is in the table by then. The sweeper
+    always attempts.
     """
     result = ElectionResult(Role.FOLLOWER)
     budget_deadline = app.clock() + app.config.drain_budget_seconds
+    others_seen = False
     for _ in range(MAX_TERMS_PER_INVOCATION):
-        lease = app.elector.try_acquire(skip_if_leader_seen=after_delivery)
-        after_delivery = False  # a look that found work always competes
+        asked_at = time.monotonic()
+        lease = app.elector.try_acquire(after_recording=recorded_a_row)
+        recorded_a_row = False  # a look that found work always competes
         if lease is None:
             return result
         result.role = Role.LEADER
         report: DrainReport | None = None
+        view = CompletionView(app)
         try:
-            view = CompletionView(app)
             ready = view.read(full=True)
             if ready:  # otherwise no epoch is claimed and the lease goes straight back
                 term = LeaderTerm.begin(app, lease, view)
@@ -113,6 +119,7 @@ def run_election(app: LedgerApp, after_delivery: bool = False) -> ElectionResult
             app.cleaner.drain(timeout=app.config.storage_timeout_seconds)
             lease.release()
         released_at = time.monotonic()
+        others_seen = others_seen or view.others_seen
         if report is not None:
             if report.outcomes or report.late_requests:
                 logger.info("epoch %d decided %s in %d transaction(s)", report.epoch,
@@ -120,12 +127,22 @@ def run_election(app: LedgerApp, after_delivery: bool = False) -> ElectionResult
             if report.budget_exhausted:
                 result.stopped_by = "drain budget exhausted"
                 return result
-        # Released: look again for work recorded by instances that exited early meanwhile, once
-        # the last of them (refused just before the release) has stopped skipping attempts.
-        time.sleep(max(0.0, released_at + app.elector.skip_seconds - time.monotonic()))
-        # Steps of requests this process already decided (late ones, or rows whose delete
-        # failed) do not start a term of their own: the next leader or the sweeper settles them.
-        if app.clock() >= budget_deadline or all(
-                a.verdict is Verdict.LATE for a in ready_assessments(app)):
+        # Released: look again for work recorded by instances that exited early meanwhile.
+        look = CompletionView(app)
+        found = _worth_a_term(look.read(full=True))
+        others_seen = others_seen or look.others_seen
+        if not found and (others_seen or app.elector.window_opened_at >= asked_at):
+            # Someone else recorded while this invocation led: it may have been refused and be
+            # skipping attempts. Look again once the last such window has closed.
+            time.sleep(max(0.0, released_at + app.elector.skip_seconds - time.monotonic()))
+            found = _worth_a_term(ready_assessments(app))
+        if app.clock() >= budget_deadline or not found:
             return result
     return result
+
+
+def _worth_a_term(ready: list[Assessment]) -> bool:
+    """Whether a look found work for a new term. Steps of requests this process already decided
+    (late ones, or rows whose delete failed) do not start one: the next leader or the sweeper
+    settles them."""
+    return any(a.verdict is not Verdict.LATE for a in ready)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from decimal import Decimal
+from typing import Any
 
 from shared.clients import CallCounter
 from shared.completions import BUCKETS, bucket_of
@@ -49,7 +51,6 @@ def test_a_follower_that_saw_a_leader_skips_its_attempt_and_the_final_look_commi
         ns: Namespace) -> None:
     counter = CallCounter()
     follower = ns.app("follower", request_hook=counter)
-    follower.elector.skip_seconds = 2.0
     calls: list[int] = []
     roles: list[Role | None] = []
 
@@ -59,26 +60,41 @@ def test_a_follower_that_saw_a_leader_skips_its_attempt_and_the_final_look_commi
         calls.append(counter.total - before)
         roles.append(result.election.role if result.election else None)
 
-    def while_leading(_lease_id: str) -> None:
-        if not calls:
-            deliver(deposit("f1", "bob", "1.00")[0])  # refused: the leader holds the lease
+    released: list[bool] = []
+    leader = ns.app("leader", callbacks=ElectionCallbacks(
+        # While the leader holds the lease, before its first scan: the follower is refused.
+        on_started_leading=lambda _id: None if calls else deliver(deposit("f1", "bob", "1.00")[0]),
+        on_stopped_leading=lambda _id, state: released.append(state is LeaseState.RELEASED)))
+    for app in (leader, follower):  # every instance runs with one window; 2 s keeps this exact
+        app.elector.skip_seconds = 2.0
+    scan = leader.completions.scan
 
-    def after_release(_lease_id: str, state: LeaseState) -> None:
-        if state is LeaseState.RELEASED and len(calls) == 1:
-            deliver(deposit("f2", "bob", "2.00")[0])  # lease free, but still skipping
+    def scan_then_deliver(*args: Any, **kwargs: Any) -> Any:
+        answer = scan(*args, **kwargs)
+        if released and len(calls) == 1:
+            # The worst case: after the leader released and looked once, inside the window.
+            deliver(deposit("f2", "bob", "2.00")[0])
+        return answer
 
-    leader = ns.app("leader", callbacks=ElectionCallbacks(before_release=while_leading,
-                                                          on_stopped_leading=after_release))
-    leader.elector.skip_seconds = 2.0  # every instance runs with the same window
+    leader.completions.scan = scan_then_deliver  # type: ignore[method-assign]
     send(leader, *deposit("d1", "alice", "1.00"))
     assert calls == [2, 1], "insert + refused attempt; then the insert alone"
     assert roles == [Role.FOLLOWER, Role.FOLLOWER]
     assert follower.elector.skipped == 1
-    # No further message and no sweeper: the leader's final look, skip_seconds after its
-    # release, found both completions and committed them.
+    # No further message and no sweeper: the leader's last look, skip_seconds after its
+    # release, found f2 and committed it (f1 was committed in its term).
     assert status(leader, "f1") == "committed"
     assert status(leader, "f2") == "committed"
     assert balance(leader, "bob") == Decimal("3.00")
+
+
+def test_a_lone_instance_does_not_wait_for_skippers_that_cannot_exist(ns: Namespace) -> None:
+    app = ns.app()
+    app.elector.skip_seconds = 30.0  # a wait would show
+    started = time.monotonic()
+    send(app, *deposit("d1", "alice", "1.00"), *transfer("t1", "alice", "bob", "1.00"))
+    assert time.monotonic() - started < 15, "no other instance recorded: no final wait"
+    assert status(app, "t1") == "committed"
 
 
 def test_incremental_reads_see_new_rows_and_skip_rows_being_deleted(ns: Namespace) -> None:
