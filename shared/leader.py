@@ -39,6 +39,7 @@ from shared.ledger import (
     MAX_TRANSACTION_OPERATIONS,
     AccountChanged,
     AccountRow,
+    DecidedOutcome,
     Fence,
     LedgerSnapshot,
     LedgerWriteError,
@@ -239,6 +240,8 @@ class LeaderTerm:
                     self.report.budget_exhausted = True
                     return self.report
                 self._commit(batch)
+            # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
+            self.app.cleaner.flush()
             ready = None  # committed everything seen: read again for what arrived meanwhile
 
     def _read_accounts(self, accounts: Iterable[str]) -> None:
@@ -269,9 +272,14 @@ class LeaderTerm:
                 result = self.app.ledger.commit(self.fence, outcomes, new_balances,
                                                 self.app.wallclock())
             except OutcomeExists as exc:
-                late = next(a for a in pending if a.request_id == exc.request_id)
-                pending.remove(late)
-                self._settle_late(late)
+                # Such requests rarely come alone (a leader that crashed with deletes queued
+                # leaves many): look up the whole batch's outcomes at once, settle all found.
+                decided = self._read_outcomes([a.request_id for a in pending])
+                found = [a for a in pending if a.request_id in decided] or \
+                    [next(a for a in pending if a.request_id == exc.request_id)]
+                for late in found:
+                    pending.remove(late)
+                    self._settle_late(late, decided.get(late.request_id))
                 continue
             except AccountChanged as exc:
                 logger.warning("%s; reading it again", exc)
@@ -293,14 +301,22 @@ class LeaderTerm:
                                "while it committed; is something other than the leader writing "
                                "the ledger table? Stop it; the next leader resumes")
 
-    def _settle_late(self, late: Assessment) -> None:
+    def _read_outcomes(self, request_ids: list[str]) -> dict[str, DecidedOutcome]:
+        """The outcomes that exist among ``request_ids``, ``ACCOUNT_READERS`` reads at a time."""
+        with ThreadPoolExecutor(min(ACCOUNT_READERS, len(request_ids)),
+                                thread_name_prefix="read-outcome") as pool:
+            return {request_id: decided for request_id, decided in
+                    zip(request_ids, pool.map(self.app.ledger.read_outcome, request_ids),
+                        strict=True) if decided is not None}
+
+    def _settle_late(self, late: Assessment, decided: DecidedOutcome | None = None) -> None:
         """Steps of a request that already has an outcome: park what contradicts it, drop the rest.
 
         Parking comes before the delete (and is idempotent), so a crash in between loses
         nothing: the next leader finds the rows again and parks them again. The delete itself
         is queued on ``app.cleaner`` like any consumed row.
         """
-        decided = self.app.ledger.read_outcome(late.request_id)
+        decided = decided or self.app.ledger.read_outcome(late.request_id)
         if decided is None:  # not decided after all (a cache from an older fence?): keep them
             logger.warning("request %s has no outcome; its steps are kept", late.request_id)
             self.view.forget([late.request_id])
