@@ -107,7 +107,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         _enqueue(app, work)
         server, base_url = serve()
         out.write(f"Read API on {base_url}/api/leader (and /api/accounts/{{id}}, "
-                  f"/api/requests/{{id}})\n")
+                  f"/api/requests/{{id}}); status page: {base_url}/api/status\n")
         log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
                           lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
@@ -141,7 +141,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         elapsed = time.monotonic() - started
         code = _summary(app, work, cluster, base_url, elapsed, finished, out)
         if options.serve_after:
-            out.write(f"Serving the read API on {base_url} until Ctrl-C ...\n")
+            out.write(f"Status page: {base_url}/api/status (open it in a browser)\n"
+                      f"Serving the read API on {base_url} until Ctrl-C ...\n")
             out.flush()
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
