@@ -32,8 +32,7 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from shared.api import Reply
 from shared.app import LedgerApp
-from shared.ledger import REQUEST_PREFIX
-from shared.parking import PARKED_PARTITION
+from shared.ledger import REQUEST_PREFIX, Fence
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +72,11 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     """Everything the status page shows, as JSON-ready values."""
     now = app.wallclock()
     election = app.config.election
-    fence = app.ledger.read_fence() or {}
+    fence = app.ledger.read_fence()
     lease = _lease_view(app)
     leased = lease["state"] == "leased"
-    claimed_at = _parse(fence.get("claimedAt"))
-    last_commit_at = _parse(fence.get("lastCommitAt"))
+    claimed_at = _parse(fence.claimed_at if fence else None)
+    last_commit_at = _parse(fence.last_commit_at if fence else None)
     outcomes = _outcome_rows(app, "", MAX_OUTCOME_ROWS,
                              ["status", "epoch", "decidedBy", "decidedAt"])
     since = now - timedelta(seconds=WINDOW_SECONDS)
@@ -88,14 +87,18 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
         poisoned = int(poison.get_queue_properties().approximate_message_count or 0)
     except ResourceNotFoundError:
         poisoned = 0
+    try:
+        parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
+    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
+        parked = {}
     return {
         "generatedAt": now.isoformat(),
         "leader": {
-            "holder": fence.get("holder") if leased else None,
-            "lastHolder": fence.get("holder"),
-            "epoch": int(fence.get("epoch", 0)),
-            "claimedAt": fence.get("claimedAt") or None,
-            "lastCommitAt": fence.get("lastCommitAt") or None,
+            "holder": fence.holder if fence and leased else None,
+            "lastHolder": fence.holder if fence else None,
+            "epoch": fence.epoch if fence else 0,
+            "claimedAt": (fence.claimed_at if fence else "") or None,
+            "lastCommitAt": (fence.last_commit_at if fence else "") or None,
             "lease": lease,
             "leaseSeconds": election.lease_seconds,
             "renewIntervalSeconds": election.renew_interval_seconds,
@@ -109,9 +112,8 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
                                              .items())),
                      "total": len(outcomes.rows), "truncated": outcomes.truncated},
         "leaders": _leaders(outcomes.rows, fence),
-        "parked": _count(app.parking.table.query_entities(
-            "PartitionKey eq @pk", parameters={"pk": PARKED_PARTITION}, select=["RowKey"],
-            results_per_page=1000), MAX_PARKED_ROWS),
+        "parked": sum(parked.values()),
+        "parkedByKind": parked,
         "poisoned": poisoned,
         "poisonQueue": app.config.poison_queue,
     }
@@ -167,15 +169,6 @@ def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
     return _Rows(found, False)
 
 
-def _count(rows: Iterable[Any], limit: int) -> int:
-    total = 0
-    for _ in rows:
-        total += 1
-        if total >= limit:
-            break
-    return total
-
-
 def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
     rows = _bounded(app.completions.table.list_entities(
         select=["PartitionKey", "recordedAt"], results_per_page=1000), MAX_PENDING_ROWS)
@@ -214,7 +207,7 @@ def _throughput(recent: _Rows, since: datetime) -> dict[str, Any]:
     }
 
 
-def _leaders(rows: list[dict[str, Any]], fence: Mapping[str, Any]) -> list[dict[str, Any]]:
+def _leaders(rows: list[dict[str, Any]], fence: Fence | None) -> list[dict[str, Any]]:
     """Epochs newest first: holder, first and last decision, requests decided."""
     epochs: dict[int, dict[str, Any]] = {}
     for row in rows:
@@ -228,11 +221,11 @@ def _leaders(rows: list[dict[str, Any]], fence: Mapping[str, Any]) -> list[dict[
         entry["decided"] += 1
         entry["firstDecidedAt"] = min(entry["firstDecidedAt"], stamp)
         entry["lastDecidedAt"] = max(entry["lastDecidedAt"], stamp)
-    if fence.get("epoch"):
-        current = epochs.setdefault(int(fence["epoch"]), {
-            "epoch": int(fence["epoch"]), "holder": fence.get("holder"), "firstDecidedAt": None,
+    if fence is not None and fence.epoch:
+        current = epochs.setdefault(fence.epoch, {
+            "epoch": fence.epoch, "holder": fence.holder, "firstDecidedAt": None,
             "lastDecidedAt": None, "decided": 0})
-        current["claimedAt"] = fence.get("claimedAt")
+        current["claimedAt"] = fence.claimed_at or None
     return [epochs[e] for e in sorted(epochs, reverse=True)[:RECENT_LEADERS]]
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 from azure.storage.blob import BlobLeaseClient
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 from shared import runtime
 from shared.app import LedgerApp
@@ -40,7 +40,7 @@ CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
-PHONE = {"width": 390, "height": 844}
+PHONE: ViewportSize = {"width": 390, "height": 844}
 WAIT_MS = 30_000
 
 
@@ -134,8 +134,9 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         assert first_epoch >= 1
         expect(page.locator("#epoch")).to_have_text(str(first_epoch), timeout=WAIT_MS)
         expect(page.locator("#parked")).to_have_text(str(work.malformed))
+        expect(page.locator("#parked-kinds")).to_contain_text(f"malformed {work.malformed}")
         expect(page.locator("#poisoned")).to_have_text("2")
-        stored = Counter(str(row["status"]) for row in app.ledger.list_outcomes())
+        stored = Counter(row.outcome.status for row in app.ledger.list_outcomes())
         assert page_outcomes(page) == {**stored, "total": work.requests}
         assert int(page.locator("#chart").get_attribute("data-total") or -1) == stored[
             "committed"], "every commit of the last minutes is in the chart"
@@ -175,7 +176,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         assert leader["epoch"] == metrics["leader"]["epoch"] == first_epoch + 2
         assert leader["holder"] == metrics["leader"]["holder"] == term_b.fence.holder
         assert leader["pendingCompletions"] == metrics["pending"]["completions"] == 1
-        stored = Counter(str(row["status"]) for row in b.ledger.list_outcomes())
+        stored = Counter(row.outcome.status for row in b.ledger.list_outcomes())
         assert metrics["outcomes"]["byStatus"] == dict(stored)
         expect(page.locator("#outcomes tr[data-status=total] td").nth(1)).to_have_text(
             str(work.requests + 2), timeout=WAIT_MS)
