@@ -142,6 +142,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         code = _summary(app, work, cluster, base_url, elapsed, finished, out)
         if options.serve_after:
             out.write(f"Status page: {base_url}/api/status (open it in a browser)\n"
+                      "Operator CLI on this storage, from another terminal:\n"
+                      f"  AzureWebJobsStorage='{connection_string}' ./dev cli status\n"
                       f"Serving the read API on {base_url} until Ctrl-C ...\n")
             out.flush()
             with contextlib.suppress(KeyboardInterrupt):
