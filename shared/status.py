@@ -79,7 +79,10 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     last_commit_at = _parse(fence.last_commit_at if fence else None)
     outcomes = _outcome_rows(app, "", MAX_OUTCOME_ROWS,
                              ["status", "epoch", "decidedBy", "decidedAt"])
-    since = now - timedelta(seconds=WINDOW_SECONDS)
+    # Bars on whole BUCKET_SECONDS of the clock, so that they stay put between refreshes; the
+    # last one is the bucket now falls in.
+    bucket_end = now.timestamp() // BUCKET_SECONDS * BUCKET_SECONDS + BUCKET_SECONDS
+    since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
     recent = _outcome_rows(app, since.isoformat(timespec="microseconds"), MAX_WINDOW_ROWS,
                            ["status", "decidedAt"])
     poison = app.raw_queue_client(app.config.poison_queue)
@@ -107,7 +110,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
                                                    election.renew_interval_seconds),
         },
         "pending": _pending(app, now),
-        "throughput": _throughput(recent, since),
+        "throughput": _throughput(recent, since, now),
         "outcomes": {"byStatus": dict(sorted(Counter(str(r.get("status")) for r in outcomes.rows)
                                              .items())),
                      "total": len(outcomes.rows), "truncated": outcomes.truncated},
@@ -183,10 +186,12 @@ def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
     }
 
 
-def _throughput(recent: _Rows, since: datetime) -> dict[str, Any]:
+def _throughput(recent: _Rows, since: datetime, now: datetime) -> dict[str, Any]:
     count = WINDOW_SECONDS // BUCKET_SECONDS
     decided = [0] * count
     committed = [0] * count
+    minute_ago = now - timedelta(seconds=60)
+    last_minute = 0
     for row in recent.rows:
         stamp = _parse(row.get("decidedAt"))
         if stamp is None or stamp < since:
@@ -195,7 +200,7 @@ def _throughput(recent: _Rows, since: datetime) -> dict[str, Any]:
         decided[index] += 1
         if row.get("status") == "committed":
             committed[index] += 1
-    last_minute = sum(committed[-(60 // BUCKET_SECONDS):])
+            last_minute += stamp > minute_ago
     return {
         "windowSeconds": WINDOW_SECONDS,
         "bucketSeconds": BUCKET_SECONDS,

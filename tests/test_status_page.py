@@ -19,6 +19,7 @@ import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,25 @@ from azure.storage.blob import BlobLeaseClient
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
 from shared import runtime
+from shared import status as status_data
 from shared.app import LedgerApp
-from shared.clients import azurite_connection_string
+from shared.clients import CallCounter, azurite_connection_string
 from shared.election import HeldLease
 from shared.leader import LeaderTerm
 from simulator.azurite import free_port
 from simulator.cluster import Cluster
 from simulator.http import serve
 from simulator.workload import generate
-from tests.helpers import Namespace, deposit, record, status, transfer, wait_until
+from tests.helpers import (
+    ManualClock,
+    Namespace,
+    deposit,
+    record,
+    send,
+    status,
+    transfer,
+    wait_until,
+)
 
 CHROMIUM = (os.environ.get("CHROMIUM") or shutil.which("chromium")
             or shutil.which("chromium-browser") or "/usr/bin/chromium")
@@ -223,3 +234,50 @@ def test_the_page_says_when_storage_cannot_be_reached_and_recovers(
         expect(page.locator("#epoch")).to_have_text("0")
     finally:
         page.close()
+
+
+# --- the JSON the page polls, without a browser ------------------------------------------------
+def test_a_snapshot_reads_each_store_once_and_puts_commits_in_their_bucket(ns: Namespace) -> None:
+    clock = ManualClock()
+    app = ns.app(wallclock=clock)
+    send(app, *deposit("d1", "alice", "10.00"), *transfer("t1", "alice", "bob", "4.00"))
+    clock.advance(65)  # a minute later: one more commit, in a later bucket
+    send(app, *deposit("d2", "bob", "1.00"))
+    record(app, transfer("p1", "alice", "bob", "1.00")[0])
+    counter = CallCounter()
+    observed = ns.app(wallclock=clock, request_hook=counter)
+    counter.calls.clear()  # creating the app made its tables: count only the snapshot
+    clock.advance(5)
+    data = status_data.snapshot(observed)
+    # fence, lease blob, all outcomes, recent outcomes, completions, parked: one call each
+    # (pages of 1,000 rows; the poison queue's client is built apart and not counted here).
+    assert counter.total == 6, counter.calls
+    flow = data["throughput"]
+    assert sum(flow["committed"]) == 3
+    # Bars sit on whole 10 s of the clock (now is 00:01:10, in the last bar): d2 was decided
+    # at 00:01:05, d1 and t1 at 00:00:00.
+    assert flow["committed"][-2] == 1, flow["committed"]
+    assert flow["committed"][-8] == 2, flow["committed"]
+    assert flow["since"] == "2025-12-31T23:56:20+00:00"
+    assert flow["committedPerSecondLastMinute"] == round(1 / 60, 2)
+    assert data["outcomes"] == {"byStatus": {"committed": 3}, "total": 3, "truncated": False}
+    assert data["pending"]["completions"] == 1
+    assert data["pending"]["oldestAgeSeconds"] == 5.0
+    # One term per invocation that found work: newest first, the current one with its claim.
+    assert [(t["epoch"], t["decided"]) for t in data["leaders"]] == [(3, 1), (2, 1), (1, 1)]
+    assert data["leaders"][0]["claimedAt"] == data["leader"]["claimedAt"]
+
+
+def test_lease_time_left_is_a_lower_bound_from_the_claim_and_the_last_commit() -> None:
+    claimed = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    left = status_data._lease_left  # the rule itself, on chosen times
+    # Just claimed: the whole lease. After a commit 30 s later: at least lease - renew interval.
+    assert left(claimed, True, claimed, None, 15, 5) == 15
+    assert left(claimed + timedelta(seconds=33), True, claimed,
+                claimed + timedelta(seconds=30), 15, 5) == 7
+    # Nothing since the claim long ago: no guarantee left, shown as 0, not negative.
+    assert left(claimed + timedelta(seconds=90), True, claimed, None, 15, 5) == 0
+    # A last commit from the previous epoch says nothing about this lease.
+    assert left(claimed + timedelta(seconds=3), True, claimed,
+                claimed - timedelta(seconds=1), 15, 5) == 12
+    assert left(claimed, False, claimed, None, 15, 5) is None
