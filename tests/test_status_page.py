@@ -220,8 +220,12 @@ def test_the_page_says_when_storage_cannot_be_reached_and_recovers(
     assert code == 503
     assert body["retryable"] is True
     assert "storage cannot be reached" in body["error"]
-    page = open_page(browser, served)
+    page = browser.new_page(viewport=PHONE)
     try:
+        # In Azure the page is opened with the function key: its polls must carry it too.
+        with page.expect_request(lambda r: "/api/metrics?" in r.url) as polled:
+            page.goto(f"{served}/api/status?code=the-function-key&refresh=1")
+        assert polled.value.url == f"{served}/api/metrics?code=the-function-key"
         expect(page.locator("#banner")).to_contain_text("Storage unreachable", timeout=WAIT_MS)
         expect(page.locator("#banner")).to_contain_text("Retrying every 1 s")
         expect(page.locator("#main")).to_have_class("stale")
