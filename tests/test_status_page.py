@@ -7,7 +7,7 @@ that every figure it shows equals what the read API answers and what storage hol
 
 Chromium is Debian's ``chromium`` package (``./dev test`` installs it), driven by Playwright's
 Python package; ``CHROMIUM`` overrides the path. Without it the test fails: it never skips.
-Set ``STATUS_PAGE_SCREENSHOT=docs/status-page.png`` to save the README's screenshot.
+Set ``STATUS_PAGE_SCREENSHOT=/tmp/page.png`` to save what the page showed (phone-sized).
 """
 
 from __future__ import annotations
