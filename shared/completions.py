@@ -21,6 +21,7 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableEntity, TableTransactionError
 
+from shared import telemetry
 from shared.contract import Completion, Operation, StepStatus
 from shared.money import format_money, parse_balance
 
@@ -53,6 +54,7 @@ class RecordedStep:
     content_key: str
     recorded_at: datetime
     conflict: bool
+    traceparent: str = ""  # the span that recorded it (W3C), for the commit span's link
 
     @property
     def signed_amount(self) -> Decimal:
@@ -76,6 +78,7 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
         "recordedAt": now.isoformat(),
         "recordedBy": instance_id,
         "conflict": conflict,
+        **telemetry.traceparent_field(),
     }
 
 
@@ -92,6 +95,7 @@ def _step(row: TableEntity) -> RecordedStep:
         content_key=row["contentKey"],
         recorded_at=datetime.fromisoformat(row["recordedAt"]),
         conflict=bool(row.get("conflict", False)),
+        traceparent=str(row.get(telemetry.TRACEPARENT, "")),
     )
 
 
@@ -119,15 +123,16 @@ class CompletionStore:
             raise RuntimeError(f"{completion.request_id}/{completion.operation_id} kept "
                                "appearing and disappearing; the host will retry the message")
         if first["contentKey"] == completion.content_key():
-            logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
-                        completion.operation_id)
+            logger.debug("duplicate delivery of %s/%s ignored", completion.request_id,
+                         completion.operation_id)  # counted: ledger.completions.deliveries
             return RecordResult.DUPLICATE
         row_key = f"{completion.operation_id}{CONFLICT_SEPARATOR}{completion.content_key()}"
         with contextlib.suppress(ResourceExistsError):  # this content was recorded already
             self.table.create_entity(_entity(completion, row_key, instance_id, now,
                                              conflict=True))
         logger.warning("operationId %s of request %s arrived twice with different content; the "
-                       "request will be rejected", completion.operation_id, completion.request_id)
+                       "request will be rejected", completion.operation_id, completion.request_id,
+                       extra=telemetry.log_extra(requestId=completion.request_id))
         return RecordResult.CONFLICT
 
     def steps_by_request(self) -> dict[str, list[RecordedStep]]:
@@ -151,6 +156,7 @@ class CompletionStore:
                 break
         return total
 
+    @telemetry.traced("ledger.delete")
     def delete(self, steps: Iterable[RecordedStep]) -> None:
         """Delete rows of requests whose outcome is already in the ledger (idempotent)."""
         by_request: dict[str, list[str]] = defaultdict(list)

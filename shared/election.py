@@ -267,6 +267,6 @@ class LeaseElector:
             raise
         held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
                          callbacks=self.callbacks)
-        logger.info("%s acquired lease %s", self.instance_id, held.lease_id)
+        logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)  # per message
         self.callbacks.on_started_leading(held.lease_id)
         return held
