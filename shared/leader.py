@@ -102,8 +102,8 @@ class LeaderTerm:
         known = app.snapshot
         fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
                                                   app.wallclock(), known)
-        logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         telemetry.record_term_started(fence.epoch)
+        logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
         return cls(app, lease, fence, known.balances if continued and known else None)
 
