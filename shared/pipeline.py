@@ -17,9 +17,8 @@ from shared import telemetry
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
-from shared.election import LeadershipLost
+from shared.election import TermEnded
 from shared.leader import DrainReport, LeaderTerm, ready_assessments
-from shared.ledger import FencedOut
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +68,6 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
         parked_id = message_id or hashlib.sha256(body).hexdigest()[:32]
         app.parking.park(parked_id, body, str(exc), dequeue_count, app.config.instance_id,
                          app.wallclock())
-        telemetry.record_parked()
         return CompletionResult(recorded=None, parked=True)
     with telemetry.span("ledger.record", requestId=completion.request_id,
                         operationId=completion.operation_id):
@@ -110,7 +108,7 @@ def run_election(app: LedgerApp) -> ElectionResult:
                 result.terms.append(term.report)
                 with telemetry.drain(term.report):
                     report = term.drain(budget_deadline, ready)
-        except (LeadershipLost, FencedOut) as exc:
+        except TermEnded as exc:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc,
                            extra=telemetry.log_extra())
             result.stopped_by = str(exc)

@@ -86,7 +86,7 @@ OLDEST_PENDING = _meter.create_gauge(
     "ledger.completions.oldest_age", "s", "Age of the oldest waiting completion, at each scan.")
 DELIVERIES = _meter.create_counter(
     "ledger.completions.deliveries", "{message}", "Completions received, by record result.")
-PARKED = _meter.create_counter("ledger.parked", "{message}", "Malformed messages parked.")
+PARKED = _meter.create_counter("ledger.parked", "{message}", "Messages parked, by kind.")
 POISON_DEPTH = _meter.create_gauge(
     "ledger.poison.depth", "{message}", "Approximate messages in the poison queue.")
 
@@ -273,9 +273,9 @@ def record_delivery(result: str, request_id: str) -> None:
     DELIVERIES.add(1, {"result": result})
 
 
-def record_parked() -> None:
-    """Count one malformed message parked."""
-    PARKED.add(1)
+def record_parked(kind: str) -> None:
+    """Count one message parked (``malformed`` or ``late-contradiction``)."""
+    PARKED.add(1, {"kind": kind})
 
 
 def record_scan(found: Sequence[Assessment], ready: Sequence[Assessment], now: datetime) -> None:

@@ -20,6 +20,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared import pipeline, telemetry
+from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.pipeline import Role, handle_completion
 from shared.settings import ConfigError
@@ -82,6 +83,12 @@ def otel() -> Exporters:
     return _exporters
 
 
+def _epoch(app: LedgerApp) -> int:
+    fence = app.ledger.read_fence()
+    assert fence is not None
+    return fence.epoch
+
+
 def _children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
     return [s for s in spans if s.parent is not None
             and s.parent.span_id == parent.context.span_id]
@@ -125,7 +132,7 @@ def test_a_committed_transfer_links_its_commit_to_the_spans_that_recorded_its_st
     assert commit.attributes is not None
     assert commit.attributes["role"] == "leader"
     assert commit.attributes["instance"] == "inst-a"
-    epoch = app.ledger.read_fence()["epoch"]  # type: ignore[index]
+    epoch = _epoch(app)
     assert commit.attributes["epoch"] == epoch
     assert commit.attributes["requests"] == 1
     assert list(commit.attributes["requestIds"]) == ["t1"]  # type: ignore[arg-type]
@@ -227,7 +234,7 @@ def test_log_records_carry_the_invocation_fields_and_info_lines_do_not_grow_with
     leads = next(r for r in info if "leads with epoch" in r.getMessage())
     fields = {k: getattr(leads, k, None) for k in ("instance", "role", "epoch", "trigger")}
     assert fields == {"instance": "inst-x", "role": "leader",
-                      "epoch": app.ledger.read_fence()["epoch"],  # type: ignore[index]
+                      "epoch": _epoch(app),
                       "trigger": "timer"}
 
 
