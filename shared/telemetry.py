@@ -54,6 +54,8 @@ AUTHENTICATION_STRING = "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
 IDENTITY_CLIENT_ID = "AzureWebJobsStorage__clientId"  # the same user-assigned identity
 LOGGER_NAME = "shared"  # the app's loggers: shared.* (the Azure SDKs' stay out)
 TRACEPARENT = "traceparent"  # completion-row property: the span that recorded the step
+# Application Insights keeps 8 KiB of a custom dimension: list the ids that fit, whole.
+REQUEST_IDS_MAX_CHARS = 8000
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
@@ -295,6 +297,7 @@ def record_scan(found: Sequence[Assessment], ready: Sequence[Assessment], now: d
 def record_poison_depth(depth: int) -> None:
     """The poison queue's approximate length (the sweeper reads it every minute)."""
     POISON_DEPTH.set(depth)
+    annotate(poisonDepth=depth)
 
 
 def _links(steps: Iterable[RecordedStep]) -> list[Link]:
@@ -373,10 +376,12 @@ def commit_transaction(batch: Sequence[Assessment], outcomes: Sequence[Outcome],
     last step recorded to ``now``.
     """
     ids = [assessment.request_id for assessment in batch]
+    listed = _joined(ids, REQUEST_IDS_MAX_CHARS)  # a batch holds at most ~98 requests
     lags = [max(0.0, (now - a.last_recorded_at).total_seconds()) for a in batch]
     LEASE_REMAINING.record(lease_remaining)
     attributes: dict[str, AttributeValue | None] = {
-        "requests": len(batch), "requestIds": ids, "requestId": ids[0] if len(ids) == 1 else None,
+        "requests": len(batch), "requestId": ids[0] if len(ids) == 1 else None,
+        "requestIds": ",".join(listed), "requestIdsComplete": len(listed) == len(ids),
         "leaseRemainingSeconds": round(lease_remaining, 3),
         "lagMaxSeconds": round(max(lags, default=0.0), 3)}
     with _tracer.start_as_current_span(
@@ -388,6 +393,18 @@ def commit_transaction(batch: Sequence[Assessment], outcomes: Sequence[Outcome],
         OUTCOMES.add(1, {"status": outcome.status})
     for lag in lags:
         COMMIT_LAG.record(lag)
+
+
+def _joined(ids: Sequence[str], limit: int) -> list[str]:
+    """The first ids that, joined by commas, fit in ``limit`` characters (ids have no comma)."""
+    kept: list[str] = []
+    size = 0
+    for request_id in ids:
+        size += len(request_id) + (1 if kept else 0)
+        if size > limit:
+            break
+        kept.append(request_id)
+    return kept
 
 
 # --- logs ------------------------------------------------------------------------------------

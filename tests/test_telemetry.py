@@ -135,7 +135,8 @@ def test_a_committed_transfer_links_its_commit_to_the_spans_that_recorded_its_st
     epoch = _epoch(app)
     assert commit.attributes["epoch"] == epoch
     assert commit.attributes["requests"] == 1
-    assert list(commit.attributes["requestIds"]) == ["t1"]  # type: ignore[arg-type]
+    assert commit.attributes["requestIds"] == "t1"
+    assert commit.attributes["requestIdsComplete"] is True
     assert float(commit.attributes["leaseRemainingSeconds"]) > 0  # type: ignore[arg-type]
     # The link: the commit span points at both recording spans, across the two invocations.
     linked = {(link.context.trace_id, link.context.span_id) for link in commit.links}
