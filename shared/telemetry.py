@@ -157,7 +157,10 @@ def _configure_azure_monitor(connection: str, client_id: str | None) -> None:
             "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib",
             "urllib3", "httpx")},
     )
-    add_log_fields(logging.getLogger(LOGGER_NAME).handlers)
+    app_logger = logging.getLogger(LOGGER_NAME)
+    if app_logger.level == logging.NOTSET:
+        app_logger.setLevel(logging.INFO)  # INFO lines are per term, not per message
+    add_log_fields(app_logger.handlers)
 
 
 def _configure_console() -> None:

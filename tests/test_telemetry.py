@@ -151,6 +151,9 @@ def test_a_committed_transfer_links_its_commit_to_the_spans_that_recorded_its_st
     names = {s.name for s in spans if _root_of(spans, s) is last_root}
     assert {"ledger.record", "ledger.acquire", "ledger.scan", "ledger.claim", "ledger.drain",
             "ledger.commit", "ledger.delete"} <= names
+    claim = next(s for s in _children(spans, last_root) if s.name == "ledger.claim")
+    assert claim.attributes is not None
+    assert claim.attributes["epoch"] == epoch
     acquire = next(s for s in _children(spans, last_root) if s.name == "ledger.acquire")
     assert acquire.attributes is not None
     assert acquire.attributes["result"] == "acquired"
@@ -290,10 +293,16 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
     monkeypatch.setattr(azure.identity, "ManagedIdentityCredential",
                         lambda client_id=None: ("managed identity", client_id))
     monkeypatch.setattr(telemetry, "_mode", None)
+    app_logger = logging.getLogger("shared")
+    level = app_logger.level
     connection = "InstrumentationKey=00000000-0000-0000-0000-000000000000"
-    mode = telemetry.configure({
-        "APPLICATIONINSIGHTS_CONNECTION_STRING": connection,
-        "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "ClientId=abc-123;Authorization=AAD"})
+    try:
+        mode = telemetry.configure({
+            "APPLICATIONINSIGHTS_CONNECTION_STRING": connection,
+            "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "ClientId=abc-123;Authorization=AAD"})
+        assert app_logger.level == (level or logging.INFO), "the app's INFO lines are exported"
+    finally:
+        app_logger.setLevel(level)
     assert mode == "azure-monitor"
     assert len(calls) == 1
     assert calls[0]["connection_string"] == connection
@@ -350,3 +359,27 @@ def test_completion_rows_name_the_span_that_recorded_them(ns: Namespace,
     trace_id, span_id = rows[0]["traceparent"].split("-")[1:3]
     assert (int(trace_id, 16), int(span_id, 16)) == (record.context.trace_id,
                                                      record.context.span_id)
+
+
+_CONSOLE = textwrap.dedent("""
+    import os, sys
+    from shared import runtime
+    from tests.helpers import Namespace, deposit, send
+    os.environ.update(Namespace(sys.argv[1]).env(TELEMETRY_CONSOLE_EXPORTER="1"))
+    app = runtime.get_app()
+    app.ensure_resources()
+    send(app, *deposit("k1", "kim", "3.00"))
+    print("balance", app.ledger.read_account("kim").balance)
+""")
+
+
+def test_the_console_exporter_prints_spans_and_metrics_locally(azurite: Azurite) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPLICATIONINSIGHTS_")}
+    run = subprocess.run([sys.executable, "-c", _CONSOLE, azurite.connection_string],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert run.returncode == 0, run.stderr
+    assert "balance 3.00" in run.stdout
+    for name in ("ledger.invocation", "ledger.record", "ledger.commit"):
+        assert f'"name": "{name}"' in run.stdout, name  # spans, flushed at exit
+    assert '"ledger.outcomes"' in run.stdout  # metrics, exported at shutdown
