@@ -164,8 +164,8 @@ def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
     """``text`` cut to ``limit`` characters, saying that it was cut."""
     if len(text) <= limit:
         return text
-    suffix = f"... ({len(text) - limit + 20} more characters)"
-    return text[:limit - len(suffix)] + suffix
+    keep = limit - len(f"... ({len(text)} more characters)")  # the count has no more digits
+    return f"{text[:keep]}... ({len(text) - keep} more characters)"
 
 
 # --- rows <-> entities (pure) ---------------------------------------------------------------
