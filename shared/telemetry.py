@@ -273,8 +273,14 @@ def traceparent_field() -> dict[str, str]:
 
 
 def record_delivery(result: str, request_id: str) -> None:
-    """Count one completion received (``recorded``/``duplicate``/``conflict``)."""
-    annotate(requestId=request_id)
+    """Count one completion received (``recorded``/``duplicate``/``conflict``).
+
+    The message's ``requestId`` goes on the invocation span only: what the invocation does next
+    as a leader concerns other requests too.
+    """
+    state = _current.get()
+    if state is not None:
+        state.span.set_attribute("requestId", request_id)
     DELIVERIES.add(1, {"result": result})
 
 

@@ -383,3 +383,30 @@ def test_the_console_exporter_prints_spans_and_metrics_locally(azurite: Azurite)
     for name in ("ledger.invocation", "ledger.record", "ledger.commit"):
         assert f'"name": "{name}"' in run.stdout, name  # spans, flushed at exit
     assert '"ledger.outcomes"' in run.stdout  # metrics, exported at shutdown
+
+
+def test_a_batch_commit_names_every_request_and_not_the_message_that_triggered_it(
+        ns: Namespace, otel: Exporters, caplog: pytest.LogCaptureFixture) -> None:
+    leader, follower = ns.app(instance_id="inst-b"), ns.app(instance_id="inst-c")
+    telemetry.add_log_fields([caplog.handler])
+    caplog.set_level(logging.INFO, logger="shared")
+    held = leader.elector.try_acquire()
+    assert held is not None
+    try:
+        send(follower, *deposit("e1", "lena", "1.00"), *deposit("e2", "lena", "2.00"))
+    finally:
+        held.release()
+    send(leader, *deposit("e3", "lena", "3.00"))
+    assert balance(leader, "lena") == Decimal("6.00")
+    commit = otel.finished("ledger.commit")[-1]
+    assert commit.attributes is not None
+    assert commit.attributes["requests"] == 3
+    assert commit.attributes["requestIds"] == "e1,e2,e3"
+    assert "requestId" not in commit.attributes
+    assert len(commit.links) == 3
+    root = otel.finished("ledger.invocation")[-1]
+    assert root.attributes is not None
+    assert root.attributes["requestId"] == "e3"
+    leads = next(r for r in caplog.records if "leads with epoch" in r.getMessage())
+    assert not hasattr(leads, "requestId")
+    assert getattr(leads, "instance", None) == "inst-b"
