@@ -153,6 +153,9 @@ def _configure_azure_monitor(connection: str, client_id: str | None) -> None:
         connection_string=connection,
         credential=ManagedIdentityCredential(client_id=client_id),
         logger_name=LOGGER_NAME,
+        # Every trace: the distro's default (5 traces/s) would drop the spans that a commit's
+        # links point to. OTEL_TRACES_SAMPLER/_ARG still override it (docs/operations.md).
+        sampling_ratio=1.0,
         instrumentation_options={name: off for name in (
             "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib",
             "urllib3", "httpx")},

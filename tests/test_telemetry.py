@@ -308,6 +308,7 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
     assert calls[0]["connection_string"] == connection
     assert calls[0]["credential"] == ("managed identity", "abc-123")
     assert calls[0]["logger_name"] == "shared"
+    assert calls[0]["sampling_ratio"] == 1.0
     assert calls[0]["instrumentation_options"]["azure_sdk"] == {"enabled": False}
     assert telemetry.configure({}) == "azure-monitor", "configured once per process"
 

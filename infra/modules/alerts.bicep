@@ -21,16 +21,17 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-// Every scan in the window saw completions waiting, and no commit transaction succeeded.
+// Every scan in the window saw completions waiting, and no request was decided (the outcome
+// counter is a metric: never sampled, unlike spans).
 var noCommitQuery = '''
 let scans = dependencies
     | where name == "ledger.scan"
     | summarize scansSeen = count(), fewestWaiting = min(toint(customDimensions.completions));
-let commits = toscalar(dependencies
-    | where name == "ledger.commit" and success == true
-    | count);
+let decided = toscalar(customMetrics
+    | where name == "ledger.outcomes"
+    | summarize sum(value));
 scans
-| where scansSeen > 0 and fewestWaiting > 0 and commits == 0
+| where scansSeen > 0 and fewestWaiting > 0 and coalesce(decided, 0.0) == 0
 '''
 
 // Messages parked in the window (malformed, or late steps that contradict an outcome).

@@ -383,7 +383,7 @@ def test_alerts_query_the_apps_telemetry_in_app_insights(main: Scope) -> None:
             assert f'"{name}"' in emitted, f"{symbol} queries {name}, which the app never emits"
     assert set(queries) == {"noCommitAlert", "parkedAlert", "poisonAlert"}
     assert "ledger.scan" in queries["noCommitAlert"]
-    assert "ledger.commit" in queries["noCommitAlert"]
+    assert "ledger.outcomes" in queries["noCommitAlert"]
     no_commit = rules["noCommitAlert"]["properties"]
     assert (no_commit["evaluationFrequency"], no_commit["windowSize"]) == ("PT5M", "PT5M")
     assert "ledger.parked" in queries["parkedAlert"]
