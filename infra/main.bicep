@@ -28,11 +28,11 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('Python version of the Functions runtime.')
+@description('Python version of the Functions runtime (the app needs 3.11 or later: pyproject.toml requires-python).')
 @allowed([
-  '3.10'
   '3.11'
   '3.12'
+  '3.13'
 ])
 param pythonVersion string = '3.11'
 

@@ -30,7 +30,7 @@ from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableTransactionError
 
 from shared import telemetry
-from shared.contract import Completion, Operation, StepStatus
+from shared.contract import Completion, Operation, StepStatus, completion_message
 from shared.money import format_money, parse_balance
 
 logger = logging.getLogger(__name__)
@@ -68,12 +68,12 @@ class RecordedStep:
 
     def to_message(self) -> bytes:
         """The step as the v1 message upstream sent (to park it for an operator)."""
-        return Completion.model_validate({
-            "requestId": self.request_id, "operationId": self.operation_id,
-            "operation": self.operation.value, "accountId": self.account_id,
-            "amount": format_money(self.amount), "expectedOperations": self.expected_operations,
-            "status": self.status.value, "completedAt": self.completed_at or None,
-        }).to_message().encode()
+        return completion_message(
+            request_id=self.request_id, operation_id=self.operation_id,
+            operation=self.operation, account_id=self.account_id,
+            amount=format_money(self.amount), expected_operations=self.expected_operations,
+            status=self.status, **({"completed_at": self.completed_at}
+                                   if self.completed_at else {})).encode()
 
     @property
     def signed_amount(self) -> Decimal:

@@ -108,7 +108,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         server, base_url = serve()
         out.write(f"Read API on {base_url}/api/leader (and /api/accounts/{{id}}, "
                   f"/api/requests/{{id}})\n")
-        log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
+        log_path = run_log_path()
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
                           lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
         queue = app.queue_client()
@@ -140,6 +140,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
             cluster.stop()
         elapsed = time.monotonic() - started
         code = _summary(app, work, cluster, base_url, elapsed, finished, out)
+        out.write(f"Instance logs of this run: {log_path}\n")
         if options.serve_after:
             out.write(f"Serving the read API on {base_url} until Ctrl-C ...\n")
             out.flush()
@@ -148,6 +149,12 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
                     time.sleep(1)
         server.shutdown()
         return code
+
+
+def run_log_path() -> Path:
+    """A new log file for this run's instances (each line names its instance: ``i3``)."""
+    folder = tempfile.mkdtemp(prefix=time.strftime("ledger-demo-%Y%m%d-%H%M%S-"))
+    return Path(folder) / "instances.log"
 
 
 def _epoch_holder(app: LedgerApp) -> int | None:
