@@ -288,8 +288,14 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
     import azure.monitor.opentelemetry
 
     calls: list[dict[str, Any]] = []
+    exporting = logging.Handler()  # stands for the distro's handler on the `shared` logger
+
+    def configure_azure_monitor(**kwargs: Any) -> None:
+        calls.append(kwargs)
+        logging.getLogger(kwargs["logger_name"]).addHandler(exporting)
+
     monkeypatch.setattr(azure.monitor.opentelemetry, "configure_azure_monitor",
-                        lambda **kwargs: calls.append(kwargs))
+                        configure_azure_monitor)
     monkeypatch.setattr(azure.identity, "ManagedIdentityCredential",
                         lambda client_id=None: ("managed identity", client_id))
     monkeypatch.setattr(telemetry, "_mode", None)
@@ -301,8 +307,11 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
             "APPLICATIONINSIGHTS_CONNECTION_STRING": connection,
             "APPLICATIONINSIGHTS_AUTHENTICATION_STRING": "ClientId=abc-123;Authorization=AAD"})
         assert app_logger.level == (level or logging.INFO), "the app's INFO lines are exported"
+        assert any(isinstance(f, telemetry.LogFields) for f in exporting.filters), \
+            "exported log records get the invocation's fields as custom dimensions"
     finally:
         app_logger.setLevel(level)
+        app_logger.removeHandler(exporting)
     assert mode == "azure-monitor"
     assert len(calls) == 1
     assert calls[0]["connection_string"] == connection
