@@ -104,7 +104,7 @@ param requestTimeoutSeconds int = 900
 @minValue(1)
 param storageTimeoutSeconds int = 5
 
-@description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stdout; in Azure telemetry goes to Application Insights whatever this says.')
+@description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
   '0'
   '1'

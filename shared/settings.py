@@ -74,7 +74,7 @@ STORAGE_TIMEOUT_SECONDS = Setting(
 )
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
-    "1: print spans and metrics to stdout when Application Insights is not configured.",
+    "1: print spans and metrics to stderr when Application Insights is not configured.",
 )
 
 SETTINGS: tuple[Setting, ...] = (

@@ -8,7 +8,7 @@ extra) when telemetry is off. ``configure(env)`` installs the providers once per
 - ``APPLICATIONINSIGHTS_CONNECTION_STRING`` set (Azure): the Azure Monitor distro exports
   traces, metrics and the ``shared`` loggers' records to Application Insights, authenticated
   with the app's managed identity (the component refuses instrumentation keys).
-- otherwise, ``TELEMETRY_CONSOLE_EXPORTER=1``: spans and metrics are printed to stdout.
+- otherwise, ``TELEMETRY_CONSOLE_EXPORTER=1``: spans and metrics are printed to stderr.
 - otherwise: off.
 
 Every span carries the invocation's ``instance``, ``trigger``, ``role`` (leader | follower, once
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -108,7 +109,7 @@ def console_requested(env: Mapping[str, str]) -> bool:
     if value in _FALSE:
         return False
     raise ConfigError(f"{TELEMETRY_CONSOLE_EXPORTER.name}={raw!r}: set 1 to print spans and "
-                      "metrics to stdout, or 0 (the default) for none.")
+                      "metrics to stderr, or 0 (the default) for none.")
 
 
 def identity_client_id(env: Mapping[str, str]) -> str | None:
@@ -175,9 +176,11 @@ def _configure_console() -> None:
     from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 
+    # stderr: stdout may be a channel (the simulator's instances report events on it).
     tracer_provider = SdkTracerProvider()
-    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
-    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(), export_interval_millis=10_000)
+    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr),
+                                           export_interval_millis=10_000)
     install(tracer_provider, SdkMeterProvider(metric_readers=[reader]))
 
 

@@ -383,16 +383,17 @@ _CONSOLE = textwrap.dedent("""
 """)
 
 
-def test_the_console_exporter_prints_spans_and_metrics_locally(azurite: Azurite) -> None:
+def test_the_console_exporter_prints_spans_and_metrics_to_stderr(azurite: Azurite) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPLICATIONINSIGHTS_")}
     run = subprocess.run([sys.executable, "-c", _CONSOLE, azurite.connection_string],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
                          check=False)
     assert run.returncode == 0, run.stderr
     assert "balance 3.00" in run.stdout
+    assert '"name"' not in run.stdout, "stdout stays free for the simulator's event channel"
     for name in ("ledger.invocation", "ledger.record", "ledger.commit"):
-        assert f'"name": "{name}"' in run.stdout, name  # spans, flushed at exit
-    assert '"ledger.outcomes"' in run.stdout  # metrics, exported at shutdown
+        assert f'"name": "{name}"' in run.stderr, name  # spans, flushed at exit
+    assert '"ledger.outcomes"' in run.stderr  # metrics, exported at shutdown
 
 
 def test_a_batch_commit_names_every_request_and_not_the_message_that_triggered_it(
