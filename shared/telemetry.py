@@ -159,7 +159,7 @@ def _configure_azure_monitor(connection: str, client_id: str | None) -> None:
         sampling_ratio=1.0,
         instrumentation_options={name: off for name in (
             "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib",
-            "urllib3", "httpx")},
+            "urllib3", "httpx", "httpx2")},
     )
     app_logger = logging.getLogger(LOGGER_NAME)
     if app_logger.level == logging.NOTSET:

@@ -318,7 +318,13 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
     assert calls[0]["credential"] == ("managed identity", "abc-123")
     assert calls[0]["logger_name"] == "shared"
     assert calls[0]["sampling_ratio"] == 1.0
-    assert calls[0]["instrumentation_options"]["azure_sdk"] == {"enabled": False}
+    # Keyword arguments the distro knows, and every instrumentation it would turn on is off.
+    from azure.monitor.opentelemetry import _constants
+    known = {value for name, value in vars(_constants).items() if name.endswith("_ARG")}
+    assert set(calls[0]) - {"credential"} <= known
+    options = calls[0]["instrumentation_options"]
+    assert set(_constants._FULLY_SUPPORTED_INSTRUMENTED_LIBRARIES) <= set(options)
+    assert all(option == {"enabled": False} for option in options.values())
     assert telemetry.configure({}) == "azure-monitor", "configured once per process"
 
 
