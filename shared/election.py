@@ -276,6 +276,7 @@ class LeaseElector:
             raise
         held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
                          callbacks=self.callbacks)
-        logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)  # per message
+        # DEBUG: under load nearly every message acquires once; the term's INFO line says who leads.
+        logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)
         self.callbacks.on_started_leading(held.lease_id)
         return held
