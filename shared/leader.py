@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from shared import telemetry
 from shared.app import LedgerApp
 from shared.completions import RecordedStep
 from shared.decision import (
@@ -91,6 +92,7 @@ class CompletionView:
         self.since: datetime | None = None  # storage time the next incremental read starts at
         self.full_scan_at = float("-inf")  # time.monotonic() of the last full scan
 
+    @telemetry.traced("ledger.scan")
     def read(self, full: bool = False) -> list[Assessment]:
         """Every request decidable now, oldest last step first, after reading what is new.
 
@@ -126,7 +128,7 @@ class CompletionView:
         candidates = self.rows.keys() if full else touched
         now = scan.storage_time + app.time_shift()
         timeout = timedelta(seconds=app.config.request_timeout_seconds)
-        found = []
+        assessed = []
         for request_id in candidates:
             assessment = assess(request_id, list(self.rows[request_id].values()), now, timeout)
             if request_id in app.recently_decided:
@@ -134,9 +136,12 @@ class CompletionView:
                 # delete failed); either way they are settled against the outcome.
                 assessment = Assessment(request_id, Verdict.LATE, "request already ended",
                                         assessment.steps)
-            if assessment.decided:
-                found.append(assessment)
-        return sorted(found, key=lambda a: (a.last_recorded_at, a.request_id))
+            assessed.append(assessment)
+        ready = sorted((a for a in assessed if a.decided),
+                       key=lambda a: (a.last_recorded_at, a.request_id))
+        if full:  # the gauges describe the whole table: only a full read can set them
+            telemetry.record_scan(assessed, ready, now)
+        return ready
 
     def forget(self, request_ids: Iterable[str]) -> None:
         """Drop requests that were decided (their rows are being deleted)."""
@@ -195,6 +200,7 @@ class LeaderTerm:
         known = app.snapshot
         fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
                                                   app.wallclock(), known)
+        telemetry.record_term_started(fence.epoch)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
         return cls(app, lease, fence, known.balances if continued and known else None, view)
@@ -269,8 +275,10 @@ class LeaderTerm:
             outcomes, new_balances = self._decide(pending)
             self.lease.ensure_can_start(step_seconds)
             try:
-                result = self.app.ledger.commit(self.fence, outcomes, new_balances,
-                                                self.app.wallclock())
+                with telemetry.commit_transaction(pending, outcomes, self.lease.remaining(),
+                                                  self.app.wallclock()):
+                    result = self.app.ledger.commit(self.fence, outcomes, new_balances,
+                                                    self.app.wallclock())
             except OutcomeExists as exc:
                 # Such requests rarely come alone (a leader that crashed with deletes queued
                 # leaves many): look up the whole batch's outcomes at once, settle all found.
@@ -331,8 +339,8 @@ class LeaderTerm:
                                   ParkedKind.LATE_CONTRADICTION)
             parked += 1
         if parked < len(late.steps):
-            logger.info("%d late step(s) of request %s, which already ended, dropped",
-                        len(late.steps) - parked, late.request_id)
+            logger.debug("%d late step(s) of request %s, which already ended, dropped",
+                         len(late.steps) - parked, late.request_id)  # counted in the term summary
         self.view.forget([late.request_id])
         self.app.cleaner.consumed(late.steps)
         self.app.recently_decided.add([late.request_id])
