@@ -13,6 +13,7 @@ so a committed request is not proposed a second time.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections import defaultdict
@@ -84,7 +85,9 @@ class RowCleaner:
             return len(self._pending)
 
     def _submit(self, chunk: list[RecordedStep]) -> None:
-        future = self._executor.submit(self._delete, chunk)
+        # In the submitter's context, so the delete's span joins the invocation that queued it.
+        context = contextvars.copy_context()
+        future = self._executor.submit(context.run, self._delete, chunk)
         with self._lock:
             self._futures.add(future)
         future.add_done_callback(self._forget)
