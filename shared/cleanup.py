@@ -8,7 +8,10 @@ leader finds them again, sees the outcome (``OutcomeExists``, or this process's
 ``recently_decided``) and deletes them as late, as it always has; nothing is applied twice.
 
 While their delete is queued or in flight, the rows are *pending*: the leader's scans skip them,
-so a committed request is not proposed a second time.
+so a committed request is not proposed a second time. The cleaner also remembers the last
+``REMEMBERED`` rows it deleted (key and storage timestamp), so a read that raced with a delete
+does not bring the same row back; a step recorded again later (a late duplicate) has a new
+timestamp and is seen. Rows whose delete failed are forgotten, to be found and settled again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -25,6 +28,7 @@ from shared.completions import MAX_BATCH_ROWS, CompletionStore, RecordedStep
 logger = logging.getLogger(__name__)
 
 RowId = tuple[str, str]  # (PartitionKey, RowKey)
+REMEMBERED = 100_000
 
 
 class RowCleaner:
@@ -36,6 +40,7 @@ class RowCleaner:
         self._lock = threading.Lock()
         self._waiting: dict[str, list[RecordedStep]] = defaultdict(list)  # partition -> rows
         self._pending: set[RowId] = set()
+        self._consumed: OrderedDict[RowId, object] = OrderedDict()  # row -> its recorded_at
         self._futures: set[Future[None]] = set()
         self.deleted = 0
         self.failed = 0
@@ -49,6 +54,10 @@ class RowCleaner:
                 if row in self._pending:
                     continue
                 self._pending.add(row)
+                self._consumed[row] = step.recorded_at
+                self._consumed.move_to_end(row)
+                if len(self._consumed) > REMEMBERED:
+                    self._consumed.popitem(last=False)
                 rows = self._waiting[step.partition_key]
                 rows.append(step)
                 if len(rows) >= MAX_BATCH_ROWS:
@@ -77,6 +86,12 @@ class RowCleaner:
         """True while the row's delete is queued or in flight."""
         with self._lock:
             return (partition_key, row_key) in self._pending
+
+    def handled(self, step: RecordedStep) -> bool:
+        """True for this very row (same key, same storage timestamp) once handed over here."""
+        with self._lock:
+            row = (step.partition_key, step.row_key)
+            return row in self._pending or self._consumed.get(row) == step.recorded_at
 
     @property
     def pending(self) -> int:
@@ -107,6 +122,8 @@ class RowCleaner:
                              "removes them", len(chunk))
             with self._lock:
                 self.failed += len(chunk)
+                for step in chunk:
+                    self._consumed.pop((step.partition_key, step.row_key), None)
         finally:
             with self._lock:
                 self._pending.difference_update((s.partition_key, s.row_key) for s in chunk)

@@ -79,15 +79,13 @@ class CompletionView:
     """The leader's picture of the completions table: a full scan, then incremental reads.
 
     Rows whose delete is already queued (``app.cleaner``) are left out, so a committed request
-    is never proposed twice by the process that committed it. Requests decided or settled
-    through this view are not looked at again by incremental reads (a late step of theirs waits
-    for the next full read), so rows whose delete failed cannot keep a term busy.
+    is never proposed twice by the process that committed it, nor are rows it already deleted
+    that a read racing with the delete returned (``RowCleaner.handled``).
     """
 
     def __init__(self, app: LedgerApp) -> None:
         self.app = app
         self.rows: dict[str, dict[tuple[str, str], RecordedStep]] = {}
-        self.done: set[str] = set()
         self.others_seen = False  # a row recorded by another instance was read
         self.since: datetime | None = None  # storage time the next incremental read starts at
         self.full_scan_at = float("-inf")  # time.monotonic() of the last full scan
@@ -112,9 +110,7 @@ class CompletionView:
         me = app.config.instance_id
         for request_id, steps in scan.steps.items():
             self.others_seen = self.others_seen or any(s.recorded_by != me for s in steps)
-            if not full and request_id in self.done:
-                continue
-            fresh = [s for s in steps if not app.cleaner.is_pending(s.partition_key, s.row_key)]
+            fresh = [s for s in steps if not app.cleaner.handled(s)]
             if fresh:
                 known = self.rows.setdefault(request_id, {})
                 known.update(((s.partition_key, s.row_key), s) for s in fresh)
@@ -147,7 +143,6 @@ class CompletionView:
         """Drop requests that were decided (their rows are being deleted)."""
         for request_id in request_ids:
             self.rows.pop(request_id, None)
-            self.done.add(request_id)
 
 
 def ready_assessments(app: LedgerApp) -> list[Assessment]:

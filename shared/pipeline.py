@@ -18,7 +18,7 @@ from shared import telemetry
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
-from shared.decision import Assessment, Verdict
+from shared.decision import Assessment
 from shared.election import TermEnded
 from shared.leader import CompletionView, DrainReport, LeaderTerm, ready_assessments
 
@@ -159,10 +159,8 @@ def run_election(app: LedgerApp, recorded_a_row: bool = False) -> ElectionResult
 
 
 def _worth_a_term(ready: list[Assessment]) -> bool:
-    """Whether a look found work for a new term. Steps of requests this process already decided
-    (late ones, or rows whose delete failed) do not start one: the next leader or the sweeper
-    settles them."""
-    return any(a.verdict is not Verdict.LATE for a in ready)
+    """Whether a look found work for a new term (late steps to settle count)."""
+    return bool(ready)
 
 
 @telemetry.invocation("timer")

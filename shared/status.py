@@ -174,12 +174,14 @@ def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
 
 def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
     rows = _bounded(app.completions.table.list_entities(
-        select=["PartitionKey", "recordedAt"], results_per_page=1000), MAX_PENDING_ROWS)
+        select=["PartitionKey", "requestId", "recordedAt"], results_per_page=1000),
+        MAX_PENDING_ROWS)
     recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {
         "completions": len(rows.rows),
-        "requests": len({row.get("PartitionKey") for row in rows.rows}),
+        # PartitionKey is a bucket; rows of the earlier layout have no requestId (PK = it).
+        "requests": len({row.get("requestId") or row.get("PartitionKey") for row in rows.rows}),
         "oldestRecordedAt": oldest.isoformat() if oldest else None,
         "oldestAgeSeconds": round((now - oldest).total_seconds(), 1) if oldest else None,
         "truncated": rows.truncated,
