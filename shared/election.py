@@ -14,6 +14,9 @@ What this guarantees, and what it does not:
   liveness and saves wasted work, the fence gives safety.
 - The commit deadline is ``last successful renew *sent* + lease - margin`` on the monotonic clock,
   so a slow renew response cannot extend it.
+- A renewal or release, retries included, ends before the lease would expire
+  (``shared.clients.fit_retries``): a transient error costs a sub-second retry, never a stall
+  past the lease.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from azure.core.exceptions import (
     AzureError,
@@ -34,6 +38,8 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobLeaseClient, ContainerClient
+
+from shared.retries import fit_retries
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +139,7 @@ class HeldLease:
     clock: MonotonicClock
     last_renew_sent: float
     callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
+    call_timeout_seconds: float = 5  # one try of a lease call (STORAGE_TIMEOUT_SECONDS)
     state: LeaseState = LeaseState.LEADING
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -163,6 +170,11 @@ class HeldLease:
         """Seconds left before ``deadline``."""
         return self.deadline() - self.clock()
 
+    def _call_options(self) -> dict[str, Any]:
+        """Retries and per-try timeouts that end a lease call before the lease would expire."""
+        left = self.last_renew_sent + self.config.lease_seconds - self.clock()
+        return fit_retries(min(left, 3 * self.call_timeout_seconds), self.call_timeout_seconds)
+
     def ensure_can_start(self, work_seconds: float) -> None:
         """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
         self.renew_if_due()
@@ -188,7 +200,7 @@ class HeldLease:
         with self._lock:
             sent = self.clock()
             try:
-                self.lease.renew()
+                self.lease.renew(**self._call_options())
             except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
                 self._stop(LeaseState.LOST)
                 raise LeadershipLost(
@@ -203,7 +215,7 @@ class HeldLease:
                 return
             self.callbacks.before_release(self.lease_id)
             try:
-                self.lease.release()
+                self.lease.release(**self._call_options())
             except AzureError as exc:
                 # Already expired or taken over (or unreachable): it expires by itself.
                 logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
@@ -233,8 +245,10 @@ class LeaseElector:
         instance_id: str,
         clock: MonotonicClock = time.monotonic,
         callbacks: ElectionCallbacks | None = None,
+        call_timeout_seconds: float = 5,
     ) -> None:
         self.container = container
+        self.call_timeout_seconds = call_timeout_seconds
         self.blob = container.get_blob_client(blob_name)
         self.config = config
         self.instance_id = instance_id
@@ -266,7 +280,7 @@ class LeaseElector:
                 return None
             raise
         held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
-                         callbacks=self.callbacks)
+                         callbacks=self.callbacks, call_timeout_seconds=self.call_timeout_seconds)
         logger.info("%s acquired lease %s", self.instance_id, held.lease_id)
         self.callbacks.on_started_leading(held.lease_id)
         return held
