@@ -51,6 +51,7 @@ def azurite_connection_string(host: str = "127.0.0.1", blob_port: int = 10000,
 RequestHook = Callable[[PipelineRequest], None]  # type: ignore[type-arg]
 TransportFactory = Callable[[float], HttpTransport]  # type: ignore[type-arg]
 
+
 class CallCounter:
     """A ``request_hook`` that counts storage calls by HTTP method (retries count too)."""
 

@@ -61,5 +61,5 @@ class LeaseFitRetry(ExponentialRetry):
                          random_jitter_range=0)
 
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
-        base = backoff_seconds(int(settings["count"]))
+        base = backoff_seconds(int(settings["count"]) - 1)  # count is 1 before the first retry
         return float(base * random.uniform(1 - _JITTER, 1 + _JITTER))

@@ -168,7 +168,7 @@ class Rule:
     after: int = 0  # let this many matching calls through first
     times: int | None = None  # inject at most this many times (None: no limit)
     status: int = 503  # for STATUS
-    seconds: float = 0.0  # LATENCY: the delay; TIMEOUT: how long the connect attempt hangs
+    seconds: float = 0.0  # LATENCY: the delay; TIMEOUT: how long a try hangs (<= its timeout)
     seen: int = 0
     injected: int = 0
 
@@ -300,8 +300,9 @@ class FaultAdapter(HTTPAdapter):
                                              body, self.plan.names))
         if decision.delay:
             time.sleep(decision.delay)
-        if decision.fault is Fault.TIMEOUT:
-            time.sleep(decision.hang)
+        if decision.fault is Fault.TIMEOUT:  # hangs until the try's connect timeout at most
+            connect = timeout[0] if isinstance(timeout, tuple) else timeout
+            time.sleep(min(decision.hang, float(connect)) if connect else decision.hang)
             raise requests.exceptions.ConnectTimeout(
                 f"injected: connect to storage timed out ({decision.kind}, nothing sent)")
         if decision.fault is Fault.STATUS:
