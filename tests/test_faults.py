@@ -30,7 +30,7 @@ SHORT_LEASE = {"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
                "LEASE_SAFETY_MARGIN_SECONDS": "5"}
 
 
-def faulty_app(ns: Namespace, seed: int = 0, **overrides: str) -> tuple[LedgerApp, FaultPlan]:
+def faulty_app(ns: Namespace, *, seed: int = 0, **overrides: str) -> tuple[LedgerApp, FaultPlan]:
     """An instance whose storage calls all go through a fault plan (no rule yet)."""
     config = load_config(ns.env(**overrides), instance_id=f"faulty-{uuid.uuid4().hex[:6]}")
     plan = FaultPlan(TableNames.of(config), seed=seed)
