@@ -30,9 +30,10 @@ SHORT_LEASE = {"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
                "LEASE_SAFETY_MARGIN_SECONDS": "5"}
 
 
-def faulty_app(ns: Namespace, *, seed: int = 0, **overrides: str) -> tuple[LedgerApp, FaultPlan]:
+def faulty_app(ns: Namespace, overrides: dict[str, str] | None = None,
+               seed: int = 0) -> tuple[LedgerApp, FaultPlan]:
     """An instance whose storage calls all go through a fault plan (no rule yet)."""
-    config = load_config(ns.env(**overrides), instance_id=f"faulty-{uuid.uuid4().hex[:6]}")
+    config = load_config(ns.env(**(overrides or {})), instance_id=f"faulty-{uuid.uuid4().hex[:6]}")
     plan = FaultPlan(TableNames.of(config), seed=seed)
     clients = clients_from_connection_string(ns.connection_string,
                                              config.storage_timeout_seconds,
@@ -193,7 +194,7 @@ def test_throttling_on_the_lease_blob_and_the_ledger_slows_down_but_loses_nothin
 @pytest.mark.parametrize("fault", [Fault.STATUS, Fault.LOSE_RESPONSE, Fault.TIMEOUT], ids=str)
 def test_a_transient_error_on_a_renewal_costs_a_sub_second_retry(ns: Namespace,
                                                                   fault: Fault) -> None:
-    app, plan = faulty_app(ns, **SHORT_LEASE)
+    app, plan = faulty_app(ns, SHORT_LEASE)
     lease = app.elector.try_acquire()
     assert lease is not None
     plan.add(fault, [CallKind.RENEW], times=1, seconds=0.3)
@@ -208,7 +209,7 @@ def test_a_transient_error_on_a_renewal_costs_a_sub_second_retry(ns: Namespace,
 
 def test_a_renewal_against_hung_storage_gives_up_before_the_lease_expires(
         ns: Namespace) -> None:
-    app, plan = faulty_app(ns, **SHORT_LEASE)
+    app, plan = faulty_app(ns, SHORT_LEASE)
     lease = app.elector.try_acquire()
     assert lease is not None
     lease.last_renew_sent -= 12  # as if the last renewal was 12 s ago: 3 s left on the lease
@@ -237,8 +238,8 @@ def _acquire_by(app: LedgerApp, timeout: float) -> tuple[HeldLease, float]:
 
 def test_hand_over_with_lost_release_and_busy_acquire_takes_about_a_second(
         ns: Namespace) -> None:
-    old, old_plan = faulty_app(ns, **SHORT_LEASE)
-    new, new_plan = faulty_app(ns, **SHORT_LEASE)
+    old, old_plan = faulty_app(ns, SHORT_LEASE)
+    new, new_plan = faulty_app(ns, SHORT_LEASE)
     lease = old.elector.try_acquire()
     assert lease is not None
     old_plan.add(Fault.LOSE_RESPONSE, [CallKind.RELEASE], times=1)
@@ -257,8 +258,8 @@ def test_hand_over_with_lost_release_and_busy_acquire_takes_about_a_second(
 @pytest.mark.slow
 def test_failover_under_busy_storage_stays_within_the_lease_plus_a_few_seconds(
         ns: Namespace) -> None:
-    dead, _ = faulty_app(ns, **SHORT_LEASE)
-    survivor, plan = faulty_app(ns, **SHORT_LEASE)
+    dead, _ = faulty_app(ns, SHORT_LEASE)
+    survivor, plan = faulty_app(ns, SHORT_LEASE)
     lease = dead.elector.try_acquire()
     assert lease is not None
     last_renew = lease.last_renew_sent  # then the holder dies: no renewal, no release
