@@ -116,19 +116,51 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MalformedMessage(f"key {key!r} appears twice in one object; another parser "
+                                   "could read the other value, so the message is refused")
+        seen[key] = value
+    return seen
+
+
+# The v1 names are camelCase; the Python names of the aliased fields are not accepted on the wire.
+_WIRE_NAMES = {name: field.alias for name, field in Completion.model_fields.items()
+               if field.alias and field.alias != name}
+
+
 def parse_completion(body: bytes | str) -> Completion:
-    """Validate one message body; raise ``MalformedMessage`` saying every field that is wrong."""
+    """Validate one message body; raise ``MalformedMessage`` saying every field that is wrong.
+
+    Strict: any body the JSON decoder refuses (not UTF-8, not JSON, nested too deep, an integer
+    of thousands of digits even in an ignored field), a key given twice, or a snake_case name
+    for a camelCase field is malformed, never an exception of another kind.
+    """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError as exc:
         raise MalformedMessage(f"message is not UTF-8 text: {exc}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except MalformedMessage:
+        raise
     except json.JSONDecodeError as exc:
         raise MalformedMessage(f"message is not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessage("message is nested too deeply to be a v1 completion") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+        raise MalformedMessage(f"message is not acceptable JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedMessage("message must be one JSON object (v1 completion contract)")
+    wrong_names = sorted(name for name in data if name in _WIRE_NAMES)
+    if wrong_names:
+        raise MalformedMessage("; ".join(f"{name}: the v1 name is {_WIRE_NAMES[name]!r}"
+                                         for name in wrong_names))
     try:
         return Completion.model_validate(data)
     except ValidationError as exc:
         raise MalformedMessage(_describe(exc)) from None
+    except RecursionError:  # a deeply nested value in a field pydantic walks
+        raise MalformedMessage("a field is nested too deeply to be a v1 completion") from None

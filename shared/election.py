@@ -106,7 +106,16 @@ class LeaseState(StrEnum):
     LOST = "lost"
 
 
-class LeadershipLost(RuntimeError):
+class TermEnded(RuntimeError):
+    """A leadership term must stop now; the next leader resumes from the tables.
+
+    The base of every reason a term ends early (the lease lost, the fence taken by a newer
+    epoch, a ledger write storage refused for a reason the leader cannot resolve). The pipeline
+    catches this one class; nothing a term raised it for was half-written.
+    """
+
+
+class LeadershipLost(TermEnded):
     """The lease is gone or too close to expiry: stop leading at once and start nothing new."""
 
 

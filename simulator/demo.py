@@ -153,7 +153,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
 def _epoch_holder(app: LedgerApp) -> int | None:
     """The index of the instance that claimed the current epoch (``sim-iN:pid/lease``)."""
     fence = app.ledger.read_fence()
-    match = re.match(r"sim-i(\d+):", str((fence or {}).get("holder", "")))
+    match = re.match(r"sim-i(\d+):", fence.holder if fence else "")
     return int(match.group(1)) if match else None
 
 
@@ -178,8 +178,8 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
                    .approximate_message_count or 0)
     result = check(work, outcomes, balances, parked, poisoned)
     leaders: Counter[tuple[int, str]] = Counter(
-        (int(row["epoch"]), str(row.get("decidedBy", "?")).split("/")[0]) for row in outcomes)
-    fence = app.ledger.read_fence() or {}
+        (d.epoch, d.decided_by.split("/")[0] or "?") for d in outcomes)
+    fence = app.ledger.read_fence()
     with urllib.request.urlopen(f"{base_url}/api/leader", timeout=10) as response:
         leader_view = json.loads(response.read())
     sample = sorted(balances)[0] if balances else "acct-000"
@@ -189,8 +189,9 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     w = out.write
     w(f"\n== Summary ({elapsed:.1f} s, {cluster.size} instances, "
       f"{cluster.count('done')} invocations acknowledged)\n")
+    epochs = fence.epoch if fence else 0
     w(f"Election: {cluster.count('leading')} lease(s) won, {cluster.count('refused')} attempt(s) "
-      f"refused (those invocations exited early); {fence.get('epoch', 0)} epoch(s) claimed.\n")
+      f"refused (those invocations exited early); {epochs} epoch(s) claimed.\n")
     w("Leaders that decided requests:\n")
     for (epoch, holder), count in sorted(leaders.items()):
         w(f"  epoch {epoch:>3}  {holder:<16} {count:>4} request(s)\n")
@@ -201,8 +202,8 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
       f"{result.total_balance} over {len(balances)} accounts -> "
       f"{'conserved to the cent' if conserved else 'NOT conserved'}\n")
     w(f"Dead letters: {parked} parked (malformed), {poisoned} in {app.config.poison_queue}\n")
-    left = app.completions.steps_by_request()
-    decided = {row["RowKey"].removeprefix("request:") for row in outcomes}
+    left = app.completions.scan(fallback_now=app.wallclock()).steps
+    decided = {d.outcome.request_id for d in outcomes}
     rows = sum(len(steps) for steps in left.values())
     late = sum(len(steps) for request_id, steps in left.items() if request_id in decided)
     w(f"Completion rows left: {rows}" + (

@@ -13,8 +13,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
+from shared.ledger import DecidedOutcome
 from shared.money import format_money
 
 
@@ -105,12 +105,12 @@ class CheckResult:
     problems: list[str]
 
 
-def check(work: Workload, outcome_rows: list[dict[str, Any]],
+def check(work: Workload, decided: list[DecidedOutcome],
           balances: dict[str, Decimal], parked: int, poisoned: int) -> CheckResult:
     """Check the ledger against the workload, to the cent."""
     problems: list[str] = []
-    by_request = {row["RowKey"].removeprefix("request:"): row for row in outcome_rows}
-    statuses = Counter(str(row["status"]) for row in by_request.values())
+    by_request = {d.outcome.request_id: d.outcome for d in decided}
+    statuses = Counter(outcome.status for outcome in by_request.values())
     known = set(work.deposits) | set(work.transfers)
     missing = sorted(known - set(by_request))
     if missing:
@@ -119,19 +119,19 @@ def check(work: Workload, outcome_rows: list[dict[str, Any]],
     if unexpected:
         problems.append(f"outcomes for requests never sent: {unexpected[:3]}")
     for request_id in sorted(work.doomed & set(by_request)):
-        if by_request[request_id]["status"] != "aborted":
+        if by_request[request_id].status != "aborted":
             problems.append(f"{request_id} had a failed step but is "
-                            f"{by_request[request_id]['status']}")
-    for request_id, row in by_request.items():
-        if row["status"] == "rejected" and "insufficient funds" not in str(row.get("reason")):
-            problems.append(f"{request_id} rejected for an unexpected reason: {row['reason']}")
+                            f"{by_request[request_id].status}")
+    for request_id, outcome in by_request.items():
+        if outcome.status == "rejected" and "insufficient funds" not in outcome.reason:
+            problems.append(f"{request_id} rejected for an unexpected reason: {outcome.reason}")
     # Replay the committed legs: the ledger must hold exactly their sum, account by account.
     replayed: dict[str, Decimal] = {}
-    for row in by_request.values():
-        if row["status"] != "committed":
+    for outcome in by_request.values():
+        if outcome.status != "committed":
             continue
-        for account, amount in json.loads(row.get("legs", "[]")):
-            replayed[account] = replayed.get(account, Decimal("0.00")) + Decimal(amount)
+        for account, amount in outcome.legs:
+            replayed[account] = replayed.get(account, Decimal("0.00")) + amount
     for account in sorted(set(replayed) | set(balances)):
         want = replayed.get(account, Decimal("0.00"))
         have = balances.get(account, Decimal("0.00"))
@@ -140,7 +140,8 @@ def check(work: Workload, outcome_rows: list[dict[str, Any]],
         if have < 0:
             problems.append(f"{account} is negative: {have}")
     deposited = sum((amount for request_id, amount in work.deposits.items()
-                     if by_request.get(request_id, {}).get("status") == "committed"),
+                     if request_id in by_request
+                     and by_request[request_id].status == "committed"),
                     Decimal("0.00"))
     total = sum(balances.values(), Decimal("0.00"))
     if total != deposited:

@@ -15,6 +15,7 @@ from shared.app import LedgerApp
 from shared.clients import RequestHook, clients_from_connection_string
 from shared.contract import parse_completion
 from shared.election import ElectionCallbacks
+from shared.ledger import DecidedOutcome
 from shared.pipeline import CompletionResult, handle_completion
 from shared.settings import load_config
 
@@ -45,13 +46,18 @@ def transfer(request_id: str, source: str, target: str, amount: str,
 
 
 class ManualClock:
-    """A wall clock the test moves by hand (for request expiry)."""
+    """Time the test moves by hand: a wall clock, and a shift of storage's time for expiry."""
 
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.start = datetime(2026, 1, 1, tzinfo=UTC)
+        self.now = self.start
 
     def __call__(self) -> datetime:
         return self.now
+
+    def shift(self) -> timedelta:
+        """How far the test has moved time (``LedgerApp.time_shift``)."""
+        return self.now - self.start
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -79,6 +85,7 @@ class Namespace:
 
     def app(self, instance_id: str | None = None, callbacks: ElectionCallbacks | None = None,
             wallclock: Callable[[], datetime] | None = None,
+            time_shift: Callable[[], timedelta] | None = None,
             request_hook: RequestHook | None = None, **overrides: str) -> LedgerApp:
         """A ``LedgerApp`` (one simulated instance) on this namespace, resources created."""
         self.counter += 1
@@ -90,6 +97,8 @@ class Namespace:
         if wallclock is not None:
             kwargs["wallclock"] = wallclock
         app = LedgerApp.create(config, clients, **kwargs)
+        if time_shift is not None:
+            app.time_shift = time_shift
         app.ensure_resources()
         return app
 
@@ -112,8 +121,26 @@ def balance(app: LedgerApp, account_id: str) -> Decimal:
 
 def status(app: LedgerApp, request_id: str) -> str | None:
     """The request's recorded outcome status, or None."""
-    row = app.ledger.read_outcome(request_id)
-    return None if row is None else str(row["status"])
+    decided = app.ledger.read_outcome(request_id)
+    return None if decided is None else decided.outcome.status
+
+
+def decided(app: LedgerApp, request_id: str) -> DecidedOutcome:
+    """The request's outcome; fails the test when it has none."""
+    found = app.ledger.read_outcome(request_id)
+    assert found is not None, f"request {request_id} has no outcome"
+    return found
+
+
+def reason(app: LedgerApp, request_id: str) -> str:
+    """The reason stored with the request's outcome."""
+    return decided(app, request_id).outcome.reason
+
+
+def fence_epoch(app: LedgerApp) -> int:
+    """The current epoch (0 before the first leader)."""
+    fence = app.ledger.read_fence()
+    return 0 if fence is None else fence.epoch
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
