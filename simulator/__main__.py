@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 
+from simulator.chaos import ChaosOptions, run_chaos
 from simulator.demo import DemoOptions, run_demo
 
 
@@ -30,6 +32,25 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
 
+    chaos = commands.add_parser("chaos", help="the chaos run: workload + injected faults, checked")
+    defaults = ChaosOptions()
+    chaos.add_argument("--seed", type=int, default=None,
+                       help="replay a run (default: a new random seed, printed first)")
+    chaos.add_argument("--minutes", type=float, default=defaults.minutes,
+                       help="feed the requests over this many minutes (0: all at once)")
+    chaos.add_argument("--instances", type=int, default=defaults.instances)
+    chaos.add_argument("--accounts", type=int, default=defaults.accounts)
+    chaos.add_argument("--requests", type=int, default=None,
+                       help="requests under chaos (default 2000, or 700 per minute fed)")
+    chaos.add_argument("--leader-kills", type=int, default=defaults.leader_kills)
+    chaos.add_argument("--random-kills", type=int, default=defaults.random_kills)
+    chaos.add_argument("--breaks", type=int, default=defaults.breaks)
+    chaos.add_argument("--pauses", type=int, default=defaults.pauses)
+    chaos.add_argument("--storage-restarts", type=int, default=defaults.storage_restarts)
+    chaos.add_argument("--wait-for-expiry", action="store_true",
+                       help="let a paused leader's lease expire instead of breaking it")
+    chaos.add_argument("--timeout", type=float, default=None, help="give up after (s)")
+
     instance = commands.add_parser("instance", help="one instance process (used by the demo)")
     instance.add_argument("--index", type=int, required=True)
     instance.add_argument("--threads", type=int, default=4)
@@ -44,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
             malformed=args.malformed, seed=args.seed, timeout=args.timeout,
             sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
             serve_after=args.serve, kill_leader=args.kill_leader))
+    if args.command == "chaos":
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+        requests = args.requests or max(2000, int(700 * args.minutes))
+        scaled = max(args.minutes, 1) / 4
+        return run_chaos(ChaosOptions(
+            seed=seed, instances=args.instances, accounts=args.accounts, requests=requests,
+            minutes=args.minutes, leader_kills=args.leader_kills,
+            random_kills=args.random_kills, breaks=args.breaks, pauses=args.pauses,
+            storage_restarts=args.storage_restarts, wait_for_expiry=args.wait_for_expiry,
+            timeout=args.timeout or 900 + args.minutes * 60 * scaled))
     from simulator.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)
