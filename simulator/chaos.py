@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -236,7 +237,11 @@ class ChaosRun:
             self.figures.check = self._check(app)
             return self.figures
         finally:
-            azurite.close()
+            azurite.stop()
+            if self.figures.problems:
+                self.out.write(f"Storage and instance logs kept in {location}\n")
+            else:
+                shutil.rmtree(location, ignore_errors=True)
 
     def _header(self, location: str) -> None:
         o = self.options

@@ -213,10 +213,12 @@ class FaultPlan:
         self._rng = random.Random(self.seed)
 
     @classmethod
-    def from_spec(cls, spec: str | Mapping[str, Any], names: TableNames) -> FaultPlan:
-        """A plan from its JSON spec (``{"seed": .., "rules": [..]}``)."""
+    def from_spec(cls, spec: str | Mapping[str, Any], names: TableNames,
+                  salt: int = 0) -> FaultPlan:
+        """A plan from its JSON spec (``{"seed": .., "rules": [..]}``), seed shifted by salt."""
         data = json.loads(spec) if isinstance(spec, str) else spec
-        return cls(names, [Rule.of(r) for r in data.get("rules", ())], int(data.get("seed", 0)))
+        return cls(names, [Rule.of(r) for r in data.get("rules", ())],
+                   int(data.get("seed", 0)) + salt)
 
     def add(self, fault: Fault | str, kinds: Iterable[CallKind | str] = (), **options: Any) -> Rule:
         """Add a rule now (tests add theirs after setting up, so setup is not faulted)."""
@@ -331,7 +333,11 @@ class FaultAdapter(HTTPAdapter):
         return self.build_response(request, raw)
 
 
-def plan_from_environment(env: Mapping[str, str], config: AppConfig) -> FaultPlan | None:
-    """The plan ``SIM_FAULTS`` asks for, or ``None``."""
+def plan_from_environment(env: Mapping[str, str], config: AppConfig,
+                          salt: int = 0) -> FaultPlan | None:
+    """The plan ``SIM_FAULTS`` asks for, or ``None``; ``salt`` (an instance index) shifts
+    the seed so that instances do not fail in lockstep."""
     spec = env.get(FAULTS_ENV, "").strip()
-    return FaultPlan.from_spec(spec, TableNames.of(config)) if spec else None
+    if not spec:
+        return None
+    return FaultPlan.from_spec(spec, TableNames.of(config), salt)

@@ -249,7 +249,7 @@ def run_instance(index: int, threads: int, lock_seconds: float,
     logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING"),
                         format=f"%(asctime)s i{index} %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    plan = plan_from_environment(os.environ, load_config(os.environ))
+    plan = plan_from_environment(os.environ, load_config(os.environ), salt=index)
     if plan is not None:  # a chaos run: this instance's storage calls go through the plan
         runtime.set_transport_factory(plan.transport)
     host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
