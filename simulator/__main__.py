@@ -42,11 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     chaos.add_argument("--accounts", type=int, default=defaults.accounts)
     chaos.add_argument("--requests", type=int, default=None,
                        help="requests under chaos (default 2000, or 700 per minute fed)")
-    chaos.add_argument("--leader-kills", type=int, default=defaults.leader_kills)
-    chaos.add_argument("--random-kills", type=int, default=defaults.random_kills)
-    chaos.add_argument("--breaks", type=int, default=defaults.breaks)
-    chaos.add_argument("--pauses", type=int, default=defaults.pauses)
-    chaos.add_argument("--storage-restarts", type=int, default=defaults.storage_restarts)
+    chaos.add_argument("--leader-kills", type=int, default=None,
+                       help=f"default {defaults.leader_kills} per 4 minutes fed")
+    chaos.add_argument("--random-kills", type=int, default=None,
+                       help=f"default {defaults.random_kills} per 4 minutes fed")
+    chaos.add_argument("--breaks", type=int, default=None,
+                       help=f"default {defaults.breaks} per 4 minutes fed")
+    chaos.add_argument("--pauses", type=int, default=None,
+                       help=f"default {defaults.pauses} per 4 minutes fed")
+    chaos.add_argument("--storage-restarts", type=int, default=None,
+                       help=f"default {defaults.storage_restarts} per 4 minutes fed")
     chaos.add_argument("--wait-for-expiry", action="store_true",
                        help="let a paused leader's lease expire instead of breaking it")
     chaos.add_argument("--timeout", type=float, default=None, help="give up after (s)")
@@ -68,13 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chaos":
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
         requests = args.requests or max(2000, int(700 * args.minutes))
-        scaled = max(args.minutes, 1) / 4
+        scale = max(1.0, args.minutes / 4)
+
+        def count(given: int | None, default: int) -> int:
+            return given if given is not None else round(default * scale)
+
         return run_chaos(ChaosOptions(
             seed=seed, instances=args.instances, accounts=args.accounts, requests=requests,
-            minutes=args.minutes, leader_kills=args.leader_kills,
-            random_kills=args.random_kills, breaks=args.breaks, pauses=args.pauses,
-            storage_restarts=args.storage_restarts, wait_for_expiry=args.wait_for_expiry,
-            timeout=args.timeout or 900 + args.minutes * 60 * scaled))
+            minutes=args.minutes, leader_kills=count(args.leader_kills, defaults.leader_kills),
+            random_kills=count(args.random_kills, defaults.random_kills),
+            breaks=count(args.breaks, defaults.breaks),
+            pauses=count(args.pauses, defaults.pauses),
+            storage_restarts=count(args.storage_restarts, defaults.storage_restarts),
+            wait_for_expiry=args.wait_for_expiry,
+            timeout=args.timeout or 900 + args.minutes * 90))
     from simulator.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)
