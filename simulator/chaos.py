@@ -91,6 +91,7 @@ class ChaosFigures:
     duplicates: int
     malformed: int
     schedule: list[tuple[float, str]]
+    replay: str = ""  # the command that replays this run
     kills: int = 0
     leader_kills: int = 0
     breaks: int = 0
@@ -150,7 +151,7 @@ class ChaosRun:
         self.figures = ChaosFigures(
             options.seed, options.instances, self.work.all_requests,
             len(self.work.funding_messages) + len(self.work.messages), self.work.duplicates,
-            len(self.work.malformed), self.schedule)
+            len(self.work.malformed), self.schedule, replay_command(options))
         self.rng = random.Random(options.seed + 1)
         self.storage_lock = threading.Lock()  # the feeder waits while storage restarts
         self.fed = threading.Event()
@@ -246,9 +247,7 @@ class ChaosRun:
     def _header(self, location: str) -> None:
         o = self.options
         self.out.write(
-            f"Chaos run, seed {o.seed} (replay: ./dev chaos --seed {o.seed} --instances "
-            f"{o.instances} --requests {o.requests}"
-            + (f" --minutes {o.minutes:g}" if o.minutes else "") + ")\n"
+            f"Chaos run, seed {o.seed} (replay: {replay_command(o)})\n"
             f"Workload: {self.work.all_requests} requests ({len(self.work.funding)} funding "
             f"deposits, {len(self.work.requests)} under chaos, "
             f"{sum(len(r.legs) > 2 for r in self.work.requests.values())} with 3-5 legs, "
@@ -418,6 +417,15 @@ class ChaosRun:
                            app.completions.count())
 
 
+def replay_command(options: ChaosOptions) -> str:
+    """The command that runs these options again (same seed: same workload and schedule)."""
+    o = options
+    return (f"./dev chaos --seed {o.seed} --instances {o.instances} --requests {o.requests}"
+            f" --minutes {o.minutes:g} --leader-kills {o.leader_kills} --random-kills "
+            f"{o.random_kills} --breaks {o.breaks} --pauses {o.pauses} --storage-restarts "
+            f"{o.storage_restarts}" + (" --wait-for-expiry" if o.wait_for_expiry else ""))
+
+
 def report(figures: ChaosFigures, out: TextIO) -> None:
     """The figures of one run, and the check's verdict."""
     check = figures.check
@@ -442,7 +450,7 @@ def report(figures: ChaosFigures, out: TextIO) -> None:
         w(f"note: {note}\n")
     problems = figures.problems
     if problems:
-        w(f"CHECK FAILED (replay with --seed {figures.seed}):\n"
+        w(f"CHECK FAILED (replay: {figures.replay}):\n"
           + "".join(f"  - {p}\n" for p in problems))
     else:
         w("Check: every request decided once with the outcome the workload implies, balances "

@@ -12,12 +12,16 @@ from __future__ import annotations
 import io
 import json
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
 from shared.ledger import DecidedOutcome, Outcome
+from simulator.azurite import Azurite
 from simulator.chaos import ChaosOptions, ChaosRun, fault_spec, plan_schedule, report
+from simulator.cluster import Cluster
 from simulator.workload import ChaosWorkload, check_chaos, generate_chaos
+from tests.helpers import Namespace, balance, deposit, status, wait_until
 
 # The test's run: 2,000 requests, every fault of the issue at least as often as it asks. It
 # uses 12 instances rather than 16 to stay well inside 4 minutes on a 2-core CI machine (16
@@ -120,3 +124,27 @@ def test_the_checker_accepts_the_right_end_state_and_catches_each_wrong_one() ->
     valid = json.dumps({"requestId": first})
     assert any("poison" in p for p in problems(poisoned=[valid]))
     assert any("left behind" in p for p in problems(completion_rows=1))
+
+
+@pytest.mark.slow
+def test_an_instance_keeps_listening_across_a_storage_restart(tmp_path: Path) -> None:
+    with Azurite(in_memory=False, location=str(tmp_path)) as azurite:
+        ns = Namespace(azurite.connection_string)
+        app = ns.app()
+        queue = app.queue_client()
+        cluster = Cluster(ns.env(), instances=1, threads=1, sweep_seconds=None).start()
+        try:
+            queue.send_message(deposit("d1", "alice", "5.00")[0].decode())
+            wait_until(lambda: status(app, "d1") == "committed", 60, "d1 committed")
+            azurite.stop()
+            wait_until(lambda: cluster.count("receive_failed") >= 1, 30,
+                       "the instance to meet the storage outage")
+            azurite.start()
+            queue.send_message(deposit("d2", "alice", "7.00")[0].decode())
+            wait_until(lambda: status(app, "d2") == "committed", 60,
+                       "d2 committed by the same instance after the restart")
+            assert cluster.alive() == [0]
+            assert cluster.count("started") == 1, "the instance was not restarted"
+        finally:
+            cluster.stop()
+        assert balance(app, "alice") == Decimal("12.00"), "d1 survived the restart on disk"
