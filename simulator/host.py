@@ -155,6 +155,7 @@ class InstanceHost:
                     max_messages=wanted, visibility_timeout=int(self.lock_seconds)))
             except AzureError as exc:  # storage unreachable: the host's listener keeps polling
                 logger.warning("instance %d: receiving failed: %s", self.index, exc)
+                emit("receive_failed", error=str(exc)[:200])
                 self.stopping.wait(idle)
                 idle = min(idle * 2, self.options.max_polling_interval)
                 continue
