@@ -28,11 +28,11 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('Python version of the Functions runtime.')
+@description('Python version of the Functions runtime (the app needs 3.11 or later: pyproject.toml requires-python).')
 @allowed([
-  '3.10'
   '3.11'
   '3.12'
+  '3.13'
 ])
 param pythonVersion string = '3.11'
 
@@ -55,6 +55,9 @@ param deployerPrincipalId string = ''
   'ServicePrincipal'
 ])
 param deployerPrincipalType string = 'User'
+
+@description('Resource ids of action groups the alerts notify (docs/operations.md). Empty: alerts show in the portal only.')
+param alertActionGroupIds array = []
 
 // The settings the app code reads: shared/settings.py SETTINGS, with the code's defaults.
 
@@ -81,13 +84,11 @@ param leaseBlobName string = 'ledger-leader'
 @maxValue(60)
 param leaseSeconds int = 60
 
-@description('RENEW_INTERVAL_SECONDS: how often the leader renews its lease while it drains.')
-@minValue(1)
-param renewIntervalSeconds int = 20
+@description('RENEW_INTERVAL_SECONDS: how often the leader renews its lease while it drains; empty derives it from the lease (LEASE_SECONDS / 3).')
+param renewIntervalSeconds string = ''
 
-@description('LEASE_SAFETY_MARGIN_SECONDS: no commit starts later than last renew sent + lease - this margin.')
-@minValue(1)
-param leaseSafetyMarginSeconds int = 10
+@description('LEASE_SAFETY_MARGIN_SECONDS: no commit starts later than last renew sent + lease - this margin; empty derives it from the lease (LEASE_SECONDS / 6, rounded up).')
+param leaseSafetyMarginSeconds string = ''
 
 @description('DRAIN_BUDGET_SECONDS: longest a leader drains in one invocation (below host.json functionTimeout).')
 @minValue(1)
@@ -100,6 +101,13 @@ param requestTimeoutSeconds int = 900
 @description('STORAGE_TIMEOUT_SECONDS: per-call network timeout of the ledger and lease clients.')
 @minValue(1)
 param storageTimeoutSeconds int = 5
+
+@description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
+@allowed([
+  '0'
+  '1'
+])
+param telemetryConsoleExporter string = '0'
 
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, namePrefix))
 var storageAccountName = take('st${replace(toLower(namePrefix), '-', '')}${resourceToken}', 24)
@@ -114,11 +122,12 @@ var appSettings = {
   LEASE_CONTAINER_NAME: leaseContainerName
   LEASE_BLOB_NAME: leaseBlobName
   LEASE_SECONDS: string(leaseSeconds)
-  RENEW_INTERVAL_SECONDS: string(renewIntervalSeconds)
-  LEASE_SAFETY_MARGIN_SECONDS: string(leaseSafetyMarginSeconds)
+  RENEW_INTERVAL_SECONDS: renewIntervalSeconds
+  LEASE_SAFETY_MARGIN_SECONDS: leaseSafetyMarginSeconds
   DRAIN_BUDGET_SECONDS: string(drainBudgetSeconds)
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
+  TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
 module identity 'modules/identity.bicep' = {
@@ -153,6 +162,19 @@ module monitoring 'modules/monitoring.bicep' = {
     appInsightsName: 'appi-${namePrefix}-${resourceToken}'
     location: location
     tags: tags
+  }
+}
+
+// Log search alerts on the app's telemetry: no commit while completions wait, parked messages,
+// poison queue not empty.
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
   }
 }
 

@@ -94,18 +94,7 @@ class Completion(BaseModel):
 
     def to_message(self) -> str:
         """The JSON text of this completion, as upstream systems send it."""
-        body: dict[str, Any] = {
-            "requestId": self.request_id,
-            "operationId": self.operation_id,
-            "operation": self.operation.value,
-            "accountId": self.account_id,
-            "amount": str(self.amount),
-            "expectedOperations": self.expected_operations,
-            "status": self.status.value,
-        }
-        if self.completed_at is not None:
-            body["completedAt"] = self.completed_at.isoformat()
-        return json.dumps(body, separators=(",", ":"))
+        return completion_message(**self.model_dump(exclude_none=True))
 
 
 def _describe(error: ValidationError) -> str:
@@ -164,3 +153,37 @@ def parse_completion(body: bytes | str) -> Completion:
         raise MalformedMessage(_describe(exc)) from None
     except RecursionError:  # a deeply nested value in a field pydantic walks
         raise MalformedMessage("a field is nested too deeply to be a v1 completion") from None
+
+
+# --- building messages ----------------------------------------------------------------------
+def message_body(**fields: object) -> dict[str, object]:
+    """A v1 message body from ``Completion`` field names (``request_id=...``), not validated.
+
+    The one place that knows the wire names: keys are ``Completion``'s aliases, values are
+    written as given (enum members as their value, ``Decimal`` as its text, datetimes in
+    ISO-8601), and only the fields given appear. It does not validate, so a test or
+    ``enqueue --raw`` can build a message that breaks the contract; ``parse_completion`` judges.
+    """
+    body: dict[str, object] = {}
+    for name, value in fields.items():
+        info = Completion.model_fields.get(name)
+        if info is None:
+            raise TypeError(f"Completion has no field {name!r} (fields: "
+                            f"{', '.join(Completion.model_fields)})")
+        body[info.alias or name] = _wire_value(value)
+    return body
+
+
+def completion_message(**fields: object) -> str:
+    """The compact JSON text of ``message_body(**fields)``, as a queue message carries it."""
+    return json.dumps(message_body(**fields), separators=(",", ":"))
+
+
+def _wire_value(value: object) -> object:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

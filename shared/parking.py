@@ -26,6 +26,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 from azure.storage.queue import QueueClient
 
+from shared import telemetry
+
 logger = logging.getLogger(__name__)
 
 PARKED_PARTITION = "parked"
@@ -88,7 +90,9 @@ class ParkingLot:
         for index, chunk in enumerate(chunks):
             entity[f"body{index}"] = chunk
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
-        logger.warning("parked %s message %s: %s", kind.value, parked_id, error)
+        telemetry.record_parked(kind.value)
+        logger.warning("parked %s message %s: %s", kind.value, parked_id, error,
+                       extra=telemetry.log_extra(parkedId=parked_id, parkedKind=kind.value))
 
     def count_by_kind(self, limit: int = 10_000) -> dict[str, int]:
         """How many messages are parked, by kind (counting stops at ``limit``)."""
@@ -154,11 +158,15 @@ class PoisonedMessage:
     dequeue_count: int
 
 
-def peek_poisoned(poison: QueueClient, limit: int = 32) -> list[PoisonedMessage]:
-    """Up to 32 messages of the poison queue, without taking them (the queue's peek limit)."""
+QUEUE_BATCH_LIMIT = 32  # the most messages one peek or receive returns (Azure Queue Storage)
+
+
+def peek_poisoned(poison: QueueClient,
+                  limit: int = QUEUE_BATCH_LIMIT) -> list[PoisonedMessage]:
+    """Up to ``QUEUE_BATCH_LIMIT`` messages of the poison queue, without taking them."""
     return [PoisonedMessage(str(m.id), str(m.content), str(m.inserted_on or ""),
                             int(m.dequeue_count or 0))
-            for m in poison.peek_messages(max_messages=min(limit, 32))]
+            for m in poison.peek_messages(max_messages=min(limit, QUEUE_BATCH_LIMIT))]
 
 
 def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int:
@@ -170,7 +178,7 @@ def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int
     """
     moved = 0
     while moved < limit:
-        batch = list(poison.receive_messages(max_messages=min(32, limit - moved),
+        batch = list(poison.receive_messages(max_messages=min(QUEUE_BATCH_LIMIT, limit - moved),
                                              visibility_timeout=60))
         if not batch:
             break

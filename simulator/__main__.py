@@ -1,29 +1,60 @@
-"""``python -m simulator``: the demo, a single simulated instance, or the read API server."""
+"""``python -m simulator`` (``./dev sim``, ``./dev demo``): the demo, or one simulated instance."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import random
+import signal
 import sys
 
 from simulator.chaos import ChaosOptions, run_chaos
 from simulator.demo import DemoOptions, run_demo
 
+DEFAULTS = DemoOptions()
+CHAOS = ChaosOptions()
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run it."""
-    parser = argparse.ArgumentParser(prog="python -m simulator",
+
+def configure_logging(command: str, index: int | None = None) -> None:
+    """Logging for this process, set once here (the entry point) and nowhere else.
+
+    An instance logs to its stderr, which the supervisor sends to the run's log file; its level
+    is ``SIM_LOG_LEVEL`` (WARNING by default). The demo itself logs warnings to stderr.
+    """
+    if command == "instance":
+        logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING").upper(),
+                            format=f"%(asctime)s i{index} %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the simulator (``instance`` is internal: not in the help)."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="./dev sim", formatter_class=formatter,
                                      description="Scale-out simulator of the ledger app.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="generated workload through N instances, checked")
-    demo.add_argument("--instances", type=int, default=8)
-    demo.add_argument("--accounts", type=int, default=20)
-    demo.add_argument("--transfers", type=int, default=200)
-    demo.add_argument("--malformed", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--timeout", type=float, default=300, help="seconds before giving up")
-    demo.add_argument("--sweep-seconds", type=float, default=5,
+    demo = commands.add_parser("demo", formatter_class=formatter,
+                               help="generated workload through N instances, checked",
+                               description="A generated workload through N simulated "
+                                           "instances, then an independent check.")
+    demo.add_argument("--instances", type=int, default=DEFAULTS.instances,
+                      help="instance processes to run")
+    demo.add_argument("--accounts", type=int, default=DEFAULTS.accounts,
+                      help="accounts the workload funds and moves money between")
+    demo.add_argument("--transfers", type=int, default=DEFAULTS.transfers,
+                      help="two-leg transfer requests to send (after one deposit per account)")
+    demo.add_argument("--malformed", type=int, default=DEFAULTS.malformed,
+                      help="malformed messages mixed in (they must end parked)")
+    demo.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                      help="random seed of the workload (same seed, same messages)")
+    demo.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
+                      help="seconds before giving up")
+    demo.add_argument("--sweep-seconds", type=float, default=DEFAULTS.sweep_seconds,
                       help="timer period of the sweeper (60 in Azure)")
     demo.add_argument("--connection-string", default=None,
                       help="use this storage instead of a private in-memory Azurite")
@@ -32,61 +63,94 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
 
-    chaos = commands.add_parser("chaos", help="the chaos run: workload + injected faults, checked")
-    defaults = ChaosOptions()
+    chaos = commands.add_parser("chaos", formatter_class=formatter,
+                                help="the chaos run: a workload under injected faults, checked",
+                                description="A generated workload through N instances while "
+                                            "instances are killed and paused, the lease is "
+                                            "broken, storage restarts and storage calls fail; "
+                                            "then an independent check (docs/reliability.md).")
     chaos.add_argument("--seed", type=int, default=None,
                        help="replay a run (default: a new random seed, printed first)")
-    chaos.add_argument("--minutes", type=float, default=defaults.minutes,
+    chaos.add_argument("--minutes", type=float, default=CHAOS.minutes,
                        help="feed the requests over this many minutes (0: all at once)")
-    chaos.add_argument("--instances", type=int, default=defaults.instances)
-    chaos.add_argument("--accounts", type=int, default=defaults.accounts)
+    chaos.add_argument("--instances", type=int, default=CHAOS.instances,
+                       help="instance processes to run")
+    chaos.add_argument("--accounts", type=int, default=CHAOS.accounts,
+                       help="funded accounts the requests move money between")
     chaos.add_argument("--requests", type=int, default=None,
                        help="requests under chaos (default 2000, or 700 per minute fed)")
     chaos.add_argument("--leader-kills", type=int, default=None,
-                       help=f"default {defaults.leader_kills} per 4 minutes fed")
+                       help=f"SIGKILLs of the leader mid-drain ({CHAOS.leader_kills} per 4 "
+                            "minutes fed)")
     chaos.add_argument("--random-kills", type=int, default=None,
-                       help=f"default {defaults.random_kills} per 4 minutes fed")
+                       help=f"SIGKILLs of random instances ({CHAOS.random_kills} per 4 minutes)")
     chaos.add_argument("--breaks", type=int, default=None,
-                       help=f"default {defaults.breaks} per 4 minutes fed")
+                       help=f"lease breaks while a leader holds it ({CHAOS.breaks} per 4 minutes)")
     chaos.add_argument("--pauses", type=int, default=None,
-                       help=f"default {defaults.pauses} per 4 minutes fed")
+                       help=f"leaders SIGSTOPped past their lease ({CHAOS.pauses} per 4 minutes)")
     chaos.add_argument("--storage-restarts", type=int, default=None,
-                       help=f"default {defaults.storage_restarts} per 4 minutes fed")
+                       help=f"Azurite stops and restarts ({CHAOS.storage_restarts} per 4 minutes)")
     chaos.add_argument("--wait-for-expiry", action="store_true",
                        help="let a paused leader's lease expire instead of breaking it")
-    chaos.add_argument("--timeout", type=float, default=None, help="give up after (s)")
+    chaos.add_argument("--timeout", type=float, default=None,
+                       help="give up after this many seconds (default 900 + 90 per minute fed)")
 
-    instance = commands.add_parser("instance", help="one instance process (used by the demo)")
-    instance.add_argument("--index", type=int, required=True)
-    instance.add_argument("--threads", type=int, default=4)
+    # Internal: the demo starts its instances with this; no help= keeps it out of --help.
+    instance = commands.add_parser("instance", formatter_class=formatter)
+    instance.add_argument("--index", type=int, required=True, help="instance number")
+    instance.add_argument("--threads", type=int, default=4, help="concurrent invocations")
     instance.add_argument("--lock-seconds", type=float, default=30,
                           help="visibility timeout while a message is being processed")
-    instance.add_argument("--sweep-seconds", type=float, default=None)
+    instance.add_argument("--sweep-seconds", type=float, default=None,
+                          help="run the timer-triggered sweeper this often (none: never)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _chaos_options(args: argparse.Namespace) -> ChaosOptions:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    scale = max(1.0, args.minutes / 4)
+
+    def count(given: int | None, default: int) -> int:
+        return given if given is not None else round(default * scale)
+
+    return ChaosOptions(
+        seed=seed, instances=args.instances, accounts=args.accounts,
+        requests=args.requests or max(2000, int(700 * args.minutes)), minutes=args.minutes,
+        leader_kills=count(args.leader_kills, CHAOS.leader_kills),
+        random_kills=count(args.random_kills, CHAOS.random_kills),
+        breaks=count(args.breaks, CHAOS.breaks), pauses=count(args.pauses, CHAOS.pauses),
+        storage_restarts=count(args.storage_restarts, CHAOS.storage_restarts),
+        wait_for_expiry=args.wait_for_expiry,
+        timeout=args.timeout or 900 + args.minutes * 90)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run it."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.command, getattr(args, "index", None))
     if args.command == "demo":
-        return run_demo(DemoOptions(
-            instances=args.instances, accounts=args.accounts, transfers=args.transfers,
-            malformed=args.malformed, seed=args.seed, timeout=args.timeout,
-            sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
-            serve_after=args.serve, kill_leader=args.kill_leader))
+        # SIGTERM unwinds like Ctrl-C, so the instances and the private Azurite are stopped.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return run_demo(DemoOptions(
+                instances=args.instances, accounts=args.accounts, transfers=args.transfers,
+                malformed=args.malformed, seed=args.seed, timeout=args.timeout,
+                sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
+                serve_after=args.serve, kill_leader=args.kill_leader))
+        except KeyboardInterrupt:
+            print("interrupted: instances and Azurite stopped", file=sys.stderr)
+            return 130
     if args.command == "chaos":
-        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
-        requests = args.requests or max(2000, int(700 * args.minutes))
-        scale = max(1.0, args.minutes / 4)
-
-        def count(given: int | None, default: int) -> int:
-            return given if given is not None else round(default * scale)
-
-        return run_chaos(ChaosOptions(
-            seed=seed, instances=args.instances, accounts=args.accounts, requests=requests,
-            minutes=args.minutes, leader_kills=count(args.leader_kills, defaults.leader_kills),
-            random_kills=count(args.random_kills, defaults.random_kills),
-            breaks=count(args.breaks, defaults.breaks),
-            pauses=count(args.pauses, defaults.pauses),
-            storage_restarts=count(args.storage_restarts, defaults.storage_restarts),
-            wait_for_expiry=args.wait_for_expiry,
-            timeout=args.timeout or 900 + args.minutes * 90))
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return run_chaos(_chaos_options(args))
+        except KeyboardInterrupt:
+            print("interrupted: instances and Azurite stopped", file=sys.stderr)
+            return 130
     from simulator.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)

@@ -94,8 +94,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         env = {s.name: os.environ.get(s.name) or s.default for s in SETTINGS}
         env["AzureWebJobsStorage"] = connection_string
         if options.kill_leader:  # the shortest lease Azure allows, so the failover is quick
-            env.update(LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="5",
-                       LEASE_SAFETY_MARGIN_SECONDS="5")
+            env.update(LEASE_SECONDS="15")  # renew interval and margin derive from it
         os.environ.update(env)
         runtime.reset()
         app = runtime.get_app()  # the supervisor's own instance: HTTP API and checks
@@ -107,8 +106,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         _enqueue(app, work)
         server, base_url = serve()
         out.write(f"Read API on {base_url}/api/leader (and /api/accounts/{{id}}, "
-                  f"/api/requests/{{id}})\n")
-        log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
+                  f"/api/requests/{{id}}); status page: {base_url}/api/status\n")
+        log_path = run_log_path()
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
                           lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
         queue = app.queue_client()
@@ -140,14 +139,24 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
             cluster.stop()
         elapsed = time.monotonic() - started
         code = _summary(app, work, cluster, base_url, elapsed, finished, out)
+        out.write(f"Instance logs of this run: {log_path}\n")
         if options.serve_after:
-            out.write(f"Serving the read API on {base_url} until Ctrl-C ...\n")
+            out.write(f"Status page: {base_url}/api/status (open it in a browser)\n"
+                      "Operator CLI on this storage, from another terminal:\n"
+                      f"  AzureWebJobsStorage='{connection_string}' ./dev cli status\n"
+                      f"Serving the read API on {base_url} until Ctrl-C ...\n")
             out.flush()
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(1)
         server.shutdown()
         return code
+
+
+def run_log_path() -> Path:
+    """A new log file for this run's instances (each line names its instance: ``i3``)."""
+    folder = tempfile.mkdtemp(prefix=time.strftime("ledger-demo-%Y%m%d-%H%M%S-"))
+    return Path(folder) / "instances.log"
 
 
 def _epoch_holder(app: LedgerApp) -> int | None:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+from shared.contract import Operation, StepStatus, completion_message
 from shared.ledger import DecidedOutcome
 from shared.money import format_money
 
@@ -35,27 +36,32 @@ class Workload:
         return len(self.deposits) + len(self.transfers)
 
 
-def _step(request_id: str, operation_id: str, operation: str, account: str, amount: Decimal,
-          expected: int, status: str = "succeeded") -> str:
-    return json.dumps({"requestId": request_id, "operationId": operation_id,
-                       "operation": operation, "accountId": account,
-                       "amount": format_money(amount), "expectedOperations": expected,
-                       "status": status})
+def _step(request_id: str, operation_id: str, operation: Operation, account: str,
+          amount: Decimal, expected: int, status: StepStatus = StepStatus.SUCCEEDED) -> str:
+    return completion_message(request_id=request_id, operation_id=operation_id,
+                              operation=operation, account_id=account,
+                              amount=format_money(amount), expected_operations=expected,
+                              status=status)
 
 
 def _money(rng: random.Random, low: int, high: int) -> Decimal:
     return Decimal(rng.randint(low * 100, high * 100)) / 100
 
 
+def _bad(request_id: str, **fields: object) -> str:
+    """A step that breaks the contract in the way ``fields`` say (built, not validated)."""
+    good: dict[str, object] = dict(
+        request_id=request_id, operation_id="x", operation=Operation.ADD_FUNDS, account_id="a",
+        amount="1.00", expected_operations=1, status=StepStatus.SUCCEEDED)
+    return completion_message(**{**good, **fields})
+
+
 MALFORMED = [
-    '{"requestId": "bad-1", "operationId": "x", "operation": "add_funds", "accountId": "a", '
-    '"amount": 10.5, "expectedOperations": 1, "status": "succeeded"}',  # a float amount
-    '{"requestId": "bad-2", "operationId": "x", "operation": "add_funds", "accountId": "a", '
-    '"amount": "10.555", "expectedOperations": 1, "status": "succeeded"}',  # 3 decimals
-    '{"requestId": "bad 3", "operation": "steal_funds"}',  # bad charset, missing fields
+    _bad("bad-1", amount=10.5),  # a float amount
+    _bad("bad-2", amount="10.555"),  # 3 decimals
+    completion_message(request_id="bad 3", operation="steal_funds"),  # bad charset, fields missing
     "this is not json",
-    '{"requestId": "bad-5", "operationId": "x", "operation": "withdraw_funds", '
-    '"accountId": "a", "amount": "1.00", "expectedOperations": 99, "status": "succeeded"}',
+    _bad("bad-5", operation=Operation.WITHDRAW_FUNDS, expected_operations=99),  # too many steps
 ]
 
 
@@ -69,8 +75,8 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
         request_id = f"dep-{name}"
         amount = _money(rng, 100, 1000)
         work.deposits[request_id] = amount
-        work.messages.append(_step(request_id, f"{request_id}-add", "add_funds", name, amount,
-                                   1))
+        work.messages.append(_step(request_id, f"{request_id}-add", Operation.ADD_FUNDS, name,
+                                   amount, 1))
     legs: list[str] = []
     for i in range(transfers):
         request_id = f"tx-{i:05d}"
@@ -81,10 +87,11 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
         if failing:
             work.doomed.add(request_id)
         fail_leg = rng.choice(["w", "a"]) if failing else ""
-        legs.append(_step(request_id, f"{request_id}-w", "withdraw_funds", source, amount, 2,
-                          "failed" if fail_leg == "w" else "succeeded"))
-        legs.append(_step(request_id, f"{request_id}-a", "add_funds", target, amount, 2,
-                          "failed" if fail_leg == "a" else "succeeded"))
+        ok, failed = StepStatus.SUCCEEDED, StepStatus.FAILED
+        legs.append(_step(request_id, f"{request_id}-w", Operation.WITHDRAW_FUNDS, source,
+                          amount, 2, failed if fail_leg == "w" else ok))
+        legs.append(_step(request_id, f"{request_id}-a", Operation.ADD_FUNDS, target, amount, 2,
+                          failed if fail_leg == "a" else ok))
     duplicates = [leg for leg in legs if rng.random() < duplicate_ratio]
     work.duplicates = len(duplicates)
     bad = [MALFORMED[i % len(MALFORMED)] for i in range(malformed)]
@@ -238,8 +245,8 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
         amount = _money(rng, 5_000, 10_000)
         work.funding[name] = amount
         room[name] = amount
-        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add", "add_funds",
-                                           name, amount, 1))
+        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
+                                           Operation.ADD_FUNDS, name, amount, 1))
     steps: list[str] = []
     for i in range(requests):
         request_id = f"rq-{i:05d}"
@@ -271,10 +278,11 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
                     room[account] += signed
         failing_leg = rng.randrange(len(legs)) if failed else -1
         for index, (account, signed) in enumerate(legs):
-            operation = "withdraw_funds" if signed < 0 else "add_funds"
+            operation = Operation.WITHDRAW_FUNDS if signed < 0 else Operation.ADD_FUNDS
             steps.append(_step(request_id, f"{request_id}-{index}", operation, account,
                                abs(signed), len(legs),
-                               "failed" if index == failing_leg else "succeeded"))
+                               StepStatus.FAILED if index == failing_leg
+                               else StepStatus.SUCCEEDED))
     ordered: list[str] = []
     for start in range(0, len(steps), window):
         block = steps[start:start + window]

@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.app import LedgerApp
 from shared.clients import RequestHook, clients_from_connection_string
-from shared.contract import parse_completion
+from shared.contract import Operation, StepStatus, message_body, parse_completion
 from shared.election import ElectionCallbacks
 from shared.ledger import DecidedOutcome
 from shared.pipeline import CompletionResult, handle_completion
@@ -21,27 +21,31 @@ from shared.settings import load_config
 
 
 def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,
-         expected: int, status: str = "succeeded", **extra: Any) -> bytes:
-    """One completion message body (v1 contract)."""
-    body = {"requestId": request_id, "operationId": operation_id, "operation": operation,
-            "accountId": account_id, "amount": amount, "expectedOperations": expected,
-            "status": status, **extra}
-    return json.dumps(body).encode()
+         expected: int, status: str = StepStatus.SUCCEEDED, **extra: Any) -> bytes:
+    """One completion message body (v1 contract), built by the contract's own builder.
+
+    Not validated, so a test can build a malformed one (``amount="1.005"``); ``extra`` adds or
+    replaces fields by their wire name (``completedAt=...``, ``expectedOperations="2"``) as written.
+    """
+    body = message_body(request_id=request_id, operation_id=operation_id, operation=operation,
+                        account_id=account_id, amount=amount, expected_operations=expected,
+                        status=status)
+    return json.dumps({**body, **extra}).encode()
 
 
 def deposit(request_id: str, account_id: str, amount: str) -> list[bytes]:
     """A one-step request that adds funds."""
-    return [step(request_id, f"{request_id}-add", "add_funds", account_id, amount, 1)]
+    return [step(request_id, f"{request_id}-add", Operation.ADD_FUNDS, account_id, amount, 1)]
 
 
 def transfer(request_id: str, source: str, target: str, amount: str,
              fail: str | None = None) -> list[bytes]:
     """A two-step request: withdraw from ``source``, add to ``target``."""
     return [
-        step(request_id, f"{request_id}-w", "withdraw_funds", source, amount, 2,
-             "failed" if fail == "withdraw" else "succeeded"),
-        step(request_id, f"{request_id}-a", "add_funds", target, amount, 2,
-             "failed" if fail == "add" else "succeeded"),
+        step(request_id, f"{request_id}-w", Operation.WITHDRAW_FUNDS, source, amount, 2,
+             StepStatus.FAILED if fail == "withdraw" else StepStatus.SUCCEEDED),
+        step(request_id, f"{request_id}-a", Operation.ADD_FUNDS, target, amount, 2,
+             StepStatus.FAILED if fail == "add" else StepStatus.SUCCEEDED),
     ]
 
 
