@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--storage-restarts", type=int, default=None,
                        help=f"Azurite stops and restarts ({CHAOS.storage_restarts} per 4 minutes)")
     chaos.add_argument("--wait-for-expiry", action="store_true",
-                       help="let a paused leader's lease expire instead of breaking it")
+                       help="let a killed or paused leader's lease expire instead of breaking it")
     chaos.add_argument("--timeout", type=float, default=None,
                        help="give up after this many seconds (default 900 + 90 per minute fed)")
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob import BlobLeaseClient
 
 from shared.app import LedgerApp
@@ -73,7 +73,7 @@ class ChaosOptions:
     latency_seconds: float = 0.4  # ... by this much
     busy_ratio: float = 0.003  # fraction of writes answered 503 ServerBusy (not applied)
     lost_response_ratio: float = 0.002  # fraction of writes applied whose response is lost
-    wait_for_expiry: bool = False  # a paused leader's lease expires instead of being broken
+    wait_for_expiry: bool = False  # a killed or paused leader's lease expires (not broken)
     request_timeout: int = 60  # REQUEST_TIMEOUT_SECONDS: late duplicates are settled by then
     threads: int = 2
     sweep_seconds: float = 3  # every instance sweeps (the timer's failover, see Cluster)
@@ -117,7 +117,7 @@ class ChaosFigures:
 
 
 def plan_schedule(options: ChaosOptions) -> list[tuple[float, str]]:
-    """When (fraction of the messages handled) each fault is injected: seeded, replayable."""
+    """When (fraction of the requests decided) each fault is injected: seeded, replayable."""
     rng = random.Random(options.seed)
     counts = {"kill_leader": options.leader_kills, "kill_random": options.random_kills,
               "break_lease": options.breaks, "pause_leader": options.pauses,
@@ -256,7 +256,7 @@ class ChaosRun:
             f"{len(self.work.malformed)} malformed, legs out of order.\n"
             f"Storage: Azurite on disk in {location}; lease 15 s; instances' storage faults: "
             f"{fault_spec(o)}\n"
-            "Schedule (fraction of messages handled -> fault):\n"
+            "Schedule (fraction of the requests under chaos decided -> fault):\n"
             + "".join(f"  {at:5.3f}  {action}\n" for at, action in self.schedule))
         self.out.flush()
 
@@ -290,23 +290,24 @@ class ChaosRun:
                 raise TimeoutError(f"timed out after {seconds:g} s waiting for {what}")
             time.sleep(0.5)
 
-    def _progress(self, cluster: Cluster) -> float:
-        handled = cluster.count("done") + cluster.count("poisoned")
-        return min(1.0, max(0, handled - len(self.work.funding)) / len(self.work.messages))
-
     # --- the faults ------------------------------------------------------------------------
     def _inject(self, app: LedgerApp, cluster: Cluster, azurite: Azurite) -> None:
+        """Inject each fault once that fraction of the requests under chaos is decided."""
         pending = list(self.schedule)
         last_report = 0.0
+        progress = 0.0
         deadline = time.monotonic() + self.options.timeout
         while pending and time.monotonic() < deadline:
-            progress = self._progress(cluster)
+            decided = self._decided(app)
+            if decided >= 0:
+                progress = max(0, decided - len(self.work.funding)) / len(self.work.requests)
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
-                self.say(f"progress {progress:.0%}, {self._decided(app)} of "
-                         f"{self.work.all_requests} requests decided")
-            if progress < pending[0][0] and not (self.fed.is_set() and self._quiet(app)):
-                time.sleep(0.1)
+                self.say(f"{progress:.0%} of the requests under chaos decided")
+            if progress >= 1.0:
+                break
+            if progress < pending[0][0]:
+                time.sleep(0.5)
                 continue
             _, action = pending.pop(0)
             getattr(self, f"_{action}")(app, cluster, azurite)
@@ -331,8 +332,13 @@ class ChaosRun:
         cluster.kill(index)
         self.figures.kills += 1
         self.figures.leader_kills += 1
-        self.say(f"SIGKILL leader i{index} mid-drain (its lease expires in <= 15 s); "
-                 "replacement started")
+        if self.options.wait_for_expiry:
+            self.say(f"SIGKILL leader i{index} mid-drain (its lease expires in <= 15 s); "
+                     "replacement started")
+        else:  # a dead holder cannot tell expiry from a break: the same fault, 15 s sooner
+            self._break(app)
+            self.say(f"SIGKILL leader i{index} mid-drain, its lease broken (as if it "
+                     "expired); replacement started")
 
     def _kill_random(self, app: LedgerApp, cluster: Cluster, azurite: Azurite) -> None:
         index = self.rng.choice(sorted(cluster.processes))
@@ -344,8 +350,13 @@ class ChaosRun:
                  "replacement started")
 
     def _break(self, app: LedgerApp) -> None:
-        self._retrying("breaking the lease", lambda: BlobLeaseClient(
-            app.elector.blob).break_lease(lease_break_period=0), seconds=20)
+        def break_now() -> None:
+            try:
+                BlobLeaseClient(app.elector.blob).break_lease(lease_break_period=0)
+            except HttpResponseError as exc:
+                if exc.status_code != 409:  # 409: no lease to break (released meanwhile)
+                    raise
+        self._retrying("breaking the lease", break_now, seconds=20)
 
     def _break_lease(self, app: LedgerApp, cluster: Cluster, azurite: Azurite) -> None:
         index = self._leader(cluster)
