@@ -36,6 +36,7 @@ def test_the_chaos_run_loses_nothing_and_applies_nothing_twice() -> None:
     figures = ChaosRun(TEST_RUN, out).run()
     report(figures, out)
     text = out.getvalue()
+    print(text)  # the schedule, the seed and the figures (shown with -s, or on failure)
     assert figures.problems == [], text
     assert figures.requests >= 2050, text
     assert figures.leader_kills >= 5, text
