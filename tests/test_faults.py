@@ -22,6 +22,7 @@ from shared.clients import clients_from_connection_string
 from shared.election import HeldLease, LeadershipLost, LeaseState
 from shared.leader import LeaderTerm
 from shared.pipeline import handle_completion, run_election
+from shared.retries import LeaseFitRetry, fit_retries, worst_case_seconds
 from shared.settings import load_config
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames, classify
 from tests.helpers import Namespace, balance, deposit, record, status, transfer, wait_until
@@ -190,6 +191,26 @@ def test_throttling_on_the_lease_blob_and_the_ledger_slows_down_but_loses_nothin
 
 
 # --- issue 11.3: retries that fit the lease ----------------------------------------------------
+
+@pytest.mark.parametrize(("seconds_left", "retries"), [
+    (40, 2), (15, 2), (10, 2), (3, 2), (2, 1), (1.3, 1), (1, 0), (0, 0), (-4, 0)])
+def test_a_lease_call_with_its_retries_fits_the_time_left(seconds_left: float,
+                                                           retries: int) -> None:
+    options = fit_retries(seconds_left, per_try_seconds=5)
+    assert options["retry_total"] == retries
+    assert options["connection_timeout"] == options["read_timeout"] <= 5
+    longest = worst_case_seconds(options["read_timeout"], options["retry_total"])
+    assert longest <= max(seconds_left, 0.5) + 1e-9
+
+
+def test_back_off_is_sub_second_and_grows() -> None:
+    policy = LeaseFitRetry()
+    first = [policy.get_backoff_time({"count": 1}) for _ in range(50)]
+    second = [policy.get_backoff_time({"count": 2}) for _ in range(50)]
+    assert 0.16 <= min(first) <= max(first) <= 0.24
+    assert 0.32 <= min(second) <= max(second) <= 0.48
+    assert max(policy.get_backoff_time({"count": n}) for n in range(1, 10)) <= 0.96
+
 
 @pytest.mark.parametrize("fault", [Fault.STATUS, Fault.LOSE_RESPONSE, Fault.TIMEOUT], ids=str)
 def test_a_transient_error_on_a_renewal_costs_a_sub_second_retry(ns: Namespace,
