@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import json
 import os
@@ -99,6 +100,8 @@ class ChaosFigures:
     pauses: int = 0
     pauses_resumed_after_another_commit: int = 0
     storage_restarts: int = 0
+    fenced_out: int = 0  # terms whose write the fence refused (instance logs)
+    leadership_lost: int = 0  # terms stopped by a lost lease or a passed renew deadline
     leases_won: int = 0
     takeovers: int = 0
     epochs: int = 0
@@ -231,6 +234,7 @@ class ChaosRun:
                 self.figures.notes.append(str(exc))
             finally:
                 cluster.stop()
+            self._count_term_ends(log_path)
             self.figures.elapsed = time.monotonic() - self.started
             self.figures.leases_won = cluster.count("leading")
             self.figures.takeovers = cluster.leader_changes
@@ -265,6 +269,17 @@ class ChaosRun:
             self._enqueue(app, self.work.messages, self.options.minutes * 60)
         finally:
             self.fed.set()
+
+    def _count_term_ends(self, log_path: Path) -> None:
+        """How terms ended early, from the instances' warnings (``run_election``)."""
+        with contextlib.suppress(OSError):
+            for line in log_path.read_text(errors="replace").splitlines():
+                if " stopped leading: " not in line:
+                    continue
+                if any(m in line for m in ("no longer current", "claimed by", "could not claim")):
+                    self.figures.fenced_out += 1
+                elif "lease" in line:
+                    self.figures.leadership_lost += 1
 
     @staticmethod
     def _count(read: Callable[[], int]) -> int:
@@ -451,7 +466,8 @@ def report(figures: ChaosFigures, out: TextIO) -> None:
       f"{figures.pauses_resumed_after_another_commit}), storage restarts "
       f"{figures.storage_restarts}\n")
     w(f"leases won {figures.leases_won}, takeovers {figures.takeovers}, epochs "
-      f"{figures.epochs}\n")
+      f"{figures.epochs}; terms ended by the fence (FencedOut) {figures.fenced_out}, by a lost "
+      f"lease or its deadline (LeadershipLost) {figures.leadership_lost}\n")
     injected = ", ".join(f"{k} {v}" for k, v in sorted(figures.faults.items())) or "none reported"
     w(f"storage faults injected (instances that exited cleanly): {injected}\n")
     if check is not None:
