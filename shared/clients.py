@@ -75,7 +75,8 @@ class StorageClients:
     """The three service clients of one storage account.
 
     ``queue_options`` are the options the queue service client was built with (timeouts,
-    retries, transport), for the extra queue clients ``LedgerApp.raw_queue_client`` builds.
+    retries, transport; not the request hook, which counts the app's own calls), for the extra
+    queue clients ``LedgerApp.raw_queue_client`` builds.
     """
 
     blob: BlobServiceClient
@@ -113,6 +114,10 @@ class _Options:
                                      "retry_backoff_max": MAX_BACKOFF_SECONDS})
 
 
+def _without_hook(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "raw_request_hook"}
+
+
 def clients_from_connection_string(connection_string: str, timeout_seconds: float = 5,
                                    request_hook: RequestHook | None = None,
                                    transport_factory: TransportFactory | None = None,
@@ -126,7 +131,7 @@ def clients_from_connection_string(connection_string: str, timeout_seconds: floa
         blob=BlobServiceClient.from_connection_string(connection_string, **options.storage()),
         queue=QueueServiceClient.from_connection_string(connection_string, **queue_options),
         table=TableServiceClient.from_connection_string(connection_string, **options.table()),
-        queue_options=queue_options,
+        queue_options=_without_hook(queue_options),
     )
 
 
@@ -168,5 +173,5 @@ def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
         blob=BlobServiceClient(uris["blob"], credential=credential, **options.storage()),
         queue=QueueServiceClient(uris["queue"], credential=credential, **queue_options),
         table=TableServiceClient(uris["table"], credential=credential, **options.table()),
-        queue_options=queue_options,
+        queue_options=_without_hook(queue_options),
     )
