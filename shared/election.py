@@ -40,7 +40,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
-from shared.retries import fit_retries
+from shared.retries import fit_retries, worst_case_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ class HeldLease:
     def _call_options(self) -> dict[str, Any]:
         """Retries and per-try timeouts that end a lease call before the lease would expire."""
         left = self.last_renew_sent + self.config.lease_seconds - self.clock()
-        return fit_retries(min(left, 3 * self.call_timeout_seconds), self.call_timeout_seconds)
+        budget = min(left, worst_case_seconds(self.call_timeout_seconds))
+        return fit_retries(budget, self.call_timeout_seconds)
 
     def ensure_can_start(self, work_seconds: float) -> None:
         """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
