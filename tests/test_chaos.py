@@ -27,7 +27,7 @@ from tests.helpers import Namespace, balance, deposit, status, wait_until
 # uses 12 instances rather than 16 to stay well inside 4 minutes on a 2-core CI machine (16
 # took 206 s here); `./dev chaos` runs 16 by default.
 TEST_RUN = ChaosOptions(seed=2026, instances=12, requests=2000, leader_kills=5, random_kills=2,
-                        breaks=5, pauses=1, storage_restarts=1, timeout=200)
+                        breaks=5, pauses=1, storage_restarts=1, timeout=240)
 
 
 @pytest.mark.slow
