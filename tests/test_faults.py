@@ -151,7 +151,8 @@ def test_throttling_on_the_lease_blob_and_the_ledger_slows_down_but_loses_nothin
                         CallKind.FENCE_READ, CallKind.ACCOUNT_READ, CallKind.COMMIT]
     instances = []
     for seed in range(3):
-        app, plan = faulty_app(ns, seed=seed)
+        # A release that fails all its tries leaves the lease to expire: 15 s, not 60.
+        app, plan = faulty_app(ns, SHORT_LEASE, seed=seed)
         plan.add(Fault.STATUS, lease_and_ledger, probability=0.3, status=503)
         plan.add(Fault.STATUS, lease_and_ledger, probability=0.05, status=500)
         plan.add(Fault.TIMEOUT, lease_and_ledger, probability=0.05, seconds=0.3)
