@@ -68,7 +68,7 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
     conflicts = sorted({s.operation_id for s in frozen if s.conflict})
     if conflicts:
         return verdict(Verdict.REJECTED, "operationId arrived twice with different content: "
-                       + ", ".join(conflicts))
+                       + describe_conflicts(frozen, conflicts))
     expected = {s.expected_operations for s in frozen}
     if len(expected) > 1:
         return verdict(Verdict.REJECTED, "steps disagree on expectedOperations: "
@@ -90,6 +90,27 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
         return verdict(Verdict.EXPIRED, f"{len(distinct)} of {wanted} steps arrived within "
                        f"{request_timeout.total_seconds():g} s")
     return verdict(Verdict.PENDING, f"{len(distinct)} of {wanted} steps arrived")
+
+
+# What a second content of one step may differ in, by the contract's field names.
+_CONTENT_FIELDS = (("operation", "operation"), ("accountId", "account_id"),
+                   ("amount", "amount"), ("expectedOperations", "expected_operations"),
+                   ("status", "status"))
+_DESCRIBED_CONFLICTS = 3
+
+
+def describe_conflicts(steps: Sequence[RecordedStep], operation_ids: Sequence[str]) -> str:
+    """Which fields differ between the contents of each conflicting step (the first few)."""
+    described = []
+    for operation_id in operation_ids[:_DESCRIBED_CONFLICTS]:
+        versions = [s for s in steps if s.operation_id == operation_id]
+        differing = [name for name, attribute in _CONTENT_FIELDS
+                     if len({str(getattr(s, attribute)) for s in versions}) > 1]
+        described.append(f"{operation_id} ({', '.join(differing)} differ)" if differing
+                         else operation_id)
+    if len(operation_ids) > _DESCRIBED_CONFLICTS:
+        described.append(f"and {len(operation_ids) - _DESCRIBED_CONFLICTS} more")
+    return ", ".join(described)
 
 
 class InsufficientFunds(ValueError):
