@@ -7,7 +7,7 @@ import json
 
 import azure.functions as func
 
-from shared import api, pipeline
+from shared import api, pipeline, status
 from shared.runtime import get_app, validate_environment
 
 validate_environment()  # a bad setting (e.g. LEASE_SECONDS=90) stops the app at start-up
@@ -54,3 +54,17 @@ def get_request(req: func.HttpRequest) -> func.HttpResponse:
 def get_leader(req: func.HttpRequest) -> func.HttpResponse:
     """Who leads, with which epoch, and how much work waits."""
     return _json(api.leader(get_app()))
+
+
+@app.function_name("get_status_page")
+@app.route(route="status", methods=["GET"])
+def get_status_page(req: func.HttpRequest) -> func.HttpResponse:
+    """The live status page: one HTML file that polls /api/metrics (needs no storage itself)."""
+    return func.HttpResponse(status.page_html(), mimetype="text/html")
+
+
+@app.function_name("get_metrics")
+@app.route(route="metrics", methods=["GET"])
+def get_metrics(req: func.HttpRequest) -> func.HttpResponse:
+    """What the status page shows, as JSON; 503 with the reason when storage cannot answer."""
+    return _json(status.metrics_reply(get_app))

@@ -28,11 +28,11 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('Python version of the Functions runtime.')
+@description('Python version of the Functions runtime (the app needs 3.11 or later: pyproject.toml requires-python).')
 @allowed([
-  '3.10'
   '3.11'
   '3.12'
+  '3.13'
 ])
 param pythonVersion string = '3.11'
 
@@ -81,13 +81,11 @@ param leaseBlobName string = 'ledger-leader'
 @maxValue(60)
 param leaseSeconds int = 60
 
-@description('RENEW_INTERVAL_SECONDS: how often the leader renews its lease while it drains.')
-@minValue(1)
-param renewIntervalSeconds int = 20
+@description('RENEW_INTERVAL_SECONDS: how often the leader renews its lease while it drains; empty derives it from the lease (LEASE_SECONDS / 3).')
+param renewIntervalSeconds string = ''
 
-@description('LEASE_SAFETY_MARGIN_SECONDS: no commit starts later than last renew sent + lease - this margin.')
-@minValue(1)
-param leaseSafetyMarginSeconds int = 10
+@description('LEASE_SAFETY_MARGIN_SECONDS: no commit starts later than last renew sent + lease - this margin; empty derives it from the lease (LEASE_SECONDS / 6, rounded up).')
+param leaseSafetyMarginSeconds string = ''
 
 @description('DRAIN_BUDGET_SECONDS: longest a leader drains in one invocation (below host.json functionTimeout).')
 @minValue(1)
@@ -114,8 +112,8 @@ var appSettings = {
   LEASE_CONTAINER_NAME: leaseContainerName
   LEASE_BLOB_NAME: leaseBlobName
   LEASE_SECONDS: string(leaseSeconds)
-  RENEW_INTERVAL_SECONDS: string(renewIntervalSeconds)
-  LEASE_SAFETY_MARGIN_SECONDS: string(leaseSafetyMarginSeconds)
+  RENEW_INTERVAL_SECONDS: renewIntervalSeconds
+  LEASE_SAFETY_MARGIN_SECONDS: leaseSafetyMarginSeconds
   DRAIN_BUDGET_SECONDS: string(drainBudgetSeconds)
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)

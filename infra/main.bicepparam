@@ -26,8 +26,9 @@ param parkedTableName = 'parkedmessages'
 param leaseContainerName = 'leader-election'
 param leaseBlobName = 'ledger-leader'
 param leaseSeconds = 60
-param renewIntervalSeconds = 20
-param leaseSafetyMarginSeconds = 10
+// Empty: derived from leaseSeconds (a third, and a sixth rounded up); set both to override.
+param renewIntervalSeconds = ''
+param leaseSafetyMarginSeconds = ''
 param drainBudgetSeconds = 240
 param requestTimeoutSeconds = 900
 param storageTimeoutSeconds = 5

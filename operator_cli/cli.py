@@ -7,7 +7,13 @@ Run it as ``python -m operator_cli`` (or ``./dev cli``)::
     ./dev cli enqueue --file messages.jsonl        # JSON lines, a JSON array or one object
     ./dev cli enqueue - < messages.jsonl           # the same from stdin
     ./dev cli parked list | show ID | replay ID [--body-file fixed.json]
+    ./dev cli poison list | replay
     ./dev cli status | balance ACCOUNT | request REQUEST_ID
+    ./dev cli --json status                        # any command: JSON for scripts
+
+Every command prints a table for people, or JSON with ``--json``; problems go to stderr as
+``error: ...``. A storage call refused for want of a role names the role and the ``az`` command
+that grants it.
 
 It reads the same settings as the function app (``shared.settings``): ``AzureWebJobsStorage``
 (a connection string, or the identity-based ``AzureWebJobsStorage__*`` settings) and the names of
@@ -28,25 +34,33 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
 
+from operator_cli.output import Output, fields, preview, table
+from operator_cli.storage_errors import explain, problem
 from shared import api
 from shared.app import LedgerApp
 from shared.clients import clients_from_settings
-from shared.contract import MalformedMessage, parse_completion
+from shared.contract import (
+    MAX_EXPECTED_OPERATIONS,
+    MalformedMessage,
+    Operation,
+    StepStatus,
+    completion_message,
+    parse_completion,
+)
 from shared.election import ElectionConfigError
-from shared.parking import ParkedMessage, peek_poisoned, replay_poisoned
+from shared.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
 from shared.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
 
 logger = logging.getLogger(__name__)
 
 # Read from the current directory, as ``func start`` reads it (``./dev cli`` runs in the repo root).
 LOCAL_SETTINGS = Path("local.settings.json")
-PREVIEW_CHARS = 80
+PROG = "./dev cli"  # what a user types
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -102,48 +116,27 @@ def build_app(env: Mapping[str, str]) -> LedgerApp:
     return LedgerApp.create(config, clients)
 
 
-# --- output ----------------------------------------------------------------------------------
-@dataclass
-class Output:
-    """Where and how results are printed."""
-
-    as_json: bool
-    out: TextIO
-    err: TextIO
-
-    def data(self, value: Any) -> None:
-        """Print a JSON document."""
-        print(json.dumps(value, indent=2, default=str), file=self.out)
-
-    def line(self, text: str) -> None:
-        """Print one line of human-readable output."""
-        print(text, file=self.out)
-
-    def error(self, text: str) -> None:
-        """Print a problem on stderr."""
-        print(f"error: {text}", file=self.err)
-
-
 def _text(body: bytes) -> str:
     return body.decode("utf-8", errors="replace")
 
 
-def _preview(body: bytes) -> str:
-    flat = " ".join(_text(body).split())
-    return flat if len(flat) <= PREVIEW_CHARS else flat[:PREVIEW_CHARS - 3] + "..."
-
-
 # --- enqueue ---------------------------------------------------------------------------------
-FLAG_FIELDS: tuple[tuple[str, str], ...] = (
-    ("request_id", "requestId"),
-    ("operation_id", "operationId"),
-    ("operation", "operation"),
-    ("account", "accountId"),
-    ("amount", "amount"),
-    ("expected", "expectedOperations"),
-    ("status", "status"),
-    ("completed_at", "completedAt"),
+# The enqueue flags: (flag, the ``Completion`` field it sets, help). Field names, not wire
+# names: shared.contract builds the v1 message from them.
+FLAG_FIELDS: tuple[tuple[str, str, str], ...] = (
+    ("--request-id", "request_id", "requestId: the request this step belongs to"),
+    ("--operation-id", "operation_id", "operationId: this step's id, unique in its request"),
+    ("--operation", "operation", "operation: what the step did to the account"),
+    ("--account", "account_id", "accountId: the account the step changed"),
+    ("--amount", "amount", "amount: a decimal string > 0 with at most 2 decimals, e.g. 12.50"),
+    ("--expected", "expected_operations",
+     f"expectedOperations: how many steps the request has (1-{MAX_EXPECTED_OPERATIONS})"),
+    ("--status", "status", "status: how the step ended upstream"),
+    ("--completed-at", "completed_at", "completedAt: when it ended, ISO-8601 (optional)"),
 )
+FLAG_CHOICES: dict[str, list[str]] = {
+    "operation": [o.value for o in Operation], "status": [s.value for s in StepStatus]}
+FLAG_DEFAULTS: dict[str, str] = {"status": StepStatus.SUCCEEDED.value}
 
 
 def bodies_from_text(text: str) -> list[str]:
@@ -165,10 +158,9 @@ def bodies_from_text(text: str) -> list[str]:
 
 def bodies_from_flags(args: argparse.Namespace) -> list[str]:
     """One message body from the field flags (only the flags given become fields)."""
-    body = {field: getattr(args, dest) for dest, field in FLAG_FIELDS
-            if getattr(args, dest) is not None}
-    body.setdefault("status", "succeeded")
-    return [json.dumps(body, separators=(",", ":"))]
+    given = {field: getattr(args, field) for _, field, _ in FLAG_FIELDS
+             if getattr(args, field) is not None}
+    return [completion_message(**given)]
 
 
 def _read_source(source: str, stdin: TextIO) -> str:
@@ -182,8 +174,8 @@ def _read_source(source: str, stdin: TextIO) -> str:
 
 def enqueue_bodies(args: argparse.Namespace, stdin: TextIO) -> list[str]:
     """The bodies ``enqueue`` was asked to send, from exactly one source."""
-    flags_given = any(getattr(args, dest) is not None for dest, _ in FLAG_FIELDS
-                      if dest != "status")
+    flags_given = any(getattr(args, field) is not None for _, field, _ in FLAG_FIELDS
+                      if field not in FLAG_DEFAULTS)
     sources = [s for s in (args.file, args.source) if s is not None]
     if len(sources) > 1 or (sources and flags_given):
         raise UsageError("give the messages one way only: --file F, '-' (stdin) or the flags")
@@ -242,11 +234,11 @@ def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
     if output.as_json:
         output.data({"queue": app.config.completions_queue, "sent": sent})
         return EXIT_OK
+    output.lines(table(["MESSAGE ID", "REQUEST", "STEP"], [
+        (item["messageId"], item["requestId"], item["operationId"]) if item["valid"]
+        else (item["messageId"], "-", f"malformed (--raw): {preview(item['error'])}")
+        for item in sent]))
     output.line(f"sent {len(sent)} message(s) to queue {app.config.completions_queue!r}")
-    for item in sent:
-        what = (f"{item['requestId']}/{item['operationId']}" if item["valid"]
-                else f"raw, malformed: {item['error']}")
-        output.line(f"  {item['messageId']}  {what}")
     return EXIT_OK
 
 
@@ -263,7 +255,7 @@ def _parked_view(message: ParkedMessage, full: bool) -> dict[str, Any]:
         view.update(body=_text(message.body), dequeueCount=message.dequeue_count,
                     instanceId=message.instance_id)
     else:
-        view["bodyPreview"] = _preview(message.body)
+        view["bodyPreview"] = preview(_text(message.body))
     return view
 
 
@@ -283,10 +275,10 @@ def cmd_parked_list(app: LedgerApp, args: argparse.Namespace, output: Output) ->
     if not views:
         output.line("no parked messages")
         return EXIT_OK
-    for view in views:
-        output.line(f"{view['id']}  {view['parkedAt']}  {view['error']}")
-        output.line(f"    {view['bodyPreview']}")
-    output.line(f"{len(views)} parked message(s)")
+    output.lines(table(["ID", "PARKED AT", "ERROR", "BODY"], [
+        (v["id"], v["parkedAt"], preview(v["error"]), v["bodyPreview"]) for v in views]))
+    output.line(f"{len(views)} parked message(s); the whole body and error: "
+                f"{PROG} parked show ID")
     return EXIT_OK
 
 
@@ -296,7 +288,7 @@ def _get_parked(app: LedgerApp, parked_id: str) -> ParkedMessage:
     except ResourceNotFoundError:
         message = None
     if message is None:
-        raise Refused(f"no parked message {parked_id!r}; list them with 'parked list'")
+        raise Refused(f"no parked message {parked_id!r}; list them with '{PROG} parked list'")
     return message
 
 
@@ -306,8 +298,8 @@ def cmd_parked_show(app: LedgerApp, args: argparse.Namespace, output: Output) ->
     if output.as_json:
         output.data(view)
         return EXIT_OK
-    for key in ("id", "parkedAt", "dequeueCount", "instanceId", "error"):
-        output.line(f"{key}: {view[key]}")
+    output.lines(fields([(key, view[key]) for key in
+                         ("id", "parkedAt", "dequeueCount", "instanceId", "error")]))
     output.line("body:")
     output.line(view["body"])
     return EXIT_OK
@@ -365,9 +357,11 @@ def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) ->
     if output.as_json:
         output.data(views)
         return EXIT_OK
-    for view in views:
-        output.line(f"{view['id']}  {view['insertedOn']}  {view['body'][:80]}")
-    output.line(f"{len(views)} poisoned message(s) shown (at most 32 are peeked)")
+    if views:
+        output.lines(table(["ID", "INSERTED ON", "DEQUEUES", "BODY"], [
+            (v["id"], v["insertedOn"], v["dequeueCount"], preview(v["body"])) for v in views]))
+    output.line(f"{len(views)} message(s) in {app.config.poison_queue!r} shown (a peek shows "
+                f"at most {QUEUE_BATCH_LIMIT})")
     return EXIT_OK
 
 
@@ -388,43 +382,65 @@ def cmd_poison_replay(app: LedgerApp, args: argparse.Namespace, output: Output) 
 
 
 # --- read API ------------------------------------------------------------------------------
-def _reply(reply: api.Reply, output: Output) -> int:
-    output.data(reply.body)
-    if reply.status == 200:
-        return EXIT_OK
-    return EXIT_USAGE if reply.status == 400 else EXIT_REFUSED
-
-
-def _read(app: LedgerApp, call: Callable[[], api.Reply]) -> api.Reply:
+def _answer(app: LedgerApp, call: Callable[[], api.Reply]) -> dict[str, Any]:
+    """The body of a read-API answer; a 4xx answer becomes this CLI's error."""
     try:
-        return call()
+        reply = call()
     except ResourceNotFoundError as exc:
-        raise Refused(f"{_storage_problem(exc)}: the app creates its tables and lease blob on "
+        raise Refused(f"{problem(exc)}: the app creates its tables and lease blob on "
                       f"its first run (check the names: tables {app.config.completions_table!r}, "
                       f"{app.config.ledger_table!r})") from None
+    if reply.status == 400:
+        raise UsageError(str(reply.body.get("error", reply.body)))
+    if reply.status != 200:
+        raise Refused(str(reply.body.get("error", reply.body)))
+    return reply.body
 
 
 def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """The leader view of ``GET /api/leader``."""
-    return _reply(_read(app, lambda: api.leader(app)), output)
+    view = _answer(app, lambda: api.leader(app))
+    if output.as_json:
+        output.data(view)
+        return EXIT_OK
+    lease = view.get("lease") or {}
+    leader = (view["holder"] if view.get("holder") else
+              f"none (lease {lease.get('state', 'unknown')}; last leader: "
+              f"{view.get('lastHolder') or 'none yet'})")
+    output.lines(fields([
+        ("leader", leader),
+        ("epoch", view.get("epoch")),
+        ("lease", " ".join(str(lease[k]) if k == "state" else f"({k}: {lease[k]})"
+                           for k in lease)),
+        ("pending", f"{view.get('pendingCompletions')} completion(s)"),
+        ("last commit", view.get("lastCommitAt") or "never"),
+    ]))
+    return EXIT_OK
 
 
 def cmd_balance(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """One account's committed balance, as ``GET /api/accounts/{id}``."""
-    return _reply(_read(app, lambda: api.account(app, args.account)), output)
+    view = _answer(app, lambda: api.account(app, args.account))
+    if output.as_json:
+        output.data(view)
+    else:
+        output.lines(table(["ACCOUNT", "BALANCE"], [(view["accountId"], view["balance"])]))
+    return EXIT_OK
 
 
 def cmd_request(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """One request's status, as ``GET /api/requests/{id}``."""
-    return _reply(_read(app, lambda: api.request(app, args.request_id)), output)
-
-
-def _storage_problem(exc: AzureError) -> str:
-    """One line about a storage error (the SDK's text repeats the whole response)."""
-    first = (str(exc.message or exc).strip().splitlines() or [type(exc).__name__])[0]
-    code = getattr(exc, "error_code", None)
-    code = getattr(code, "value", code)  # the SDKs give an enum or a str
-    return f"{first} ({code})" if code else first
+    view = _answer(app, lambda: api.request(app, args.request_id))
+    if output.as_json:
+        output.data(view)
+        return EXIT_OK
+    pairs: list[tuple[str, object]] = [("request", view["requestId"]),
+                                       ("status", view["status"]),
+                                       ("reason", view.get("reason"))]
+    if "decidedAt" in view:
+        pairs += [("decided at", view.get("decidedAt")), ("epoch", view.get("epoch"))]
+    output.lines(fields(pairs))
+    return EXIT_OK
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -438,95 +454,143 @@ def _ignore_stdin(
     return run
 
 
-def _common_options(at_top: bool) -> argparse.ArgumentParser:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None) or it is a switch."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with this CLI's error style: ``error: ...`` on stderr, exit code 2."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _common_options(at_top: bool) -> Parser:
     """Options accepted before and after the subcommand (only the top level has defaults)."""
-    options = argparse.ArgumentParser(add_help=False)
+    options = Parser(add_help=False)
     options.add_argument("--json", action="store_true",
                          default=False if at_top else argparse.SUPPRESS,
-                         help="print JSON instead of text")
+                         help="print JSON (for scripts) instead of a table")
     options.add_argument("-v", "--verbose", action="count",
                          default=0 if at_top else argparse.SUPPRESS,
-                         help="log more (-vv: storage calls too)")
+                         help="log more on stderr (-v: what is done, -vv: storage calls too)")
     return options
+
+
+def _limit(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    parser.add_argument("--limit", type=int, default=default, metavar="N",
+                        help=f"at most N {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     common = _common_options(at_top=False)
-    parser = argparse.ArgumentParser(
-        prog="python -m operator_cli", description=__doc__.split("\n\n")[0] if __doc__ else None,
+    parser = Parser(
+        prog=PROG, description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="Settings: AzureWebJobsStorage (or AzureWebJobsStorage__*) and the app's names, "
+               "from the environment, else from ./local.settings.json. Exit codes: 0 ok, 1 not "
+               "found or refused, 2 usage or configuration error.",
         parents=[_common_options(at_top=True)])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=Parser)
 
-    enqueue = commands.add_parser("enqueue", parents=[common],
-                                  help="send completion messages to the completions queue")
+    enqueue = commands.add_parser(
+        "enqueue", parents=[common], help="send completion messages to the completions queue",
+        description="Validate completion messages (v1 contract), then send them base64-encoded "
+                    "to the completions queue: from a file, stdin, or the field flags.")
     enqueue.add_argument("source", nargs="?", choices=["-"],
                          help="'-' reads the messages from stdin")
     enqueue.add_argument("--file", metavar="F",
                          help="JSON lines (one message a line), a JSON array, or one object")
-    enqueue.add_argument("--request-id")
-    enqueue.add_argument("--operation-id")
-    enqueue.add_argument("--operation", help="add_funds or withdraw_funds")
-    enqueue.add_argument("--account", help="the accountId")
-    enqueue.add_argument("--amount", help="a decimal string, e.g. 12.50")
-    enqueue.add_argument("--expected", type=int, help="expectedOperations (1-50)")
-    enqueue.add_argument("--status", help="succeeded (default when flags are used) or failed")
-    enqueue.add_argument("--completed-at", help="optional ISO-8601 timestamp")
+    for flag, field, text in FLAG_FIELDS:
+        choices = FLAG_CHOICES.get(field)
+        enqueue.add_argument(flag, dest=field, help=text, choices=choices,
+                             default=FLAG_DEFAULTS.get(field),
+                             metavar=None if choices else flag[2:].upper().replace("-", "_"),
+                             type=int if field == "expected_operations" else str)
     enqueue.add_argument("--raw", action="store_true",
                          help="send messages even if they break the contract (to test parking)")
     enqueue.add_argument("--create-queue", action="store_true",
                          help="create the queue first if it is missing (local Azurite)")
     enqueue.set_defaults(handler=cmd_enqueue)
 
-    parked = commands.add_parser("parked", help="malformed messages kept for an operator")
+    parked = commands.add_parser(
+        "parked", help="malformed messages kept for an operator",
+        description="Messages that broke the contract: kept with the raw body and the error, "
+                    "for an operator to inspect and replay.")
     parked_commands = parked.add_subparsers(dest="parked_command", required=True,
-                                            metavar="ACTION")
-    listing = parked_commands.add_parser("list", parents=[common], help="list parked messages")
-    listing.add_argument("--limit", type=int, default=1000)
+                                            metavar="ACTION", parser_class=Parser)
+    listing = parked_commands.add_parser("list", parents=[common],
+                                         help="list parked messages, oldest first")
+    _limit(listing, 1000, "messages")
     listing.set_defaults(handler=_ignore_stdin(cmd_parked_list))
     show = parked_commands.add_parser("show", parents=[common],
                                       help="one parked message: full body and error")
-    show.add_argument("id")
+    show.add_argument("id", help="the parked message's id (from 'parked list')")
     show.set_defaults(handler=_ignore_stdin(cmd_parked_show))
     replay = parked_commands.add_parser("replay", parents=[common],
                                         help="put a parked message back on the queue")
-    replay.add_argument("id")
+    replay.add_argument("id", help="the parked message's id (from 'parked list')")
     replay.add_argument("--body-file", metavar="F",
                         help="a corrected body to send instead ('-': stdin)")
     replay.add_argument("--raw", action="store_true",
                         help="replay even if the body breaks the contract")
     replay.set_defaults(handler=cmd_parked_replay)
 
-    poison = commands.add_parser("poison", help="messages the host gave up on")
+    poison = commands.add_parser(
+        "poison", help="messages the host gave up on",
+        description="The poison queue: messages the Functions host moved there after "
+                    "maxDequeueCount failed invocations.")
     poison_commands = poison.add_subparsers(dest="poison_command", required=True,
-                                            metavar="ACTION")
+                                            metavar="ACTION", parser_class=Parser)
     poison_list = poison_commands.add_parser("list", parents=[common],
                                              help="peek at the poison queue")
-    poison_list.add_argument("--limit", type=int, default=32)
+    _limit(poison_list, QUEUE_BATCH_LIMIT,
+           f"messages (a peek shows {QUEUE_BATCH_LIMIT} at most)")
     poison_list.set_defaults(handler=_ignore_stdin(cmd_poison_list))
     poison_replay = poison_commands.add_parser(
         "replay", parents=[common], help="move poisoned messages back to the completions queue")
-    poison_replay.add_argument("--limit", type=int, default=1000)
+    _limit(poison_replay, 1000, "messages")
     poison_replay.set_defaults(handler=_ignore_stdin(cmd_poison_replay))
 
     status = commands.add_parser("status", parents=[common],
                                  help="leader, epoch, lease state, pending completions")
     status.set_defaults(handler=_ignore_stdin(cmd_status))
     balance = commands.add_parser("balance", parents=[common], help="an account's balance")
-    balance.add_argument("account")
+    balance.add_argument("account", help="the accountId")
     balance.set_defaults(handler=_ignore_stdin(cmd_balance))
-    request = commands.add_parser("request", parents=[common], help="a request's status")
-    request.add_argument("request_id")
+    request = commands.add_parser("request", parents=[common],
+                                  help="a request's status: pending or its outcome")
+    request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
     return parser
 
 
 def _configure_logging(verbosity: int, err: TextIO) -> None:
-    if logging.getLogger().handlers:  # the embedding process (e.g. pytest) configured logging
+    """This entry point's logging, set once (not when an embedding process, e.g. pytest, did)."""
+    if logging.getLogger().handlers:
         return
     level = logging.DEBUG if verbosity >= 2 else logging.INFO if verbosity == 1 else logging.WARNING
     logging.basicConfig(level=level, stream=err, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("azure").setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+
+
+def _parse(argv: Sequence[str] | None, out: TextIO, err: TextIO) -> argparse.Namespace | int:
+    """The parsed command line, or the exit code when argparse stopped (--help, a usage error)."""
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            return build_parser().parse_args(argv)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
 
 
 def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None = None,
@@ -534,20 +598,20 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
          stderr: TextIO | None = None) -> int:
     """Run one command; return its exit code (0 ok, 1 not found or refused, 2 usage/config)."""
     out, err = stdout or sys.stdout, stderr or sys.stderr
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse has printed the usage error (or --help)
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args = _parse(argv, out, err)
+    if isinstance(args, int):
+        return args
     _configure_logging(args.verbose, err)
     output = Output(as_json=args.json, out=out, err=err)
     try:
-        app = build_app(settings_env(os.environ if environ is None else environ))
-        handler: Handler = args.handler
-        return handler(app, args, output, stdin or sys.stdin)
+        env = settings_env(os.environ if environ is None else environ)
+        app = build_app(env)
     except ConfigError as exc:
         output.error(str(exc))
         return EXIT_USAGE
+    try:
+        handler: Handler = args.handler
+        return handler(app, args, output, stdin or sys.stdin)
     except UsageError as exc:
         output.error(str(exc))
         return EXIT_USAGE
@@ -555,7 +619,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
         output.error(str(exc))
         return EXIT_REFUSED
     except AzureError as exc:
-        output.error(f"storage call failed: {_storage_problem(exc)}")
+        output.error(explain(exc, app.clients, env))
         return EXIT_REFUSED
 
 

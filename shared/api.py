@@ -12,6 +12,7 @@ from shared.app import LedgerApp
 from shared.contract import IDENTIFIER_PATTERN
 from shared.ledger import outcome_view
 from shared.money import format_money
+from shared.parking import ParkedKind
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
@@ -58,7 +59,7 @@ def request(app: LedgerApp, request_id: str) -> Reply:
 
 def leader(app: LedgerApp) -> Reply:
     """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
-    fence = app.ledger.read_fence() or {}
+    fence = app.ledger.read_fence()
     try:
         props = app.elector.blob.get_blob_properties()
         lease = {"state": props.lease.state, "status": props.lease.status}
@@ -66,12 +67,17 @@ def leader(app: LedgerApp) -> Reply:
         lease = {"state": "available", "status": "unlocked"}
     except HttpResponseError as exc:
         lease = {"state": "unknown", "error": str(exc.reason)}
-    holder = fence.get("holder") if lease.get("state") == "leased" else None
+    last_holder = fence.holder if fence else None
+    try:
+        parked = app.parking.count_by_kind()
+    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
+        parked = {}
     return Reply(200, {
-        "holder": holder,
-        "lastHolder": fence.get("holder"),
-        "epoch": fence.get("epoch", 0),
+        "holder": last_holder if lease.get("state") == "leased" else None,
+        "lastHolder": last_holder,
+        "epoch": fence.epoch if fence else 0,
         "lease": lease,
         "pendingCompletions": app.completions.count(),
-        "lastCommitAt": fence.get("lastCommitAt") or None,
+        "lastCommitAt": (fence.last_commit_at if fence else "") or None,
+        "parkedMessages": {kind.value: parked.get(kind.value, 0) for kind in ParkedKind},
     })

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
@@ -69,6 +69,9 @@ class LedgerApp:
     elector: LeaseElector
     clock: MonotonicClock = time.monotonic
     wallclock: Callable[[], datetime] = utc_now
+    # Added to storage's time when the leader judges expiry. Zero in production; tests move it
+    # forward to reach REQUEST_TIMEOUT_SECONDS without waiting.
+    time_shift: Callable[[], timedelta] = lambda: timedelta(0)
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
     recently_decided: RecentRequests = field(default_factory=RecentRequests)
 

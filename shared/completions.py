@@ -2,8 +2,14 @@
 
 Row layout: PartitionKey = requestId, RowKey = operationId. A second delivery of an operationId
 with the same content is a duplicate and changes nothing; with different content it is recorded
-beside the first as a *conflict* row (``RowKey = operationId~digest``) so that the leader rejects
-the request. Rows are deleted only after the request's outcome is written to the ledger.
+beside the first as a *conflict* row (``RowKey = operationId~conflict``, one per operationId
+however many contents arrive, so a request holds at most two rows per operationId) and the
+leader rejects the request. Rows are deleted only after the request's outcome is written to the
+ledger.
+
+The time of record is storage's own entity ``Timestamp``, and the leader's "now" for expiry is
+the ``Date`` of storage's answer to its scan: one clock that every instance shares, so a skewed
+instance clock can neither expire a fresh request nor keep an old one alive.
 """
 
 from __future__ import annotations
@@ -13,20 +19,23 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableTransactionError
 
-from shared.contract import Completion, Operation, StepStatus
+from shared.contract import Completion, Operation, StepStatus, completion_message
 from shared.money import format_money, parse_balance
 
 logger = logging.getLogger(__name__)
 
 CONFLICT_SEPARATOR = "~"  # not in the identifier charset, so it cannot clash with an operationId
+CONFLICT_SUFFIX = CONFLICT_SEPARATOR + "conflict"
 _DELETE_CHUNK = 100
 
 
@@ -51,8 +60,18 @@ class RecordedStep:
     expected_operations: int
     status: StepStatus
     content_key: str
-    recorded_at: datetime
+    recorded_at: datetime  # storage's Timestamp of the row: the shared clock
     conflict: bool
+    completed_at: str = ""
+
+    def to_message(self) -> bytes:
+        """The step as the v1 message upstream sent (to park it for an operator)."""
+        return completion_message(
+            request_id=self.request_id, operation_id=self.operation_id,
+            operation=self.operation, account_id=self.account_id,
+            amount=format_money(self.amount), expected_operations=self.expected_operations,
+            status=self.status, **({"completed_at": self.completed_at}
+                                   if self.completed_at else {})).encode()
 
     @property
     def signed_amount(self) -> Decimal:
@@ -90,9 +109,38 @@ def _step(row: TableEntity) -> RecordedStep:
         expected_operations=int(row["expectedOperations"]),
         status=StepStatus(row["status"]),
         content_key=row["contentKey"],
-        recorded_at=datetime.fromisoformat(row["recordedAt"]),
+        recorded_at=_storage_time(row),
         conflict=bool(row.get("conflict", False)),
+        completed_at=str(row.get("completedAt") or ""),
     )
+
+
+def _storage_time(row: TableEntity) -> datetime:
+    stamp = row.metadata.get("timestamp")
+    if isinstance(stamp, datetime):
+        return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    # Not returned (a projection without Timestamp): the recorder's own stamp, as written.
+    return datetime.fromisoformat(row["recordedAt"])
+
+
+@dataclass(frozen=True)
+class CompletionScan:
+    """Every recorded step grouped by request, and storage's time when it answered."""
+
+    steps: dict[str, list[RecordedStep]]
+    storage_time: datetime  # the Date of storage's answer: "now" on the record times' clock
+
+
+class StorageDate:
+    """A ``raw_response_hook`` that keeps the latest ``Date`` header storage answered with."""
+
+    def __init__(self) -> None:
+        self.latest: datetime | None = None
+
+    def __call__(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
+        header = response.http_response.headers.get("Date")
+        if header:
+            self.latest = parsedate_to_datetime(header)
 
 
 class CompletionStore:
@@ -122,20 +170,27 @@ class CompletionStore:
             logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
                         completion.operation_id)
             return RecordResult.DUPLICATE
-        row_key = f"{completion.operation_id}{CONFLICT_SEPARATOR}{completion.content_key()}"
-        with contextlib.suppress(ResourceExistsError):  # this content was recorded already
+        row_key = completion.operation_id + CONFLICT_SUFFIX
+        with contextlib.suppress(ResourceExistsError):  # a conflict was recorded already
             self.table.create_entity(_entity(completion, row_key, instance_id, now,
                                              conflict=True))
         logger.warning("operationId %s of request %s arrived twice with different content; the "
                        "request will be rejected", completion.operation_id, completion.request_id)
         return RecordResult.CONFLICT
 
-    def steps_by_request(self) -> dict[str, list[RecordedStep]]:
-        """Every recorded step, grouped by request (one scan of the table)."""
+    def scan(self, fallback_now: datetime) -> CompletionScan:
+        """Every recorded step, grouped by request (one scan of the table), and storage's time.
+
+        ``fallback_now`` is used only if storage's answer carried no ``Date`` header.
+        """
         grouped: dict[str, list[RecordedStep]] = defaultdict(list)
-        for row in self.table.list_entities():
+        date = StorageDate()
+        for row in self.table.list_entities(raw_response_hook=date):
             grouped[row["PartitionKey"]].append(_step(row))
-        return dict(grouped)
+        if date.latest is None:
+            logger.warning("storage sent no Date header; request expiry uses this instance's "
+                           "clock for this scan")
+        return CompletionScan(dict(grouped), date.latest or fallback_now)
 
     def steps_of(self, request_id: str) -> list[RecordedStep]:
         """The recorded steps of one request."""

@@ -94,18 +94,7 @@ class Completion(BaseModel):
 
     def to_message(self) -> str:
         """The JSON text of this completion, as upstream systems send it."""
-        body: dict[str, Any] = {
-            "requestId": self.request_id,
-            "operationId": self.operation_id,
-            "operation": self.operation.value,
-            "accountId": self.account_id,
-            "amount": str(self.amount),
-            "expectedOperations": self.expected_operations,
-            "status": self.status.value,
-        }
-        if self.completed_at is not None:
-            body["completedAt"] = self.completed_at.isoformat()
-        return json.dumps(body, separators=(",", ":"))
+        return completion_message(**self.model_dump(exclude_none=True))
 
 
 def _describe(error: ValidationError) -> str:
@@ -116,19 +105,85 @@ def _describe(error: ValidationError) -> str:
     return "; ".join(problems)
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise MalformedMessage(f"key {key!r} appears twice in one object; another parser "
+                                   "could read the other value, so the message is refused")
+        seen[key] = value
+    return seen
+
+
+# The v1 names are camelCase; the Python names of the aliased fields are not accepted on the wire.
+_WIRE_NAMES = {name: field.alias for name, field in Completion.model_fields.items()
+               if field.alias and field.alias != name}
+
+
 def parse_completion(body: bytes | str) -> Completion:
-    """Validate one message body; raise ``MalformedMessage`` saying every field that is wrong."""
+    """Validate one message body; raise ``MalformedMessage`` saying every field that is wrong.
+
+    Strict: any body the JSON decoder refuses (not UTF-8, not JSON, nested too deep, an integer
+    of thousands of digits even in an ignored field), a key given twice, or a snake_case name
+    for a camelCase field is malformed, never an exception of another kind.
+    """
     try:
         text = body.decode("utf-8") if isinstance(body, bytes) else body
     except UnicodeDecodeError as exc:
         raise MalformedMessage(f"message is not UTF-8 text: {exc}") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+    except MalformedMessage:
+        raise
     except json.JSONDecodeError as exc:
         raise MalformedMessage(f"message is not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedMessage("message is nested too deeply to be a v1 completion") from None
+    except ValueError as exc:  # e.g. an integer longer than Python's conversion limit
+        raise MalformedMessage(f"message is not acceptable JSON: {exc}") from None
     if not isinstance(data, dict):
         raise MalformedMessage("message must be one JSON object (v1 completion contract)")
+    wrong_names = sorted(name for name in data if name in _WIRE_NAMES)
+    if wrong_names:
+        raise MalformedMessage("; ".join(f"{name}: the v1 name is {_WIRE_NAMES[name]!r}"
+                                         for name in wrong_names))
     try:
         return Completion.model_validate(data)
     except ValidationError as exc:
         raise MalformedMessage(_describe(exc)) from None
+    except RecursionError:  # a deeply nested value in a field pydantic walks
+        raise MalformedMessage("a field is nested too deeply to be a v1 completion") from None
+
+
+# --- building messages ----------------------------------------------------------------------
+def message_body(**fields: object) -> dict[str, object]:
+    """A v1 message body from ``Completion`` field names (``request_id=...``), not validated.
+
+    The one place that knows the wire names: keys are ``Completion``'s aliases, values are
+    written as given (enum members as their value, ``Decimal`` as its text, datetimes in
+    ISO-8601), and only the fields given appear. It does not validate, so a test or
+    ``enqueue --raw`` can build a message that breaks the contract; ``parse_completion`` judges.
+    """
+    body: dict[str, object] = {}
+    for name, value in fields.items():
+        info = Completion.model_fields.get(name)
+        if info is None:
+            raise TypeError(f"Completion has no field {name!r} (fields: "
+                            f"{', '.join(Completion.model_fields)})")
+        body[info.alias or name] = _wire_value(value)
+    return body
+
+
+def completion_message(**fields: object) -> str:
+    """The compact JSON text of ``message_body(**fields)``, as a queue message carries it."""
+    return json.dumps(message_body(**fields), separators=(",", ":"))
+
+
+def _wire_value(value: object) -> object:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

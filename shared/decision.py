@@ -22,6 +22,9 @@ from enum import StrEnum
 
 from shared.completions import RecordedStep
 from shared.contract import StepStatus
+from shared.ledger import DecidedOutcome
+
+NAMED_IN_REASON = 5  # offenders a reason names before it gives a count
 
 
 class Verdict(StrEnum):
@@ -44,6 +47,7 @@ class Assessment:
     reason: str
     steps: tuple[RecordedStep, ...]
     legs: tuple[tuple[str, Decimal], ...] = ()
+    expected_operations: int = 0  # what the steps said (0 when they disagree)
 
     @property
     def decided(self) -> bool:
@@ -51,36 +55,58 @@ class Assessment:
         return self.verdict is not Verdict.PENDING
 
     @property
+    def operations(self) -> int:
+        """How many distinct operationIds were recorded for the request."""
+        return len({step.operation_id for step in self.steps})
+
+    @property
+    def step_contents(self) -> tuple[tuple[str, str], ...]:
+        """(operationId, contentKey) of its first-recorded steps, sorted by operationId."""
+        return tuple(sorted({s.operation_id: s.content_key for s in self.steps
+                             if not s.conflict}.items()))
+
+    @property
     def last_recorded_at(self) -> datetime:
         """When the newest of its steps was recorded (the commit order)."""
         return max(step.recorded_at for step in self.steps)
 
 
+def name_some(items: Sequence[str], limit: int = NAMED_IN_REASON) -> str:
+    """The first ``limit`` items, then how many more: a reason stays short whatever the input."""
+    if len(items) <= limit:
+        return ", ".join(items)
+    return f"{', '.join(items[:limit])} and {len(items) - limit} more ({len(items)} in all)"
+
+
 def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
            request_timeout: timedelta) -> Assessment:
-    """Apply the rules above to the steps recorded for one request."""
+    """Apply the rules above to the steps recorded for one request.
+
+    ``now`` and the steps' ``recorded_at`` must come from one clock (storage's, see
+    ``CompletionStore.scan``), so that expiry never compares two machines' clocks.
+    """
     frozen = tuple(steps)
+    expected = {s.expected_operations for s in frozen}
+    wanted = next(iter(expected)) if len(expected) == 1 else 0
 
     def verdict(kind: Verdict, reason: str, legs: tuple[tuple[str, Decimal], ...] = ()) -> (
             Assessment):
-        return Assessment(request_id, kind, reason, frozen, legs)
+        return Assessment(request_id, kind, reason, frozen, legs, wanted)
 
     conflicts = sorted({s.operation_id for s in frozen if s.conflict})
     if conflicts:
         return verdict(Verdict.REJECTED, "operationId arrived twice with different content: "
-                       + describe_conflicts(frozen, conflicts))
-    expected = {s.expected_operations for s in frozen}
+                       + name_some(describe_conflicts(frozen, conflicts)))
     if len(expected) > 1:
         return verdict(Verdict.REJECTED, "steps disagree on expectedOperations: "
-                       + ", ".join(str(n) for n in sorted(expected)))
-    wanted = expected.pop()
+                       + name_some([str(n) for n in sorted(expected)]))
     distinct = {s.operation_id: s for s in frozen}
     if len(distinct) > wanted:
         return verdict(Verdict.REJECTED, f"{len(distinct)} distinct steps arrived, "
                        f"expectedOperations is {wanted}")
     failed = sorted(op for op, s in distinct.items() if s.status is StepStatus.FAILED)
     if failed:
-        return verdict(Verdict.ABORTED, "step failed: " + ", ".join(failed))
+        return verdict(Verdict.ABORTED, "step failed: " + name_some(failed))
     if len(distinct) == wanted:
         legs = tuple((s.account_id, s.signed_amount)
                      for _, s in sorted(distinct.items()))
@@ -92,25 +118,24 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
     return verdict(Verdict.PENDING, f"{len(distinct)} of {wanted} steps arrived")
 
 
-# What a second content of one step may differ in, by the contract's field names.
+# What a second content of one step may differ in: (the contract's name, the step's attribute).
 _CONTENT_FIELDS = (("operation", "operation"), ("accountId", "account_id"),
                    ("amount", "amount"), ("expectedOperations", "expected_operations"),
                    ("status", "status"))
-_DESCRIBED_CONFLICTS = 3
 
 
-def describe_conflicts(steps: Sequence[RecordedStep], operation_ids: Sequence[str]) -> str:
-    """Which fields differ between the contents of each conflicting step (the first few)."""
+def describe_conflicts(steps: Sequence[RecordedStep], operation_ids: Sequence[str]) -> list[str]:
+    """Each conflicting operationId with the fields in which its contents differ."""
+    versions: dict[str, list[RecordedStep]] = {}
+    for step in steps:
+        versions.setdefault(step.operation_id, []).append(step)
     described = []
-    for operation_id in operation_ids[:_DESCRIBED_CONFLICTS]:
-        versions = [s for s in steps if s.operation_id == operation_id]
+    for operation_id in operation_ids:
         differing = [name for name, attribute in _CONTENT_FIELDS
-                     if len({str(getattr(s, attribute)) for s in versions}) > 1]
+                     if len({str(getattr(s, attribute)) for s in versions[operation_id]}) > 1]
         described.append(f"{operation_id} ({', '.join(differing)} differ)" if differing
                          else operation_id)
-    if len(operation_ids) > _DESCRIBED_CONFLICTS:
-        described.append(f"and {len(operation_ids) - _DESCRIBED_CONFLICTS} more")
-    return ", ".join(described)
+    return described
 
 
 class InsufficientFunds(ValueError):
@@ -135,3 +160,31 @@ def apply_legs(balances: Mapping[str, Decimal],
         if balance < 0:
             raise InsufficientFunds(account_id, balance)
     return changed
+
+
+def contradiction(decided: DecidedOutcome, step: RecordedStep) -> str | None:
+    """Why a late step contradicts its request's outcome; ``None`` when it does not.
+
+    A plain duplicate of a decided step does not, nor does a late step of a request that moved
+    no money (aborted, rejected, expired) unless it gives a decided step a second content. A
+    late step of a *committed* request contradicts it when it disagrees on expectedOperations
+    or carries a leg the commit did not apply: upstream then believes money moved that did not.
+    """
+    outcome = decided.outcome
+    known = decided.step_contents.get(step.operation_id)
+    where = f"request {outcome.request_id} was {outcome.status} at epoch {decided.epoch}"
+    if step.conflict or (known is not None and known != step.content_key):
+        return (f"late step {step.operation_id} has a content different from the step the "
+                f"request was decided on; {where}")
+    if outcome.status != "committed":
+        return None
+    if outcome.expected_operations and step.expected_operations != outcome.expected_operations:
+        return (f"late step {step.operation_id} says expectedOperations "
+                f"{step.expected_operations}, the commit had {outcome.expected_operations}; "
+                f"its leg ({step.operation.value} {step.amount} on {step.account_id}) was "
+                f"never applied; {where}")
+    if known is None and decided.steps_complete:
+        return (f"late step {step.operation_id} is not one of the {len(decided.step_contents)} "
+                f"steps the request committed with; its leg ({step.operation.value} "
+                f"{step.amount} on {step.account_id}) was never applied; {where}")
+    return None

@@ -15,7 +15,14 @@ from datetime import timedelta
 from decimal import Decimal
 
 from shared.app import LedgerApp
-from shared.decision import Assessment, InsufficientFunds, Verdict, apply_legs, assess
+from shared.decision import (
+    Assessment,
+    InsufficientFunds,
+    Verdict,
+    apply_legs,
+    assess,
+    contradiction,
+)
 from shared.election import HeldLease
 from shared.ledger import (
     MAX_TRANSACTION_OPERATIONS,
@@ -23,9 +30,11 @@ from shared.ledger import (
     AccountRow,
     Fence,
     LedgerSnapshot,
+    LedgerWriteError,
     Outcome,
     OutcomeExists,
 )
+from shared.parking import ParkedKind, late_step_id
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +48,22 @@ class DrainReport:
     epoch: int
     outcomes: Counter[str] = field(default_factory=Counter)
     late_requests: list[str] = field(default_factory=list)
+    parked_late_steps: int = 0  # late steps that contradicted their request's outcome
     transactions: int = 0
     scans: int = 0
     budget_exhausted: bool = False
 
 
 def ready_assessments(app: LedgerApp) -> list[Assessment]:
-    """Every request the leader can decide now, in commit order (oldest last step first)."""
-    now = app.wallclock()
+    """Every request the leader can decide now, in commit order (oldest last step first).
+
+    Expiry compares storage's time of record with storage's time of the scan: one clock.
+    """
+    scan = app.completions.scan(fallback_now=app.wallclock())
+    now = scan.storage_time + app.time_shift()
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
     found = []
-    for request_id, steps in app.completions.steps_by_request().items():
+    for request_id, steps in scan.steps.items():
         assessment = assess(request_id, steps, now, timeout)
         if not assessment.decided and request_id in app.recently_decided:
             assessment = Assessment(request_id, Verdict.LATE, "request already ended",
@@ -122,7 +136,7 @@ class LeaderTerm:
                 return self.report
             late = [a for a in ready if a.verdict is Verdict.LATE]
             for assessment in late:
-                self._drop_late(assessment)
+                self._settle_late(assessment)
             for batch in plan_batches([a for a in ready if a.verdict is not Verdict.LATE]):
                 if self.app.clock() >= budget_deadline:
                     self.report.budget_exhausted = True
@@ -149,7 +163,7 @@ class LeaderTerm:
             except OutcomeExists as exc:
                 late = next(a for a in pending if a.request_id == exc.request_id)
                 pending.remove(late)
-                self._drop_late(late)
+                self._settle_late(late)
                 continue
             except AccountChanged as exc:
                 logger.warning("%s; reading it again", exc)
@@ -165,16 +179,36 @@ class LeaderTerm:
             self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
             self.app.completions.delete(step for a in pending for step in a.steps)
             return
-        raise RuntimeError(f"account rows kept changing under epoch {self.fence.epoch} while it "
-                           "committed; is something other than the leader writing the ledger "
-                           "table? Stop it; the next leader resumes")
+        raise LedgerWriteError(f"account rows kept changing under epoch {self.fence.epoch} "
+                               "while it committed; is something other than the leader writing "
+                               "the ledger table? Stop it; the next leader resumes")
 
-    def _drop_late(self, late: Assessment) -> None:
-        logger.info("late step(s) %s for request %s, which already ended, ignored",
-                    ", ".join(s.row_key for s in late.steps), late.request_id)
+    def _settle_late(self, late: Assessment) -> None:
+        """Steps of a request that already has an outcome: park what contradicts it, drop the rest.
+
+        Parking comes before the delete (and is idempotent), so a crash in between loses
+        nothing: the next leader finds the rows again and parks them again.
+        """
+        decided = self.app.ledger.read_outcome(late.request_id)
+        if decided is None:  # not decided after all (a cache from an older fence?): keep them
+            logger.warning("request %s has no outcome; its steps are kept", late.request_id)
+            return
+        parked = 0
+        for step in late.steps:
+            why = contradiction(decided, step)
+            if why is None:
+                continue
+            self.app.parking.park(late_step_id(step.request_id, step.row_key), step.to_message(),
+                                  why, 0, self.app.config.instance_id, self.app.wallclock(),
+                                  ParkedKind.LATE_CONTRADICTION)
+            parked += 1
+        if parked < len(late.steps):
+            logger.info("%d late step(s) of request %s, which already ended, dropped",
+                        len(late.steps) - parked, late.request_id)
         self.app.completions.delete(late.steps)
         self.app.recently_decided.add([late.request_id])
         self.report.late_requests.append(late.request_id)
+        self.report.parked_late_steps += parked
 
     def _decide(self, batch: Sequence[Assessment]) -> tuple[
             list[Outcome], dict[str, tuple[AccountRow, Decimal]]]:
@@ -182,21 +216,23 @@ class LeaderTerm:
         touched: set[str] = set()
         outcomes: list[Outcome] = []
         for assessment in batch:
-            operations = len({s.operation_id for s in assessment.steps})
             if assessment.verdict is not Verdict.COMMIT:
-                outcomes.append(Outcome(assessment.request_id, assessment.verdict.value,
-                                        assessment.reason, (), operations))
+                outcomes.append(_outcome(assessment, assessment.verdict.value, assessment.reason))
                 continue
             try:
                 changed = apply_legs(working, assessment.legs)
             except InsufficientFunds as exc:
-                outcomes.append(Outcome(assessment.request_id, Verdict.REJECTED.value, str(exc),
-                                        (), operations))
+                outcomes.append(_outcome(assessment, Verdict.REJECTED.value, str(exc)))
                 continue
             working.update(changed)
             touched.update(changed)
-            outcomes.append(Outcome(assessment.request_id, "committed", "", assessment.legs,
-                                    operations))
+            outcomes.append(_outcome(assessment, "committed", "", assessment.legs))
         new_balances = {account: (self.balances[account], working[account])
                         for account in sorted(touched)}
         return outcomes, new_balances
+
+
+def _outcome(assessment: Assessment, status: str, reason: str,
+             legs: tuple[tuple[str, Decimal], ...] = ()) -> Outcome:
+    return Outcome(assessment.request_id, status, reason, legs, assessment.operations,
+                   assessment.expected_operations, assessment.step_contents)

@@ -1,8 +1,11 @@
-"""Dead letters: parked (malformed) messages, and the poison queue, for an operator to replay.
+"""Dead letters: parked messages, and the poison queue, for an operator to see and replay.
 
-A malformed message is never retried as it is (it would fail the same way until it is poisoned).
-It is stored here with the validation error and acknowledged; it changes no balance. An operator
-lists them (``./dev cli parked list``), fixes the sender, and replays one
+Two kinds of message are parked (``ParkedKind``). A *malformed* message is never retried as it
+is (it would fail the same way until it is poisoned): it is stored with the validation error and
+acknowledged; it changes no balance. A *late contradicting* step arrived after its request was
+decided and disagrees with the decision (``decision.contradiction``): the leader parks it with
+the reason instead of dropping it, because upstream believes money moved that did not. An
+operator lists them (``./dev cli parked list``), fixes the sender, and replays one
 (``parked replay ID``): its body goes back on the completions queue and the row is removed.
 
 A message whose invocation kept failing (storage down, say) is moved by the Functions host to the
@@ -16,6 +19,7 @@ import base64
 import logging
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from azure.core.exceptions import ResourceNotFoundError
@@ -30,6 +34,18 @@ _CHUNK = 30_000
 _MAX_CHUNKS = 20
 
 
+class ParkedKind(StrEnum):
+    """Why a message was parked."""
+
+    MALFORMED = "malformed"
+    LATE_CONTRADICTION = "late-contradiction"
+
+
+def late_step_id(request_id: str, row_key: str) -> str:
+    """The parked id of a late step (one per recorded row: parking it twice is idempotent)."""
+    return f"late:{request_id}:{row_key}"
+
+
 @dataclass(frozen=True)
 class ParkedMessage:
     """One parked message as an operator sees it."""
@@ -40,6 +56,7 @@ class ParkedMessage:
     parked_at: str
     dequeue_count: int
     instance_id: str
+    kind: ParkedKind = ParkedKind.MALFORMED
 
 
 def _encode(body: bytes) -> tuple[str, str]:
@@ -56,8 +73,9 @@ class ParkingLot:
         self.table = table
 
     def park(self, parked_id: str, body: bytes, error: str, dequeue_count: int,
-             instance_id: str, now: datetime) -> None:
-        """Keep a malformed message. Idempotent per ``parked_id`` (the queue message id)."""
+             instance_id: str, now: datetime,
+             kind: ParkedKind = ParkedKind.MALFORMED) -> None:
+        """Keep a message with why it was parked. Idempotent per ``parked_id``."""
         encoding, text = _encode(body)
         chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
         if len(chunks) > _MAX_CHUNKS:
@@ -65,12 +83,24 @@ class ParkingLot:
         entity: dict[str, Any] = {
             "PartitionKey": PARKED_PARTITION, "RowKey": parked_id, "error": error[:30_000],
             "encoding": encoding, "chunks": len(chunks), "parkedAt": now.isoformat(),
-            "dequeueCount": dequeue_count, "instanceId": instance_id,
+            "dequeueCount": dequeue_count, "instanceId": instance_id, "kind": kind.value,
         }
         for index, chunk in enumerate(chunks):
             entity[f"body{index}"] = chunk
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
-        logger.warning("parked malformed message %s: %s", parked_id, error)
+        logger.warning("parked %s message %s: %s", kind.value, parked_id, error)
+
+    def count_by_kind(self, limit: int = 10_000) -> dict[str, int]:
+        """How many messages are parked, by kind (counting stops at ``limit``)."""
+        counts = {kind.value: 0 for kind in ParkedKind}
+        rows = self.table.query_entities("PartitionKey eq @pk", select=["kind"],
+                                         parameters={"pk": PARKED_PARTITION})
+        for seen, row in enumerate(rows, start=1):
+            kind = str(row.get("kind") or ParkedKind.MALFORMED.value)
+            counts[kind] = counts.get(kind, 0) + 1
+            if seen >= limit:
+                break
+        return counts
 
     def list(self, limit: int = 1000) -> list[ParkedMessage]:
         """Parked messages, oldest first."""
@@ -110,7 +140,8 @@ class ParkingLot:
         text = "".join(row.get(f"body{i}", "") for i in range(int(row.get("chunks", 1))))
         body = base64.b64decode(text) if row.get("encoding") == "base64" else text.encode()
         return ParkedMessage(row["RowKey"], body, row.get("error", ""), row.get("parkedAt", ""),
-                             int(row.get("dequeueCount", 0)), row.get("instanceId", ""))
+                             int(row.get("dequeueCount", 0)), row.get("instanceId", ""),
+                             ParkedKind(row.get("kind") or ParkedKind.MALFORMED.value))
 
 
 @dataclass(frozen=True)
@@ -123,11 +154,15 @@ class PoisonedMessage:
     dequeue_count: int
 
 
-def peek_poisoned(poison: QueueClient, limit: int = 32) -> list[PoisonedMessage]:
-    """Up to 32 messages of the poison queue, without taking them (the queue's peek limit)."""
+QUEUE_BATCH_LIMIT = 32  # the most messages one peek or receive returns (Azure Queue Storage)
+
+
+def peek_poisoned(poison: QueueClient,
+                  limit: int = QUEUE_BATCH_LIMIT) -> list[PoisonedMessage]:
+    """Up to ``QUEUE_BATCH_LIMIT`` messages of the poison queue, without taking them."""
     return [PoisonedMessage(str(m.id), str(m.content), str(m.inserted_on or ""),
                             int(m.dequeue_count or 0))
-            for m in poison.peek_messages(max_messages=min(limit, 32))]
+            for m in poison.peek_messages(max_messages=min(limit, QUEUE_BATCH_LIMIT))]
 
 
 def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int:
@@ -139,7 +174,7 @@ def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int
     """
     moved = 0
     while moved < limit:
-        batch = list(poison.receive_messages(max_messages=min(32, limit - moved),
+        batch = list(poison.receive_messages(max_messages=min(QUEUE_BATCH_LIMIT, limit - moved),
                                              visibility_timeout=60))
         if not batch:
             break

@@ -14,9 +14,8 @@ from enum import StrEnum
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
-from shared.election import LeadershipLost
+from shared.election import TermEnded
 from shared.leader import DrainReport, LeaderTerm, ready_assessments
-from shared.ledger import FencedOut
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def run_election(app: LedgerApp) -> ElectionResult:
                 term = LeaderTerm.begin(app, lease)
                 result.terms.append(term.report)
                 report = term.drain(budget_deadline, ready)
-        except (LeadershipLost, FencedOut) as exc:
+        except TermEnded as exc:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc)
             result.stopped_by = str(exc)
             return result

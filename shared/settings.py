@@ -54,13 +54,14 @@ LEASE_CONTAINER_NAME = Setting(
 )
 LEASE_BLOB_NAME = Setting("LEASE_BLOB_NAME", "ledger-leader", "Blob whose lease elects the leader.")
 LEASE_SECONDS = Setting("LEASE_SECONDS", "60", "Lease duration, 15-60 s (Azure's limits).")
+# Empty (the default) derives these two from the lease: see LeaderElectionConfig.build.
 RENEW_INTERVAL_SECONDS = Setting(
-    "RENEW_INTERVAL_SECONDS", "20", "How often the leader renews its lease while it drains."
+    "RENEW_INTERVAL_SECONDS", "",
+    "How often the leader renews its lease while it drains; empty: LEASE_SECONDS / 3.",
 )
 LEASE_SAFETY_MARGIN_SECONDS = Setting(
-    "LEASE_SAFETY_MARGIN_SECONDS",
-    "10",
-    "No commit starts later than last renew sent + lease - this margin.",
+    "LEASE_SAFETY_MARGIN_SECONDS", "",
+    "No commit starts later than last renew sent + lease - this margin; empty: LEASE_SECONDS / 6.",
 )
 DRAIN_BUDGET_SECONDS = Setting(
     "DRAIN_BUDGET_SECONDS", "240", "Longest a leader drains in one invocation (< functionTimeout)."
@@ -124,18 +125,30 @@ def _text(env: Mapping[str, str], setting: Setting) -> str:
 
 
 def _number(env: Mapping[str, str], setting: Setting, low: float, high: float) -> float:
+    value = _optional_number(env, setting, low, high)
+    if value is None:  # only a setting whose default is blank can be blank
+        raise ConfigError(f"{setting.name} is empty; set it between {low:g} and {high:g}.")
+    return value
+
+
+def _optional_number(env: Mapping[str, str], setting: Setting, low: float,
+                     high: float) -> float | None:
+    """The setting's number, or ``None`` when it is blank and its default is blank (derived)."""
     raw = _text(env, setting)
+    if not raw:
+        return None
+    default = setting.default or "empty: derived"
     try:
         value = float(raw)
     except ValueError:
         raise ConfigError(
             f"{setting.name}={raw!r} is not a number; set it to a number of seconds between "
-            f"{low:g} and {high:g} (default {setting.default})."
+            f"{low:g} and {high:g} (default {default})."
         ) from None
     if not low <= value <= high:
         raise ConfigError(
             f"{setting.name}={raw} is out of range; set it between {low:g} and {high:g} "
-            f"(default {setting.default}). {setting.description}"
+            f"(default {default}). {setting.description}"
         )
     return value
 
@@ -153,25 +166,19 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
     if lease != int(lease):
         raise ConfigError(f"{LEASE_SECONDS.name}={lease:g}: blob leases last whole seconds; "
                           "set an integer between 15 and 60.")
-    margin = _number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30)
+    storage_timeout = _number(env, STORAGE_TIMEOUT_SECONDS, 1, 60)
     try:
         election = LeaderElectionConfig.build(
             lease_seconds=lease,
-            renew_interval_seconds=_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
-            safety_margin_seconds=margin,
+            renew_interval_seconds=_optional_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
+            safety_margin_seconds=_optional_number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30),
+            step_seconds=storage_timeout,
             setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
-                           LEASE_SAFETY_MARGIN_SECONDS.name),
+                           LEASE_SAFETY_MARGIN_SECONDS.name, STORAGE_TIMEOUT_SECONDS.name),
         )
     except ElectionConfigError as exc:
         raise ConfigError(str(exc)) from None
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
-    storage_timeout = _number(env, STORAGE_TIMEOUT_SECONDS, 1, 60)
-    if storage_timeout >= election.renew_deadline_seconds:
-        raise ConfigError(
-            f"{STORAGE_TIMEOUT_SECONDS.name}={storage_timeout:g} must be below "
-            f"{LEASE_SECONDS.name} - {LEASE_SAFETY_MARGIN_SECONDS.name} "
-            f"({election.renew_deadline_seconds:g} s), or no commit could ever start in time; "
-            f"lower {STORAGE_TIMEOUT_SECONDS.name} (default {STORAGE_TIMEOUT_SECONDS.default}).")
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
         completions_table=_text(env, COMPLETIONS_TABLE_NAME),

@@ -1,27 +1,56 @@
-"""``python -m simulator``: the demo, a single simulated instance, or the read API server."""
+"""``python -m simulator`` (``./dev sim``, ``./dev demo``): the demo, or one simulated instance."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from simulator.demo import DemoOptions, run_demo
 
+DEFAULTS = DemoOptions()
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line and run it."""
-    parser = argparse.ArgumentParser(prog="python -m simulator",
+
+def configure_logging(command: str, index: int | None = None) -> None:
+    """Logging for this process, set once here (the entry point) and nowhere else.
+
+    An instance logs to its stderr, which the supervisor sends to the run's log file; its level
+    is ``SIM_LOG_LEVEL`` (WARNING by default). The demo itself logs warnings to stderr.
+    """
+    if command == "instance":
+        logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING").upper(),
+                            format=f"%(asctime)s i{index} %(levelname)s %(name)s: %(message)s",
+                            stream=sys.stderr)
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the simulator (``instance`` is internal: not in the help)."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="./dev sim", formatter_class=formatter,
                                      description="Scale-out simulator of the ledger app.")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="generated workload through N instances, checked")
-    demo.add_argument("--instances", type=int, default=8)
-    demo.add_argument("--accounts", type=int, default=20)
-    demo.add_argument("--transfers", type=int, default=200)
-    demo.add_argument("--malformed", type=int, default=5)
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--timeout", type=float, default=300, help="seconds before giving up")
-    demo.add_argument("--sweep-seconds", type=float, default=5,
+    demo = commands.add_parser("demo", formatter_class=formatter,
+                               help="generated workload through N instances, checked",
+                               description="A generated workload through N simulated "
+                                           "instances, then an independent check.")
+    demo.add_argument("--instances", type=int, default=DEFAULTS.instances,
+                      help="instance processes to run")
+    demo.add_argument("--accounts", type=int, default=DEFAULTS.accounts,
+                      help="accounts the workload funds and moves money between")
+    demo.add_argument("--transfers", type=int, default=DEFAULTS.transfers,
+                      help="two-leg transfer requests to send (after one deposit per account)")
+    demo.add_argument("--malformed", type=int, default=DEFAULTS.malformed,
+                      help="malformed messages mixed in (they must end parked)")
+    demo.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                      help="random seed of the workload (same seed, same messages)")
+    demo.add_argument("--timeout", type=float, default=DEFAULTS.timeout,
+                      help="seconds before giving up")
+    demo.add_argument("--sweep-seconds", type=float, default=DEFAULTS.sweep_seconds,
                       help="timer period of the sweeper (60 in Azure)")
     demo.add_argument("--connection-string", default=None,
                       help="use this storage instead of a private in-memory Azurite")
@@ -30,14 +59,21 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
 
-    instance = commands.add_parser("instance", help="one instance process (used by the demo)")
-    instance.add_argument("--index", type=int, required=True)
-    instance.add_argument("--threads", type=int, default=4)
+    # Internal: the demo starts its instances with this; no help= keeps it out of --help.
+    instance = commands.add_parser("instance", formatter_class=formatter)
+    instance.add_argument("--index", type=int, required=True, help="instance number")
+    instance.add_argument("--threads", type=int, default=4, help="concurrent invocations")
     instance.add_argument("--lock-seconds", type=float, default=30,
                           help="visibility timeout while a message is being processed")
-    instance.add_argument("--sweep-seconds", type=float, default=None)
+    instance.add_argument("--sweep-seconds", type=float, default=None,
+                          help="run the timer-triggered sweeper this often (none: never)")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line and run it."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.command, getattr(args, "index", None))
     if args.command == "demo":
         return run_demo(DemoOptions(
             instances=args.instances, accounts=args.accounts, transfers=args.transfers,

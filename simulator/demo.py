@@ -107,8 +107,8 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         _enqueue(app, work)
         server, base_url = serve()
         out.write(f"Read API on {base_url}/api/leader (and /api/accounts/{{id}}, "
-                  f"/api/requests/{{id}})\n")
-        log_path = Path(tempfile.gettempdir()) / "ledger-sim-instances.log"
+                  f"/api/requests/{{id}}); status page: {base_url}/api/status\n")
+        log_path = run_log_path()
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
                           lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
         queue = app.queue_client()
@@ -140,8 +140,12 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
             cluster.stop()
         elapsed = time.monotonic() - started
         code = _summary(app, work, cluster, base_url, elapsed, finished, out)
+        out.write(f"Instance logs of this run: {log_path}\n")
         if options.serve_after:
-            out.write(f"Serving the read API on {base_url} until Ctrl-C ...\n")
+            out.write(f"Status page: {base_url}/api/status (open it in a browser)\n"
+                      "Operator CLI on this storage, from another terminal:\n"
+                      f"  AzureWebJobsStorage='{connection_string}' ./dev cli status\n"
+                      f"Serving the read API on {base_url} until Ctrl-C ...\n")
             out.flush()
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
@@ -150,10 +154,16 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         return code
 
 
+def run_log_path() -> Path:
+    """A new log file for this run's instances (each line names its instance: ``i3``)."""
+    folder = tempfile.mkdtemp(prefix=time.strftime("ledger-demo-%Y%m%d-%H%M%S-"))
+    return Path(folder) / "instances.log"
+
+
 def _epoch_holder(app: LedgerApp) -> int | None:
     """The index of the instance that claimed the current epoch (``sim-iN:pid/lease``)."""
     fence = app.ledger.read_fence()
-    match = re.match(r"sim-i(\d+):", str((fence or {}).get("holder", "")))
+    match = re.match(r"sim-i(\d+):", fence.holder if fence else "")
     return int(match.group(1)) if match else None
 
 
@@ -178,8 +188,8 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
                    .approximate_message_count or 0)
     result = check(work, outcomes, balances, parked, poisoned)
     leaders: Counter[tuple[int, str]] = Counter(
-        (int(row["epoch"]), str(row.get("decidedBy", "?")).split("/")[0]) for row in outcomes)
-    fence = app.ledger.read_fence() or {}
+        (d.epoch, d.decided_by.split("/")[0] or "?") for d in outcomes)
+    fence = app.ledger.read_fence()
     with urllib.request.urlopen(f"{base_url}/api/leader", timeout=10) as response:
         leader_view = json.loads(response.read())
     sample = sorted(balances)[0] if balances else "acct-000"
@@ -189,8 +199,9 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     w = out.write
     w(f"\n== Summary ({elapsed:.1f} s, {cluster.size} instances, "
       f"{cluster.count('done')} invocations acknowledged)\n")
+    epochs = fence.epoch if fence else 0
     w(f"Election: {cluster.count('leading')} lease(s) won, {cluster.count('refused')} attempt(s) "
-      f"refused (those invocations exited early); {fence.get('epoch', 0)} epoch(s) claimed.\n")
+      f"refused (those invocations exited early); {epochs} epoch(s) claimed.\n")
     w("Leaders that decided requests:\n")
     for (epoch, holder), count in sorted(leaders.items()):
         w(f"  epoch {epoch:>3}  {holder:<16} {count:>4} request(s)\n")
@@ -201,8 +212,8 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
       f"{result.total_balance} over {len(balances)} accounts -> "
       f"{'conserved to the cent' if conserved else 'NOT conserved'}\n")
     w(f"Dead letters: {parked} parked (malformed), {poisoned} in {app.config.poison_queue}\n")
-    left = app.completions.steps_by_request()
-    decided = {row["RowKey"].removeprefix("request:") for row in outcomes}
+    left = app.completions.scan(fallback_now=app.wallclock()).steps
+    decided = {d.outcome.request_id for d in outcomes}
     rows = sum(len(steps) for steps in left.values())
     late = sum(len(steps) for request_id, steps in left.items() if request_id in decided)
     w(f"Completion rows left: {rows}" + (

@@ -42,6 +42,8 @@ from simulator.functions import indexed, resolve_setting
 
 logger = logging.getLogger(__name__)
 
+ERROR_PREVIEW_CHARS = 200  # how much of an error an event line carries to the supervisor
+
 
 def _timespan(text: str) -> float:
     hours, minutes, seconds = (float(part) for part in text.split(":"))
@@ -130,7 +132,7 @@ class InstanceHost:
         queue_name = resolve_setting(self.functions.queue_name_setting, env, defaults)
         app = get_app()  # the same clients the functions use
         self.queue = app.raw_queue_client(queue_name)
-        self.poison = app.raw_queue_client(f"{queue_name}-poison")
+        self.poison = app.raw_queue_client(app.config.poison_queue)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
         self.in_flight: set[Future[None]] = set()
         self.lock = threading.Lock()
@@ -194,7 +196,8 @@ class InstanceHost:
             keeper.stop()
             logger.warning("instance %d: invocation of message %s failed (dequeue count %d): "
                            "%s", self.index, message.id, count, exc)
-            emit("failed", message=message.id, dequeueCount=count, error=str(exc)[:200])
+            emit("failed", message=message.id, dequeueCount=count,
+                 error=str(exc)[:ERROR_PREVIEW_CHARS])
             if count >= self.options.max_dequeue_count:
                 self._poison(message, str(exc), keeper.pop_receipt)
             else:
@@ -214,7 +217,7 @@ class InstanceHost:
         except AzureError as exc:
             logger.warning("instance %d: could not settle message %s: %s", self.index,
                            message_id, exc)
-            emit("unsettled", message=message_id, error=str(exc)[:200])
+            emit("unsettled", message=message_id, error=str(exc)[:ERROR_PREVIEW_CHARS])
             return False
         return True
 
@@ -223,7 +226,7 @@ class InstanceHost:
         self.poison.send_message(str(message.content))
         if self._settle(lambda: self.queue.delete_message(
                 message.id, pop_receipt or message.pop_receipt), message.id):
-            emit("poisoned", message=message.id, error=why[:200])
+            emit("poisoned", message=message.id, error=why[:ERROR_PREVIEW_CHARS])
 
     def _timer(self) -> None:
         assert self.sweep_seconds
@@ -237,10 +240,7 @@ class InstanceHost:
 
 def run_instance(index: int, threads: int, lock_seconds: float,
                  sweep_seconds: float | None) -> None:
-    """Entry point of one instance process."""
-    logging.basicConfig(level=os.environ.get("SIM_LOG_LEVEL", "WARNING"),
-                        format=f"%(asctime)s i{index} %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    """Entry point of one instance process (``simulator.__main__`` configured its logging)."""
     host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
                         sweep_seconds)
     # Observe the election for the supervisor (the functions themselves return nothing).

@@ -8,13 +8,13 @@ recomputes every balance from the committed outcomes' legs and from nothing else
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
+from shared.contract import Operation, StepStatus, completion_message
+from shared.ledger import DecidedOutcome
 from shared.money import format_money
 
 
@@ -35,27 +35,32 @@ class Workload:
         return len(self.deposits) + len(self.transfers)
 
 
-def _step(request_id: str, operation_id: str, operation: str, account: str, amount: Decimal,
-          expected: int, status: str = "succeeded") -> str:
-    return json.dumps({"requestId": request_id, "operationId": operation_id,
-                       "operation": operation, "accountId": account,
-                       "amount": format_money(amount), "expectedOperations": expected,
-                       "status": status})
+def _step(request_id: str, operation_id: str, operation: Operation, account: str,
+          amount: Decimal, expected: int, status: StepStatus = StepStatus.SUCCEEDED) -> str:
+    return completion_message(request_id=request_id, operation_id=operation_id,
+                              operation=operation, account_id=account,
+                              amount=format_money(amount), expected_operations=expected,
+                              status=status)
 
 
 def _money(rng: random.Random, low: int, high: int) -> Decimal:
     return Decimal(rng.randint(low * 100, high * 100)) / 100
 
 
+def _bad(request_id: str, **fields: object) -> str:
+    """A step that breaks the contract in the way ``fields`` say (built, not validated)."""
+    good: dict[str, object] = dict(
+        request_id=request_id, operation_id="x", operation=Operation.ADD_FUNDS, account_id="a",
+        amount="1.00", expected_operations=1, status=StepStatus.SUCCEEDED)
+    return completion_message(**{**good, **fields})
+
+
 MALFORMED = [
-    '{"requestId": "bad-1", "operationId": "x", "operation": "add_funds", "accountId": "a", '
-    '"amount": 10.5, "expectedOperations": 1, "status": "succeeded"}',  # a float amount
-    '{"requestId": "bad-2", "operationId": "x", "operation": "add_funds", "accountId": "a", '
-    '"amount": "10.555", "expectedOperations": 1, "status": "succeeded"}',  # 3 decimals
-    '{"requestId": "bad 3", "operation": "steal_funds"}',  # bad charset, missing fields
+    _bad("bad-1", amount=10.5),  # a float amount
+    _bad("bad-2", amount="10.555"),  # 3 decimals
+    completion_message(request_id="bad 3", operation="steal_funds"),  # bad charset, fields missing
     "this is not json",
-    '{"requestId": "bad-5", "operationId": "x", "operation": "withdraw_funds", '
-    '"accountId": "a", "amount": "1.00", "expectedOperations": 99, "status": "succeeded"}',
+    _bad("bad-5", operation=Operation.WITHDRAW_FUNDS, expected_operations=99),  # too many steps
 ]
 
 
@@ -69,8 +74,8 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
         request_id = f"dep-{name}"
         amount = _money(rng, 100, 1000)
         work.deposits[request_id] = amount
-        work.messages.append(_step(request_id, f"{request_id}-add", "add_funds", name, amount,
-                                   1))
+        work.messages.append(_step(request_id, f"{request_id}-add", Operation.ADD_FUNDS, name,
+                                   amount, 1))
     legs: list[str] = []
     for i in range(transfers):
         request_id = f"tx-{i:05d}"
@@ -81,10 +86,11 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
         if failing:
             work.doomed.add(request_id)
         fail_leg = rng.choice(["w", "a"]) if failing else ""
-        legs.append(_step(request_id, f"{request_id}-w", "withdraw_funds", source, amount, 2,
-                          "failed" if fail_leg == "w" else "succeeded"))
-        legs.append(_step(request_id, f"{request_id}-a", "add_funds", target, amount, 2,
-                          "failed" if fail_leg == "a" else "succeeded"))
+        ok, failed = StepStatus.SUCCEEDED, StepStatus.FAILED
+        legs.append(_step(request_id, f"{request_id}-w", Operation.WITHDRAW_FUNDS, source,
+                          amount, 2, failed if fail_leg == "w" else ok))
+        legs.append(_step(request_id, f"{request_id}-a", Operation.ADD_FUNDS, target, amount, 2,
+                          failed if fail_leg == "a" else ok))
     duplicates = [leg for leg in legs if rng.random() < duplicate_ratio]
     work.duplicates = len(duplicates)
     bad = [MALFORMED[i % len(MALFORMED)] for i in range(malformed)]
@@ -105,12 +111,12 @@ class CheckResult:
     problems: list[str]
 
 
-def check(work: Workload, outcome_rows: list[dict[str, Any]],
+def check(work: Workload, decided: list[DecidedOutcome],
           balances: dict[str, Decimal], parked: int, poisoned: int) -> CheckResult:
     """Check the ledger against the workload, to the cent."""
     problems: list[str] = []
-    by_request = {row["RowKey"].removeprefix("request:"): row for row in outcome_rows}
-    statuses = Counter(str(row["status"]) for row in by_request.values())
+    by_request = {d.outcome.request_id: d.outcome for d in decided}
+    statuses = Counter(outcome.status for outcome in by_request.values())
     known = set(work.deposits) | set(work.transfers)
     missing = sorted(known - set(by_request))
     if missing:
@@ -119,19 +125,19 @@ def check(work: Workload, outcome_rows: list[dict[str, Any]],
     if unexpected:
         problems.append(f"outcomes for requests never sent: {unexpected[:3]}")
     for request_id in sorted(work.doomed & set(by_request)):
-        if by_request[request_id]["status"] != "aborted":
+        if by_request[request_id].status != "aborted":
             problems.append(f"{request_id} had a failed step but is "
-                            f"{by_request[request_id]['status']}")
-    for request_id, row in by_request.items():
-        if row["status"] == "rejected" and "insufficient funds" not in str(row.get("reason")):
-            problems.append(f"{request_id} rejected for an unexpected reason: {row['reason']}")
+                            f"{by_request[request_id].status}")
+    for request_id, outcome in by_request.items():
+        if outcome.status == "rejected" and "insufficient funds" not in outcome.reason:
+            problems.append(f"{request_id} rejected for an unexpected reason: {outcome.reason}")
     # Replay the committed legs: the ledger must hold exactly their sum, account by account.
     replayed: dict[str, Decimal] = {}
-    for row in by_request.values():
-        if row["status"] != "committed":
+    for outcome in by_request.values():
+        if outcome.status != "committed":
             continue
-        for account, amount in json.loads(row.get("legs", "[]")):
-            replayed[account] = replayed.get(account, Decimal("0.00")) + Decimal(amount)
+        for account, amount in outcome.legs:
+            replayed[account] = replayed.get(account, Decimal("0.00")) + amount
     for account in sorted(set(replayed) | set(balances)):
         want = replayed.get(account, Decimal("0.00"))
         have = balances.get(account, Decimal("0.00"))
@@ -140,7 +146,8 @@ def check(work: Workload, outcome_rows: list[dict[str, Any]],
         if have < 0:
             problems.append(f"{account} is negative: {have}")
     deposited = sum((amount for request_id, amount in work.deposits.items()
-                     if by_request.get(request_id, {}).get("status") == "committed"),
+                     if request_id in by_request
+                     and by_request[request_id].status == "committed"),
                     Decimal("0.00"))
     total = sum(balances.values(), Decimal("0.00"))
     if total != deposited:

@@ -13,45 +13,55 @@ from typing import Any
 
 from shared.app import LedgerApp
 from shared.clients import RequestHook, clients_from_connection_string
-from shared.contract import parse_completion
+from shared.contract import Operation, StepStatus, message_body, parse_completion
 from shared.election import ElectionCallbacks
+from shared.ledger import DecidedOutcome
 from shared.pipeline import CompletionResult, handle_completion
 from shared.settings import load_config
 
 
 def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,
-         expected: int, status: str = "succeeded", **extra: Any) -> bytes:
-    """One completion message body (v1 contract)."""
-    body = {"requestId": request_id, "operationId": operation_id, "operation": operation,
-            "accountId": account_id, "amount": amount, "expectedOperations": expected,
-            "status": status, **extra}
-    return json.dumps(body).encode()
+         expected: int, status: str = StepStatus.SUCCEEDED, **extra: Any) -> bytes:
+    """One completion message body (v1 contract), built by the contract's own builder.
+
+    Not validated, so a test can build a malformed one (``amount="1.005"``); ``extra`` adds or
+    replaces fields by their wire name (``completedAt=...``, ``expectedOperations="2"``) as written.
+    """
+    body = message_body(request_id=request_id, operation_id=operation_id, operation=operation,
+                        account_id=account_id, amount=amount, expected_operations=expected,
+                        status=status)
+    return json.dumps({**body, **extra}).encode()
 
 
 def deposit(request_id: str, account_id: str, amount: str) -> list[bytes]:
     """A one-step request that adds funds."""
-    return [step(request_id, f"{request_id}-add", "add_funds", account_id, amount, 1)]
+    return [step(request_id, f"{request_id}-add", Operation.ADD_FUNDS, account_id, amount, 1)]
 
 
 def transfer(request_id: str, source: str, target: str, amount: str,
              fail: str | None = None) -> list[bytes]:
     """A two-step request: withdraw from ``source``, add to ``target``."""
     return [
-        step(request_id, f"{request_id}-w", "withdraw_funds", source, amount, 2,
-             "failed" if fail == "withdraw" else "succeeded"),
-        step(request_id, f"{request_id}-a", "add_funds", target, amount, 2,
-             "failed" if fail == "add" else "succeeded"),
+        step(request_id, f"{request_id}-w", Operation.WITHDRAW_FUNDS, source, amount, 2,
+             StepStatus.FAILED if fail == "withdraw" else StepStatus.SUCCEEDED),
+        step(request_id, f"{request_id}-a", Operation.ADD_FUNDS, target, amount, 2,
+             StepStatus.FAILED if fail == "add" else StepStatus.SUCCEEDED),
     ]
 
 
 class ManualClock:
-    """A wall clock the test moves by hand (for request expiry)."""
+    """Time the test moves by hand: a wall clock, and a shift of storage's time for expiry."""
 
     def __init__(self) -> None:
-        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+        self.start = datetime(2026, 1, 1, tzinfo=UTC)
+        self.now = self.start
 
     def __call__(self) -> datetime:
         return self.now
+
+    def shift(self) -> timedelta:
+        """How far the test has moved time (``LedgerApp.time_shift``)."""
+        return self.now - self.start
 
     def advance(self, seconds: float) -> None:
         self.now += timedelta(seconds=seconds)
@@ -79,6 +89,7 @@ class Namespace:
 
     def app(self, instance_id: str | None = None, callbacks: ElectionCallbacks | None = None,
             wallclock: Callable[[], datetime] | None = None,
+            time_shift: Callable[[], timedelta] | None = None,
             request_hook: RequestHook | None = None, **overrides: str) -> LedgerApp:
         """A ``LedgerApp`` (one simulated instance) on this namespace, resources created."""
         self.counter += 1
@@ -90,6 +101,8 @@ class Namespace:
         if wallclock is not None:
             kwargs["wallclock"] = wallclock
         app = LedgerApp.create(config, clients, **kwargs)
+        if time_shift is not None:
+            app.time_shift = time_shift
         app.ensure_resources()
         return app
 
@@ -112,8 +125,26 @@ def balance(app: LedgerApp, account_id: str) -> Decimal:
 
 def status(app: LedgerApp, request_id: str) -> str | None:
     """The request's recorded outcome status, or None."""
-    row = app.ledger.read_outcome(request_id)
-    return None if row is None else str(row["status"])
+    decided = app.ledger.read_outcome(request_id)
+    return None if decided is None else decided.outcome.status
+
+
+def decided(app: LedgerApp, request_id: str) -> DecidedOutcome:
+    """The request's outcome; fails the test when it has none."""
+    found = app.ledger.read_outcome(request_id)
+    assert found is not None, f"request {request_id} has no outcome"
+    return found
+
+
+def reason(app: LedgerApp, request_id: str) -> str:
+    """The reason stored with the request's outcome."""
+    return decided(app, request_id).outcome.reason
+
+
+def fence_epoch(app: LedgerApp) -> int:
+    """The current epoch (0 before the first leader)."""
+    fence = app.ledger.read_fence()
+    return 0 if fence is None else fence.epoch
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,

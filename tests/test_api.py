@@ -120,8 +120,8 @@ def test_leader_view_shows_the_fence_holder_while_the_lease_is_held(app: LedgerA
     try:
         view = api.leader(app).body
         assert view["lease"] == {"state": "leased", "status": "locked"}
-        assert view["holder"] == fence["holder"]
-        assert view["epoch"] == fence["epoch"]
+        assert view["holder"] == fence.holder
+        assert view["epoch"] == fence.epoch
     finally:
         held.release()
     assert api.leader(app).body["holder"] is None

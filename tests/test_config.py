@@ -107,12 +107,17 @@ def test_renewing_no_sooner_than_lease_minus_margin_is_refused(lease: str, renew
 
 
 def test_a_storage_timeout_that_leaves_no_time_to_commit_is_refused() -> None:
-    with pytest.raises(ConfigError, match="STORAGE_TIMEOUT_SECONDS=20 must be below"):
-        load_config({"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
-                     "LEASE_SAFETY_MARGIN_SECONDS": "5", "STORAGE_TIMEOUT_SECONDS": "20"})
-    assert load_config({"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
-                        "LEASE_SAFETY_MARGIN_SECONDS": "5",
-                        "STORAGE_TIMEOUT_SECONDS": "9"}).storage_timeout_seconds == 9
+    # lease 15, margin 5 -> renew deadline 10; renew every 5 s leaves 5 s for one storage call.
+    timings = {"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "5",
+               "LEASE_SAFETY_MARGIN_SECONDS": "5"}
+    with pytest.raises(ConfigError, match="STORAGE_TIMEOUT_SECONDS=20 does not fit") as caught:
+        load_config({**timings, "STORAGE_TIMEOUT_SECONDS": "20"})
+    assert "at most 5" in str(caught.value)
+    # Below the deadline but longer than the gap between renewals: the leader would give its
+    # lease up before the next renewal, so this is refused too.
+    with pytest.raises(ConfigError, match="STORAGE_TIMEOUT_SECONDS=6 does not fit"):
+        load_config({**timings, "STORAGE_TIMEOUT_SECONDS": "6"})
+    assert load_config({**timings, "STORAGE_TIMEOUT_SECONDS": "5"}).storage_timeout_seconds == 5
 
 
 def test_a_fractional_lease_is_refused() -> None:
@@ -122,8 +127,10 @@ def test_a_fractional_lease_is_refused() -> None:
 
 def test_renewing_just_inside_lease_minus_margin_is_accepted() -> None:
     env = {"LEASE_SECONDS": "60", "RENEW_INTERVAL_SECONDS": "49",
-           "LEASE_SAFETY_MARGIN_SECONDS": "10"}
+           "LEASE_SAFETY_MARGIN_SECONDS": "10", "STORAGE_TIMEOUT_SECONDS": "1"}
     assert load_config(env).election.renew_deadline_seconds == 50
+    with pytest.raises(ConfigError, match="STORAGE_TIMEOUT_SECONDS=5 does not fit"):
+        load_config({**env, "STORAGE_TIMEOUT_SECONDS": "5"})
 
 
 @pytest.mark.parametrize(("name", "value"), [

@@ -86,9 +86,9 @@ def leader() -> dict[str, Any]:
 
 
 # --- the function index --------------------------------------------------------------------
-def test_the_app_declares_the_five_documented_functions() -> None:
+def test_the_app_declares_the_seven_documented_functions() -> None:
     assert set(FUNCTIONS) == {"record_completion", "sweep", "get_account", "get_request",
-                              "get_leader"}
+                              "get_leader", "get_status_page", "get_metrics"}
 
 
 def test_queue_trigger_binds_the_completions_queue_setting() -> None:
@@ -110,6 +110,8 @@ def test_sweeper_runs_every_minute_and_not_on_startup() -> None:
     ("get_account", "accounts/{accountId}"),
     ("get_request", "requests/{requestId}"),
     ("get_leader", "leader"),
+    ("get_status_page", "status"),
+    ("get_metrics", "metrics"),
 ])
 def test_http_routes_are_get_only_with_function_keys(name: str, route: str) -> None:
     trigger = next(b for b in bindings(name) if b["type"] == "httpTrigger")

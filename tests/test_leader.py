@@ -17,7 +17,9 @@ from shared.pipeline import CompletionResult, Role, handle_completion, run_elect
 from tests.helpers import (
     Namespace,
     balance,
+    decided,
     deposit,
+    fence_epoch,
     record,
     send,
     status,
@@ -84,7 +86,7 @@ def test_a_deposed_leader_commits_nothing(ns: Namespace) -> None:
     _external_lease(old).break_lease(lease_break_period=0)
     send(new, *transfer("t1", "alice", "bob", "30.00"))
     assert status(new, "t1") == "committed"
-    epoch_after_new = new.ledger.read_fence()["epoch"]  # type: ignore[index]
+    epoch_after_new = fence_epoch(new)
     assert epoch_after_new > stale.fence.epoch
     # Work that the old leader would commit when it resumes:
     record(new, *transfer("t2", "alice", "bob", "50.00"))
@@ -93,7 +95,7 @@ def test_a_deposed_leader_commits_nothing(ns: Namespace) -> None:
     assert status(new, "t2") is None, "the stale leader wrote no outcome"
     assert balance(new, "alice") == Decimal("70.00")
     assert balance(new, "bob") == Decimal("30.00")
-    assert new.ledger.read_fence()["epoch"] == epoch_after_new  # type: ignore[index]
+    assert fence_epoch(new) == epoch_after_new
     # The work is not lost: the next leader commits it.
     run_election(new)
     assert status(new, "t2") == "committed"
@@ -210,7 +212,7 @@ def test_each_leadership_claims_a_strictly_higher_epoch(ns: Namespace) -> None:
     epochs = []
     for i in range(3):
         send(app, *deposit(f"d{i}", "alice", "1.00"))
-        epochs.append(int(app.ledger.read_outcome(f"d{i}")["epoch"]))  # type: ignore[index]
+        epochs.append(decided(app, f"d{i}").epoch)
     assert epochs == sorted(set(epochs))
     assert len(epochs) == 3
 

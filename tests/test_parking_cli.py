@@ -74,7 +74,9 @@ def test_enqueue_from_flags_puts_base64_json_on_the_queue(run: Run, queued: Queu
                "add_funds", "--account", "alice", "--amount", "12.50", "--expected", "1")
     assert code == 0, run.err
     assert "sent 1 message(s)" in run.out
-    assert "r1/r1-add" in run.out
+    header, row = run.out.splitlines()[:2]
+    assert header.split() == ["MESSAGE", "ID", "REQUEST", "STEP"]
+    assert row.split()[1:] == ["r1", "r1-add"]
     [text] = queued()
     assert json.loads(text) == {"requestId": "r1", "operationId": "r1-add",
                                 "operation": "add_funds", "accountId": "alice",
@@ -202,19 +204,17 @@ def test_parked_list_before_anything_was_parked(ns: Namespace, run: Run) -> None
 
 
 # --- read API --------------------------------------------------------------------------------
-def test_status_balance_and_request_print_the_read_api(run: Run, app: LedgerApp) -> None:
+def test_status_balance_and_request_print_the_read_api_as_json(run: Run,
+                                                               app: LedgerApp) -> None:
     send(app, *deposit("d1", "alice", "60.05"))
-    assert run("balance", "alice") == 0
+    assert run("--json", "balance", "alice") == 0
     assert run.json() == {"accountId": "alice", "balance": "60.05"}
-    assert run("request", "d1") == 0
+    assert run("request", "d1", "--json") == 0
     assert run.json()["status"] == "committed"
-    assert run("status") == 0
+    assert run("--json", "status") == 0
     leader = run.json()
     assert leader["epoch"] >= 1
     assert leader["pendingCompletions"] == 0
-    assert run("balance", "nobody") == 1
-    assert run("request", "nothing") == 1
-    assert run("request", "bad id") == 2
 
 
 def test_reading_before_the_app_made_its_tables_says_so(ns: Namespace, run: Run) -> None:
@@ -268,7 +268,7 @@ def test_the_cli_finds_storage_through_local_settings_json(ns: Namespace, run: R
     monkeypatch.setattr(cli, "LOCAL_SETTINGS", path)
     send(app, *deposit("d1", "alice", "1.00"))
     run.env = {}
-    assert run("balance", "alice") == 0, run.err
+    assert run("--json", "balance", "alice") == 0, run.err
     assert run.json()["balance"] == "1.00"
 
 

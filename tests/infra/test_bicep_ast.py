@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from simulator import REPO_ROOT
 from tests.infra.bicep_model import (
     INFRA,
     MAIN,
@@ -79,6 +81,15 @@ def test_bicepparam_parses_and_targets_main() -> None:
         for decorator in main_params[name]["decorators"]:
             if decorator["type"] == "allowed":
                 assert value in decorator["argument"], f"{name} = {value!r} is not allowed"
+
+
+def test_the_python_versions_infra_allows_are_those_the_app_supports() -> None:
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    minimum = pyproject["project"]["requires-python"].removeprefix(">=")
+    allowed = next(d["argument"] for d in BicepFile(MAIN).params["pythonVersion"]["decorators"]
+                   if d["type"] == "allowed")
+    assert min(allowed, key=lambda v: tuple(map(int, v.split(".")))) == minimum
+    assert "3.13" in allowed, "azure-functions 2.x is locked for 3.13 (requirements.in)"
 
 
 def test_main_deploys_only_local_modules_of_raw_resources() -> None:

@@ -1,0 +1,243 @@
+"""The live status page: its HTML, and the one JSON snapshot it polls (``GET /api/metrics``).
+
+Everything comes from what storage already holds, read with bounded queries (each stops after a
+fixed number of rows and says so with ``truncated``):
+
+- the lease blob's properties and the fence row: who leads, with which epoch, since when;
+- the completions table (projected scan): pending rows and the oldest one's age;
+- outcome rows of the ledger partition: decided in the last ``WINDOW_SECONDS`` (filtered on
+  ``decidedAt`` by the server) for the throughput chart, and all of them, up to
+  ``MAX_OUTCOME_ROWS``, for the counts by status and the epochs that decided requests (the
+  recent leader changes);
+- the parked table and the poison queue's approximate depth.
+
+Lease time left is not something storage tells anyone but the holder, so it is a lower bound:
+the lease was (re)acquired when the epoch was claimed, and renewed no later than one renew
+interval before the holder's last commit. Wall-clock times come from the instances' clocks.
+A storage error of any kind (unreachable, a missing role) answers 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+from shared.api import Reply
+from shared.app import LedgerApp
+from shared.ledger import REQUEST_PREFIX, Fence
+
+logger = logging.getLogger(__name__)
+
+PAGE_PATH = Path(__file__).with_name("status_page.html")
+WINDOW_SECONDS = 300  # the throughput chart's span
+BUCKET_SECONDS = 10  # one bar of the chart
+MAX_WINDOW_ROWS = 20_000  # outcome rows read for the chart
+MAX_OUTCOME_ROWS = 20_000  # outcome rows read for the counts by status and the leader history
+MAX_PENDING_ROWS = 10_000  # completion rows read
+MAX_PARKED_ROWS = 10_000  # parked rows counted
+RECENT_LEADERS = 10  # epochs shown, newest first
+
+
+@functools.cache
+def page_html() -> bytes:
+    """The status page: one self-contained HTML file (inline CSS and JS), read once."""
+    return PAGE_PATH.read_bytes()
+
+
+def metrics_reply(get_app: Callable[[], LedgerApp]) -> Reply:
+    """``GET /api/metrics``: the snapshot, or 503 with the reason when storage cannot answer."""
+    try:
+        return Reply(200, snapshot(get_app()))
+    except AzureError as exc:
+        reason = _reason(exc)
+        logger.warning("status snapshot failed: storage did not answer (%s)", reason)
+        return Reply(503, {"error": f"storage cannot be reached or refused the read: {reason}",
+                           "retryable": True})
+
+
+def _reason(exc: AzureError) -> str:
+    text = str(getattr(exc, "reason", None) or exc.message or type(exc).__name__)
+    return text.splitlines()[0][:300]
+
+
+def snapshot(app: LedgerApp) -> dict[str, Any]:
+    """Everything the status page shows, as JSON-ready values."""
+    now = app.wallclock()
+    election = app.config.election
+    fence = app.ledger.read_fence()
+    lease = _lease_view(app)
+    leased = lease["state"] == "leased"
+    claimed_at = _parse(fence.claimed_at if fence else None)
+    last_commit_at = _parse(fence.last_commit_at if fence else None)
+    outcomes = _outcome_rows(app, "", MAX_OUTCOME_ROWS,
+                             ["status", "epoch", "decidedBy", "decidedAt"])
+    # Bars on whole BUCKET_SECONDS of the clock, so that they stay put between refreshes; the
+    # last one is the bucket now falls in.
+    bucket_end = now.timestamp() // BUCKET_SECONDS * BUCKET_SECONDS + BUCKET_SECONDS
+    since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
+    recent = _outcome_rows(app, since.isoformat(timespec="microseconds"), MAX_WINDOW_ROWS,
+                           ["status", "decidedAt"])
+    poison = app.raw_queue_client(app.config.poison_queue)
+    try:
+        poisoned = int(poison.get_queue_properties().approximate_message_count or 0)
+    except ResourceNotFoundError:
+        poisoned = 0
+    try:
+        parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
+    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
+        parked = {}
+    return {
+        "generatedAt": now.isoformat(),
+        "leader": {
+            "holder": fence.holder if fence and leased else None,
+            "lastHolder": fence.holder if fence else None,
+            "epoch": fence.epoch if fence else 0,
+            "claimedAt": (fence.claimed_at if fence else "") or None,
+            "lastCommitAt": (fence.last_commit_at if fence else "") or None,
+            "lease": lease,
+            "leaseSeconds": election.lease_seconds,
+            "renewIntervalSeconds": election.renew_interval_seconds,
+            "leaseSecondsLeftAtLeast": _lease_left(now, leased, claimed_at, last_commit_at,
+                                                   election.lease_seconds,
+                                                   election.renew_interval_seconds),
+        },
+        "pending": _pending(app, now),
+        "throughput": _throughput(recent, since, now),
+        "outcomes": {"byStatus": dict(sorted(Counter(str(r.get("status")) for r in outcomes.rows)
+                                             .items())),
+                     "total": len(outcomes.rows), "truncated": outcomes.truncated},
+        "leaders": _leaders(outcomes.rows, fence),
+        "parked": sum(parked.values()),
+        "parkedByKind": parked,
+        "poisoned": poisoned,
+        "poisonQueue": app.config.poison_queue,
+    }
+
+
+def _lease_view(app: LedgerApp) -> dict[str, Any]:
+    try:
+        props = app.elector.blob.get_blob_properties()
+    except ResourceNotFoundError:
+        return {"state": "available", "status": "unlocked"}
+    return {"state": str(props.lease.state), "status": str(props.lease.status)}
+
+
+def _lease_left(now: datetime, leased: bool, claimed_at: datetime | None,
+                last_commit_at: datetime | None, lease_seconds: float,
+                renew_interval_seconds: float) -> float | None:
+    """A lower bound of the holder's lease time left (see the module docstring)."""
+    if not leased or claimed_at is None:
+        return None
+    expires = claimed_at + timedelta(seconds=lease_seconds)
+    if last_commit_at is not None and last_commit_at >= claimed_at:
+        expires = max(expires, last_commit_at
+                      + timedelta(seconds=lease_seconds - renew_interval_seconds))
+    return round(max(0.0, (expires - now).total_seconds()), 1)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Rows read by a bounded query, and whether it stopped at its bound."""
+
+    rows: list[dict[str, Any]]
+    truncated: bool
+
+
+def _outcome_rows(app: LedgerApp, decided_since: str, limit: int, select: list[str]) -> _Rows:
+    prefix = REQUEST_PREFIX
+    query = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high"
+    parameters = {"pk": app.ledger.partition, "low": prefix,
+                  "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
+    if decided_since:
+        query += " and decidedAt ge @since"
+        parameters["since"] = decided_since
+    return _bounded(app.ledger.table.query_entities(query, parameters=parameters, select=select,
+                                                    results_per_page=1000), limit)
+
+
+def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
+    found: list[dict[str, Any]] = []
+    for row in rows:
+        if len(found) >= limit:
+            return _Rows(found, True)
+        found.append(dict(row))
+    return _Rows(found, False)
+
+
+def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
+    rows = _bounded(app.completions.table.list_entities(
+        select=["PartitionKey", "recordedAt"], results_per_page=1000), MAX_PENDING_ROWS)
+    recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
+    oldest = min(recorded, default=None)
+    return {
+        "completions": len(rows.rows),
+        "requests": len({row.get("PartitionKey") for row in rows.rows}),
+        "oldestRecordedAt": oldest.isoformat() if oldest else None,
+        "oldestAgeSeconds": round((now - oldest).total_seconds(), 1) if oldest else None,
+        "truncated": rows.truncated,
+    }
+
+
+def _throughput(recent: _Rows, since: datetime, now: datetime) -> dict[str, Any]:
+    count = WINDOW_SECONDS // BUCKET_SECONDS
+    decided = [0] * count
+    committed = [0] * count
+    minute_ago = now - timedelta(seconds=60)
+    last_minute = 0
+    for row in recent.rows:
+        stamp = _parse(row.get("decidedAt"))
+        if stamp is None or stamp < since:
+            continue
+        index = min(count - 1, int((stamp - since).total_seconds() // BUCKET_SECONDS))
+        decided[index] += 1
+        if row.get("status") == "committed":
+            committed[index] += 1
+            last_minute += stamp > minute_ago
+    return {
+        "windowSeconds": WINDOW_SECONDS,
+        "bucketSeconds": BUCKET_SECONDS,
+        "since": since.isoformat(),
+        "decided": decided,
+        "committed": committed,
+        "committedPerSecondLastMinute": round(last_minute / 60, 2),
+        "truncated": recent.truncated,
+    }
+
+
+def _leaders(rows: list[dict[str, Any]], fence: Fence | None) -> list[dict[str, Any]]:
+    """Epochs newest first: holder, first and last decision, requests decided."""
+    epochs: dict[int, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("epoch") is None:
+            continue
+        epoch = int(row["epoch"])
+        stamp = str(row.get("decidedAt") or "")
+        entry = epochs.setdefault(epoch, {"epoch": epoch, "holder": row.get("decidedBy"),
+                                          "claimedAt": None, "firstDecidedAt": stamp,
+                                          "lastDecidedAt": stamp, "decided": 0})
+        entry["decided"] += 1
+        entry["firstDecidedAt"] = min(entry["firstDecidedAt"], stamp)
+        entry["lastDecidedAt"] = max(entry["lastDecidedAt"], stamp)
+    if fence is not None and fence.epoch:
+        current = epochs.setdefault(fence.epoch, {
+            "epoch": fence.epoch, "holder": fence.holder, "firstDecidedAt": None,
+            "lastDecidedAt": None, "decided": 0})
+        current["claimedAt"] = fence.claimed_at or None
+    return [epochs[e] for e in sorted(epochs, reverse=True)[:RECENT_LEADERS]]
+
+
+def _parse(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
