@@ -90,6 +90,8 @@ def contract_error(body: bytes) -> str | None:
         return "not a JSON object"
     if data.duplicate_keys:
         return "duplicate keys"
+    if any(name in SNAKE.values() and name not in FIELDS for name in data):
+        return "a snake_case spelling of a v1 name"
     for name in ("requestId", "operationId", "accountId"):
         if not isinstance(data.get(name), str) or not _ID.match(data[name]):
             return name
@@ -492,10 +494,10 @@ def test_steps_that_disagree_are_rejected_with_a_reason_naming_what_disagrees(
     finally:
         other_leader.release()
     indexed().timer_handler(TimerRequest(past_due=False))
-    outcome = env.ledger.read_outcome(request_id)
-    assert outcome is not None, "decided by the sweeper"
-    assert outcome["status"] == "rejected", outcome
-    reason = str(outcome["reason"])
+    decided = env.ledger.read_outcome(request_id)
+    assert decided is not None, "decided by the sweeper"
+    assert decided.outcome.status == "rejected", decided
+    reason = decided.outcome.reason
     missing = [word for word in case.reason_mentions if word not in reason]
     assert not missing, f"the reason {reason!r} should name {missing}"
     assert env.ledger.list_balances() == {"funded": Decimal("100.00")}, "nothing applied"
