@@ -46,7 +46,7 @@ import pytest
 from azure.core.exceptions import AzureError, HttpResponseError, ServiceResponseError
 from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableServiceClient
-from azure.storage.blob import BlobLeaseClient, BlobServiceClient
+from azure.storage.blob import BlobLeaseClient, BlobServiceClient, LinearRetry
 from azure.storage.queue import QueueServiceClient
 from hypothesis import seed, settings
 from hypothesis import strategies as st
@@ -79,7 +79,8 @@ TIMEOUT_SECONDS = 900
 # real time); renewals happen at checkpoints when the test moves the monotonic clock.
 SETTINGS = {"LEASE_SECONDS": "60", "RENEW_INTERVAL_SECONDS": "50",
             "LEASE_SAFETY_MARGIN_SECONDS": "1", "REQUEST_TIMEOUT_SECONDS": str(TIMEOUT_SECONDS)}
-FAULT_KINDS = ("record", "claim", "commit", "delete")
+FAULT_KINDS = ("record", "claim", "commit", "delete", "acquire", "renew", "release")
+LEADER_WRITES = ("claim", "commit", "delete")
 
 Verdict = tuple[Any, ...]  # ("commit", legs) | ("rejected", kind) | ("aborted",) | ("expired",)
 Legs = tuple[tuple[str, Decimal], ...]
@@ -198,24 +199,41 @@ class Attempt:
     error: BaseException | None = None
 
 
-class LostResponse:
-    """Loses the response to the next table write of one kind after storage applied it."""
+class Faults:
+    """One instance's injected faults.
+
+    ``armed``: lose the response to its next write of that kind after storage applied it (a
+    table write: record, claim, commit, delete; or a lease action: acquire, renew, release).
+    ``interleave``: the next time it starts a write of that kind, first run another instance's
+    invocation (a step recorded while this one leads, between its scan and its commit).
+    """
 
     def __init__(self) -> None:
         self.armed: str | None = None
         self.context: str | None = None
+        self.interleave: dict[str, Callable[[], None]] = {}
 
-    def hook(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
-        if self.armed is None or self.armed != self.context:
-            return
+    def table_hook(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
+        if self.armed is not None and self.armed == self.context:
+            self._lose(response)
+
+    def blob_hook(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
+        if self.armed is not None and \
+                self.armed == response.http_request.headers.get("x-ms-lease-action"):
+            self._lose(response)
+
+    def _lose(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
         if response.http_request.method == "GET" or response.http_response.status_code >= 300:
             return
         kind, self.armed = self.armed, None
-        raise ServiceResponseError(f"injected: the response to a {kind} write was lost after "
+        raise ServiceResponseError(f"injected: the response to a {kind} was lost after "
                                    "storage applied it")
 
     def within(self, kind: str, function: Callable[..., T]) -> Callable[..., T]:
         def wrapped(*args: Any, **kwargs: Any) -> T:
+            meanwhile = self.interleave.pop(kind, None)
+            if meanwhile is not None:
+                meanwhile()
             outer, self.context = self.context, kind
             try:
                 return function(*args, **kwargs)
@@ -318,7 +336,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.start = self.wallclock.now
         self.monotonic = FakeMonotonic()
         self.attempts: list[Attempt] = []
-        self.faults = [LostResponse() for _ in range(INSTANCES)]
+        self.faults = [Faults() for _ in range(INSTANCES)]
         self.apps = [self._instance(n) for n in range(INSTANCES)]
         self.apps[0].ensure_resources(queues=False)
         self.requests: dict[str, RequestModel] = {}
@@ -333,10 +351,13 @@ class ProtocolMachine(RuleBasedStateMachine):
         options: dict[str, Any] = {"connection_timeout": 5, "read_timeout": 5, "retry_total": 3}
         faults = self.faults[n]
         clients = StorageClients(
-            blob=BlobServiceClient.from_connection_string(self.connection_string, **options),
+            # The blob SDK retries a lost response after 15 s by default: the same retry, at once.
+            blob=BlobServiceClient.from_connection_string(
+                self.connection_string, raw_response_hook=faults.blob_hook,
+                retry_policy=LinearRetry(backoff=0, random_jitter_range=0), **options),
             queue=QueueServiceClient.from_connection_string(self.connection_string, **options),
             table=TableServiceClient.from_connection_string(
-                self.connection_string, raw_response_hook=faults.hook, **options),
+                self.connection_string, raw_response_hook=faults.table_hook, **options),
         )
         app = LedgerApp.create(config, clients, clock=self.monotonic, wallclock=self.wallclock)
         app.time_shift = self.wallclock.shift  # expiry: storage's time, moved by the test
@@ -375,9 +396,26 @@ class ProtocolMachine(RuleBasedStateMachine):
           variant=st.sampled_from(VARIANTS), elect=st.sampled_from([True, True, True, False]))
     def deliver(self, data: st.DataObject, instance: int, variant: str, elect: bool) -> None:
         """One queue message; ``elect=False``: the recorder crashed before its election."""
+        model, content = self._draw_step(data, variant)
+        self._deliver(instance, model, content, elect)
+
+    @rule(data=st.data(), leader=st.integers(0, INSTANCES - 1),
+          recorder=st.integers(0, INSTANCES - 1), variant=st.sampled_from(VARIANTS),
+          kind=st.sampled_from(LEADER_WRITES))
+    def deliver_while_a_leader_writes(self, data: st.DataObject, leader: int, recorder: int,
+                                      variant: str, kind: str) -> None:
+        """Arm: when ``leader`` next starts a write of ``kind``, ``recorder`` takes a message."""
+        model, content = self._draw_step(data, variant)
+        self.faults[leader].interleave[kind] = lambda: self._deliver(recorder, model, content)
+
+    def _draw_step(self, data: st.DataObject, variant: str) -> tuple[RequestModel, Content]:
         model = self.requests[data.draw(st.sampled_from(sorted(self.requests)), label="request")]
-        content = variant_of(data.draw(st.sampled_from(model.intended), label="step"), variant)
-        if model.request_id in self.outcomes:
+        return model, variant_of(data.draw(st.sampled_from(model.intended), label="step"),
+                                 variant)
+
+    def _deliver(self, instance: int, model: RequestModel, content: Content,
+                 elect: bool = True) -> None:
+        if self.apps[0].ledger.read_outcome(model.request_id) is not None:
             model.late.append(content)
         else:
             model.record(content, self._now())
@@ -448,6 +486,12 @@ class ProtocolMachine(RuleBasedStateMachine):
     def break_the_lease(self) -> None:
         """An operator (or the chaos run) breaks whatever lease is held."""
         self._break_lease()
+
+    @rule()
+    def leaders_reach_their_renewal(self) -> None:
+        """Renew-interval seconds pass on the monotonic clocks (not enough for storage's lease
+        to run out): a paused leader renews at its next checkpoint."""
+        self.monotonic.now += float(SETTINGS["RENEW_INTERVAL_SECONDS"])
 
     @rule()
     def let_the_lease_run_out(self) -> None:
@@ -554,6 +598,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.paused = None
             for faults in self.faults:
                 faults.armed = None
+                faults.interleave.clear()
             self._break_lease()
             self._quiet_sweep()
             waiting = [m.request_id for m in self.requests.values()
