@@ -36,6 +36,7 @@ import logging
 import os
 import secrets
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -72,6 +73,7 @@ from simulator.azurite import Azurite
 from tests.helpers import ManualClock, Namespace
 
 INSTANCES = 3
+SEEN: Counter[str] = Counter()  # what the runs exercised, printed after each test
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 AMOUNTS = ("5.00", "10.00", "25.00", "40.00")
 TIMEOUT_SECONDS = 900
@@ -226,6 +228,7 @@ class Faults:
         if response.http_request.method == "GET" or response.http_response.status_code >= 300:
             return
         kind, self.armed = self.armed, None
+        SEEN[f"lost response: {kind}"] += 1
         raise ServiceResponseError(f"injected: the response to a {kind} was lost after "
                                    "storage applied it")
 
@@ -233,6 +236,7 @@ class Faults:
         def wrapped(*args: Any, **kwargs: Any) -> T:
             meanwhile = self.interleave.pop(kind, None)
             if meanwhile is not None:
+                SEEN[f"step delivered as a leader began a {kind}"] += 1
                 meanwhile()
             outer, self.context = self.context, kind
             try:
@@ -392,12 +396,15 @@ class ProtocolMachine(RuleBasedStateMachine):
             model = data.draw(intended_requests(f"r{n}"), label=f"r{n}")
             self.requests[model.request_id] = model
 
-    @rule(data=st.data(), instance=st.integers(0, INSTANCES - 1),
-          variant=st.sampled_from(VARIANTS), elect=st.sampled_from([True, True, True, False]))
-    def deliver(self, data: st.DataObject, instance: int, variant: str, elect: bool) -> None:
-        """One queue message; ``elect=False``: the recorder crashed before its election."""
-        model, content = self._draw_step(data, variant)
-        self._deliver(instance, model, content, elect)
+    @rule(data=st.data(), messages=st.lists(
+        st.tuples(st.integers(0, INSTANCES - 1), st.sampled_from(VARIANTS),
+                  st.sampled_from([True, True, True, False])), min_size=1, max_size=4))
+    def deliver(self, data: st.DataObject, messages: list[tuple[int, str, bool]]) -> None:
+        """Queue messages, each to an instance; ``elect=False``: the recorder crashed before its
+        election."""
+        for instance, variant, elect in messages:
+            model, content = self._draw_step(data, variant)
+            self._deliver(instance, model, content, elect)
 
     @rule(data=st.data(), leader=st.integers(0, INSTANCES - 1),
           recorder=st.integers(0, INSTANCES - 1), variant=st.sampled_from(VARIANTS),
@@ -417,6 +424,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                  elect: bool = True) -> None:
         if self.apps[0].ledger.read_outcome(model.request_id) is not None:
             model.late.append(content)
+            SEEN["late delivery"] += 1
         else:
             model.record(content, self._now())
         app, body = self.apps[instance], content.body(model.request_id)
@@ -444,9 +452,16 @@ class ProtocolMachine(RuleBasedStateMachine):
                 raise
 
     @precondition(lambda self: self.paused is None)
-    @rule(instance=st.integers(0, INSTANCES - 1))
-    def pause_a_leader_mid_drain(self, instance: int) -> None:
-        """Acquire, scan and claim an epoch, then stop before committing anything."""
+    @rule(data=st.data(), instance=st.integers(0, INSTANCES - 1),
+          variants=st.lists(st.sampled_from(VARIANTS), max_size=2))
+    def pause_a_leader_mid_drain(self, data: st.DataObject, instance: int,
+                                 variants: list[str]) -> None:
+        """Steps recorded by instances that crashed before electing; then ``instance``
+        acquires, scans and claims an epoch, and stops before committing what it found."""
+        for variant in variants:
+            model, content = self._draw_step(data, variant)
+            self._deliver(data.draw(st.integers(0, INSTANCES - 1), label="recorder"), model,
+                          content, elect=False)
         app = self.apps[instance]
         try:
             lease = app.elector.try_acquire()
@@ -458,6 +473,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             return
         try:
             ready = ready_assessments(app)
+            if not ready:  # nothing to pause over: an ordinary empty election
+                lease.release()
+                return
             term = LeaderTerm.begin(app, lease)
         except (AzureError, TermEnded) as exc:
             lease.release()
@@ -474,13 +492,37 @@ class ProtocolMachine(RuleBasedStateMachine):
         assert paused is not None
         try:
             paused.term.drain(self.monotonic() + 60, list(paused.ready))
-        except TermEnded:
-            pass
+            SEEN["paused leader resumed and finished"] += 1
+        except TermEnded as exc:
+            SEEN[f"paused leader stopped: {type(exc).__name__}"] += 1
         except AzureError as exc:
             if not injected(exc):
                 raise
         finally:
             paused.term.lease.release()
+
+    @precondition(lambda self: self.paused is None)
+    @rule(data=st.data(), old=st.integers(0, INSTANCES - 1), new=st.integers(0, INSTANCES - 1),
+          variants=st.lists(st.sampled_from(VARIANTS), min_size=1, max_size=3))
+    def a_paused_leader_is_deposed_and_resumes(self, data: st.DataObject, old: int, new: int,
+                                               variants: list[str]) -> None:
+        """The whole story in one rule (the separate rules rarely line it up): ``old`` pauses
+        over recorded work, ``new`` leads meanwhile, then ``old`` carries on from its scan."""
+        self.pause_a_leader_mid_drain(data, old, variants[:1])
+        if self.paused is None:
+            return
+        self.another_instance_takes_over(new)
+        for variant in variants[1:]:
+            model, content = self._draw_step(data, variant)
+            self._deliver(new, model, content)
+        self.resume_the_paused_leader()
+
+    @precondition(lambda self: self.paused is not None)
+    @rule(instance=st.integers(0, INSTANCES - 1))
+    def another_instance_takes_over(self, instance: int) -> None:
+        """The paused leader's lease is broken and another instance leads meanwhile."""
+        self._break_lease()
+        self.sweep(instance)
 
     @rule()
     def break_the_lease(self) -> None:
@@ -549,6 +591,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 assert verdict in model.reachable, \
                     f"{request_id} {verdict}, the contract allows {sorted(model.reachable)}"
             self.outcomes[request_id] = row
+            SEEN[f"outcome: {verdict[0]}"] += 1
 
     def _landed(self, attempt: Attempt) -> bool:
         if attempt.error is None:
@@ -630,6 +673,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             seen = model.reachable[observed_verdict(row.outcome)]
             recorded = {c for cs in model.rows.values() for c in cs} | set(model.late)
             for content in sorted(recorded - seen, key=repr):
+                SEEN["contradicting step parked"] += 1
                 assert any(request_id in text and content.operation_id in text
                            for text in parked), \
                     f"{request_id} committed without {content}, which arrived but is not parked"
@@ -656,10 +700,12 @@ def _run(connection_string: str, check_late_steps_parked: bool, examples: int | 
     def machine() -> ProtocolMachine:
         return ProtocolMachine(connection_string, check_late_steps_parked)
 
+    SEEN.clear()
     run_state_machine_as_test(
         seed(chosen)(machine),  # type: ignore[arg-type]  # a factory, as documented
         settings=settings(MODEL_SETTINGS, max_examples=MODEL_SETTINGS.max_examples
                           if "MODEL_EXAMPLES" in os.environ or examples is None else examples))
+    print("exercised:", ", ".join(f"{what} {count}" for what, count in sorted(SEEN.items())))
 
 
 @pytest.fixture
