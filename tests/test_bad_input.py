@@ -141,7 +141,8 @@ valid_fields: dict[str, st.SearchStrategy[Any]] = {
     "status": st.sampled_from(["succeeded", "failed"]),
     "completedAt": timestamps,
 }
-_WRONG_TYPES: list[Any] = [None, True, False, 0, -1, 2.5, 1e300, [], {}, ["x"], {"x": 1}]
+_WRONG_TYPES: list[Any] = [None, True, False, 0, -1, 2.5, 1e300, 1e-300, 5e-324, -0.0, [], {},
+                          ["x"], {"x": 1}]
 _LOOKALIKES = ["\uff11\uff12.\uff15\uff10", "\u0661\u0662\u066b\u0665\u0660", "12\u066b50",
                "\u0967\u0968", "1\u00a0000.00", "\U0001d7cf\U0001d7d0"]
 _BAD_IDS = ["", "x" * 129, "x" * 1000, "has space", "a/b", "a~b", "a#b", "a?b", "\uff41bc",
@@ -159,7 +160,8 @@ bad_values: dict[str, list[Any]] = {
     "expectedOperations": [0, 51, -1, 2.0, 2.5, "2", "\uff12", 10**30, [2], *_WRONG_TYPES],
     "status": ["SUCCEEDED", "success", "ok", "", *_WRONG_TYPES],
     "completedAt": [1700000000, True, [], {}, "yesterday", "2026-13-01T00:00:00Z",
-                    "2026-02-30T00:00:00Z", "", "T10:00:00Z"],
+                    "2026-02-30T00:00:00Z", "", "T10:00:00Z", "1700000000", "0", "1700000000.5",
+                    "\uff12\uff10\uff12\uff16-11-28T10:00:00Z"],
 }
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**30), 10**30),
@@ -335,6 +337,18 @@ def test_a_single_bad_field_is_named_in_the_refusal(name: str, data: st.DataObje
 def test_strict_parsing_edge_cases_are_refused(body: bytes, why: str) -> None:
     assert contract_error(body) is not None
     assert _parse_outcome(body) is not None, why
+
+
+@pytest.mark.parametrize("completed_at", ["1700000000", "0", "1700000000.5"])
+def test_completed_at_is_iso_8601_not_seconds_since_1970(completed_at: str) -> None:
+    """Found by the property test: pydantic read a number in a string as Unix time."""
+    body = json.dumps({"requestId": "r", "operationId": "o", "operation": "add_funds",
+                       "accountId": "a", "amount": "1.00", "expectedOperations": 1,
+                       "status": "succeeded", "completedAt": completed_at}).encode()
+    reason = _parse_outcome(body)
+    assert reason is not None
+    assert "completedAt" in reason
+    assert "ISO-8601" in reason
 
 
 # --- through the queue function, against Azurite -------------------------------------------------
