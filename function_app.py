@@ -27,7 +27,7 @@ def record_completion(msg: func.QueueMessage) -> None:
 @app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False)
 def sweep(timer: func.TimerRequest) -> None:
     """Every minute: run the election so that nothing waits for the next message."""
-    pipeline.run_election(get_app())
+    pipeline.sweep(get_app())
 
 
 def _json(reply: api.Reply) -> func.HttpResponse:

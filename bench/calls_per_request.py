@@ -6,6 +6,9 @@ an azure-core policy counting every HTTP call (retries included). Reports calls 
 split into the recorders' share and the leader's share, side by side for several K in one run.
 
     .venv/bin/python -m bench.calls_per_request --requests 200 --instances 1 4 8
+
+``--telemetry`` runs it with the OpenTelemetry SDK recording every span and metric in memory
+(what ``shared/telemetry.py`` costs when exporting; Application Insights' network export aside).
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from shared import telemetry
 from shared.app import LedgerApp
 from shared.clients import CallCounter, clients_from_connection_string
 from shared.pipeline import handle_completion, run_election
@@ -71,14 +81,28 @@ def run(connection_string: str, instances: int, transfers: int) -> dict[str, flo
             "requests_per_s": requests / elapsed}
 
 
+def _record_telemetry() -> InMemorySpanExporter:
+    """Install the SDK with in-memory exporters for this process; return the span exporter."""
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    telemetry.install(tracer_provider, MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    return spans
+
+
 def main() -> None:
     """Measure each instance count in one run, against one Azurite, and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="transfers to send")
     parser.add_argument("--instances", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--telemetry", action="store_true",
+                        help="record spans and metrics in memory (the SDK on, no network export)")
     args = parser.parse_args()
+    spans = _record_telemetry() if args.telemetry else None
     with Azurite(in_memory=True) as azurite:
         rows = [run(azurite.connection_string, k, args.requests) for k in args.instances]
+    if spans is not None:
+        print(f"telemetry on: {len(spans.get_finished_spans())} spans recorded")
     print(f"{'instances':>9} {'requests':>8} {'messages':>8} {'calls':>7} {'calls/req':>9} "
           f"{'req/s':>7}")
     for row in rows:

@@ -56,6 +56,9 @@ param deployerPrincipalId string = ''
 ])
 param deployerPrincipalType string = 'User'
 
+@description('Resource ids of action groups the alerts notify (docs/operations.md). Empty: alerts show in the portal only.')
+param alertActionGroupIds array = []
+
 // The settings the app code reads: shared/settings.py SETTINGS, with the code's defaults.
 
 @description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
@@ -99,6 +102,13 @@ param requestTimeoutSeconds int = 900
 @minValue(1)
 param storageTimeoutSeconds int = 5
 
+@description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
+@allowed([
+  '0'
+  '1'
+])
+param telemetryConsoleExporter string = '0'
+
 var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, namePrefix))
 var storageAccountName = take('st${replace(toLower(namePrefix), '-', '')}${resourceToken}', 24)
 var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
@@ -117,6 +127,7 @@ var appSettings = {
   DRAIN_BUDGET_SECONDS: string(drainBudgetSeconds)
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
+  TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
 module identity 'modules/identity.bicep' = {
@@ -151,6 +162,19 @@ module monitoring 'modules/monitoring.bicep' = {
     appInsightsName: 'appi-${namePrefix}-${resourceToken}'
     location: location
     tags: tags
+  }
+}
+
+// Log search alerts on the app's telemetry: no commit while completions wait, parked messages,
+// poison queue not empty.
+module alerts 'modules/alerts.bicep' = {
+  name: 'alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
   }
 }
 

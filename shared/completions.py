@@ -29,6 +29,7 @@ from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableTransactionError
 
+from shared import telemetry
 from shared.contract import Completion, Operation, StepStatus, completion_message
 from shared.money import format_money, parse_balance
 
@@ -63,6 +64,7 @@ class RecordedStep:
     recorded_at: datetime  # storage's Timestamp of the row: the shared clock
     conflict: bool
     completed_at: str = ""
+    traceparent: str = ""  # the span that recorded it (W3C), for the commit span's link
 
     def to_message(self) -> bytes:
         """The step as the v1 message upstream sent (to park it for an operator)."""
@@ -95,6 +97,7 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
         "recordedAt": now.isoformat(),
         "recordedBy": instance_id,
         "conflict": conflict,
+        **telemetry.traceparent_field(),
     }
 
 
@@ -112,6 +115,7 @@ def _step(row: TableEntity) -> RecordedStep:
         recorded_at=_storage_time(row),
         conflict=bool(row.get("conflict", False)),
         completed_at=str(row.get("completedAt") or ""),
+        traceparent=str(row.get(telemetry.TRACEPARENT, "")),
     )
 
 
@@ -167,15 +171,16 @@ class CompletionStore:
             raise RuntimeError(f"{completion.request_id}/{completion.operation_id} kept "
                                "appearing and disappearing; the host will retry the message")
         if first["contentKey"] == completion.content_key():
-            logger.info("duplicate delivery of %s/%s ignored", completion.request_id,
-                        completion.operation_id)
+            logger.debug("duplicate delivery of %s/%s ignored", completion.request_id,
+                         completion.operation_id)  # counted: ledger.completions.deliveries
             return RecordResult.DUPLICATE
         row_key = completion.operation_id + CONFLICT_SUFFIX
         with contextlib.suppress(ResourceExistsError):  # a conflict was recorded already
             self.table.create_entity(_entity(completion, row_key, instance_id, now,
                                              conflict=True))
         logger.warning("operationId %s of request %s arrived twice with different content; the "
-                       "request will be rejected", completion.operation_id, completion.request_id)
+                       "request will be rejected", completion.operation_id, completion.request_id,
+                       extra=telemetry.log_extra(requestId=completion.request_id))
         return RecordResult.CONFLICT
 
     def scan(self, fallback_now: datetime) -> CompletionScan:
@@ -206,6 +211,7 @@ class CompletionStore:
                 break
         return total
 
+    @telemetry.traced("ledger.delete")
     def delete(self, steps: Iterable[RecordedStep]) -> None:
         """Delete rows of requests whose outcome is already in the ledger (idempotent)."""
         by_request: dict[str, list[str]] = defaultdict(list)

@@ -318,6 +318,8 @@ class LeaseElector:
             raise
         held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
                          callbacks=self.callbacks)
-        logger.info("%s acquired lease %s", self.instance_id, held.lease_id)
+        # DEBUG: between terms each message can win a lease that finds nothing ready; the INFO
+        # line of a term that claims an epoch says who leads.
+        logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)
         self.callbacks.on_started_leading(held.lease_id)
         return held

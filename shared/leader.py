@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 
+from shared import telemetry
 from shared.app import LedgerApp
 from shared.decision import (
     Assessment,
@@ -54,6 +55,7 @@ class DrainReport:
     budget_exhausted: bool = False
 
 
+@telemetry.traced("ledger.scan")
 def ready_assessments(app: LedgerApp) -> list[Assessment]:
     """Every request the leader can decide now, in commit order (oldest last step first).
 
@@ -69,8 +71,10 @@ def ready_assessments(app: LedgerApp) -> list[Assessment]:
             assessment = Assessment(request_id, Verdict.LATE, "request already ended",
                                     assessment.steps)
         found.append(assessment)
-    return sorted((a for a in found if a.decided),
-                  key=lambda a: (a.last_recorded_at, a.request_id))
+    ready = sorted((a for a in found if a.decided),
+                   key=lambda a: (a.last_recorded_at, a.request_id))
+    telemetry.record_scan(found, ready, now)
+    return ready
 
 
 def _accounts(assessment: Assessment) -> set[str]:
@@ -112,6 +116,7 @@ class LeaderTerm:
         known = app.snapshot
         fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
                                                   app.wallclock(), known)
+        telemetry.record_term_started(fence.epoch)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
         return cls(app, lease, fence, known.balances if continued and known else None)
@@ -158,8 +163,10 @@ class LeaderTerm:
             outcomes, new_balances = self._decide(pending)
             self.lease.ensure_can_start(step_seconds)
             try:
-                result = self.app.ledger.commit(self.fence, outcomes, new_balances,
-                                                self.app.wallclock())
+                with telemetry.commit_transaction(pending, outcomes, self.lease.remaining(),
+                                                  self.app.wallclock()):
+                    result = self.app.ledger.commit(self.fence, outcomes, new_balances,
+                                                    self.app.wallclock())
             except OutcomeExists as exc:
                 late = next(a for a in pending if a.request_id == exc.request_id)
                 pending.remove(late)
@@ -203,8 +210,8 @@ class LeaderTerm:
                                   ParkedKind.LATE_CONTRADICTION)
             parked += 1
         if parked < len(late.steps):
-            logger.info("%d late step(s) of request %s, which already ended, dropped",
-                        len(late.steps) - parked, late.request_id)
+            logger.debug("%d late step(s) of request %s, which already ended, dropped",
+                         len(late.steps) - parked, late.request_id)  # counted in the term summary
         self.app.completions.delete(late.steps)
         self.app.recently_decided.add([late.request_id])
         self.report.late_requests.append(late.request_id)

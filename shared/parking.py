@@ -26,6 +26,8 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 from azure.storage.queue import QueueClient
 
+from shared import telemetry
+
 logger = logging.getLogger(__name__)
 
 PARKED_PARTITION = "parked"
@@ -88,7 +90,9 @@ class ParkingLot:
         for index, chunk in enumerate(chunks):
             entity[f"body{index}"] = chunk
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
-        logger.warning("parked %s message %s: %s", kind.value, parked_id, error)
+        telemetry.record_parked(kind.value)
+        logger.warning("parked %s message %s: %s", kind.value, parked_id, error,
+                       extra=telemetry.log_extra(parkedId=parked_id, parkedKind=kind.value))
 
     def count_by_kind(self, limit: int = 10_000) -> dict[str, int]:
         """How many messages are parked, by kind (counting stops at ``limit``)."""

@@ -11,6 +11,9 @@ import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from azure.core.exceptions import AzureError, ResourceNotFoundError
+
+from shared import telemetry
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
@@ -49,6 +52,7 @@ class CompletionResult:
     election: ElectionResult | None = None
 
 
+@telemetry.invocation("queue")
 def handle_completion(app: LedgerApp, body: bytes, message_id: str,
                       dequeue_count: int = 1) -> CompletionResult:
     """Record one completion message, then try to lead.
@@ -65,16 +69,21 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
         app.parking.park(parked_id, body, str(exc), dequeue_count, app.config.instance_id,
                          app.wallclock())
         return CompletionResult(recorded=None, parked=True)
-    recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())
+    with telemetry.span("ledger.record", requestId=completion.request_id,
+                        operationId=completion.operation_id):
+        recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())
+    telemetry.record_delivery(recorded.value, completion.request_id)
     try:
         election = run_election(app)
     except Exception:
         logger.exception("leading after recording %s/%s failed; the sweeper or the next leader "
-                         "will resume", completion.request_id, completion.operation_id)
+                         "will resume", completion.request_id, completion.operation_id,
+                         extra=telemetry.log_extra(requestId=completion.request_id))
         election = None
     return CompletionResult(recorded=recorded, election=election)
 
 
+@telemetry.invocation("election")
 def run_election(app: LedgerApp) -> ElectionResult:
     """One acquire attempt; if elected, drain, release, and look again for work left behind.
 
@@ -85,7 +94,8 @@ def run_election(app: LedgerApp) -> ElectionResult:
     result = ElectionResult(Role.FOLLOWER)
     budget_deadline = app.clock() + app.config.drain_budget_seconds
     for _ in range(MAX_TERMS_PER_INVOCATION):
-        lease = app.elector.try_acquire()
+        with telemetry.lease_attempt() as attempt:
+            lease = attempt.done(app.elector.try_acquire())
         if lease is None:
             return result
         result.role = Role.LEADER
@@ -93,19 +103,23 @@ def run_election(app: LedgerApp) -> ElectionResult:
         try:
             ready = ready_assessments(app)
             if ready:  # otherwise no epoch is claimed and the lease goes straight back
-                term = LeaderTerm.begin(app, lease)
+                with telemetry.span("ledger.claim"):
+                    term = LeaderTerm.begin(app, lease)
                 result.terms.append(term.report)
-                report = term.drain(budget_deadline, ready)
+                with telemetry.drain(term.report):
+                    report = term.drain(budget_deadline, ready)
         except TermEnded as exc:
-            logger.warning("%s stopped leading: %s", app.config.instance_id, exc)
+            logger.warning("%s stopped leading: %s", app.config.instance_id, exc,
+                           extra=telemetry.log_extra())
             result.stopped_by = str(exc)
             return result
         finally:
             lease.release()
         if report is not None:
             if report.outcomes or report.late_requests:
-                logger.info("epoch %d decided %s in %d transaction(s)", report.epoch,
-                            dict(report.outcomes), report.transactions)
+                logger.info("epoch %d decided %s in %d transaction(s), %d late request(s) ignored",
+                            report.epoch, dict(report.outcomes), report.transactions,
+                            len(report.late_requests), extra=telemetry.log_extra())
             if report.budget_exhausted:
                 result.stopped_by = "drain budget exhausted"
                 return result
@@ -113,3 +127,16 @@ def run_election(app: LedgerApp) -> ElectionResult:
         if app.clock() >= budget_deadline or not ready_assessments(app):
             return result
     return result
+
+
+@telemetry.invocation("timer")
+def sweep(app: LedgerApp) -> ElectionResult:
+    """The timer trigger's job: report the poison queue's depth, then run the election."""
+    try:
+        properties = app.raw_queue_client(app.config.poison_queue).get_queue_properties()
+        telemetry.record_poison_depth(int(properties.approximate_message_count or 0))
+    except ResourceNotFoundError:
+        telemetry.record_poison_depth(0)  # the host creates it with the first poisoned message
+    except AzureError as exc:
+        logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
+    return run_election(app)

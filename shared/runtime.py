@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 
+from shared import telemetry
 from shared.app import LedgerApp
 from shared.clients import RequestHook, clients_from_settings
 from shared.settings import load_config
@@ -29,6 +30,7 @@ def get_app() -> LedgerApp:
     with _lock:
         if _app is None:
             config = load_config(os.environ)
+            telemetry.configure(os.environ)
             clients = clients_from_settings(os.environ, config.storage_timeout_seconds,
                                             _request_hook)
             app = LedgerApp.create(config, clients)
@@ -42,6 +44,7 @@ def get_app() -> LedgerApp:
 def validate_environment() -> None:
     """Fail fast, at indexing time, on a setting the app cannot run with (no network call)."""
     load_config(os.environ)
+    telemetry.console_requested(os.environ)
 
 
 def reset() -> None:

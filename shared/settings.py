@@ -73,6 +73,10 @@ REQUEST_TIMEOUT_SECONDS = Setting(
 STORAGE_TIMEOUT_SECONDS = Setting(
     "STORAGE_TIMEOUT_SECONDS", "5", "Per-call network timeout of the ledger and lease clients."
 )
+TELEMETRY_CONSOLE_EXPORTER = Setting(
+    "TELEMETRY_CONSOLE_EXPORTER", "0",
+    "1: print spans and metrics to stderr when Application Insights is not configured.",
+)
 
 SETTINGS: tuple[Setting, ...] = (
     COMPLETIONS_QUEUE_NAME,
@@ -87,6 +91,7 @@ SETTINGS: tuple[Setting, ...] = (
     DRAIN_BUDGET_SECONDS,
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
+    TELEMETRY_CONSOLE_EXPORTER,
 )
 
 # host.json's functionTimeout; the drain budget must stay below it (checked by the tests).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from simulator.demo import DemoOptions, run_demo
@@ -70,16 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it."""
     args = build_parser().parse_args(argv)
     configure_logging(args.command, getattr(args, "index", None))
     if args.command == "demo":
-        return run_demo(DemoOptions(
-            instances=args.instances, accounts=args.accounts, transfers=args.transfers,
-            malformed=args.malformed, seed=args.seed, timeout=args.timeout,
-            sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
-            serve_after=args.serve, kill_leader=args.kill_leader))
+        # SIGTERM unwinds like Ctrl-C, so the instances and the private Azurite are stopped.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return run_demo(DemoOptions(
+                instances=args.instances, accounts=args.accounts, transfers=args.transfers,
+                malformed=args.malformed, seed=args.seed, timeout=args.timeout,
+                sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
+                serve_after=args.serve, kill_leader=args.kill_leader))
+        except KeyboardInterrupt:
+            print("interrupted: instances and Azurite stopped", file=sys.stderr)
+            return 130
     from simulator.host import run_instance
 
     run_instance(args.index, args.threads, args.lock_seconds, args.sweep_seconds)

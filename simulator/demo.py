@@ -94,8 +94,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         env = {s.name: os.environ.get(s.name) or s.default for s in SETTINGS}
         env["AzureWebJobsStorage"] = connection_string
         if options.kill_leader:  # the shortest lease Azure allows, so the failover is quick
-            env.update(LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="5",
-                       LEASE_SAFETY_MARGIN_SECONDS="5")
+            env.update(LEASE_SECONDS="15")  # renew interval and margin derive from it
         os.environ.update(env)
         runtime.reset()
         app = runtime.get_app()  # the supervisor's own instance: HTTP API and checks

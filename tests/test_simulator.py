@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from azure.storage.queue import QueueClient
@@ -125,3 +126,46 @@ def test_killing_the_leader_mid_drain_loses_nothing_and_applies_nothing_twice(
                    poisoned=poison.get_queue_properties().approximate_message_count or 0)
     assert result.problems == []
     assert result.total_balance == result.total_deposited
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``, with their command lines (from /proc)."""
+    found: dict[int, str] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found[int(stat.parent.name)] = cmdline
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+    except OSError:
+        return False
+    return state.split()[0] != "Z"
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_demo_with_its_instances_and_its_private_azurite() -> None:
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "simulator", "demo", "--accounts", "4", "--transfers", "20",
+         "--instances", "2", "--malformed", "0"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: any("azurite" in c for c in _children(demo.pid).values())
+                   and any("instance" in c for c in _children(demo.pid).values()),
+                   60, "the demo to start Azurite and its instances", interval=0.2)
+        started = list(_children(demo.pid))
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(timeout=60) == 130
+        assert "interrupted" in (demo.stderr.read() if demo.stderr else "")
+        wait_until(lambda: not any(_alive(pid) for pid in started), 30,
+                   "Azurite and the instances to exit")
+    finally:
+        if demo.poll() is None:
+            demo.kill()

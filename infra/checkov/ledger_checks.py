@@ -140,6 +140,29 @@ class RoleAssignmentsAreDataPlaneOnly(BaseResourceCheck):
         return CheckResult.PASSED
 
 
+class LogAlertsEnabledAndScoped(BaseResourceCheck):
+    """Log search alert rules are enabled, query at least one scope, and resolve themselves."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            name="Ensure log alert rules are enabled, scoped and auto-mitigated",
+            id="CKV_LEDGER_7",
+            categories=(CheckCategories.LOGGING,),
+            supported_resources=("Microsoft.Insights/scheduledQueryRules",),
+        )
+
+    def scan_resource_conf(self, conf: dict[str, Any]) -> CheckResult:
+        scopes = find_in_dict(conf, "properties/scopes")
+        criteria = find_in_dict(conf, "properties/criteria/allOf")
+        if (find_in_dict(conf, "properties/enabled") is not True
+                or find_in_dict(conf, "properties/autoMitigate") is not True
+                or not isinstance(scopes, list) or not scopes
+                or not isinstance(criteria, list) or not criteria
+                or not all(isinstance(c, dict) and c.get("query") for c in criteria)):
+            return CheckResult.FAILED
+        return CheckResult.PASSED
+
+
 checks = (
     StorageSharedKeyAccessDisabled(),
     AppInsightsLocalAuthDisabled(),
@@ -147,4 +170,5 @@ checks = (
     FlexDeploymentStorageUsesIdentity(),
     BlobSoftDeleteEnabled(),
     RoleAssignmentsAreDataPlaneOnly(),
+    LogAlertsEnabledAndScoped(),
 )

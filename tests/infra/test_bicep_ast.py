@@ -360,3 +360,42 @@ def test_azure_yaml_points_azd_at_this_infra_and_app(function_app: Scope) -> Non
     assert (INFRA.parent / _yaml_value(services.group(1), "project") / "host.json").is_file()
     tags = function_app.resolve(function_app.file.one("Microsoft.Web/sites")["tags"])
     assert {key.strip("'"): value for key, value in tags.items()} == {"azd-service-name": names[0]}
+
+
+ALERTS_MODULE = "modules/alerts.bicep"
+
+
+def test_alerts_query_the_apps_telemetry_in_app_insights(main: Scope) -> None:
+    call, alerts = main.module(ALERTS_MODULE)
+    assert call.condition is None
+    assert alerts.param("appInsightsName") == Ref("monitoring.outputs.appInsightsName")
+    assert main.file.params["alertActionGroupIds"]["default"] == [], "no action group by default"
+    assert alerts.param("actionGroupIds") == []
+    component = alerts.file.resources["appInsights"]
+    assert component["existing"] is True
+    assert component["type"] == "Microsoft.Insights/components"
+    rules = alerts.file.of_type("Microsoft.Insights/scheduledQueryRules")
+    # Span and metric names as the app code writes them (shared/telemetry.py and its call sites).
+    emitted = "".join(path.read_text() for path in sorted((REPO_ROOT / "shared").glob("*.py")))
+    queries: dict[str, str] = {}
+    for symbol, rule in rules.items():
+        props = rule["properties"]
+        assert props["enabled"] is True, symbol
+        assert props["autoMitigate"] is True, symbol
+        assert props["scopes"] == ["appInsights.id"], symbol
+        assert props["actions"]["actionGroups"] == "actionGroupIds", symbol
+        (criterion,) = props["criteria"]["allOf"]
+        assert (criterion["operator"], criterion["threshold"]) == ("GreaterThan", 0), symbol
+        query = alerts.resolve(criterion["query"])
+        assert isinstance(query, str), symbol
+        queries[symbol] = query
+        for name in re.findall(r'"(ledger\.[a-z_.]+)"', query):
+            assert f'"{name}"' in emitted, f"{symbol} queries {name}, which the app never emits"
+    assert set(queries) == {"noCommitAlert", "parkedAlert", "poisonAlert"}
+    assert "ledger.scan" in queries["noCommitAlert"]
+    assert "ledger.outcomes" in queries["noCommitAlert"]
+    no_commit = rules["noCommitAlert"]["properties"]
+    assert (no_commit["evaluationFrequency"], no_commit["windowSize"]) == ("PT5M", "PT5M")
+    assert "ledger.parked" in queries["parkedAlert"]
+    assert "poisonDepth" in queries["poisonAlert"]
+    assert "annotate(poisonDepth=" in emitted

@@ -18,7 +18,7 @@ from tests.infra.bicep_model import INFRA, bicep_files
 
 CHECKOV = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
 EXTERNAL_CHECKS = INFRA / "checkov"
-CUSTOM_CHECK_IDS = {f"CKV_LEDGER_{n}" for n in range(1, 7)}
+CUSTOM_CHECK_IDS = {f"CKV_LEDGER_{n}" for n in range(1, 8)}
 DEPLOY_DOC = REPO_ROOT / "docs" / "deploy.md"
 SKIP_COMMENT = re.compile(r"checkov:skip=([A-Z0-9_]+)\s*:\s*(\S.*)")
 

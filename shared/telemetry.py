@@ -1,0 +1,446 @@
+"""Telemetry of the app: OpenTelemetry spans, metrics and structured log fields, in one place.
+
+The rest of ``shared/`` calls only this module: ``invocation``/``span``/``traced`` for traces,
+the context managers and ``record_*`` functions for metrics. They use the OpenTelemetry *API*,
+which does nothing until a provider is installed, so the app runs unchanged (and costs nothing
+extra) when telemetry is off. ``configure(env)`` installs the providers once per process:
+
+- ``APPLICATIONINSIGHTS_CONNECTION_STRING`` set (Azure): the Azure Monitor distro exports
+  traces, metrics and the ``shared`` loggers' records to Application Insights, authenticated
+  with the app's managed identity (the component refuses instrumentation keys).
+- otherwise, ``TELEMETRY_CONSOLE_EXPORTER=1``: spans and metrics are printed to stderr.
+- otherwise: off.
+
+Every span carries the invocation's ``instance``, ``trigger``, ``role`` (leader | follower, once
+known) and ``epoch`` (once claimed); log records get the same fields as custom dimensions. The
+span that records a completion stores its W3C ``traceparent`` in the completion row, and the
+span of the transaction that commits the request links back to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util.types import AttributeValue
+
+from shared.settings import TELEMETRY_CONSOLE_EXPORTER, ConfigError
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from shared.completions import RecordedStep
+    from shared.decision import Assessment
+    from shared.leader import DrainReport
+    from shared.ledger import Outcome
+
+logger = logging.getLogger(__name__)
+
+CONNECTION_STRING = "APPLICATIONINSIGHTS_CONNECTION_STRING"
+# "ClientId=<client id>;Authorization=AAD" (infra/): the identity that sends telemetry.
+AUTHENTICATION_STRING = "APPLICATIONINSIGHTS_AUTHENTICATION_STRING"
+IDENTITY_CLIENT_ID = "AzureWebJobsStorage__clientId"  # the same user-assigned identity
+LOGGER_NAME = "shared"  # the app's loggers: shared.* (the Azure SDKs' stay out)
+TRACEPARENT = "traceparent"  # completion-row property: the span that recorded the step
+# Application Insights keeps 8 KiB of a custom dimension: list the ids that fit, whole.
+REQUEST_IDS_MAX_CHARS = 8000
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+_tracer = trace.get_tracer("ledger")  # proxies: they follow the providers configure() installs
+_meter = metrics.get_meter("ledger")
+_propagator = TraceContextTextMapPropagator()
+
+LEASE_ATTEMPTS = _meter.create_counter(
+    "ledger.lease.attempts", "{attempt}", "Lease acquire attempts, by result.")
+TERMS = _meter.create_counter(
+    "ledger.leader.terms", "{term}", "Leadership terms started (an epoch claimed).")
+EPOCH = _meter.create_gauge("ledger.leader.epoch", "{epoch}", "Epoch of the latest term.")
+DRAIN_DURATION = _meter.create_histogram(
+    "ledger.drain.duration", "s", "How long one term drained.")
+DRAIN_REQUESTS = _meter.create_histogram(
+    "ledger.drain.requests", "{request}", "Requests decided per term.")
+OUTCOMES = _meter.create_counter("ledger.outcomes", "{request}", "Requests decided, by status.")
+BATCH_SIZE = _meter.create_histogram(
+    "ledger.commit.batch_size", "{request}", "Requests per commit transaction.")
+COMMIT_LAG = _meter.create_histogram(
+    "ledger.commit.lag", "s", "From a request's last step recorded to its outcome committed.")
+LEASE_REMAINING = _meter.create_histogram(
+    "ledger.commit.lease_remaining", "s", "Lease time left (before the margin) at each commit.")
+PENDING = _meter.create_gauge(
+    "ledger.completions.pending", "{completion}", "Completion rows waiting, at each scan.")
+PENDING_REQUESTS = _meter.create_gauge(
+    "ledger.requests.pending", "{request}", "Requests not decidable yet, at each scan.")
+OLDEST_PENDING = _meter.create_gauge(
+    "ledger.completions.oldest_age", "s", "Age of the oldest waiting completion, at each scan.")
+DELIVERIES = _meter.create_counter(
+    "ledger.completions.deliveries", "{message}", "Completions received, by record result.")
+PARKED = _meter.create_counter("ledger.parked", "{message}", "Messages parked, by kind.")
+POISON_DEPTH = _meter.create_gauge(
+    "ledger.poison.depth", "{message}", "Approximate messages in the poison queue.")
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+_configure_lock = threading.Lock()
+_mode: str | None = None
+
+
+def console_requested(env: Mapping[str, str]) -> bool:
+    """Whether ``TELEMETRY_CONSOLE_EXPORTER`` asks for the console exporter (raises if unclear)."""
+    raw = env.get(TELEMETRY_CONSOLE_EXPORTER.name, TELEMETRY_CONSOLE_EXPORTER.default)
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{TELEMETRY_CONSOLE_EXPORTER.name}={raw!r}: set 1 to print spans and "
+                      "metrics to stderr, or 0 (the default) for none.")
+
+
+def identity_client_id(env: Mapping[str, str]) -> str | None:
+    """The client id of the managed identity that sends telemetry (``None``: system-assigned)."""
+    for part in env.get(AUTHENTICATION_STRING, "").split(";"):
+        key, _, value = part.partition("=")
+        if key.strip().lower() == "clientid" and value.strip():
+            return value.strip()
+    return env.get(IDENTITY_CLIENT_ID, "").strip() or None
+
+
+def configure(env: Mapping[str, str]) -> str:
+    """Install the exporters the environment asks for, once per process; return the mode.
+
+    ``"azure-monitor"``, ``"console"`` or ``"off"``. Later calls return the first mode.
+    """
+    global _mode
+    with _configure_lock:
+        if _mode is not None:
+            return _mode
+        console = console_requested(env)
+        connection = env.get(CONNECTION_STRING, "").strip()
+        if connection:
+            _configure_azure_monitor(connection, identity_client_id(env))
+            _mode = "azure-monitor"
+        elif console:
+            _configure_console()
+            _mode = "console"
+        else:
+            _mode = "off"
+        logger.debug("telemetry: %s", _mode)
+        return _mode
+
+
+def _configure_azure_monitor(connection: str, client_id: str | None) -> None:
+    from azure.identity import ManagedIdentityCredential
+    from azure.monitor.opentelemetry import configure_azure_monitor
+
+    # Only the app's own spans: per-HTTP-call spans of the storage SDK would multiply the volume.
+    off = {"enabled": False}
+    configure_azure_monitor(
+        connection_string=connection,
+        credential=ManagedIdentityCredential(client_id=client_id),
+        logger_name=LOGGER_NAME,
+        # Every trace: the distro's default (5 traces/s) would drop the spans that a commit's
+        # links point to. OTEL_TRACES_SAMPLER/_ARG still override it (docs/operations.md).
+        sampling_ratio=1.0,
+        instrumentation_options={name: off for name in (
+            "azure_sdk", "django", "fastapi", "flask", "psycopg2", "requests", "urllib",
+            "urllib3", "httpx", "httpx2")},
+    )
+    app_logger = logging.getLogger(LOGGER_NAME)
+    if app_logger.level == logging.NOTSET:
+        app_logger.setLevel(logging.INFO)  # INFO lines are per term, not per message
+    add_log_fields(app_logger.handlers)
+
+
+def _configure_console() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
+    from opentelemetry.sdk.metrics.export import (
+        ConsoleMetricExporter,
+        PeriodicExportingMetricReader,
+    )
+    from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    # stderr: stdout may be a channel (the simulator's instances report events on it).
+    tracer_provider = SdkTracerProvider()
+    tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter(out=sys.stderr)))
+    reader = PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr),
+                                           export_interval_millis=10_000)
+    install(tracer_provider, SdkMeterProvider(metric_readers=[reader]))
+
+
+def install(tracer_provider: TracerProvider, meter_provider: MeterProvider) -> None:
+    """Make these the process's providers (once per process: OpenTelemetry ignores a second)."""
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+
+
+# --- invocation context and spans ------------------------------------------------------------
+
+@dataclass
+class _Invocation:
+    span: Span
+    fields: dict[str, AttributeValue] = field(default_factory=dict)
+
+
+_current: ContextVar[_Invocation | None] = ContextVar("ledger_invocation", default=None)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _clean(attributes: Mapping[str, AttributeValue | None]) -> dict[str, AttributeValue]:
+    return {key: value for key, value in attributes.items() if value is not None}
+
+
+def fields() -> dict[str, AttributeValue]:
+    """The current invocation's fields (instance, trigger, role, epoch), for ``extra=``."""
+    state = _current.get()
+    return dict(state.fields) if state else {}
+
+
+def annotate(**attributes: AttributeValue | None) -> None:
+    """Add fields to the current invocation: its span, every later span and log record."""
+    state = _current.get()
+    clean = _clean(attributes)
+    if state is not None:
+        state.fields.update(clean)
+        state.span.set_attributes(clean)
+    current = trace.get_current_span()
+    if state is None or current is not state.span:
+        current.set_attributes(clean)
+
+
+@contextmanager
+def span(name: str, **attributes: AttributeValue | None) -> Iterator[Span]:
+    """A child span of the current one, with the invocation's fields and ``attributes``."""
+    with _tracer.start_as_current_span(
+            name, attributes={**fields(), **_clean(attributes)}) as current:
+        yield current
+
+
+def traced(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator: run the function in a span called ``name``."""
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with span(name):
+                return function(*args, **kwargs)
+        return wrapper
+    return decorate
+
+
+def invocation(trigger: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorator of a trigger's whole job (first argument: the ``LedgerApp``): one root span.
+
+    Nested calls (``run_election`` inside ``handle_completion``) join the enclosing invocation.
+    """
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if _current.get() is not None:
+                return function(*args, **kwargs)
+            config = getattr(args[0], "config", None) if args else None
+            instance = str(getattr(config, "instance_id", ""))
+            base: dict[str, AttributeValue] = {"instance": instance, "trigger": trigger}
+            with _tracer.start_as_current_span("ledger.invocation", kind=SpanKind.CONSUMER,
+                                               attributes=base) as root:
+                token = _current.set(_Invocation(root, dict(base)))
+                try:
+                    return function(*args, **kwargs)
+                finally:
+                    _current.reset(token)
+        return wrapper
+    return decorate
+
+
+# --- completions: record, scan, link ---------------------------------------------------------
+
+def traceparent_field() -> dict[str, str]:
+    """``{"traceparent": ...}`` of the current span, for a completion row (empty when off)."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier)
+    return {TRACEPARENT: carrier[TRACEPARENT]} if TRACEPARENT in carrier else {}
+
+
+def record_delivery(result: str, request_id: str) -> None:
+    """Count one completion received (``recorded``/``duplicate``/``conflict``).
+
+    The message's ``requestId`` goes on the invocation span only: what the invocation does next
+    as a leader concerns other requests too.
+    """
+    state = _current.get()
+    if state is not None:
+        state.span.set_attribute("requestId", request_id)
+    DELIVERIES.add(1, {"result": result})
+
+
+def record_parked(kind: str) -> None:
+    """Count one message parked (``malformed`` or ``late-contradiction``)."""
+    PARKED.add(1, {"kind": kind})
+
+
+def record_scan(found: Sequence[Assessment], ready: Sequence[Assessment], now: datetime) -> None:
+    """What one scan of the completions table saw: rows and requests waiting, the oldest age."""
+    rows = sum(len(assessment.steps) for assessment in found)
+    pending = len(found) - len(ready)
+    oldest = min((step.recorded_at for a in found for step in a.steps), default=None)
+    age = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+    PENDING.set(rows)
+    PENDING_REQUESTS.set(pending)
+    OLDEST_PENDING.set(age)
+    trace.get_current_span().set_attributes(
+        {"completions": rows, "requestsPending": pending, "requestsReady": len(ready),
+         "oldestAgeSeconds": round(age, 3)})
+
+
+def record_poison_depth(depth: int) -> None:
+    """The poison queue's approximate length (the sweeper reads it every minute)."""
+    POISON_DEPTH.set(depth)
+    annotate(poisonDepth=depth)
+
+
+def _links(steps: Iterable[RecordedStep]) -> list[Link]:
+    links: dict[tuple[int, int], Link] = {}
+    for step in steps:
+        if not step.traceparent:
+            continue
+        context = trace.get_current_span(
+            _propagator.extract({TRACEPARENT: step.traceparent})).get_span_context()
+        if context.is_valid:
+            links.setdefault((context.trace_id, context.span_id),
+                             Link(context, {"requestId": step.request_id,
+                                            "operationId": step.operation_id}))
+    return list(links.values())
+
+
+# --- leadership ------------------------------------------------------------------------------
+
+class LeaseAttempt:
+    """One acquire attempt in progress: ``done(lease)`` says how it went."""
+
+    def __init__(self) -> None:
+        self.result = "error"
+
+    def done(self, lease: R) -> R:
+        """Note whether ``lease`` (``None``: refused) was acquired; return it."""
+        self.result = "refused" if lease is None else "acquired"
+        return lease
+
+
+@contextmanager
+def lease_attempt() -> Iterator[LeaseAttempt]:
+    """Span and count one acquire attempt; sets the invocation's role."""
+    attempt = LeaseAttempt()
+    with span("ledger.acquire") as current:
+        try:
+            yield attempt
+        finally:
+            current.set_attribute("result", attempt.result)
+            LEASE_ATTEMPTS.add(1, {"result": attempt.result})
+    if attempt.result == "acquired":
+        annotate(role="leader")
+    elif fields().get("role") != "leader":  # a leader that looks again stays a leader
+        annotate(role="follower")
+
+
+def record_term_started(epoch: int) -> None:
+    """A term claimed ``epoch``: count it, set the epoch gauge and the invocation's field."""
+    instance = str(fields().get("instance", ""))
+    TERMS.add(1, {"instance": instance})
+    EPOCH.set(epoch, {"instance": instance})
+    annotate(epoch=epoch)
+
+
+@contextmanager
+def drain(report: DrainReport) -> Iterator[Span]:
+    """Span one term's drain; record its duration and how many requests it decided."""
+    started = time.monotonic()
+    with span("ledger.drain") as current:
+        try:
+            yield current
+        finally:
+            decided = sum(report.outcomes.values())
+            current.set_attributes({"requestsDecided": decided,
+                                    **{f"outcomes.{k}": v for k, v in report.outcomes.items()}})
+            DRAIN_DURATION.record(time.monotonic() - started)
+            DRAIN_REQUESTS.record(decided)
+
+
+@contextmanager
+def commit_transaction(batch: Sequence[Assessment], outcomes: Sequence[Outcome],
+                       lease_remaining: float, now: datetime) -> Iterator[Span]:
+    """Span one fenced commit transaction, linked to the spans that recorded its steps.
+
+    On success, count the outcomes by status, the batch size, and each request's lag from its
+    last step recorded to ``now``.
+    """
+    ids = [assessment.request_id for assessment in batch]
+    listed = _joined(ids, REQUEST_IDS_MAX_CHARS)  # a batch holds at most ~98 requests
+    lags = [max(0.0, (now - a.last_recorded_at).total_seconds()) for a in batch]
+    LEASE_REMAINING.record(lease_remaining)
+    attributes: dict[str, AttributeValue | None] = {
+        "requests": len(batch), "requestId": ids[0] if len(ids) == 1 else None,
+        "requestIds": ",".join(listed), "requestIdsComplete": len(listed) == len(ids),
+        "leaseRemainingSeconds": round(lease_remaining, 3),
+        "lagMaxSeconds": round(max(lags, default=0.0), 3)}
+    with _tracer.start_as_current_span(
+            "ledger.commit", links=_links(s for a in batch for s in a.steps),
+            attributes={**fields(), **_clean(attributes)}) as current:
+        yield current
+    BATCH_SIZE.record(len(batch))
+    for outcome in outcomes:
+        OUTCOMES.add(1, {"status": outcome.status})
+    for lag in lags:
+        COMMIT_LAG.record(lag)
+
+
+def _joined(ids: Sequence[str], limit: int) -> list[str]:
+    """The first ids that, joined by commas, fit in ``limit`` characters (ids have no comma)."""
+    kept: list[str] = []
+    size = 0
+    for request_id in ids:
+        size += len(request_id) + (1 if kept else 0)
+        if size > limit:
+            break
+        kept.append(request_id)
+    return kept
+
+
+# --- logs ------------------------------------------------------------------------------------
+
+class LogFields(logging.Filter):
+    """Adds the invocation's fields to each record, as custom dimensions (never overwrites)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in fields().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
+
+
+def add_log_fields(handlers: Iterable[logging.Handler]) -> None:
+    """Give these handlers' records the invocation's fields (once per handler)."""
+    for handler in handlers:
+        if not any(isinstance(existing, LogFields) for existing in handler.filters):
+            handler.addFilter(LogFields())
+
+
+def log_extra(**attributes: Any) -> dict[str, Any]:
+    """``extra=`` for a log call: the invocation's fields plus ``attributes``."""
+    return {**fields(), **_clean(attributes)}
