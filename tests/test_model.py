@@ -1,17 +1,18 @@
 """Model-based test of the leader protocol, against a real Azurite (issue 7, section 3).
 
 A hypothesis ``RuleBasedStateMachine`` plays several instances (``LedgerApp`` objects on one
-storage namespace, one shared wall clock) and the faults between them: steps delivered to any
-instance (duplicates, second contents, failed steps, disagreeing ``expectedOperations``, steps
-beyond the expected count), recorders that crash before electing, sweeps, a leader paused mid-drain
-(a ``LeaderTerm`` begun with its scan, resumed after others may have led), the lease broken or run
-out, a table write whose response is lost after storage applied it, and the wall clock moved past
-``REQUEST_TIMEOUT_SECONDS``.
+storage namespace, their own clocks skewed by up to a day) and the faults between them: steps
+delivered to any instance (duplicates, second contents, failed steps, disagreeing
+``expectedOperations``, steps beyond the expected count), recorders that crash before electing,
+sweeps, a leader paused mid-drain (a ``LeaderTerm`` begun with its scan, resumed after others
+may have led), steps recorded while a leader is between its scan and a write, the lease broken or
+run out, a table write or lease action whose response is lost after storage applied it, and time
+moved past ``REQUEST_TIMEOUT_SECONDS``.
 
-``ContractModel`` below is a pure model of the README's contract, written for this test (it does
-not use ``shared/decision.py``). Each time a request's recorded steps or the clock change, the
-model notes the verdict a leader scanning at that moment must reach; a request's outcome must be
-one of those. After every rule:
+``contract_verdict`` and ``RequestModel`` below are a pure model of the README's contract, written
+for this test (they do not use ``shared/decision.py``). Each time a request's recorded steps or
+the clock change, the model notes the verdict a leader scanning at that moment must reach; a
+request's outcome must be one of those. After every rule:
 
 - no balance is below zero, and the balances are exactly what replaying the landed commits in
   order gives, each committed request's legs once (so money is conserved: the sum of the balances
@@ -21,10 +22,13 @@ one of those. After every rule:
 - nothing the app logs as an error comes from anything but an injected fault.
 
 At teardown, a quiet sweep (no faults, lease free) decides every request that was decidable, and
-one more after the timeout decides everything and leaves no completion row.
+one more after the timeout decides everything and leaves no completion row. The second test runs
+the same machine and also requires every step that contradicts a commit to be parked (issue 11.2).
 
 Replay: the seed is printed at the start (``MODEL_SEED=N`` reruns it); hypothesis prints the
-shrunk steps and a ``@reproduce_failure`` blob. Shrunk counterexamples live on as plain tests in
+shrunk steps and a ``@reproduce_failure`` blob. ``MODEL_EXAMPLES`` and ``MODEL_STEPS`` make a
+longer run (``MODEL_EXAMPLES=150 MODEL_STEPS=40``: about 10 minutes); ``MODEL_SHRINK_SECONDS``
+bounds shrinking (120). Shrunk counterexamples live on as plain tests in
 ``tests/test_model_regressions.py``.
 """
 
@@ -73,6 +77,7 @@ from simulator.azurite import Azurite
 from tests.helpers import ManualClock, Namespace
 
 INSTANCES = 3
+CLOCK_SKEW_SECONDS = (0, -3600, 86_400)  # instance clocks: right, an hour slow, a day fast
 SEEN: Counter[str] = Counter()  # what the runs exercised, printed after each test
 ACCOUNTS = ("acct-a", "acct-b", "acct-c")
 AMOUNTS = ("5.00", "10.00", "25.00", "40.00")
@@ -363,7 +368,9 @@ class ProtocolMachine(RuleBasedStateMachine):
             table=TableServiceClient.from_connection_string(
                 self.connection_string, raw_response_hook=faults.table_hook, **options),
         )
-        app = LedgerApp.create(config, clients, clock=self.monotonic, wallclock=self.wallclock)
+        skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # issue 11.1: expiry must not care
+        app = LedgerApp.create(config, clients, clock=self.monotonic,
+                               wallclock=lambda: self.wallclock() + skew)
         app.time_shift = self.wallclock.shift  # expiry: storage's time, moved by the test
         app.completions.record = faults.within(  # type: ignore[method-assign]
             "record", app.completions.record)
