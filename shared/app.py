@@ -70,7 +70,8 @@ class LedgerApp:
     clock: MonotonicClock = time.monotonic
     wallclock: Callable[[], datetime] = utc_now
     # Added to storage's time when the leader judges expiry. Zero in production; tests move it
-    # forward to reach REQUEST_TIMEOUT_SECONDS without waiting.
+    # forward to reach REQUEST_TIMEOUT_SECONDS without waiting (it moves "now" only, so a step
+    # recorded after a shift already looks that old).
     time_shift: Callable[[], timedelta] = lambda: timedelta(0)
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
     recently_decided: RecentRequests = field(default_factory=RecentRequests)

@@ -140,6 +140,10 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         wait_until(lambda: len(app.parking.list()) == work.malformed, 60, "malformed parked")
     finally:
         cluster.stop()
+    # A duplicate delivered after its request was decided may wait as a late row until a leader
+    # that knows the request settles it: count what is left, so the figures below are exact.
+    left = app.completions.scan(fallback_now=app.wallclock()).steps
+    late_rows = sum(len(steps) for steps in left.values())
     page = open_page(browser, served)
     try:
         expect(page.locator("#banner")).to_contain_text("Live", timeout=WAIT_MS)
@@ -175,7 +179,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         assert status(b, "after-b") == "committed"
         expect(page.locator("#holder")).to_have_text("status-b", timeout=WAIT_MS)
         expect(page.locator("#epoch")).to_have_text(str(first_epoch + 2), timeout=WAIT_MS)
-        expect(page.locator("#pending")).to_have_text("1", timeout=WAIT_MS)
+        expect(page.locator("#pending")).to_have_text(str(late_rows + 1), timeout=WAIT_MS)
         expect(page.locator("#oldest-age")).not_to_have_text("none waiting")
         leaders = page_leaders(page)
         assert leaders[first_epoch + 2] == ("status-b", 1)
@@ -188,7 +192,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         assert code == 200
         assert leader["epoch"] == metrics["leader"]["epoch"] == first_epoch + 2
         assert leader["holder"] == metrics["leader"]["holder"] == term_b.fence.holder
-        assert leader["pendingCompletions"] == metrics["pending"]["completions"] == 1
+        assert leader["pendingCompletions"] == metrics["pending"]["completions"] == late_rows + 1
         stored = Counter(row.outcome.status for row in b.ledger.list_outcomes())
         assert metrics["outcomes"]["byStatus"] == dict(stored)
         expect(page.locator("#outcomes tr[data-status=total] td").nth(1)).to_have_text(
@@ -197,7 +201,8 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
                                        "total": metrics["outcomes"]["total"]}
         assert text(page, "parked") == str(metrics["parked"]) == str(work.malformed)
         assert text(page, "poisoned") == str(metrics["poisoned"]) == "2"
-        assert text(page, "pending-requests") == str(metrics["pending"]["requests"]) == "1"
+        assert text(page, "pending-requests") == str(metrics["pending"]["requests"]) == str(
+            len(left) + 1)
         assert float(text(page, "rate")) == metrics["throughput"]["committedPerSecondLastMinute"]
 
         # Readable on a phone: nothing wider than the screen.
