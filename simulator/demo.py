@@ -31,6 +31,7 @@ from simulator.workload import Workload, check, generate
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class DemoOptions:
     """Knobs of one demo run."""
