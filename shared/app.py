@@ -71,7 +71,8 @@ class LedgerApp:
     clock: MonotonicClock = time.monotonic
     wallclock: Callable[[], datetime] = utc_now
     # Added to storage's time when the leader judges expiry. Zero in production; tests move it
-    # forward to reach REQUEST_TIMEOUT_SECONDS without waiting.
+    # forward to reach REQUEST_TIMEOUT_SECONDS without waiting (it moves "now" only, so a step
+    # recorded after a shift already looks that old).
     time_shift: Callable[[], timedelta] = lambda: timedelta(0)
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
     recently_decided: RecentRequests = field(default_factory=RecentRequests)
@@ -95,7 +96,8 @@ class LedgerApp:
             ledger=Ledger(tables.get_table_client(config.ledger_table)),
             parking=ParkingLot(tables.get_table_client(config.parked_table)),
             elector=LeaseElector(container, config.lease_blob, config.election,
-                                 config.instance_id, clock, callbacks),
+                                 config.instance_id, clock, callbacks,
+                                 call_timeout_seconds=config.storage_timeout_seconds),
             clock=clock,
             wallclock=wallclock,
         )
@@ -115,11 +117,15 @@ class LedgerApp:
                     self.clients.queue.create_queue(name)
 
     def raw_queue_client(self, name: str, **policies: Any) -> QueueClient:
-        """A client that sends and receives message text as it is (no base64 policy)."""
+        """A client that sends and receives message text as it is (no base64 policy).
+
+        It has the queue service client's timeouts, retries and transport.
+        """
         service = self.clients.queue
-        return QueueClient(service.url, name, credential=service.credential,
-                           connection_timeout=self.config.storage_timeout_seconds,
-                           read_timeout=self.config.storage_timeout_seconds, **policies)
+        options = {"connection_timeout": self.config.storage_timeout_seconds,
+                   "read_timeout": self.config.storage_timeout_seconds,
+                   **self.clients.queue_options, **policies}
+        return QueueClient(service.url, name, credential=service.credential, **options)
 
     def queue_client(self, name: str | None = None) -> QueueClient:
         """A client for the completions queue (or ``name``) that encodes as the host decodes."""

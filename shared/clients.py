@@ -8,23 +8,28 @@ Azurite's explicit one). In Azure it is identity-based:
 
 ``request_hook`` is called with every HTTP request each client sends, retries included (azure-core's
 ``raw_request_hook``, honoured by the blob, queue and table SDKs alike): the hook for counting
-storage calls (benchmarks) and for injecting faults by raising (chaos tests); an exception it
-raises goes through the SDK's retry policy like a network fault.
+storage calls (benchmarks). ``transport_factory`` replaces the HTTP transport under the SDKs'
+retry policies (the fault layer of the tests and chaos runs, ``simulator/faults.py``).
+
+Every client retries with the sub-second timings of ``shared/retries.py``, never the SDKs'
+defaults (a 15 s wait before a blob retry), so retries fit inside the lease.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.credentials import TokenCredential
 from azure.core.pipeline import PipelineRequest
+from azure.core.pipeline.transport import HttpTransport
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
 
+from shared.retries import FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS, RETRY_TOTAL, LeaseFitRetry
 from shared.settings import STORAGE_CONNECTION, ConfigError
 
 # Azurite's well-known development account (public, documented, not a secret).
@@ -44,6 +49,7 @@ def azurite_connection_string(host: str = "127.0.0.1", blob_port: int = 10000,
 
 
 RequestHook = Callable[[PipelineRequest], None]  # type: ignore[type-arg]
+TransportFactory = Callable[[float], HttpTransport]  # type: ignore[type-arg]
 
 
 class CallCounter:
@@ -66,34 +72,66 @@ class CallCounter:
 
 @dataclass(frozen=True)
 class StorageClients:
-    """The three service clients of one storage account."""
+    """The three service clients of one storage account.
+
+    ``queue_options`` are the options the queue service client was built with (timeouts,
+    retries, transport; not the request hook, which counts the app's own calls), for the extra
+    queue clients ``LedgerApp.raw_queue_client`` builds.
+    """
 
     blob: BlobServiceClient
     queue: QueueServiceClient
     table: TableServiceClient
+    queue_options: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _client_options(timeout_seconds: float, request_hook: RequestHook | None) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        "connection_timeout": timeout_seconds,
-        "read_timeout": timeout_seconds,
-        "retry_total": 3,
-    }
-    if request_hook is not None:
-        options["raw_request_hook"] = request_hook
-    return options
+class _Options:
+    """The keyword arguments each service client is built with."""
+
+    def __init__(self, timeout_seconds: float, request_hook: RequestHook | None,
+                 transport_factory: TransportFactory | None) -> None:
+        common: dict[str, Any] = {"connection_timeout": timeout_seconds,
+                                  "read_timeout": timeout_seconds}
+        if request_hook is not None:
+            common["raw_request_hook"] = request_hook
+        self.common = common
+        self.timeout_seconds = timeout_seconds
+        self.transport_factory = transport_factory
+
+    def _with_transport(self, options: dict[str, Any]) -> dict[str, Any]:
+        if self.transport_factory is not None:
+            options["transport"] = self.transport_factory(self.timeout_seconds)
+        return options
+
+    def storage(self) -> dict[str, Any]:
+        """Blob and queue (azure-storage retry policies)."""
+        return self._with_transport({**self.common, "retry_policy": LeaseFitRetry()})
+
+    def table(self) -> dict[str, Any]:
+        """Tables (azure-core's retry policy: no sleep before the first retry, then 0.4 s)."""
+        return self._with_transport({**self.common, "retry_total": RETRY_TOTAL,
+                                     "retry_backoff_factor": FIRST_BACKOFF_SECONDS,
+                                     "retry_backoff_max": MAX_BACKOFF_SECONDS})
+
+
+def _without_hook(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "raw_request_hook"}
 
 
 def clients_from_connection_string(connection_string: str, timeout_seconds: float = 5,
-                                   request_hook: RequestHook | None = None) -> StorageClients:
+                                   request_hook: RequestHook | None = None,
+                                   transport_factory: TransportFactory | None = None,
+                                   ) -> StorageClients:
     """Clients for a connection string (Azurite or a key-based account outside Azure)."""
     if connection_string.strip().lower().startswith("usedevelopmentstorage=true"):
         connection_string = azurite_connection_string()
-    options = _client_options(timeout_seconds, request_hook)
+    options = _Options(timeout_seconds, request_hook, transport_factory)
+    queue_options = options.storage()
     return StorageClients(
-        blob=BlobServiceClient.from_connection_string(connection_string, **options),
-        queue=QueueServiceClient.from_connection_string(connection_string, **options),
-        table=TableServiceClient.from_connection_string(connection_string, **options),
+        blob=BlobServiceClient.from_connection_string(connection_string, **options.storage()),
+        queue=QueueServiceClient.from_connection_string(connection_string, **queue_options),
+        table=TableServiceClient.from_connection_string(connection_string, **options.table()),
+        queue_options=_without_hook(queue_options),
     )
 
 
@@ -108,11 +146,13 @@ def _credential(env: Mapping[str, str]) -> TokenCredential:
 
 
 def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
-                          request_hook: RequestHook | None = None) -> StorageClients:
+                          request_hook: RequestHook | None = None,
+                          transport_factory: TransportFactory | None = None) -> StorageClients:
     """Clients from the app settings, as the Functions host reads ``AzureWebJobsStorage``."""
     connection_string = env.get(STORAGE_CONNECTION, "").strip()
     if connection_string:
-        return clients_from_connection_string(connection_string, timeout_seconds, request_hook)
+        return clients_from_connection_string(connection_string, timeout_seconds, request_hook,
+                                              transport_factory)
     prefix = f"{STORAGE_CONNECTION}__"
     account = env.get(prefix + "accountName", "").strip()
     uris = {service: env.get(f"{prefix}{service}ServiceUri", "").strip() or (
@@ -127,9 +167,11 @@ def clients_from_settings(env: Mapping[str, str], timeout_seconds: float = 5,
             f"{prefix}credential=managedidentity; missing: {', '.join(missing)}."
         )
     credential = _credential(env)
-    options = _client_options(timeout_seconds, request_hook)
+    options = _Options(timeout_seconds, request_hook, transport_factory)
+    queue_options = options.storage()
     return StorageClients(
-        blob=BlobServiceClient(uris["blob"], credential=credential, **options),
-        queue=QueueServiceClient(uris["queue"], credential=credential, **options),
-        table=TableServiceClient(uris["table"], credential=credential, **options),
+        blob=BlobServiceClient(uris["blob"], credential=credential, **options.storage()),
+        queue=QueueServiceClient(uris["queue"], credential=credential, **queue_options),
+        table=TableServiceClient(uris["table"], credential=credential, **options.table()),
+        queue_options=_without_hook(queue_options),
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -21,6 +22,7 @@ from pydantic import (
 
 from shared.money import MoneyError, parse_amount
 
+_ISO_DATE_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)  # YYYY-MM-DD, then pydantic
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
 MAX_EXPECTED_OPERATIONS = 50
 
@@ -76,6 +78,10 @@ class Completion(BaseModel):
     def _completed_at_is_text(cls, value: Any) -> Any:
         if value is not None and not isinstance(value, str):
             raise ValueError("completedAt must be an ISO-8601 timestamp string")
+        if value is not None and not _ISO_DATE_START.match(value):
+            # pydantic would read "1700000000" as seconds since 1970: not the contract's format.
+            raise ValueError("completedAt must be an ISO-8601 timestamp such as "
+                             "\"2026-11-26T10:00:00Z\", not a number")
         return value
 
     def content_key(self) -> str:

@@ -96,7 +96,7 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
     conflicts = sorted({s.operation_id for s in frozen if s.conflict})
     if conflicts:
         return verdict(Verdict.REJECTED, "operationId arrived twice with different content: "
-                       + name_some(conflicts))
+                       + name_some(describe_conflicts(frozen, conflicts)))
     if len(expected) > 1:
         return verdict(Verdict.REJECTED, "steps disagree on expectedOperations: "
                        + name_some([str(n) for n in sorted(expected)]))
@@ -116,6 +116,26 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
         return verdict(Verdict.EXPIRED, f"{len(distinct)} of {wanted} steps arrived within "
                        f"{request_timeout.total_seconds():g} s")
     return verdict(Verdict.PENDING, f"{len(distinct)} of {wanted} steps arrived")
+
+
+# What a second content of one step may differ in: (the contract's name, the step's attribute).
+_CONTENT_FIELDS = (("operation", "operation"), ("accountId", "account_id"),
+                   ("amount", "amount"), ("expectedOperations", "expected_operations"),
+                   ("status", "status"))
+
+
+def describe_conflicts(steps: Sequence[RecordedStep], operation_ids: Sequence[str]) -> list[str]:
+    """Each conflicting operationId with the fields in which its contents differ."""
+    versions: dict[str, list[RecordedStep]] = {}
+    for step in steps:
+        versions.setdefault(step.operation_id, []).append(step)
+    described = []
+    for operation_id in operation_ids:
+        differing = [name for name, attribute in _CONTENT_FIELDS
+                     if len({str(getattr(s, attribute)) for s in versions[operation_id]}) > 1]
+        described.append(f"{operation_id} ({', '.join(differing)} differ)" if differing
+                         else operation_id)
+    return described
 
 
 class InsufficientFunds(ValueError):

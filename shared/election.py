@@ -14,6 +14,9 @@ What this guarantees, and what it does not:
   liveness and saves wasted work, the fence gives safety.
 - The commit deadline is ``last successful renew *sent* + lease - margin`` on the monotonic clock,
   so a slow renew response cannot extend it.
+- A renewal or release, retries included, ends before the lease would expire
+  (``shared.retries.fit_retries``): a transient error costs a sub-second retry, never a stall
+  past the lease.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from azure.core.exceptions import (
     AzureError,
@@ -35,6 +39,8 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 from azure.storage.blob import BlobLeaseClient, ContainerClient
+
+from shared.retries import fit_retries, worst_case_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +190,7 @@ class HeldLease:
     clock: MonotonicClock
     last_renew_sent: float
     callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
+    call_timeout_seconds: float = 5  # one try of a lease call (STORAGE_TIMEOUT_SECONDS)
     state: LeaseState = LeaseState.LEADING
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -214,6 +221,12 @@ class HeldLease:
         """Seconds left before ``deadline``."""
         return self.deadline() - self.clock()
 
+    def _call_options(self) -> dict[str, Any]:
+        """Retries and per-try timeouts that end a lease call before the lease would expire."""
+        left = self.last_renew_sent + self.config.lease_seconds - self.clock()
+        budget = min(left, worst_case_seconds(self.call_timeout_seconds))
+        return fit_retries(budget, self.call_timeout_seconds)
+
     def ensure_can_start(self, work_seconds: float) -> None:
         """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
         self.renew_if_due()
@@ -239,7 +252,7 @@ class HeldLease:
         with self._lock:
             sent = self.clock()
             try:
-                self.lease.renew()
+                self.lease.renew(**self._call_options())
             except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
                 self._stop(LeaseState.LOST)
                 raise LeadershipLost(
@@ -254,7 +267,7 @@ class HeldLease:
                 return
             self.callbacks.before_release(self.lease_id)
             try:
-                self.lease.release()
+                self.lease.release(**self._call_options())
             except AzureError as exc:
                 # Already expired or taken over (or unreachable): it expires by itself.
                 logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
@@ -295,8 +308,10 @@ class LeaseElector:
         instance_id: str,
         clock: MonotonicClock = time.monotonic,
         callbacks: ElectionCallbacks | None = None,
+        call_timeout_seconds: float = 5,
     ) -> None:
         self.container = container
+        self.call_timeout_seconds = call_timeout_seconds
         self.blob = container.get_blob_client(blob_name)
         self.config = config
         self.instance_id = instance_id
@@ -344,7 +359,7 @@ class LeaseElector:
                 return None
             raise
         held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
-                         callbacks=self.callbacks)
+                         callbacks=self.callbacks, call_timeout_seconds=self.call_timeout_seconds)
         # DEBUG: between terms each message can win a lease that finds nothing ready; the INFO
         # line of a term that claims an epoch says who leads.
         logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)

@@ -8,7 +8,7 @@ import threading
 
 from shared import telemetry
 from shared.app import LedgerApp
-from shared.clients import RequestHook, clients_from_settings
+from shared.clients import RequestHook, TransportFactory, clients_from_settings
 from shared.settings import load_config
 
 logger = logging.getLogger(__name__)
@@ -16,12 +16,19 @@ logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _app: LedgerApp | None = None
 _request_hook: RequestHook | None = None
+_transport_factory: TransportFactory | None = None
 
 
 def set_request_hook(hook: RequestHook | None) -> None:
     """Call ``hook`` on every storage request of the app built next (call counts, faults)."""
     global _request_hook
     _request_hook = hook
+
+
+def set_transport_factory(factory: TransportFactory | None) -> None:
+    """Build the next app's clients on transports from ``factory`` (the simulator's faults)."""
+    global _transport_factory
+    _transport_factory = factory
 
 
 def get_app() -> LedgerApp:
@@ -32,7 +39,7 @@ def get_app() -> LedgerApp:
             config = load_config(os.environ)
             telemetry.configure(os.environ)
             clients = clients_from_settings(os.environ, config.storage_timeout_seconds,
-                                            _request_hook)
+                                            _request_hook, _transport_factory)
             app = LedgerApp.create(config, clients)
             app.ensure_resources(queues=False)
             logger.info("instance %s ready (lease %g s, renew every %g s)", config.instance_id,

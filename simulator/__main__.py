@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import signal
 import sys
 
+from simulator.chaos import ChaosOptions, run_chaos
 from simulator.demo import DemoOptions, run_demo
 
 DEFAULTS = DemoOptions()
+CHAOS = ChaosOptions()
 
 
 def configure_logging(command: str, index: int | None = None) -> None:
@@ -60,6 +63,38 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
 
+    chaos = commands.add_parser("chaos", formatter_class=formatter,
+                                help="the chaos run: a workload under injected faults, checked",
+                                description="A generated workload through N instances while "
+                                            "instances are killed and paused, the lease is "
+                                            "broken, storage restarts and storage calls fail; "
+                                            "then an independent check (docs/reliability.md).")
+    chaos.add_argument("--seed", type=int, default=None,
+                       help="replay a run (default: a new random seed, printed first)")
+    chaos.add_argument("--minutes", type=float, default=CHAOS.minutes,
+                       help="feed the requests over this many minutes (0: all at once)")
+    chaos.add_argument("--instances", type=int, default=CHAOS.instances,
+                       help="instance processes to run")
+    chaos.add_argument("--accounts", type=int, default=CHAOS.accounts,
+                       help="funded accounts the requests move money between")
+    chaos.add_argument("--requests", type=int, default=None,
+                       help="requests under chaos (default 2000, or 700 per minute fed)")
+    chaos.add_argument("--leader-kills", type=int, default=None,
+                       help=f"SIGKILLs of the leader mid-drain ({CHAOS.leader_kills} per 4 "
+                            "minutes fed)")
+    chaos.add_argument("--random-kills", type=int, default=None,
+                       help=f"SIGKILLs of random instances ({CHAOS.random_kills} per 4 minutes)")
+    chaos.add_argument("--breaks", type=int, default=None,
+                       help=f"lease breaks while a leader holds it ({CHAOS.breaks} per 4 minutes)")
+    chaos.add_argument("--pauses", type=int, default=None,
+                       help=f"leaders SIGSTOPped past their lease ({CHAOS.pauses} per 4 minutes)")
+    chaos.add_argument("--storage-restarts", type=int, default=None,
+                       help=f"Azurite stops and restarts ({CHAOS.storage_restarts} per 4 minutes)")
+    chaos.add_argument("--wait-for-expiry", action="store_true",
+                       help="let a killed or paused leader's lease expire instead of breaking it")
+    chaos.add_argument("--timeout", type=float, default=None,
+                       help="give up after this many seconds (default 900 + 90 per minute fed)")
+
     # Internal: the demo starts its instances with this; no help= keeps it out of --help.
     instance = commands.add_parser("instance", formatter_class=formatter)
     instance.add_argument("--index", type=int, required=True, help="instance number")
@@ -75,6 +110,24 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _chaos_options(args: argparse.Namespace) -> ChaosOptions:
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
+    scale = max(1.0, args.minutes / 4)
+
+    def count(given: int | None, default: int) -> int:
+        return given if given is not None else round(default * scale)
+
+    return ChaosOptions(
+        seed=seed, instances=args.instances, accounts=args.accounts,
+        requests=args.requests or max(2000, int(700 * args.minutes)), minutes=args.minutes,
+        leader_kills=count(args.leader_kills, CHAOS.leader_kills),
+        random_kills=count(args.random_kills, CHAOS.random_kills),
+        breaks=count(args.breaks, CHAOS.breaks), pauses=count(args.pauses, CHAOS.pauses),
+        storage_restarts=count(args.storage_restarts, CHAOS.storage_restarts),
+        wait_for_expiry=args.wait_for_expiry,
+        timeout=args.timeout or 900 + args.minutes * 90)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it."""
     args = build_parser().parse_args(argv)
@@ -88,6 +141,13 @@ def main(argv: list[str] | None = None) -> int:
                 malformed=args.malformed, seed=args.seed, timeout=args.timeout,
                 sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
                 serve_after=args.serve, kill_leader=args.kill_leader))
+        except KeyboardInterrupt:
+            print("interrupted: instances and Azurite stopped", file=sys.stderr)
+            return 130
+    if args.command == "chaos":
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return run_chaos(_chaos_options(args))
         except KeyboardInterrupt:
             print("interrupted: instances and Azurite stopped", file=sys.stderr)
             return 130

@@ -27,22 +27,31 @@ class Cluster:
 
     def __init__(self, env: Mapping[str, str], instances: int = 8, threads: int = 4,
                  lock_seconds: float = 30, sweep_seconds: float | None = 60,
-                 log_path: Path | None = None) -> None:
+                 log_path: Path | None = None, sweepers: int = 1) -> None:
         self.env = dict(env)
         self.size = instances
         self.threads = threads
         self.lock_seconds = lock_seconds
         self.sweep_seconds = sweep_seconds
+        self.sweepers = sweepers  # instances 0..sweepers-1 run the timer-triggered sweeper
         self.log_path = log_path
         self.processes: dict[int, subprocess.Popen[str]] = {}
         self.events: Counter[str] = Counter()
         self.errors: list[str] = []
         self.last_leader: int | None = None  # index of the instance that most recently led
+        self.current_leader: int | None = None  # holds the lease now (leading, not yet stopped)
+        self.leading_since = 0.0  # monotonic time of the current leader's 'leading' event
+        self.leader_changes = 0  # leases won by another instance than the previous winner
+        self.faults: Counter[str] = Counter()  # injected faults reported by instances at exit
         self._lock = threading.Lock()
         self._log: IO[str] | None = None
 
     def start(self) -> Cluster:
-        """Start every instance; instance 0 also runs the timer-triggered sweeper."""
+        """Start every instance; the first ``sweepers`` also run the timer-triggered sweeper.
+
+        In Azure the timer runs on one instance at a time and moves to another when that one
+        dies or hangs (its singleton lock expires); several sweepers model that failover.
+        """
         if self.log_path is not None:
             self._log = open(self.log_path, "a")  # noqa: SIM115 - closed in stop()
         for index in range(self.size):
@@ -53,7 +62,7 @@ class Cluster:
         """(Re)start one instance process."""
         args = [sys.executable, "-m", "simulator", "instance", "--index", str(index),
                 "--threads", str(self.threads), "--lock-seconds", str(self.lock_seconds)]
-        if index == 0 and self.sweep_seconds:
+        if index < self.sweepers and self.sweep_seconds:
             args += ["--sweep-seconds", str(self.sweep_seconds)]
         env = {**os.environ, **self.env, "WEBSITE_INSTANCE_ID": f"sim-i{index}",
                "PYTHONPATH": str(REPO_ROOT)}
@@ -73,7 +82,16 @@ class Cluster:
             with self._lock:
                 self.events[event.get("event", "?")] += 1
                 if event.get("event") == "leading":
-                    self.last_leader = int(event["index"])
+                    index = int(event["index"])
+                    if self.last_leader is not None and index != self.last_leader:
+                        self.leader_changes += 1
+                    self.last_leader = self.current_leader = index
+                    self.leading_since = time.monotonic()
+                elif event.get("event") == "stopped_leading" and (
+                        self.current_leader == int(event["index"])):
+                    self.current_leader = None
+                elif event.get("event") == "faults":
+                    self.faults.update(event.get("injected", {}))
                 if event.get("event") in ("failed", "poisoned"):
                     self.errors.append(str(event.get("error", "")))
 
@@ -85,6 +103,26 @@ class Cluster:
     def signal(self, index: int, signum: int) -> None:
         """Send a signal to one instance (SIGKILL, SIGSTOP, SIGCONT ... for chaos runs)."""
         self.processes[index].send_signal(signum)
+
+    def leader_mid_drain(self, min_seconds: float = 0.0) -> int | None:
+        """The instance holding the lease now, once it has held it ``min_seconds``."""
+        with self._lock:
+            if self.current_leader is None:
+                return None
+            if time.monotonic() - self.leading_since < min_seconds:
+                return None
+            return self.current_leader
+
+    def kill(self, index: int, restart: bool = True) -> None:
+        """SIGKILL one instance (no release, no clean-up) and, as Azure would, start another."""
+        process = self.processes[index]
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        with self._lock:
+            if self.current_leader == index:
+                self.current_leader = None
+        if restart:
+            self.start_instance(index)
 
     def alive(self) -> list[int]:
         """Indexes of the instances still running."""

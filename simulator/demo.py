@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from azure.core.exceptions import AzureError
+
 from shared import runtime
 from shared.app import LedgerApp
 from shared.settings import SETTINGS
@@ -25,6 +28,8 @@ from simulator.azurite import Azurite
 from simulator.cluster import Cluster
 from simulator.http import serve
 from simulator.workload import Workload, check, generate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -120,18 +125,21 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         kill_pending = options.kill_leader
         try:
             while time.monotonic() - started < options.timeout:
-                done = cluster.count("done") + cluster.count("poisoned")
-                decided = len(app.ledger.list_outcomes())
-                progress.show(done, len(work.messages), decided, work.requests, started)
-                if kill_pending and done >= len(work.messages) // 3 and (
-                        leader := _epoch_holder(app)) is not None:
-                    kill_pending = False
-                    _kill_leader(cluster, leader, started, out)
-                if decided >= work.requests and not kill_pending and not (
-                        queue.get_queue_properties().approximate_message_count or 0):
-                    finished = True
-                    break
                 time.sleep(0.25)
+                done = cluster.count("done") + cluster.count("poisoned")
+                try:  # a busy Azurite may time a poll out: the next one asks again
+                    decided = len(app.ledger.list_outcomes())
+                    progress.show(done, len(work.messages), decided, work.requests, started)
+                    if kill_pending and done >= len(work.messages) // 3 and (
+                            leader := _epoch_holder(app)) is not None:
+                        kill_pending = False
+                        _kill_leader(cluster, leader, started, out)
+                    if decided >= work.requests and not kill_pending and not (
+                            queue.get_queue_properties().approximate_message_count or 0):
+                        finished = True
+                        break
+                except AzureError as exc:
+                    logger.info("progress poll failed (%s); polling again", exc)
             progress.show(cluster.count("done") + cluster.count("poisoned"), len(work.messages),
                           len(app.ledger.list_outcomes()), work.requests, started, force=True)
         finally:

@@ -34,10 +34,12 @@ from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageQueueMessage
 
+from shared import runtime
 from shared.election import ElectionCallbacks
 from shared.runtime import get_app
-from shared.settings import SETTINGS
+from shared.settings import SETTINGS, load_config
 from simulator import REPO_ROOT
+from simulator.faults import plan_from_environment
 from simulator.functions import indexed, resolve_setting
 
 logger = logging.getLogger(__name__)
@@ -150,8 +152,15 @@ class InstanceHost:
                 time.sleep(0.01)
                 continue
             wanted = min(32, self.options.batch_size)
-            messages = list(self.queue.receive_messages(
-                max_messages=wanted, visibility_timeout=int(self.lock_seconds)))
+            try:
+                messages = list(self.queue.receive_messages(
+                    max_messages=wanted, visibility_timeout=int(self.lock_seconds)))
+            except AzureError as exc:  # storage unreachable: the host's listener keeps polling
+                logger.warning("instance %d: receiving failed: %s", self.index, exc)
+                emit("receive_failed", error=str(exc)[:200])
+                self.stopping.wait(idle)
+                idle = min(idle * 2, self.options.max_polling_interval)
+                continue
             if not messages:
                 self.stopping.wait(idle)
                 idle = min(idle * 2, self.options.max_polling_interval)
@@ -241,11 +250,16 @@ class InstanceHost:
 def run_instance(index: int, threads: int, lock_seconds: float,
                  sweep_seconds: float | None) -> None:
     """Entry point of one instance process (``simulator.__main__`` configured its logging)."""
+    plan = plan_from_environment(os.environ, load_config(os.environ), salt=index)
+    if plan is not None:  # a chaos run: this instance's storage calls go through the plan
+        runtime.set_transport_factory(plan.transport)
     host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
                         sweep_seconds)
     # Observe the election for the supervisor (the functions themselves return nothing).
     get_app().elector.callbacks = ElectionCallbacks(
         on_started_leading=lambda lease_id: emit("leading", index=index, lease=lease_id),
+        on_stopped_leading=lambda lease_id, state: emit("stopped_leading", index=index,
+                                                        lease=lease_id, state=str(state)),
         on_refused=lambda _instance: emit("refused", index=index),
     )
 
@@ -256,5 +270,7 @@ def run_instance(index: int, threads: int, lock_seconds: float,
     signal.signal(signal.SIGINT, stop)
     emit("started", index=index, pid=os.getpid())
     host.run()
+    if plan is not None:
+        emit("faults", index=index, injected=dict(plan.injected))
     emit("stopped", index=index)
 

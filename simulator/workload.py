@@ -8,6 +8,7 @@ recomputes every balance from the committed outcomes' legs and from nothing else
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,3 +159,214 @@ def check(work: Workload, decided: list[DecidedOutcome],
     if poisoned:
         problems.append(f"{poisoned} message(s) ended in the poison queue")
     return CheckResult(statuses, deposited, total, problems)
+
+
+# --- the chaos run's workload: every outcome known in advance --------------------------------
+
+@dataclass(frozen=True)
+class PlannedRequest:
+    """One request of the chaos workload and the outcome it must end with."""
+
+    request_id: str
+    legs: tuple[tuple[str, Decimal], ...]  # (accountId, signed amount), one per step
+    failed: bool  # one step reports failure: aborted, nothing moves
+
+    @property
+    def expected_status(self) -> str:
+        return "aborted" if self.failed else "committed"
+
+
+@dataclass
+class ChaosWorkload:
+    """Funding deposits (sent and committed first), then the requests under chaos.
+
+    Withdrawals from each account never exceed what its deposit put there, whatever the order
+    the requests commit in, so every outcome and every balance follows from the workload alone.
+    """
+
+    seed: int
+    funding: dict[str, Decimal] = field(default_factory=dict)  # accountId -> deposit
+    funding_messages: list[str] = field(default_factory=list)
+    requests: dict[str, PlannedRequest] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)  # after the funding, in sending order
+    malformed: list[str] = field(default_factory=list)
+    duplicates: int = 0
+
+    @property
+    def all_requests(self) -> int:
+        """Funding deposits plus the requests under chaos."""
+        return len(self.funding) + len(self.requests)
+
+    def expected_balances(self) -> dict[str, Decimal]:
+        """Every account's final balance, from the workload alone."""
+        balances = dict(self.funding)
+        for request in self.requests.values():
+            if not request.failed:
+                for account, amount in request.legs:
+                    balances[account] = balances.get(account, Decimal("0.00")) + amount
+        return balances
+
+
+def _malformed_body(rng: random.Random, index: int) -> str:
+    base = {"requestId": f"bad-{index:04d}", "operationId": f"bad-{index:04d}-x",
+            "operation": "add_funds", "accountId": "acct-000", "amount": "10.00",
+            "expectedOperations": 1, "status": "succeeded"}
+    kind = index % 6
+    if kind == 0:
+        base["amount"] = 10.5  # a float: money is never a float
+    elif kind == 1:
+        base["amount"] = "10.555"
+    elif kind == 2:
+        base["operation"] = "steal_funds"
+    elif kind == 3:
+        return f"not json {index}"
+    elif kind == 4:
+        base["expectedOperations"] = 99
+    else:
+        del base["accountId"]
+    return json.dumps(base)
+
+
+def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
+                   multi_leg_ratio: float = 0.1, failed_ratio: float = 0.03,
+                   duplicate_ratio: float = 0.1, malformed_ratio: float = 0.02,
+                   window: int = 48, duplicate_spread: int = 400) -> ChaosWorkload:
+    """Mostly two-leg transfers, some 3-5-leg requests, faults mixed in, legs out of order.
+
+    The legs of a request are shuffled within a window of ``window`` messages (they arrive out
+    of order but close together, as steps of one request do); a duplicate arrives up to
+    ``duplicate_spread`` messages after its original, often after its request was decided.
+    """
+    rng = random.Random(seed)
+    work = ChaosWorkload(seed)
+    names = [f"acct-{i:03d}" for i in range(accounts)]
+    room: dict[str, Decimal] = {}
+    for name in names:
+        amount = _money(rng, 5_000, 10_000)
+        work.funding[name] = amount
+        room[name] = amount
+        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
+                                           Operation.ADD_FUNDS, name, amount, 1))
+    steps: list[str] = []
+    for i in range(requests):
+        request_id = f"rq-{i:05d}"
+        legs_wanted = rng.randint(3, 5) if rng.random() < multi_leg_ratio else 2
+        chosen = rng.sample(names, legs_wanted)
+        payers = chosen[:1] if legs_wanted < 4 else chosen[:2]
+        payees = chosen[len(payers):]
+        amount = _money(rng, 1, 120)
+        payers = [p for p in payers if room[p] >= amount] or [max(names, key=room.__getitem__)]
+        if payers[0] in payees:
+            payees = [p for p in names if p not in payers][:max(1, len(payees))]
+        legs: list[tuple[str, Decimal]] = []
+        share = (amount / len(payers)).quantize(Decimal("0.01"))
+        paid = Decimal("0.00")
+        for index, payer in enumerate(payers):
+            part = share if index < len(payers) - 1 else amount - share * (len(payers) - 1)
+            legs.append((payer, -part))
+            paid += part
+        split = (paid / len(payees)).quantize(Decimal("0.01"))
+        for index, payee in enumerate(payees):
+            part = split if index < len(payees) - 1 else paid - split * (len(payees) - 1)
+            legs.append((payee, part))
+        failed = rng.random() < failed_ratio
+        request = PlannedRequest(request_id, tuple(legs), failed)
+        work.requests[request_id] = request
+        if not failed:
+            for account, signed in legs:
+                if signed < 0:
+                    room[account] += signed
+        failing_leg = rng.randrange(len(legs)) if failed else -1
+        for index, (account, signed) in enumerate(legs):
+            operation = Operation.WITHDRAW_FUNDS if signed < 0 else Operation.ADD_FUNDS
+            steps.append(_step(request_id, f"{request_id}-{index}", operation, account,
+                               abs(signed), len(legs),
+                               StepStatus.FAILED if index == failing_leg
+                               else StepStatus.SUCCEEDED))
+    ordered: list[str] = []
+    for start in range(0, len(steps), window):
+        block = steps[start:start + window]
+        rng.shuffle(block)  # out of order within a window
+        ordered.extend(block)
+    for original in [s for s in ordered if rng.random() < duplicate_ratio]:
+        position = ordered.index(original) + rng.randint(1, duplicate_spread)
+        ordered.insert(min(position, len(ordered)), original)
+        work.duplicates += 1
+    count = int(len(ordered) * malformed_ratio)
+    for index in range(count):
+        body = _malformed_body(rng, index)
+        work.malformed.append(body)
+        ordered.insert(rng.randrange(len(ordered) + 1), body)
+    work.messages = ordered
+    return work
+
+
+@dataclass
+class ChaosCheck:
+    """What the independent check of a chaos run found; ``problems`` empty means all held."""
+
+    outcomes: Counter[str]
+    drift: Decimal  # sum over accounts of |balance - expected|
+    problems: list[str]
+
+
+def check_chaos(work: ChaosWorkload, decided: list[DecidedOutcome],
+                balances: dict[str, Decimal], parked: list[tuple[str, bytes, str]],
+                poisoned: list[str], completion_rows: int) -> ChaosCheck:
+    """Compare the end state with what the workload alone says it must be.
+
+    ``parked`` holds (kind, body, reason) of every parked message; ``poisoned`` the decoded
+    text of every message in the poison queue.
+    """
+    problems: list[str] = []
+    seen: Counter[str] = Counter(d.outcome.request_id for d in decided)
+    twice = sorted(r for r, n in seen.items() if n > 1)
+    if twice:
+        problems.append(f"{len(twice)} request(s) decided more than once, e.g. {twice[:3]}")
+    by_request = {d.outcome.request_id: d.outcome for d in decided}
+    expected = {f"fund-{a}": "committed" for a in work.funding}
+    expected.update({r: p.expected_status for r, p in work.requests.items()})
+    missing = sorted(set(expected) - set(by_request))
+    if missing:
+        problems.append(f"{len(missing)} request(s) have no outcome, e.g. {missing[:3]}")
+    unknown = sorted(set(by_request) - set(expected))
+    if unknown:
+        problems.append(f"outcomes for requests never sent: {unknown[:3]}")
+    wrong = [f"{r} is {by_request[r].status}, must be {want}" for r, want in expected.items()
+             if r in by_request and by_request[r].status != want]
+    if wrong:
+        problems.append(f"{len(wrong)} request(s) with the wrong outcome, e.g. {wrong[:3]}")
+    for request_id, planned in work.requests.items():
+        outcome = by_request.get(request_id)
+        if outcome is None or outcome.status != "committed":
+            continue
+        if sorted(outcome.legs) != sorted(planned.legs):
+            problems.append(f"{request_id} applied legs {outcome.legs}, sent {planned.legs}")
+    want = work.expected_balances()
+    drift = Decimal("0.00")
+    for account in sorted(set(want) | set(balances)):
+        have = balances.get(account, Decimal("0.00"))
+        should = want.get(account, Decimal("0.00"))
+        drift += abs(have - should)
+        if have != should:
+            problems.append(f"{account}: balance {have}, the workload says {should}")
+    malformed = sorted(body for kind, body, _ in
+                       ((k, b.decode("utf-8", "replace"), r) for k, b, r in parked)
+                       if kind == "malformed")
+    if malformed != sorted(work.malformed):
+        problems.append(f"{len(malformed)} malformed message(s) parked, "
+                        f"{len(work.malformed)} were sent (or their bodies differ)")
+    unexplained = [body for kind, body, reason in parked if not reason.strip()]
+    if unexplained:
+        problems.append(f"{len(unexplained)} parked message(s) without a reason")
+    others = [kind for kind, _, _ in parked if kind != "malformed"]
+    if others:
+        problems.append(f"{len(others)} parked message(s) of kind {sorted(set(others))}: this "
+                        "workload has no contradicting steps")
+    valid = [text for text in poisoned if text not in work.malformed]
+    if valid:
+        problems.append(f"{len(valid)} valid message(s) in the poison queue, e.g. {valid[:1]}")
+    if completion_rows:
+        problems.append(f"{completion_rows} completion row(s) left behind")
+    statuses = Counter(outcome.status for outcome in by_request.values())
+    return ChaosCheck(statuses, drift, problems)
