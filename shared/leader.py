@@ -209,6 +209,12 @@ class LeaderTerm:
         the leader keeps reading for ``LINGER_SECONDS`` first. Raises ``LeadershipLost`` or
         ``FencedOut`` when leadership ends under it.
         """
+        try:
+            return self._drain(budget_deadline, ready)
+        finally:  # a term ends with its consumed rows gone (or their deletes given up on)
+            self.app.cleaner.drain(timeout=self.app.config.storage_timeout_seconds)
+
+    def _drain(self, budget_deadline: float, ready: list[Assessment] | None) -> DrainReport:
         step_seconds = self.app.config.storage_timeout_seconds
         rounds_with_work = 0
         idle_since: float | None = None
