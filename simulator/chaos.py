@@ -329,10 +329,12 @@ class ChaosRun:
         for _, action in pending:
             self.figures.notes.append(f"{action} not injected: the run ended first")
 
-    def _leader(self, cluster: Cluster, seconds: float = 30) -> int | None:
+    def _leader(self, cluster: Cluster, seconds: float = 60) -> int | None:
+        # The reworked drain holds the lease for short terms: a leader counts as mid-drain once
+        # it has held the lease 50 ms (long enough to have scanned and claimed).
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            index = cluster.leader_mid_drain(min_seconds=0.2)
+            index = cluster.leader_mid_drain(min_seconds=0.05)
             if index is not None and cluster.processes[index].poll() is None:
                 return index
             time.sleep(0.02)
@@ -341,7 +343,7 @@ class ChaosRun:
     def _kill_leader(self, app: LedgerApp, cluster: Cluster, azurite: Azurite) -> None:
         index = self._leader(cluster)
         if index is None:
-            self.say("no leader held the lease within 30 s: killing a random instance")
+            self.say("no leader held the lease within 60 s: killing a random instance")
             self._kill_random(app, cluster, azurite)
             return
         cluster.kill(index)
@@ -379,12 +381,12 @@ class ChaosRun:
         self.figures.breaks += 1
         self.figures.breaks_while_leading += index is not None
         self.say(f"lease broken from outside while i{index} led" if index is not None
-                 else "lease broken from outside (no leader seen within 30 s)")
+                 else "lease broken from outside (no leader seen within 60 s)")
 
     def _pause_leader(self, app: LedgerApp, cluster: Cluster, azurite: Azurite) -> None:
         index = self._leader(cluster)
         if index is None:
-            self.figures.notes.append("pause skipped: no leader held the lease within 30 s")
+            self.figures.notes.append("pause skipped: no leader held the lease within 60 s")
             return
         cluster.signal(index, signal.SIGSTOP)
         fence = app.ledger.read_fence()
