@@ -42,8 +42,6 @@ class RowCleaner:
         self._pending: set[RowId] = set()
         self._consumed: OrderedDict[RowId, object] = OrderedDict()  # row -> its recorded_at
         self._futures: set[Future[None]] = set()
-        self.deleted = 0
-        self.failed = 0
 
     def consumed(self, steps: Iterable[RecordedStep]) -> None:
         """Queue rows whose request's outcome is durable; full partitions go at once."""
@@ -82,22 +80,11 @@ class RowCleaner:
         _, not_done = wait(futures, timeout=timeout)
         return not not_done
 
-    def is_pending(self, partition_key: str, row_key: str) -> bool:
-        """True while the row's delete is queued or in flight."""
-        with self._lock:
-            return (partition_key, row_key) in self._pending
-
     def handled(self, step: RecordedStep) -> bool:
         """True for this very row (same key, same storage timestamp) once handed over here."""
         with self._lock:
             row = (step.partition_key, step.row_key)
             return row in self._pending or self._consumed.get(row) == step.recorded_at
-
-    @property
-    def pending(self) -> int:
-        """How many rows wait to be deleted."""
-        with self._lock:
-            return len(self._pending)
 
     def _submit(self, chunk: list[RecordedStep]) -> None:
         # In the submitter's context, so the delete's span joins the invocation that queued it.
@@ -114,14 +101,11 @@ class RowCleaner:
     def _delete(self, chunk: list[RecordedStep]) -> None:
         try:
             self.store.delete(chunk)
-            with self._lock:
-                self.deleted += len(chunk)
         except Exception:
             # Left in the table: the next scan sees them again and deletes them as late.
             logger.exception("deleting %d consumed completion rows failed; a later drain "
                              "removes them", len(chunk))
             with self._lock:
-                self.failed += len(chunk)
                 for step in chunk:
                     self._consumed.pop((step.partition_key, step.row_key), None)
         finally:

@@ -53,8 +53,6 @@ from simulator.cluster import Cluster
 from simulator.faults import FAULTS_ENV, WRITE_KINDS
 from simulator.workload import ChaosCheck, ChaosWorkload, check_chaos, generate_chaos
 
-ACTIONS = ("kill_leader", "kill_random", "break_lease", "pause_leader", "restart_storage")
-
 
 @dataclass
 class ChaosOptions:
