@@ -18,9 +18,8 @@ from shared import telemetry
 from shared.app import LedgerApp
 from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
-from shared.decision import Assessment
 from shared.election import TermEnded
-from shared.leader import CompletionView, DrainReport, LeaderTerm, ready_assessments
+from shared.leader import CompletionView, DrainReport, LeaderTerm
 
 logger = logging.getLogger(__name__)
 
@@ -146,21 +145,16 @@ def run_election(app: LedgerApp, recorded_a_row: bool = False) -> ElectionResult
                 return result
         # Released: look again for work recorded by instances that exited early meanwhile.
         look = CompletionView(app)
-        found = _worth_a_term(look.read(full=True))
+        found = bool(look.read(full=True))  # late steps to settle count as work
         others_seen = others_seen or look.others_seen
         if not found and (others_seen or app.elector.window_opened_at >= asked_at):
             # Someone else recorded while this invocation led: it may have been refused and be
             # skipping attempts. Look again once the last such window has closed.
             time.sleep(max(0.0, released_at + app.elector.skip_seconds - time.monotonic()))
-            found = _worth_a_term(ready_assessments(app))
+            found = bool(look.read(full=True))
         if app.clock() >= budget_deadline or not found:
             return result
     return result
-
-
-def _worth_a_term(ready: list[Assessment]) -> bool:
-    """Whether a look found work for a new term (late steps to settle count)."""
-    return bool(ready)
 
 
 @telemetry.invocation("timer")
