@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import TypeVar
 
 from shared import telemetry
 from shared.app import LedgerApp
@@ -50,9 +51,10 @@ from shared.ledger import (
 from shared.parking import ParkedKind, late_step_id
 
 logger = logging.getLogger(__name__)
+_Row = TypeVar("_Row")
 
 MAX_ACCOUNT_RETRIES = 3  # re-reads of accounts changed under the leader, per batch
-ACCOUNT_READERS = 6  # concurrent account reads (the clients' connection pool holds 10)
+ACCOUNT_READERS = 6  # concurrent point reads (the clients' connection pool holds 10)
 LINGER_SECONDS = 0.25  # a leader whose work kept coming holds the lease this long once idle
 POLL_SECONDS = 0.02  # between its reads while it lingers
 FULL_SCAN_SECONDS = 30.0  # a long term re-reads the whole table at least this often
@@ -257,13 +259,8 @@ class LeaderTerm:
         if not missing:
             return
         self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
-        if len(missing) == 1:
-            self.balances[missing[0]] = self.app.ledger.read_account(missing[0])
-            return
-        with ThreadPoolExecutor(min(ACCOUNT_READERS, len(missing)),
-                                thread_name_prefix="read-account") as pool:
-            for row in pool.map(self.app.ledger.read_account, missing):
-                self.balances[row.account_id] = row
+        for row in _read_concurrently(self.app.ledger.read_account, missing):
+            self.balances[row.account_id] = row
 
     def _commit(self, batch: list[Assessment]) -> None:
         step_seconds = self.app.config.storage_timeout_seconds
@@ -312,11 +309,9 @@ class LeaderTerm:
 
     def _read_outcomes(self, request_ids: list[str]) -> dict[str, DecidedOutcome]:
         """The outcomes that exist among ``request_ids``, ``ACCOUNT_READERS`` reads at a time."""
-        with ThreadPoolExecutor(min(ACCOUNT_READERS, len(request_ids)),
-                                thread_name_prefix="read-outcome") as pool:
-            return {request_id: decided for request_id, decided in
-                    zip(request_ids, pool.map(self.app.ledger.read_outcome, request_ids),
-                        strict=True) if decided is not None}
+        read = _read_concurrently(self.app.ledger.read_outcome, request_ids)
+        return {request_id: decided for request_id, decided in
+                zip(request_ids, read, strict=True) if decided is not None}
 
     def _settle_late(self, late: Assessment, decided: DecidedOutcome | None = None) -> None:
         """Steps of a request that already has an outcome: park what contradicts it, drop the rest.
@@ -368,6 +363,15 @@ class LeaderTerm:
         new_balances = {account: (self.balances[account], working[account])
                         for account in sorted(touched)}
         return outcomes, new_balances
+
+
+def _read_concurrently(read: Callable[[str], _Row], keys: Sequence[str]) -> list[_Row]:
+    """``read(key)`` for every key, in order, ``ACCOUNT_READERS`` point reads at a time."""
+    if len(keys) == 1:
+        return [read(keys[0])]
+    with ThreadPoolExecutor(min(ACCOUNT_READERS, len(keys)),
+                            thread_name_prefix="ledger-read") as pool:
+        return list(pool.map(read, keys))
 
 
 def _outcome(assessment: Assessment, status: str, reason: str,
