@@ -57,21 +57,24 @@ def request(app: LedgerApp, request_id: str) -> Reply:
                        "reason": f"{arrived} of {expected} steps arrived"})
 
 
+def lease_view(app: LedgerApp) -> dict[str, str]:
+    """The election blob's lease state and status (a blob not made yet is not leased)."""
+    try:
+        props = app.elector.blob.get_blob_properties()
+    except ResourceNotFoundError:
+        return {"state": "available", "status": "unlocked"}
+    return {"state": str(props.lease.state), "status": str(props.lease.status)}
+
+
 def leader(app: LedgerApp) -> Reply:
     """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
     fence = app.ledger.read_fence()
     try:
-        props = app.elector.blob.get_blob_properties()
-        lease = {"state": props.lease.state, "status": props.lease.status}
-    except ResourceNotFoundError:
-        lease = {"state": "available", "status": "unlocked"}
+        lease = lease_view(app)
     except HttpResponseError as exc:
         lease = {"state": "unknown", "error": str(exc.reason)}
     last_holder = fence.holder if fence else None
-    try:
-        parked = app.parking.count_by_kind()
-    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
-        parked = {}
+    parked = app.parking.count_by_kind()
     return Reply(200, {
         "holder": last_holder if lease.get("state") == "leased" else None,
         "lastHolder": last_holder,

@@ -95,15 +95,21 @@ class ParkingLot:
                        extra=telemetry.log_extra(parkedId=parked_id, parkedKind=kind.value))
 
     def count_by_kind(self, limit: int = 10_000) -> dict[str, int]:
-        """How many messages are parked, by kind (counting stops at ``limit``)."""
+        """How many messages are parked, by kind (counting stops at ``limit``).
+
+        All zero while the table does not exist yet (it is made on first use).
+        """
         counts = {kind.value: 0 for kind in ParkedKind}
         rows = self.table.query_entities("PartitionKey eq @pk", select=["kind"],
                                          parameters={"pk": PARKED_PARTITION})
-        for seen, row in enumerate(rows, start=1):
-            kind = str(row.get("kind") or ParkedKind.MALFORMED.value)
-            counts[kind] = counts.get(kind, 0) + 1
-            if seen >= limit:
-                break
+        try:
+            for seen, row in enumerate(rows, start=1):
+                kind = str(row.get("kind") or ParkedKind.MALFORMED.value)
+                counts[kind] = counts.get(kind, 0) + 1
+                if seen >= limit:
+                    break
+        except ResourceNotFoundError:
+            pass
         return counts
 
     def list(self, limit: int = 1000) -> list[ParkedMessage]:
@@ -159,6 +165,15 @@ class PoisonedMessage:
 
 
 QUEUE_BATCH_LIMIT = 32  # the most messages one peek or receive returns (Azure Queue Storage)
+
+
+def queue_depth(queue: QueueClient) -> int:
+    """The queue's approximate message count; 0 while it does not exist (the host makes the
+    poison queue with the first message it poisons)."""
+    try:
+        return int(queue.get_queue_properties().approximate_message_count or 0)
+    except ResourceNotFoundError:
+        return 0
 
 
 def peek_poisoned(poison: QueueClient,

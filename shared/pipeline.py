@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import AzureError
 
 from shared import telemetry
 from shared.app import LedgerApp
@@ -20,6 +20,7 @@ from shared.completions import RecordResult
 from shared.contract import MalformedMessage, parse_completion
 from shared.election import TermEnded
 from shared.leader import CompletionView, DrainReport, LeaderTerm
+from shared.parking import queue_depth
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +162,8 @@ def run_election(app: LedgerApp, recorded_a_row: bool = False) -> ElectionResult
 def sweep(app: LedgerApp) -> ElectionResult:
     """The timer trigger's job: report the poison queue's depth, then run the election."""
     try:
-        properties = app.raw_queue_client(app.config.poison_queue).get_queue_properties()
-        telemetry.record_poison_depth(int(properties.approximate_message_count or 0))
-    except ResourceNotFoundError:
-        telemetry.record_poison_depth(0)  # the host creates it with the first poisoned message
+        telemetry.record_poison_depth(queue_depth(
+            app.raw_queue_client(app.config.poison_queue)))
     except AzureError as exc:
         logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
     return run_election(app)

@@ -28,11 +28,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import AzureError, ResourceNotFoundError
+from azure.core.exceptions import AzureError
 
-from shared.api import Reply
+from shared.api import Reply, lease_view
 from shared.app import LedgerApp
 from shared.ledger import REQUEST_PREFIX, Fence
+from shared.parking import queue_depth
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     now = app.wallclock()
     election = app.config.election
     fence = app.ledger.read_fence()
-    lease = _lease_view(app)
+    lease = lease_view(app)
     leased = lease["state"] == "leased"
     claimed_at = _parse(fence.claimed_at if fence else None)
     last_commit_at = _parse(fence.last_commit_at if fence else None)
@@ -85,15 +86,8 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
     recent = _outcome_rows(app, since.isoformat(timespec="microseconds"), MAX_WINDOW_ROWS,
                            ["status", "decidedAt"])
-    poison = app.raw_queue_client(app.config.poison_queue)
-    try:
-        poisoned = int(poison.get_queue_properties().approximate_message_count or 0)
-    except ResourceNotFoundError:
-        poisoned = 0
-    try:
-        parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
-    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
-        parked = {}
+    poisoned = queue_depth(app.raw_queue_client(app.config.poison_queue))
+    parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
     return {
         "generatedAt": now.isoformat(),
         "leader": {
@@ -120,14 +114,6 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
         "poisoned": poisoned,
         "poisonQueue": app.config.poison_queue,
     }
-
-
-def _lease_view(app: LedgerApp) -> dict[str, Any]:
-    try:
-        props = app.elector.blob.get_blob_properties()
-    except ResourceNotFoundError:
-        return {"state": "available", "status": "unlocked"}
-    return {"state": str(props.lease.state), "status": str(props.lease.status)}
 
 
 def _lease_left(now: datetime, leased: bool, claimed_at: datetime | None,

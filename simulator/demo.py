@@ -23,6 +23,7 @@ from azure.core.exceptions import AzureError
 
 from shared import runtime
 from shared.app import LedgerApp
+from shared.parking import queue_depth
 from shared.settings import SETTINGS
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
@@ -191,8 +192,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     outcomes = app.ledger.list_outcomes()
     balances = app.ledger.list_balances()
     parked = len(app.parking.list())
-    poisoned = int(app.queue_client(app.config.poison_queue).get_queue_properties()
-                   .approximate_message_count or 0)
+    poisoned = queue_depth(app.raw_queue_client(app.config.poison_queue))
     result = check(work, outcomes, balances, parked, poisoned)
     leaders: Counter[tuple[int, str]] = Counter(
         (d.epoch, d.decided_by.split("/")[0] or "?") for d in outcomes)
