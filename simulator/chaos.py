@@ -329,10 +329,10 @@ class ChaosRun:
 
     def _leader(self, cluster: Cluster, seconds: float = 60) -> int | None:
         # The reworked drain holds the lease for short terms: a leader counts as mid-drain once
-        # it has held the lease 50 ms (long enough to have scanned and claimed).
+        # it holds the lease at all (a term can be over in tens of milliseconds).
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
-            index = cluster.leader_mid_drain(min_seconds=0.05)
+            index = cluster.leader_mid_drain()
             if index is not None and cluster.processes[index].poll() is None:
                 return index
             time.sleep(0.02)
