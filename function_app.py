@@ -23,6 +23,14 @@ def record_completion(msg: func.QueueMessage) -> None:
                                dequeue_count=msg.dequeue_count or 1)
 
 
+@app.function_name("wake_up")
+@app.queue_trigger(arg_name="msg", queue_name="%WAKEUP_QUEUE_NAME%",
+                   connection="AzureWebJobsStorage")
+def wake_up(msg: func.QueueMessage) -> None:
+    """A lease alarm came due (its holder stopped renewing?): compete and commit what waits."""
+    pipeline.handle_wakeup(get_app(), msg.get_body())
+
+
 @app.function_name("sweep")
 @app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False)
 def sweep(timer: func.TimerRequest) -> None:

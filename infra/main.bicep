@@ -64,6 +64,9 @@ param alertActionGroupIds array = []
 @description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
 param completionsQueueName string = 'completions'
 
+@description('WAKEUP_QUEUE_NAME: queue of the lease alarms, each due when a lease holder stops renewing.')
+param wakeupQueueName string = 'wakeups'
+
 @description('COMPLETIONS_TABLE_NAME: table where every completion is recorded.')
 param completionsTableName string = 'completions'
 
@@ -116,6 +119,7 @@ var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
 // Every setting of shared/settings.py, as the strings the app reads from its environment.
 var appSettings = {
   COMPLETIONS_QUEUE_NAME: completionsQueueName
+  WAKEUP_QUEUE_NAME: wakeupQueueName
   COMPLETIONS_TABLE_NAME: completionsTableName
   LEDGER_TABLE_NAME: ledgerTableName
   PARKED_TABLE_NAME: parkedTableName
@@ -147,6 +151,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     skuName: storageSkuName
     completionsQueueName: completionsQueueName
+    wakeupQueueName: wakeupQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName
     parkedTableName: parkedTableName

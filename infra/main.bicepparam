@@ -20,6 +20,7 @@ param deployerPrincipalId = ''
 param deployerPrincipalType = 'User'
 
 param completionsQueueName = 'completions'
+param wakeupQueueName = 'wakeups'
 param completionsTableName = 'completions'
 param ledgerTableName = 'ledger'
 param parkedTableName = 'parkedmessages'

@@ -112,7 +112,8 @@ class LedgerApp:
             self.clients.table.create_table_if_not_exists(name)
         self.elector.ensure_blob()
         if queues:
-            for name in (self.config.completions_queue, self.config.poison_queue):
+            for name in (self.config.completions_queue, self.config.poison_queue,
+                         self.config.wakeup_queue):
                 with contextlib.suppress(ResourceExistsError):
                     self.clients.queue.create_queue(name)
 

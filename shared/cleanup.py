@@ -1,17 +1,24 @@
-"""Deleting consumed completion rows off the commit's critical path, batched per partition.
+"""Deleting consumed completion rows and markers off the commit's critical path, batched.
 
-The leader hands a request's rows to ``RowCleaner.consumed`` only after the transaction that
-wrote the request's outcome has returned: the outcome is durable before any of its rows can go.
-The rows are then deleted by background threads, up to 100 rows of one partition per
-transaction, while the next commit runs. A crash before a delete lands leaves the rows: the next
-leader finds them again, sees the outcome (``OutcomeExists``, or this process's
-``recently_decided``) and deletes them as late, as it always has; nothing is applied twice.
+The leader hands a request's rows (and its ready marker) to ``RowCleaner.consumed`` only after
+the transaction that wrote the request's outcome has returned: the outcome is durable before any
+of its rows can go. A decided request leaves a *tombstone* in its key range (written in the
+same transaction as its rows' deletes), so that a recorder that records a late step of it knows
+at once; the cleaner deletes each tombstone ``TOMBSTONE_SECONDS`` later (the sweeper's full scan
+removes those of a process that stopped first). The rows are deleted by background threads, up
+to 100 rows of one partition per transaction, while the next commit runs. A crash before a
+delete lands leaves the rows: the next leader finds them again (through the marker, or the
+sweeper's full scan), sees the outcome and deletes them as late; nothing is applied twice.
 
-While their delete is queued or in flight, the rows are *pending*: the leader's scans skip them,
+Every delete names the version that was read (``RowRef``, ``If-Match`` its ETag), so a delete
+that lands late, after the row was recorded anew, leaves the new row alone
+(``CompletionStore.delete``).
+
+While their delete is queued or in flight, the rows are *pending*: the leader's reads skip them,
 so a committed request is not proposed a second time. The cleaner also remembers the last
-``REMEMBERED`` rows it deleted (key and storage timestamp), so a read that raced with a delete
-does not bring the same row back; a step recorded again later (a late duplicate) has a new
-timestamp and is seen. Rows whose delete failed are forgotten, to be found and settled again.
+``REMEMBERED`` versions it deleted, so a read that raced with a delete does not bring the same
+version back; a row recorded again (a new ETag) is seen. Versions whose delete failed are
+forgotten, to be found and settled again.
 """
 
 from __future__ import annotations
@@ -19,95 +26,116 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
-from collections import OrderedDict, defaultdict
-from collections.abc import Iterable
+import time
+from collections import OrderedDict, defaultdict, deque
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from shared.completions import MAX_BATCH_ROWS, CompletionStore, RecordedStep
+from shared.completions import (
+    MAX_BATCH_ROWS,
+    TOMBSTONE_SECONDS,
+    CompletionStore,
+    RowRef,
+    Tombstone,
+)
 
 logger = logging.getLogger(__name__)
 
-RowId = tuple[str, str]  # (PartitionKey, RowKey)
 REMEMBERED = 100_000
 
 
 class RowCleaner:
-    """Batches and runs deletes of consumed completion rows in the background (thread-safe)."""
+    """Batches and runs deletes of consumed rows in the background (thread-safe)."""
 
-    def __init__(self, store: CompletionStore, workers: int = 4) -> None:
+    def __init__(self, store: CompletionStore, workers: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
+        self.clock = clock
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="cleanup")
         self._lock = threading.Lock()
-        self._waiting: dict[str, list[RecordedStep]] = defaultdict(list)  # partition -> rows
-        self._pending: set[RowId] = set()
-        self._consumed: OrderedDict[RowId, object] = OrderedDict()  # row -> its recorded_at
+        self._waiting: dict[str, list[RowRef | Tombstone]] = defaultdict(list)  # by partition
+        self._tombstones: deque[tuple[float, RowRef]] = deque()  # written, to delete later
+        self._pending: set[RowRef] = set()
+        self._deleted: OrderedDict[RowRef, None] = OrderedDict()
         self._futures: set[Future[None]] = set()
 
-    def consumed(self, steps: Iterable[RecordedStep]) -> None:
-        """Queue rows whose request's outcome is durable; full partitions go at once."""
-        full: list[list[RecordedStep]] = []
+    def consumed(self, refs: Iterable[RowRef], decided: Iterable[Tombstone] = ()) -> None:
+        """Queue row versions whose request's outcome is durable, and the decided requests'
+        tombstones; full partitions go at once."""
+        full: list[list[RowRef | Tombstone]] = []
         with self._lock:
-            for step in steps:
-                row = (step.partition_key, step.row_key)
-                if row in self._pending:
+            items: list[RowRef | Tombstone] = []
+            for ref in refs:
+                if ref in self._pending or ref in self._deleted:
                     continue
-                self._pending.add(row)
-                self._consumed[row] = step.recorded_at
-                self._consumed.move_to_end(row)
-                if len(self._consumed) > REMEMBERED:
-                    self._consumed.popitem(last=False)
-                rows = self._waiting[step.partition_key]
-                rows.append(step)
+                self._pending.add(ref)
+                self._deleted[ref] = None
+                self._deleted.move_to_end(ref)
+                if len(self._deleted) > REMEMBERED:
+                    self._deleted.popitem(last=False)
+                items.append(ref)
+            now = self.clock()
+            for tombstone in decided:
+                items.append(tombstone)
+                self._tombstones.append((now, tombstone.ref))
+            for item in items:
+                rows = self._waiting[item.partition_key]
+                rows.append(item)
                 if len(rows) >= MAX_BATCH_ROWS:
                     full.append(rows[:])
                     rows.clear()
         for chunk in full:
             self._submit(chunk)
 
-    def flush(self) -> None:
-        """Send every partly filled partition's rows now (does not wait)."""
+    def send_queued(self) -> None:
+        """Send every partly filled partition's rows now (does not wait), and the deletes of
+        tombstones kept ``TOMBSTONE_SECONDS``."""
         with self._lock:
+            now = self.clock()
+            while self._tombstones and now - self._tombstones[0][0] >= TOMBSTONE_SECONDS:
+                _, ref = self._tombstones.popleft()
+                self._waiting[ref.partition_key].append(ref)
             chunks = [rows[:] for rows in self._waiting.values() if rows]
             self._waiting.clear()
         for chunk in chunks:
             self._submit(chunk)
 
-    def drain(self, timeout: float) -> bool:
-        """Flush and wait up to ``timeout`` s for every delete; True when none is left."""
-        self.flush()
+    def finish(self, timeout: float) -> bool:
+        """Send what is queued and wait up to ``timeout`` s for every delete; True when done."""
+        self.send_queued()
         with self._lock:
             futures = set(self._futures)
         _, not_done = wait(futures, timeout=timeout)
         return not not_done
 
-    def handled(self, step: RecordedStep) -> bool:
-        """True for this very row (same key, same storage timestamp) once handed over here."""
+    def handled(self, ref: RowRef) -> bool:
+        """True for this very version once handed over here (queued, in flight or deleted)."""
         with self._lock:
-            row = (step.partition_key, step.row_key)
-            return row in self._pending or self._consumed.get(row) == step.recorded_at
+            return ref in self._pending or ref in self._deleted
 
-    def _submit(self, chunk: list[RecordedStep]) -> None:
+    def _submit(self, chunk: list[RowRef | Tombstone]) -> None:
         # In the submitter's context, so the delete's span joins the invocation that queued it.
         context = contextvars.copy_context()
         future = self._executor.submit(context.run, self._delete, chunk)
         with self._lock:
             self._futures.add(future)
-        future.add_done_callback(self._forget)
+        future.add_done_callback(self._forget_future)
 
-    def _forget(self, future: Future[None]) -> None:
+    def _forget_future(self, future: Future[None]) -> None:
         with self._lock:
             self._futures.discard(future)
 
-    def _delete(self, chunk: list[RecordedStep]) -> None:
+    def _delete(self, chunk: list[RowRef | Tombstone]) -> None:
+        refs = [item for item in chunk if isinstance(item, RowRef)]
         try:
-            self.store.delete(chunk)
+            self.store.delete(refs, [item for item in chunk if isinstance(item, Tombstone)])
         except Exception:
-            # Left in the table: the next scan sees them again and deletes them as late.
+            # Left in the table: a later read finds them again and deletes them as late.
             logger.exception("deleting %d consumed completion rows failed; a later drain "
-                             "removes them", len(chunk))
+                             "removes them", len(refs))
             with self._lock:
-                for step in chunk:
-                    self._consumed.pop((step.partition_key, step.row_key), None)
+                for ref in refs:
+                    self._deleted.pop(ref, None)
         finally:
             with self._lock:
-                self._pending.difference_update((s.partition_key, s.row_key) for s in chunk)
+                self._pending.difference_update(refs)

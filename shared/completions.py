@@ -1,50 +1,91 @@
-"""The completions table: every completion recorded (one row per step), read back by the leader.
+"""The completions table: every completion recorded (one row per step), and the ready index.
 
-Row layout: PartitionKey = one of ``BUCKETS`` (16) buckets, a stable hash of the requestId;
+**Step rows.** PartitionKey = one of ``BUCKETS`` (16) buckets, a stable hash of the requestId;
 RowKey = ``requestId|operationId`` (``|`` is outside the identifier charset); the requestId is
-also a property. One (requestId, operationId) thus has one key, as before: a second delivery of
-an operationId with the same content is a duplicate and changes nothing; with different content
-it is recorded beside the first as a *conflict* row (``RowKey = requestId|operationId~conflict``,
+also a property. One (requestId, operationId) thus has one key: a second delivery of an
+operationId with the same content is a duplicate and changes nothing; with different content it
+is recorded beside the first as a *conflict* row (``RowKey = requestId|operationId~conflict``,
 one per operationId however many contents arrive, so a request holds at most two rows per
-operationId) and the leader rejects the request. Rows are deleted only after the request's
-outcome is written to the ledger. Buckets let the leader delete the rows of many requests in one
-transaction (up to 100 rows of one bucket) instead of one transaction per request. Rows of the
-earlier layout (PartitionKey = requestId, RowKey = operationId) are still read and deleted.
+operationId) and the leader rejects the request. The rows of one request are one key range of
+one partition, so a recorder reads them back with one range query (``steps_of``).
 
-The time of record is storage's own entity ``Timestamp``, and the leader's "now" for expiry is
-the ``Date`` of storage's answer to its scan: one clock that every instance shares, so a skewed
-instance clock can neither expire a fresh request nor keep an old one alive.
+**The ready index.** The leader never scans the step rows on its hot path: waiting requests
+(legs of a transfer may arrive minutes apart) would make every read grow with the backlog.
+Instead, the recorder that finds a request decidable (``decision.assess`` on the rows it just
+read) merges a *marker* into partition ``READY_PARTITION`` (RowKey = requestId) that carries the
+steps it read, and the leader reads that one partition (``ready``). Markers are merged, never
+replaced (each step is one property), so two recorders that complete a request at once union
+what they saw. A marker is a hint: the leader decides from the steps it carries (or from a fresh
+read of the rows when the deadline matters, ``leader.ReadyView``) and deletes it with the rows.
+
+**Rare full scans.** Whatever no marker announces (a recorder that crashed between its row and
+its marker and was never redelivered; a request that stays incomplete until it expires) is found
+by ``scan_rows``, a bounded walk of the step rows that the sweeper makes at most once every
+``FULL_SCAN_INTERVAL`` per deployment (``claim_full_scan`` keeps the time in storage).
+
+**Deletes are conditional.** Every delete of a row or marker names the ETag that was read
+(``RowRef``): a row recorded again after it was read (a late step with another content) is a new
+version, and a stale delete cannot remove it.
+
+The time of record is storage's own entity ``Timestamp``, and "now" is the ``Date`` of storage's
+answer to the read: one clock that every instance shares (docs/design.md 3.7).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
+from azure.core import MatchConditions
+from azure.core.exceptions import (
+    ResourceExistsError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.core.pipeline import PipelineResponse
-from azure.data.tables import TableClient, TableEntity, TableTransactionError
+from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
 from shared import telemetry
 from shared.contract import Completion, Operation, StepStatus, completion_message
 from shared.money import format_money, parse_balance
 
 logger = logging.getLogger(__name__)
+_Item = TypeVar("_Item")
 
 CONFLICT_SEPARATOR = "~"  # not in the identifier charset, so it cannot clash with an operationId
 CONFLICT_SUFFIX = CONFLICT_SEPARATOR + "conflict"
 KEY_SEPARATOR = "|"  # between requestId and operationId in a RowKey; outside the charset too
 BUCKETS = 16
 MAX_BATCH_ROWS = 100  # rows of one partition per entity-group transaction
+# Partitions of the app's own bookkeeping. "~" sorts after every identifier character, so the
+# step rows (buckets, and requestIds of the earliest layout) are exactly the keys below "~".
+READY_PARTITION = "~ready"
+META_PARTITION = "~meta"
+SPECIAL_PREFIX = "~"
+FULL_SCAN_ROW = "fullscan"
+FULL_SCAN_INTERVAL = timedelta(seconds=60)  # at most one full scan this often per deployment
+FULL_SCAN_MAX_ROWS = 20_000  # rows one full scan reads before it stops (and resumes next time)
+# A marker carries at most this many steps (two rows per operationId of the largest request);
+# a request with more rows is rejected anyway, and the leader reads its rows afresh.
+MAX_MARKER_STEPS = 100
+# Rows one read of a request returns: the leader reads at most this many of a request at once.
+MAX_REQUEST_ROWS = 1_000
+_STEP_PROPERTY = "s"  # marker properties: "s" + a digest of the step row's key
+# A decided request's rows are replaced by one *tombstone* in its key range
+# (``requestId|~decided``: "~" sorts after every operationId), kept ``TOMBSTONE_SECONDS``: a
+# recorder that reads it knows at once that the step it recorded is late.
+DECIDED_SUFFIX = KEY_SEPARATOR + "~decided"
+TOMBSTONE_SECONDS = 120
 
 
 def bucket_of(request_id: str) -> str:
@@ -58,12 +99,52 @@ def row_key_of(request_id: str, operation_id: str) -> str:
     return f"{request_id}{KEY_SEPARATOR}{operation_id}"
 
 
+def tombstone_key(request_id: str) -> str:
+    """The RowKey of a decided request's tombstone."""
+    return request_id + DECIDED_SUFFIX
+
+
+def is_tombstone(row_key: str) -> bool:
+    """True for the RowKey of a tombstone (never a step's: "~" is outside the charset)."""
+    return row_key.endswith(DECIDED_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Tombstone:
+    """The mark a decided request leaves where its rows were (see ``TOMBSTONE_SECONDS``)."""
+
+    request_id: str
+    status: str
+
+    @property
+    def partition_key(self) -> str:
+        return bucket_of(self.request_id)
+
+    @property
+    def ref(self) -> RowRef:
+        """The tombstone's row, whatever its version (it is only ever rewritten alike)."""
+        return RowRef(self.partition_key, tombstone_key(self.request_id), "")
+
+    def entity(self) -> dict[str, Any]:
+        return {"PartitionKey": self.partition_key, "RowKey": tombstone_key(self.request_id),
+                "status": self.status}
+
+
 class RecordResult(StrEnum):
     """What recording one delivery did."""
 
     RECORDED = "recorded"
     DUPLICATE = "duplicate"
     CONFLICT = "conflict"
+
+
+@dataclass(frozen=True)
+class RowRef:
+    """One version of one row: its keys and the ETag it was read with (for conditional deletes)."""
+
+    partition_key: str
+    row_key: str
+    etag: str
 
 
 @dataclass(frozen=True)
@@ -85,6 +166,12 @@ class RecordedStep:
     partition_key: str = ""  # where the row is stored (the bucket; the requestId for old rows)
     recorded_by: str = ""  # the instance that recorded it
     traceparent: str = ""  # the span that recorded it (W3C), for the commit span's link
+    etag: str = ""  # the version read: a delete removes this version only
+
+    @property
+    def ref(self) -> RowRef:
+        """This version of the row."""
+        return RowRef(self.partition_key or self.request_id, self.row_key, self.etag)
 
     def to_message(self) -> bytes:
         """The step as the v1 message upstream sent (to park it for an operator)."""
@@ -122,7 +209,9 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
     }
 
 
-def _step(row: TableEntity) -> RecordedStep:
+def _step(row: TableEntity | dict[str, Any], etag: str = "",
+          stamp: datetime | None = None) -> RecordedStep:
+    metadata = getattr(row, "metadata", {}) or {}
     return RecordedStep(
         request_id=row.get("requestId") or row["PartitionKey"],
         row_key=row["RowKey"],
@@ -133,30 +222,122 @@ def _step(row: TableEntity) -> RecordedStep:
         expected_operations=int(row["expectedOperations"]),
         status=StepStatus(row["status"]),
         content_key=row["contentKey"],
-        recorded_at=_storage_time(row),
+        recorded_at=stamp or _storage_time(row),
         conflict=bool(row.get("conflict", False)),
         completed_at=str(row.get("completedAt") or ""),
         partition_key=row["PartitionKey"],
         recorded_by=str(row.get("recordedBy") or ""),
         traceparent=str(row.get(telemetry.TRACEPARENT, "")),
+        etag=etag or str(metadata.get("etag") or ""),
     )
 
 
-def _storage_time(row: TableEntity) -> datetime:
-    stamp = row.metadata.get("timestamp")
+def _storage_time(row: TableEntity | dict[str, Any]) -> datetime:
+    stamp = (getattr(row, "metadata", {}) or {}).get("timestamp")
     if isinstance(stamp, datetime):
         return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
+    text = row.get("Timestamp")  # a create's returned content carries it as text
+    if isinstance(text, str) and text:
+        return _parse_stamp(text)
     # Not returned (a projection without Timestamp): the recorder's own stamp, as written.
     return datetime.fromisoformat(row["recordedAt"])
 
 
+def _parse_stamp(text: str) -> datetime:
+    """Storage's ISO time (``2026-12-02T17:25:09.8022309Z``: seven digits) as a datetime."""
+    text = text.rstrip("Z")
+    head, _, fraction = text.partition(".")
+    stamp = datetime.fromisoformat(head + (f".{fraction[:6]:0<6}" if fraction else ""))
+    return stamp.replace(tzinfo=UTC)
+
+
+# --- markers: a step as one property ---------------------------------------------------------
+def step_property(step: RecordedStep) -> str:
+    """The marker property that carries ``step`` (one per row, so merges never clash)."""
+    key = f"{step.partition_key}\x1f{step.row_key}".encode()
+    return _STEP_PROPERTY + hashlib.sha256(key).hexdigest()[:24]
+
+
+def _step_json(step: RecordedStep) -> str:
+    return json.dumps({
+        "p": step.partition_key, "r": step.row_key, "q": step.request_id,
+        "o": step.operation_id, "op": step.operation.value, "a": step.account_id,
+        "m": format_money(step.amount), "n": step.expected_operations,
+        "st": step.status.value, "k": step.content_key, "t": step.recorded_at.isoformat(),
+        "c": step.conflict, "ca": step.completed_at, "b": step.recorded_by,
+        "tp": step.traceparent, "e": step.etag}, separators=(",", ":"))
+
+
+def _step_from_json(text: str) -> RecordedStep:
+    d = json.loads(text)
+    return RecordedStep(
+        request_id=d["q"], row_key=d["r"], operation_id=d["o"], operation=Operation(d["op"]),
+        account_id=d["a"], amount=parse_balance(d["m"]), expected_operations=int(d["n"]),
+        status=StepStatus(d["st"]), content_key=d["k"],
+        recorded_at=datetime.fromisoformat(d["t"]), conflict=bool(d["c"]),
+        completed_at=d.get("ca", ""), partition_key=d["p"], recorded_by=d.get("b", ""),
+        traceparent=d.get("tp", ""), etag=d.get("e", ""))
+
+
 @dataclass(frozen=True)
-class CompletionScan:
-    """Every recorded step grouped by request, and storage's time when it answered."""
+class ReadyMarker:
+    """A request some recorder found decidable, with the steps it (and any later one) read."""
+
+    request_id: str
+    steps: tuple[RecordedStep, ...]
+    ref: RowRef  # the marker's own version: deleted only while nobody merged into it since
+    truncated: bool = False  # the request had more rows than a marker carries
+    read_at: datetime | None = None  # storage's time of a read that returned every row
+
+
+def _marker(row: TableEntity) -> ReadyMarker:
+    steps = sorted((_step_from_json(value) for name, value in row.items()
+                    if name.startswith(_STEP_PROPERTY) and isinstance(value, str)
+                    and len(name) == len(_STEP_PROPERTY) + 24),
+                   key=lambda s: (s.partition_key, s.row_key))
+    read_at = row.get("readAt")
+    return ReadyMarker(str(row["RowKey"]), tuple(steps),
+                       RowRef(READY_PARTITION, str(row["RowKey"]), str(row.metadata["etag"])),
+                       bool(row.get("truncated", False)),
+                       datetime.fromisoformat(read_at) if isinstance(read_at, str) else None)
+
+
+@dataclass(frozen=True)
+class RequestRows:
+    """The rows of one request as one read found them, and storage's time of that read."""
+
+    steps: list[RecordedStep]
+    storage_time: datetime
+    truncated: bool = False  # more rows than the read returned
+    decided: bool = False  # its tombstone is there: the request was decided a moment ago
+
+
+@dataclass(frozen=True)
+class ReadyScan:
+    """Every marker of the ready index, and storage's time when it answered."""
+
+    markers: list[ReadyMarker]
+    storage_time: datetime
+
+
+@dataclass(frozen=True)
+class RowScan:
+    """Step rows of a bounded full scan, grouped by request, and where the next scan starts."""
 
     steps: dict[str, list[RecordedStep]]
-    storage_time: datetime  # the Date of storage's answer: "now" on the record times' clock
-    newest_record: datetime | None = None  # the latest Timestamp among the rows read
+    storage_time: datetime
+    rows: int
+    resume_at: tuple[str, str] | None  # (PartitionKey, RowKey) to start from; None: wrap around
+    old_tombstones: list[RowRef] = field(default_factory=list)  # kept past TOMBSTONE_SECONDS
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording one delivery did, and the row as stored when this delivery created it."""
+
+    result: RecordResult
+    step: RecordedStep | None = None
+    storage_time: datetime | None = None  # storage's Date of the answer
 
 
 class StorageDate:
@@ -172,19 +353,21 @@ class StorageDate:
 
 
 class CompletionStore:
-    """Records completions and gives the leader its view of them."""
+    """Records completions, keeps the ready index, and gives the leader its reads of both."""
 
     def __init__(self, table: TableClient) -> None:
         self.table = table
 
-    def record(self, completion: Completion, instance_id: str, now: datetime) -> RecordResult:
+    # --- recording ---------------------------------------------------------------------------
+    def record(self, completion: Completion, instance_id: str, now: datetime) -> Recorded:
         """Record one delivery. Idempotent: a redelivery of the same content is a no-op."""
         key = row_key_of(completion.request_id, completion.operation_id)
         entity = _entity(completion, key, instance_id, now, conflict=False)
         for _ in range(3):
             try:
-                self.table.create_entity(entity)
-                return RecordResult.RECORDED
+                meta = self.table.create_entity(entity)
+                return Recorded(RecordResult.RECORDED, self._created(entity, meta),
+                                meta.get("date"))
             except ResourceExistsError:
                 pass
             try:
@@ -193,12 +376,12 @@ class CompletionStore:
             except ResourceNotFoundError:
                 continue  # the leader deleted it in between (its request ended): record anew
         else:
-            raise RuntimeError(f"{completion.request_id}/{completion.operation_id} kept "
-                               "appearing and disappearing; the host will retry the message")
+            raise RecordingRaced(f"{completion.request_id}/{completion.operation_id} kept "
+                                 "appearing and disappearing; the host will retry the message")
         if first["contentKey"] == completion.content_key():
             logger.debug("duplicate delivery of %s/%s ignored", completion.request_id,
                          completion.operation_id)  # counted: ledger.completions.deliveries
-            return RecordResult.DUPLICATE
+            return Recorded(RecordResult.DUPLICATE)
         row_key = key + CONFLICT_SUFFIX
         with contextlib.suppress(ResourceExistsError):  # a conflict was recorded already
             self.table.create_entity(_entity(completion, row_key, instance_id, now,
@@ -206,74 +389,222 @@ class CompletionStore:
         logger.warning("operationId %s of request %s arrived twice with different content; the "
                        "request will be rejected", completion.operation_id, completion.request_id,
                        extra=telemetry.log_extra(requestId=completion.request_id))
-        return RecordResult.CONFLICT
+        return Recorded(RecordResult.CONFLICT)
 
-    def scan(self, fallback_now: datetime, since: datetime | None = None) -> CompletionScan:
-        """Every recorded step, grouped by request (one scan of the table), and storage's time.
+    @staticmethod
+    def _created(entity: dict[str, Any], meta: dict[str, Any]) -> RecordedStep | None:
+        content = meta.get("content")
+        stamp = content.get("Timestamp") if isinstance(content, dict) else None
+        if not isinstance(stamp, str):
+            return None  # storage did not echo the row: the caller reads it back
+        return _step(entity, etag=str(meta.get("etag") or ""), stamp=_parse_stamp(stamp))
 
-        With ``since``, only the rows whose storage ``Timestamp`` is at or after it (the leader's
-        incremental read; storage evaluates the filter, so only those rows travel).
-        ``fallback_now`` is used only if storage's answer carried no ``Date`` header.
-        """
-        grouped: dict[str, list[RecordedStep]] = defaultdict(list)
-        date = StorageDate()
-        if since is None:
-            rows = self.table.list_entities(raw_response_hook=date)
-        else:
-            rows = self.table.query_entities("Timestamp ge @since", parameters={"since": since},
-                                             raw_response_hook=date)
-        newest: datetime | None = None
-        for row in rows:
-            step = _step(row)
-            grouped[step.request_id].append(step)
-            if newest is None or step.recorded_at > newest:
-                newest = step.recorded_at
-        if date.latest is None:
-            logger.warning("storage sent no Date header; request expiry uses this instance's "
-                           "clock for this scan")
-        return CompletionScan(dict(grouped), date.latest or fallback_now, newest)
+    def steps_of(self, request_id: str, limit: int = MAX_REQUEST_ROWS) -> list[RecordedStep]:
+        """The recorded steps of one request (one key range of one partition)."""
+        return self.read_request(request_id, limit).steps
 
-    def steps_of(self, request_id: str) -> list[RecordedStep]:
-        """The recorded steps of one request (either layout)."""
+    def read_request(self, request_id: str, limit: int = MAX_REQUEST_ROWS,
+                     fallback_now: datetime | None = None) -> RequestRows:
+        """The rows of one request, at most ``limit``, and storage's time of the read."""
         low = request_id + KEY_SEPARATOR
         high = request_id + chr(ord(KEY_SEPARATOR) + 1)
+        date = StorageDate()
         rows = self.table.query_entities(
-            "( PartitionKey eq @bucket and RowKey ge @low and RowKey lt @high ) "
-            "or PartitionKey eq @request",  # spaces: the SDK substitutes whole words
-            parameters={"bucket": bucket_of(request_id), "low": low, "high": high,
-                        "request": request_id})
-        return [_step(row) for row in rows]
+            "PartitionKey eq @bucket and RowKey ge @low and RowKey lt @high",
+            parameters={"bucket": bucket_of(request_id), "low": low, "high": high},
+            results_per_page=min(limit + 1, 1000), raw_response_hook=date)
+        steps: list[RecordedStep] = []
+        truncated = decided = False
+        for row in rows:
+            if is_tombstone(row["RowKey"]):
+                decided = True
+                continue
+            if len(steps) >= limit:
+                truncated = True
+                break
+            steps.append(_step(row))
+        return RequestRows(steps, _date_or(date, fallback_now), truncated, decided)
+
+    # --- the ready index ---------------------------------------------------------------------
+    def mark_ready(self, request_id: str, steps: Sequence[RecordedStep],
+                   read_at: datetime | None = None, truncated: bool = False) -> None:
+        """Merge ``steps`` into the request's marker (created if missing): the leader's cue.
+
+        ``read_at``: storage's time of the read that returned ``steps`` as *every* row of the
+        request (``None`` when the caller did not read them all, e.g. a deposit's own row).
+        ``truncated``: the request had more rows than the marker carries.
+        """
+        chosen = sorted(steps, key=lambda s: (s.partition_key, s.row_key))
+        entity: dict[str, Any] = {"PartitionKey": READY_PARTITION, "RowKey": request_id}
+        for step in chosen[:MAX_MARKER_STEPS]:
+            entity[step_property(step)] = _step_json(step)
+        if read_at is not None:
+            entity["readAt"] = read_at.isoformat()
+        if truncated or len(chosen) > MAX_MARKER_STEPS:
+            entity["truncated"] = True
+        self.table.upsert_entity(entity, mode=UpdateMode.MERGE)
+
+    def ready(self, fallback_now: datetime) -> ReadyScan:
+        """Every marker (one partition query), and storage's time when it answered."""
+        date = StorageDate()
+        rows = self.table.query_entities("PartitionKey eq @pk",
+                                         parameters={"pk": READY_PARTITION},
+                                         results_per_page=1000, raw_response_hook=date)
+        markers = [_marker(row) for row in rows]
+        return ReadyScan(markers, _date_or(date, fallback_now))
+
+    # --- rare full scans ---------------------------------------------------------------------
+    def claim_full_scan(self, shift: timedelta = timedelta(0),
+                        interval: timedelta = FULL_SCAN_INTERVAL) -> tuple[str, str] | None:
+        """Take the deployment's next full scan if ``interval`` has passed since the last one.
+
+        Returns where the scan starts (``("", "")``: the beginning), or ``None`` when another
+        scan was made within ``interval`` (or another instance just took this one). The time is
+        storage's (the ``Date`` of its answer, moved by ``shift`` in tests) and kept in storage.
+        """
+        date = StorageDate()
+        try:
+            row: TableEntity | None = self.table.get_entity(META_PARTITION, FULL_SCAN_ROW,
+                                                            raw_response_hook=date)
+        except ResourceNotFoundError:
+            row = None
+        now = (date.latest or datetime.now(UTC)) + shift
+        entity = {"PartitionKey": META_PARTITION, "RowKey": FULL_SCAN_ROW,
+                  "lastScanAt": now.isoformat(),
+                  "resumePartition": "" if row is None else str(row.get("resumePartition", "")),
+                  "resumeRow": "" if row is None else str(row.get("resumeRow", ""))}
+        try:
+            if row is None:
+                self.table.create_entity(entity)
+            else:
+                last = datetime.fromisoformat(str(row.get("lastScanAt")))
+                if now - last < interval:
+                    return None
+                self.table.update_entity(entity, mode=UpdateMode.REPLACE,
+                                         etag=row.metadata["etag"],
+                                         match_condition=MatchConditions.IfNotModified)
+        except (ResourceExistsError, ResourceModifiedError):
+            return None  # another instance took it
+        return entity["resumePartition"], entity["resumeRow"]
+
+    def save_scan_position(self, resume_at: tuple[str, str] | None) -> None:
+        """Where the next full scan starts (``None``: from the beginning)."""
+        partition, row = resume_at or ("", "")
+        self.table.upsert_entity({"PartitionKey": META_PARTITION, "RowKey": FULL_SCAN_ROW,
+                                  "resumePartition": partition, "resumeRow": row},
+                                 mode=UpdateMode.MERGE)
+
+    def scan_rows(self, start: tuple[str, str] = ("", ""), max_rows: int = FULL_SCAN_MAX_ROWS,
+                  fallback_now: datetime | None = None) -> RowScan:
+        """Step rows from ``start`` on, grouped by request, stopping after about ``max_rows``.
+
+        It stops at a request's boundary (a request's rows are one key range), so every group
+        it returns is whole. Markers and bookkeeping rows (partitions from "~") are left out.
+        """
+        partition, row_key = start
+        if partition:
+            query = ("(PartitionKey eq @pk and RowKey ge @rk) or "
+                     "(PartitionKey gt @pk and PartitionKey lt @special)")
+            parameters = {"pk": partition, "rk": row_key, "special": SPECIAL_PREFIX}
+        else:
+            query = "PartitionKey lt @special"
+            parameters = {"special": SPECIAL_PREFIX}
+        date = StorageDate()
+        rows = self.table.query_entities(query, parameters=parameters, results_per_page=1000,
+                                         raw_response_hook=date)
+        grouped: dict[str, list[RecordedStep]] = defaultdict(list)
+        count = 0
+        last_request = ""
+        resume_at: tuple[str, str] | None = None
+        tombstones: list[tuple[RowRef, datetime]] = []
+        for row in rows:
+            if is_tombstone(row["RowKey"]):
+                tombstones.append((RowRef(row["PartitionKey"], row["RowKey"],
+                                          str(row.metadata["etag"])), _storage_time(row)))
+                continue
+            step = _step(row)
+            if count >= max_rows and step.request_id != last_request:
+                resume_at = (step.partition_key, step.row_key)
+                break
+            grouped[step.request_id].append(step)
+            last_request = step.request_id
+            count += 1
+        now = _date_or(date, fallback_now)
+        keep = timedelta(seconds=TOMBSTONE_SECONDS)
+        return RowScan(dict(grouped), now, count, resume_at,
+                       [ref for ref, stamp in tombstones if now - stamp >= keep])
 
     def count(self, limit: int = 10_000) -> int:
         """How many completion rows wait for the leader (counting stops at ``limit``)."""
         total = 0
-        for _ in self.table.list_entities(select=["RowKey"], results_per_page=1000):
-            total += 1
+        for row in self.table.query_entities("PartitionKey lt @special",
+                                             parameters={"special": SPECIAL_PREFIX},
+                                             select=["RowKey"], results_per_page=1000):
+            total += not is_tombstone(row["RowKey"])
             if total >= limit:
                 break
         return total
 
+    # --- conditional deletes -----------------------------------------------------------------
     @telemetry.traced("ledger.delete")
-    def delete(self, steps: Iterable[RecordedStep]) -> None:
-        """Delete rows of requests whose outcome is already in the ledger (idempotent).
+    def delete(self, refs: Iterable[RowRef], tombstones: Iterable[Tombstone] = ()) -> None:
+        """Delete these versions of rows (idempotent), leaving ``tombstones`` where they were.
 
-        One transaction per 100 rows of a partition, whatever requests they belong to.
+        A row changed since it was read stays. One transaction per 100 operations of a
+        partition, whatever requests they belong to, each delete ``If-Match`` the ETag that was
+        read. When one row of a transaction is gone or was recorded anew, that transaction's
+        rows are deleted one by one.
         """
-        by_partition: dict[str, set[str]] = defaultdict(set)
-        for step in steps:
-            by_partition[step.partition_key or step.request_id].add(step.row_key)
-        for partition, row_keys in by_partition.items():
-            for chunk in _chunks(sorted(row_keys), MAX_BATCH_ROWS):
+        deletes: dict[str, dict[str, str]] = defaultdict(dict)
+        for ref in refs:
+            deletes[ref.partition_key][ref.row_key] = ref.etag
+        marks: dict[str, list[Tombstone]] = defaultdict(list)
+        for tombstone in tombstones:
+            marks[tombstone.partition_key].append(tombstone)
+        for partition in sorted(deletes.keys() | marks.keys()):
+            rows = deletes.get(partition, {})
+            operations: list[Any] = [
+                ("delete", {"PartitionKey": partition, "RowKey": rk}, _if_match(rows[rk]))
+                for rk in sorted(rows)]
+            operations += [("upsert", t.entity(), {"mode": UpdateMode.REPLACE})
+                           for t in marks.get(partition, [])]
+            for chunk in _chunks(operations, MAX_BATCH_ROWS):
                 try:
-                    self.table.submit_transaction(
-                        [("delete", {"PartitionKey": partition, "RowKey": rk}) for rk in chunk])
+                    self.table.submit_transaction(chunk)
                 except TableTransactionError:
-                    # One row was already gone (a previous leader crashed mid-cleanup).
-                    for rk in chunk:
-                        with contextlib.suppress(ResourceNotFoundError):
-                            self.table.delete_entity(partition, rk)
+                    for operation in chunk:
+                        if operation[0] == "delete":
+                            self._delete_one(partition, operation[1]["RowKey"],
+                                             rows[operation[1]["RowKey"]])
+                        else:
+                            self.table.upsert_entity(operation[1], mode=UpdateMode.REPLACE)
+
+    def _delete_one(self, partition: str, row_key: str, etag: str) -> None:
+        try:
+            self.table.delete_entity(partition, row_key, **_if_match(etag))
+        except ResourceModifiedError:
+            logger.debug("row %s/%s changed since it was read; kept", partition, row_key)
+        except ResourceNotFoundError:
+            pass  # already gone (a previous leader's delete, or a crash mid-cleanup)
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+class RecordingRaced(RuntimeError):
+    """A step's row kept appearing and disappearing while it was recorded: retry the message."""
+
+
+def _if_match(etag: str) -> dict[str, Any]:
+    if not etag:  # rows read before ETags were kept: unconditional (the old behaviour)
+        return {}
+    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+
+
+def _date_or(date: StorageDate, fallback: datetime | None) -> datetime:
+    if date.latest is not None:
+        return date.latest
+    logger.warning("storage sent no Date header; request expiry uses this instance's clock")
+    return fallback or datetime.now(UTC)
+
+
+def _chunks(items: list[_Item], size: int) -> Iterator[list[_Item]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]

@@ -1,6 +1,11 @@
 """What the leader decides for one request, from its recorded steps alone (pure functions).
 
-Order of the rules, first match wins:
+Only the steps stamped (by storage) before the request's **deadline**, its first step's
+``Timestamp`` plus ``REQUEST_TIMEOUT_SECONDS``, count. A step stamped at or after the deadline
+is *late*: it never changes the decision, whenever the leader happens to look; once the outcome
+exists it is settled like any late step (dropped when it agrees, parked when it contradicts).
+
+Order of the rules over the steps on time, first match wins:
 
 1. a conflict row (one operationId, two contents)            -> rejected
 2. steps disagree on expectedOperations                        -> rejected
@@ -8,8 +13,11 @@ Order of the rules, first match wins:
 4. any step failed                                             -> aborted
 5. all expected steps succeeded                                -> ready to commit (the leader then
    rejects it if a balance would go below zero, see ``apply_legs``)
-6. still incomplete ``request_timeout`` after its first step   -> expired
+6. incomplete, and storage's time has passed the deadline      -> expired
 7. otherwise                                                   -> pending (nothing to do yet)
+
+Rule 6 waits ``EXPIRY_GRACE`` past the deadline, so that a row stamped just before the deadline
+but made visible a moment after it is part of the read that decides.
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from shared.contract import StepStatus
 from shared.ledger import DecidedOutcome
 
 NAMED_IN_REASON = 5  # offenders a reason names before it gives a count
+# How long after a request's deadline storage's time must be before it is judged expired: a
+# write stamped before the deadline is visible well within this (docs/design.md 3.7).
+EXPIRY_GRACE = timedelta(seconds=1)
 
 
 class Verdict(StrEnum):
@@ -45,9 +56,15 @@ class Assessment:
     request_id: str
     verdict: Verdict
     reason: str
-    steps: tuple[RecordedStep, ...]
+    steps: tuple[RecordedStep, ...]  # the steps on time: what the decision is made from
     legs: tuple[tuple[str, Decimal], ...] = ()
     expected_operations: int = 0  # what the steps said (0 when they disagree)
+    late: tuple[RecordedStep, ...] = ()  # stamped at or after the deadline: settled afterwards
+
+    @property
+    def rows(self) -> tuple[RecordedStep, ...]:
+        """Every row the decision consumes: the steps on time and the late ones."""
+        return self.steps + self.late
 
     @property
     def decided(self) -> bool:
@@ -78,29 +95,37 @@ def name_some(items: Sequence[str], limit: int = NAMED_IN_REASON) -> str:
     return f"{', '.join(items[:limit])} and {len(items) - limit} more ({len(items)} in all)"
 
 
+def deadline_of(steps: Sequence[RecordedStep], request_timeout: timedelta) -> datetime:
+    """When the request expires: its first step's storage time plus the timeout."""
+    return min(s.recorded_at for s in steps) + request_timeout
+
+
 def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
            request_timeout: timedelta) -> Assessment:
     """Apply the rules above to the steps recorded for one request.
 
     ``now`` and the steps' ``recorded_at`` must come from one clock (storage's, see
-    ``CompletionStore.scan``), so that expiry never compares two machines' clocks.
+    ``CompletionStore``), so that expiry never compares two machines' clocks. The verdict
+    depends only on the steps stamped before the deadline and, for expiry, on ``now``.
     """
-    frozen = tuple(steps)
-    expected = {s.expected_operations for s in frozen}
+    deadline = deadline_of(steps, request_timeout)
+    on_time = tuple(s for s in steps if s.recorded_at < deadline)
+    late = tuple(s for s in steps if s.recorded_at >= deadline)
+    expected = {s.expected_operations for s in on_time}
     wanted = next(iter(expected)) if len(expected) == 1 else 0
 
     def verdict(kind: Verdict, reason: str, legs: tuple[tuple[str, Decimal], ...] = ()) -> (
             Assessment):
-        return Assessment(request_id, kind, reason, frozen, legs, wanted)
+        return Assessment(request_id, kind, reason, on_time, legs, wanted, late)
 
-    conflicts = sorted({s.operation_id for s in frozen if s.conflict})
+    conflicts = sorted({s.operation_id for s in on_time if s.conflict})
     if conflicts:
         return verdict(Verdict.REJECTED, "operationId arrived twice with different content: "
-                       + name_some(describe_conflicts(frozen, conflicts)))
+                       + name_some(describe_conflicts(on_time, conflicts)))
     if len(expected) > 1:
         return verdict(Verdict.REJECTED, "steps disagree on expectedOperations: "
                        + name_some([str(n) for n in sorted(expected)]))
-    distinct = {s.operation_id: s for s in frozen}
+    distinct = {s.operation_id: s for s in on_time}
     if len(distinct) > wanted:
         return verdict(Verdict.REJECTED, f"{len(distinct)} distinct steps arrived, "
                        f"expectedOperations is {wanted}")
@@ -111,11 +136,18 @@ def assess(request_id: str, steps: Sequence[RecordedStep], now: datetime,
         legs = tuple((s.account_id, s.signed_amount)
                      for _, s in sorted(distinct.items()))
         return verdict(Verdict.COMMIT, "", legs)
-    first = min(s.recorded_at for s in frozen)
-    if now - first >= request_timeout:
+    if now >= deadline + EXPIRY_GRACE:
         return verdict(Verdict.EXPIRED, f"{len(distinct)} of {wanted} steps arrived within "
                        f"{request_timeout.total_seconds():g} s")
     return verdict(Verdict.PENDING, f"{len(distinct)} of {wanted} steps arrived")
+
+
+def depends_on_deadline(assessment: Assessment) -> bool:
+    """True when the verdict was reached at or past the deadline (expired, or late rows cut off).
+
+    Such a verdict is confirmed on a fresh read of the request's rows before it is written.
+    """
+    return assessment.verdict is Verdict.EXPIRED or bool(assessment.late)
 
 
 # What a second content of one step may differ in: (the contract's name, the step's attribute).

@@ -192,6 +192,8 @@ class HeldLease:
     callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
     call_timeout_seconds: float = 5  # one try of a lease call (STORAGE_TIMEOUT_SECONDS)
     state: LeaseState = LeaseState.LEADING
+    # Called after each successful renewal (the wake-up alarm follows the lease's expiry).
+    on_renewed: Callable[[], None] | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -259,6 +261,8 @@ class HeldLease:
                     f"renewing lease {self.lease_id} failed: {_why(exc)}") from exc
             self.last_renew_sent = sent
             logger.debug("renewed lease %s", self.lease_id)
+        if self.on_renewed is not None:
+            self.on_renewed()
 
     def release(self) -> None:
         """Give the lease back so the next candidate need not wait for it to expire."""

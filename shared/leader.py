@@ -1,16 +1,26 @@
-"""One leadership term: drain the completions table and commit, fenced by the term's epoch.
+"""One leadership term: commit the ready requests, fenced by the term's epoch.
 
 A ``LeaderTerm`` holds the lease, the epoch it claimed, and a cache of the balances it read. It
 is valid only while its fence holds: every transaction is conditional on the fence, so the cache
 can never be acted on after a newer leader has written.
 
-The drain keeps one thing strictly serial: the commit transactions, each conditional on the
-fence ETag the one before returned. Everything else is batched or runs beside them: the account
-rows a round needs are read many at once (``ACCOUNT_READERS`` threads); consumed completion rows
-are deleted in batches by background threads once their outcome is durable
-(``shared/cleanup.py``); and after the first full scan the leader reads only rows stored since
-the newest it has seen (``CompletionView``). A leader whose work keeps coming lingers
-(``LINGER_SECONDS``) instead of releasing at once. docs/design.md says why each is safe.
+**What the leader reads.** Only the ready index (``ReadyView``): one partition of markers, each
+naming a request that a recorder found decidable, with its steps. Requests still waiting for
+steps are never read here, so a term's work does not grow with the backlog of incomplete
+requests; the sweeper's rare full scan (``shared/sweeper.py``) finds what no marker announces.
+A verdict that depends on the deadline (expired, or steps cut off as late) is confirmed on a
+fresh read of the request's rows first (one key range).
+
+**What is serial.** Only the commit transactions, each conditional on the fence ETag the one
+before returned. The account rows a round needs are read many at once (``ACCOUNT_READERS``
+threads); consumed rows and markers are deleted in batches by background threads once their
+outcome is durable (``shared/cleanup.py``). A leader whose work keeps coming lingers
+(``LINGER_SECONDS``) instead of releasing at once. docs/design.md 3.9 says why each is safe.
+
+**Slow storage.** A read that failed with a transient error (a timeout, a reset, a 5xx) is tried
+again within what the lease allows; what was read is kept (balances are cached for the term),
+and requests whose accounts could not be read wait for the next round while the others commit.
+A term is not thrown away for a read that timed out.
 """
 
 from __future__ import annotations
@@ -21,23 +31,27 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 from typing import TypeVar
 
 from shared import telemetry
 from shared.app import LedgerApp
-from shared.completions import RecordedStep
+from shared.completions import ReadyMarker, RecordedStep, RowRef, Tombstone
 from shared.decision import (
+    EXPIRY_GRACE,
     Assessment,
     InsufficientFunds,
     Verdict,
     apply_legs,
     assess,
     contradiction,
+    deadline_of,
+    depends_on_deadline,
 )
 from shared.election import HeldLease
 from shared.ledger import (
+    MAX_RECORDED_STEPS,
     MAX_TRANSACTION_OPERATIONS,
     AccountChanged,
     AccountRow,
@@ -49,19 +63,18 @@ from shared.ledger import (
     OutcomeExists,
 )
 from shared.parking import ParkedKind, late_step_id
+from shared.retries import is_transient
 
 logger = logging.getLogger(__name__)
+_Key = TypeVar("_Key")
 _Row = TypeVar("_Row")
 
 MAX_ACCOUNT_RETRIES = 3  # re-reads of accounts changed under the leader, per batch
 ACCOUNT_READERS = 6  # concurrent point reads (the clients' connection pool holds 10)
 LINGER_SECONDS = 0.25  # a leader whose work kept coming holds the lease this long once idle
 POLL_SECONDS = 0.02  # between its reads while it lingers
-FULL_SCAN_SECONDS = 30.0  # a long term re-reads the whole table at least this often
-# An incremental read starts this long before the newest row already seen: it covers writes
-# that storage stamped earlier but made visible later. A row missed anyway is found by the next
-# full scan (at most FULL_SCAN_SECONDS later, and at every term's start and final look).
-READ_OVERLAP = timedelta(seconds=1)
+READ_PASSES = 3  # tries of the reads a round needs before the round goes on without them
+READ_BACKOFF_SECONDS = 0.2  # before the second pass, doubled for the third
 
 
 @dataclass
@@ -75,84 +88,102 @@ class DrainReport:
     transactions: int = 0
     scans: int = 0
     budget_exhausted: bool = False
+    reads_retried: int = 0  # reads that failed transiently and were tried again
 
 
-class CompletionView:
-    """The leader's picture of the completions table: a full scan, then incremental reads.
+@dataclass(frozen=True)
+class ReadyRequest:
+    """A request the leader can settle now: the verdict, and the marker that announced it."""
 
-    Rows whose delete is already queued (``app.cleaner``) are left out, so a committed request
-    is never proposed twice by the process that committed it, nor are rows it already deleted
-    that a read racing with the delete returned (``RowCleaner.handled``).
+    assessment: Assessment
+    marker: ReadyMarker
+
+    @property
+    def request_id(self) -> str:
+        return self.assessment.request_id
+
+    @property
+    def consumed(self) -> list[RowRef]:
+        """Every row version the decision consumes, and the marker."""
+        return [step.ref for step in self.assessment.rows] + [self.marker.ref]
+
+
+@dataclass
+class ReadyRound:
+    """What one read of the ready index found."""
+
+    decidable: list[ReadyRequest] = field(default_factory=list)  # oldest last step first
+    unconfirmed: list[ReadyRequest] = field(default_factory=list)  # not decidable by its steps
+
+    def __bool__(self) -> bool:
+        return bool(self.decidable or self.unconfirmed)
+
+
+class ReadyView:
+    """The leader's reads of the ready index (one partition of markers per read).
+
+    Markers (and rows) whose delete this process already queued are left out, so a committed
+    request is never proposed twice by the process that committed it. ``others_seen`` says
+    whether a marker carried a step recorded by another instance (docs/design.md 3.5).
     """
 
     def __init__(self, app: LedgerApp) -> None:
         self.app = app
-        self.rows: dict[str, dict[tuple[str, str], RecordedStep]] = {}
-        self.others_seen = False  # a row recorded by another instance was read
-        self.since: datetime | None = None  # storage time the next incremental read starts at
-        self.full_scan_at = float("-inf")  # time.monotonic() of the last full scan
+        self.others_seen = False
 
     @telemetry.traced("ledger.scan")
-    def read(self, full: bool = False) -> list[Assessment]:
-        """Every request decidable now, oldest last step first, after reading what is new.
-
-        ``full`` (or no earlier read, or ``FULL_SCAN_SECONDS`` since the last full scan) reads
-        the whole table; otherwise only rows storage stamped at or after ``since``. Expiry
-        compares storage's time of record with storage's time of the read: one clock.
-        """
+    def read(self) -> ReadyRound:
+        """Every request announced as decidable, assessed, oldest last step first."""
         app = self.app
-        full = full or self.since is None or \
-            time.monotonic() - self.full_scan_at >= FULL_SCAN_SECONDS
-        scan = app.completions.scan(fallback_now=app.wallclock(),
-                                    since=None if full else self.since)
-        if full:
-            self.rows = {}
-            self.full_scan_at = time.monotonic()
-        touched: set[str] = set()
+        scan = app.completions.ready(fallback_now=app.wallclock())
+        markers = [m for m in scan.markers if m.steps and not app.cleaner.handled(m.ref)]
         me = app.config.instance_id
-        for request_id, steps in scan.steps.items():
-            self.others_seen = self.others_seen or any(s.recorded_by != me for s in steps)
-            fresh = [s for s in steps if not app.cleaner.handled(s)]
-            if fresh:
-                known = self.rows.setdefault(request_id, {})
-                known.update(((s.partition_key, s.row_key), s) for s in fresh)
-                touched.add(request_id)
-        newest = scan.newest_record if scan.newest_record is not None else scan.storage_time
-        mark = newest - READ_OVERLAP
-        if self.since is None or mark > self.since:
-            self.since = mark
-        # A full read decides on everything (expiry included); an incremental one on the
-        # requests it brought new rows for.
-        candidates = self.rows.keys() if full else touched
+        self.others_seen = self.others_seen or any(
+            s.recorded_by != me for m in markers for s in m.steps)
         now = scan.storage_time + app.time_shift()
         timeout = timedelta(seconds=app.config.request_timeout_seconds)
-        assessed = []
-        for request_id in candidates:
-            assessment = assess(request_id, list(self.rows[request_id].values()), now, timeout)
-            if request_id in app.recently_decided:
+        assessed = {m.request_id: assess(m.request_id, m.steps, now, timeout) for m in markers}
+        # A verdict reached at or past the deadline is confirmed on the rows as they are now,
+        # unless the marker's steps came from a read made after the deadline had passed.
+        confirm = [m for m in markers if m.truncated or (
+            depends_on_deadline(assessed[m.request_id])
+            and not settled_by(m, assessed[m.request_id], timeout))]
+        for marker, rows in zip(confirm, _read_concurrently(
+                lambda m: app.completions.read_request(m.request_id), confirm), strict=True):
+            fresh = [s for s in rows.steps if not app.cleaner.handled(s.ref)]
+            if fresh:
+                assessed[marker.request_id] = assess(
+                    marker.request_id, fresh, rows.storage_time + app.time_shift(), timeout)
+            else:  # its rows are gone: whatever the marker says is late, or was settled
+                assessed[marker.request_id] = Assessment(
+                    marker.request_id, Verdict.PENDING, "no rows left", ())
+        found = ReadyRound()
+        for marker in markers:
+            assessment = assessed[marker.request_id]
+            if marker.request_id in app.recently_decided:
                 # This process decided it: whatever rows are still here are late (or their
                 # delete failed); either way they are settled against the outcome.
-                assessment = Assessment(request_id, Verdict.LATE, "request already ended",
-                                        assessment.steps)
-            assessed.append(assessment)
-        ready = sorted((a for a in assessed if a.decided),
-                       key=lambda a: (a.last_recorded_at, a.request_id))
-        if full:  # the gauges describe the whole table: only a full read can set them
-            telemetry.record_scan(assessed, ready, now)
-        return ready
-
-    def forget(self, request_ids: Iterable[str]) -> None:
-        """Drop requests that were decided (their rows are being deleted)."""
-        for request_id in request_ids:
-            self.rows.pop(request_id, None)
+                assessment = Assessment(marker.request_id, Verdict.LATE, "request already ended",
+                                        assessment.rows)
+            item = ReadyRequest(assessment, marker)
+            if assessment.decided:
+                found.decidable.append(item)
+            else:
+                found.unconfirmed.append(item)
+        found.decidable.sort(key=lambda r: (r.assessment.last_recorded_at
+                                            if r.assessment.steps else now, r.request_id))
+        return found
 
 
-def ready_assessments(app: LedgerApp) -> list[Assessment]:
-    """Every request the leader can decide now, in commit order (oldest last step first).
+def settled_by(marker: ReadyMarker, assessment: Assessment, timeout: timedelta) -> bool:
+    """True when the marker's steps were read (all of them) once the deadline had passed.
 
-    One full scan of the completions table (rows already being deleted left out).
+    Every row stamped before the deadline is visible ``EXPIRY_GRACE`` after it, so such a read
+    holds every step on time; whatever was recorded later is late and changes nothing.
     """
-    return CompletionView(app).read(full=True)
+    if marker.read_at is None or not assessment.rows:
+        return False
+    return marker.read_at >= deadline_of(assessment.rows, timeout) + EXPIRY_GRACE
 
 
 def _accounts(assessment: Assessment) -> set[str]:
@@ -181,17 +212,17 @@ class LeaderTerm:
 
     def __init__(self, app: LedgerApp, lease: HeldLease, fence: Fence,
                  balances: Mapping[str, AccountRow] | None = None,
-                 view: CompletionView | None = None) -> None:
+                 view: ReadyView | None = None) -> None:
         self.app = app
         self.lease = lease
         self.fence = fence
         self.balances: dict[str, AccountRow] = dict(balances or {})
-        self.view = view or CompletionView(app)
+        self.view = view or ReadyView(app)
         self.report = DrainReport(fence.epoch)
 
     @classmethod
     def begin(cls, app: LedgerApp, lease: HeldLease,
-              view: CompletionView | None = None) -> LeaderTerm:
+              view: ReadyView | None = None) -> LeaderTerm:
         """Claim the next epoch under ``lease``; reuse this process's balances if still current."""
         lease.ensure_can_start(app.config.storage_timeout_seconds)
         known = app.snapshot
@@ -202,9 +233,9 @@ class LeaderTerm:
         lease.keep_renewing()
         return cls(app, lease, fence, known.balances if continued and known else None, view)
 
-    def drain(self, budget_deadline: float,
-              ready: list[Assessment] | None = None) -> DrainReport:
-        """Commit every ready request until none is left or the budget (monotonic) runs out.
+    def commit_ready(self, budget_deadline: float,
+                     ready: ReadyRound | None = None) -> DrainReport:
+        """Settle every ready request until none is left or the budget (monotonic) runs out.
 
         ``ready`` is a read of ``self.view`` made just before (it saves one). Once more than
         one round found work (work keeps coming), an empty read does not end the term at once:
@@ -212,11 +243,11 @@ class LeaderTerm:
         ``FencedOut`` when leadership ends under it.
         """
         try:
-            return self._drain(budget_deadline, ready)
+            return self._rounds(budget_deadline, ready)
         finally:  # a term ends with its consumed rows gone (or their deletes given up on)
-            self.app.cleaner.drain(timeout=self.app.config.storage_timeout_seconds)
+            self.app.cleaner.finish(timeout=self.app.config.storage_timeout_seconds)
 
-    def _drain(self, budget_deadline: float, ready: list[Assessment] | None) -> DrainReport:
+    def _rounds(self, budget_deadline: float, ready: ReadyRound | None) -> DrainReport:
         step_seconds = self.app.config.storage_timeout_seconds
         rounds_with_work = 0
         idle_since: float | None = None
@@ -226,7 +257,7 @@ class LeaderTerm:
                 return self.report
             self.lease.ensure_can_start(step_seconds)
             if ready is None:
-                ready = self.view.read()
+                ready = self._retried(self.view.read)
                 self.report.scans += 1
             if not ready:
                 now = time.monotonic()
@@ -237,52 +268,114 @@ class LeaderTerm:
                 ready = None
                 continue
             idle_since = None
-            late = [a for a in ready if a.verdict is Verdict.LATE]
-            rounds_with_work += len(late) < len(ready)
-            for assessment in late:
-                self._settle_late(assessment)
-            batches = plan_batches([a for a in ready if a.verdict is not Verdict.LATE])
-            self._read_accounts({account for batch in batches for a in batch
-                                 for account in _accounts(a)})
-            for batch in batches:
-                if self.app.clock() >= budget_deadline:
-                    self.report.budget_exhausted = True
-                    return self.report
-                self._commit(batch)
-            # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
-            self.app.cleaner.flush()
-            ready = None  # committed everything seen: read again for what arrived meanwhile
+            if not self._round(ready, budget_deadline):
+                return self.report
+            rounds_with_work += 1
+            ready = None  # settled everything seen: read again for what arrived meanwhile
+
+    def _round(self, ready: ReadyRound, budget_deadline: float) -> bool:
+        """Settle one read's requests; False when the budget ran out."""
+        if ready.unconfirmed:
+            self._resolve_unconfirmed(ready.unconfirmed)
+        late = [r for r in ready.decidable if r.assessment.verdict is Verdict.LATE]
+        for request in late:
+            self._settle_late(request)
+        to_commit = [r for r in ready.decidable if r.assessment.verdict is not Verdict.LATE]
+        self._read_accounts({account for r in to_commit for account in _accounts(r.assessment)})
+        # Requests whose accounts could not be read (storage too slow) wait for the next round.
+        readable = [r for r in to_commit if _accounts(r.assessment) <= self.balances.keys()]
+        by_id = {r.request_id: r for r in readable}
+        for batch in plan_batches([r.assessment for r in readable]):
+            if self.app.clock() >= budget_deadline:
+                self.report.budget_exhausted = True
+                return False
+            self._commit([by_id[a.request_id] for a in batch])
+        # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
+        self.app.cleaner.send_queued()
+        return True
+
+    # --- reads that survive slow storage ---------------------------------------------------------
+    def _retried(self, read: Callable[[], _Row]) -> _Row:
+        """``read()``, tried again after a transient failure while the lease allows."""
+        for attempt in range(READ_PASSES):
+            self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
+            try:
+                return read()
+            except Exception as exc:
+                if not is_transient(exc) or attempt == READ_PASSES - 1:
+                    raise
+                self.report.reads_retried += 1
+                logger.warning("a read failed (%s); trying again", type(exc).__name__)
+                time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    def _read_many(self, read: Callable[[_Key], _Row],
+                   keys: Sequence[_Key]) -> dict[_Key, _Row]:
+        """``read(key)`` for every key, ``ACCOUNT_READERS`` at a time, keeping what succeeded.
+
+        Keys whose read failed transiently are tried again (``READ_PASSES`` passes in all,
+        within the lease); those still failing are left out of the answer.
+        """
+        found: dict[_Key, _Row] = {}
+        missing = list(keys)
+        for attempt in range(READ_PASSES):
+            if not missing:
+                break
+            if attempt:
+                self.report.reads_retried += len(missing)
+                time.sleep(READ_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
+            failed: list[_Key] = []
+            for key, result in zip(missing, _read_concurrently(_tolerant(read), missing),
+                                   strict=True):
+                if isinstance(result, _Failed):
+                    if not is_transient(result.error):
+                        raise result.error
+                    failed.append(key)
+                else:
+                    found[key] = result
+            missing = failed
+        if missing:
+            logger.warning("%d read(s) kept failing; their requests wait for the next round",
+                           len(missing))
+        return found
 
     def _read_accounts(self, accounts: Iterable[str]) -> None:
-        """Read the balances not cached yet, ``ACCOUNT_READERS`` at a time."""
+        """Read the balances not cached yet; what could not be read stays missing."""
         missing = sorted(a for a in set(accounts) if a not in self.balances)
-        if not missing:
-            return
-        self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
-        for row in _read_concurrently(self.app.ledger.read_account, missing):
-            self.balances[row.account_id] = row
+        if missing:
+            self.balances.update(self._read_many(self.app.ledger.read_account, missing))
 
-    def _commit(self, batch: list[Assessment]) -> None:
+    def _read_outcomes(self, request_ids: Sequence[str]) -> dict[str, DecidedOutcome | None]:
+        """The outcome of each request that could be read (``None``: it has none)."""
+        return self._read_many(self.app.ledger.read_outcome, list(request_ids))
+
+    # --- settling --------------------------------------------------------------------------------
+    def _commit(self, batch: list[ReadyRequest]) -> None:
         step_seconds = self.app.config.storage_timeout_seconds
         pending = list(batch)
         # Each retry drops a late request or re-reads a changed account: bounded.
         for _ in range(len(batch) + MAX_ACCOUNT_RETRIES):
             if not pending:
                 return
-            self._read_accounts(set().union(*(_accounts(a) for a in pending)))
-            outcomes, new_balances = self._decide(pending)
+            self._read_accounts(set().union(*(_accounts(r.assessment) for r in pending)))
+            unreadable = [r for r in pending if not _accounts(r.assessment) <= self.balances.keys()]
+            pending = [r for r in pending if r not in unreadable]
+            if not pending:
+                return
+            outcomes, new_balances = self._decide([r.assessment for r in pending])
             self.lease.ensure_can_start(step_seconds)
             try:
-                with telemetry.commit_transaction(pending, outcomes, self.lease.remaining(),
-                                                  self.app.wallclock()):
+                with telemetry.commit_transaction([r.assessment for r in pending], outcomes,
+                                                  self.lease.remaining(), self.app.wallclock()):
                     result = self.app.ledger.commit(self.fence, outcomes, new_balances,
                                                     self.app.wallclock())
             except OutcomeExists as exc:
                 # Such requests rarely come alone (a leader that crashed with deletes queued
                 # leaves many): look up the whole batch's outcomes at once, settle all found.
-                decided = self._read_outcomes([a.request_id for a in pending])
-                found = [a for a in pending if a.request_id in decided] or \
-                    [next(a for a in pending if a.request_id == exc.request_id)]
+                decided = self._read_outcomes([r.request_id for r in pending])
+                found = [r for r in pending if decided.get(r.request_id) is not None] or \
+                    [next(r for r in pending if r.request_id == exc.request_id)]
                 for late in found:
                     pending.remove(late)
                     self._settle_late(late, decided.get(late.request_id))
@@ -291,30 +384,50 @@ class LeaderTerm:
                 logger.warning("%s; reading it again", exc)
                 self.balances.pop(exc.account_id, None)
                 continue
-            self.report.transactions += 1
-            self.balances.update(result.accounts)
-            # This term's own dict (the next term copies it): current while the fence's ETag is.
-            self.app.snapshot = LedgerSnapshot(self.fence.epoch, self.fence.etag,
-                                               self.fence.last_commit_at, self.balances)
-            for outcome in outcomes:
-                self.report.outcomes[outcome.status] += 1
-            self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
-            # The outcomes are durable: their rows may go now, in the background, batched.
-            self.view.forget(a.request_id for a in pending)
-            self.app.cleaner.consumed(step for a in pending for step in a.steps)
+            self._committed(pending, outcomes, result.accounts)
             return
         raise LedgerWriteError(f"account rows kept changing under epoch {self.fence.epoch} "
                                "while it committed; is something other than the leader writing "
                                "the ledger table? Stop it; the next leader resumes")
 
-    def _read_outcomes(self, request_ids: list[str]) -> dict[str, DecidedOutcome]:
-        """The outcomes that exist among ``request_ids``, ``ACCOUNT_READERS`` reads at a time."""
-        read = _read_concurrently(self.app.ledger.read_outcome, request_ids)
-        return {request_id: decided for request_id, decided in
-                zip(request_ids, read, strict=True) if decided is not None}
+    def _committed(self, batch: list[ReadyRequest], outcomes: list[Outcome],
+                   accounts: Mapping[str, AccountRow]) -> None:
+        """After a commit: cache, report, settle the late rows, queue the consumed rows."""
+        self.report.transactions += 1
+        self.balances.update(accounts)
+        # This term's own dict (the next term copies it): current while the fence's ETag is.
+        self.app.snapshot = LedgerSnapshot(self.fence.epoch, self.fence.etag,
+                                           self.fence.last_commit_at, self.balances)
+        for outcome in outcomes:
+            self.report.outcomes[outcome.status] += 1
+        self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
+        for request, outcome in zip(batch, outcomes, strict=True):
+            if request.assessment.late:  # steps past the deadline: checked against the outcome
+                self.report.parked_late_steps += self._park_contradictions(
+                    request.assessment.late, self._as_decided(outcome))
+        # The outcomes are durable: their rows may go now, in the background, batched.
+        self.app.cleaner.consumed((ref for r in batch for ref in r.consumed),
+                                  [Tombstone(o.request_id, o.status) for o in outcomes])
 
-    def _settle_late(self, late: Assessment, decided: DecidedOutcome | None = None) -> None:
-        """Steps of a request that already has an outcome: park what contradicts it, drop the rest.
+    def _as_decided(self, outcome: Outcome) -> DecidedOutcome:
+        """The outcome this term just wrote, as a read would return it."""
+        return DecidedOutcome(outcome, self.fence.last_commit_at, self.fence.epoch,
+                              self.fence.holder, len(outcome.steps) <= MAX_RECORDED_STEPS)
+
+    def _resolve_unconfirmed(self, requests: list[ReadyRequest]) -> None:
+        """Markers whose steps decide nothing: late steps of a decided request, or stale cues."""
+        decided = self._read_outcomes([r.request_id for r in requests])
+        for request in requests:
+            if request.request_id not in decided:
+                continue  # could not be read now: the marker stays for the next round
+            outcome = decided[request.request_id]
+            if outcome is not None:
+                self._settle_late(request, outcome)
+            else:  # not decidable yet: the recorder of its last step marks it again
+                self.app.cleaner.consumed([request.marker.ref])
+
+    def _settle_late(self, late: ReadyRequest, decided: DecidedOutcome | None = None) -> None:
+        """Rows of a request that already has an outcome: park what contradicts it, drop the rest.
 
         Parking comes before the delete (and is idempotent), so a crash in between loses
         nothing: the next leader finds the rows again and parks them again. The delete itself
@@ -323,10 +436,22 @@ class LeaderTerm:
         decided = decided or self.app.ledger.read_outcome(late.request_id)
         if decided is None:  # not decided after all (a cache from an older fence?): keep them
             logger.warning("request %s has no outcome; its steps are kept", late.request_id)
-            self.view.forget([late.request_id])
             return
+        rows = late.assessment.rows
+        parked = self._park_contradictions(rows, decided)
+        if parked < len(rows):
+            logger.debug("%d late step(s) of request %s, which already ended, dropped",
+                         len(rows) - parked, late.request_id)  # counted in the term summary
+        self.app.cleaner.consumed(late.consumed,
+                                  [Tombstone(late.request_id, decided.outcome.status)])
+        self.app.recently_decided.add([late.request_id])
+        self.report.late_requests.append(late.request_id)
+        self.report.parked_late_steps += parked
+
+    def _park_contradictions(self, steps: Iterable[RecordedStep],
+                             decided: DecidedOutcome) -> int:
         parked = 0
-        for step in late.steps:
+        for step in steps:
             why = contradiction(decided, step)
             if why is None:
                 continue
@@ -334,14 +459,7 @@ class LeaderTerm:
                                   why, 0, self.app.config.instance_id, self.app.wallclock(),
                                   ParkedKind.LATE_CONTRADICTION)
             parked += 1
-        if parked < len(late.steps):
-            logger.debug("%d late step(s) of request %s, which already ended, dropped",
-                         len(late.steps) - parked, late.request_id)  # counted in the term summary
-        self.view.forget([late.request_id])
-        self.app.cleaner.consumed(late.steps)
-        self.app.recently_decided.add([late.request_id])
-        self.report.late_requests.append(late.request_id)
-        self.report.parked_late_steps += parked
+        return parked
 
     def _decide(self, batch: Sequence[Assessment]) -> tuple[
             list[Outcome], dict[str, tuple[AccountRow, Decimal]]]:
@@ -365,8 +483,24 @@ class LeaderTerm:
         return outcomes, new_balances
 
 
-def _read_concurrently(read: Callable[[str], _Row], keys: Sequence[str]) -> list[_Row]:
+@dataclass(frozen=True)
+class _Failed:
+    error: Exception
+
+
+def _tolerant(read: Callable[[_Key], _Row]) -> Callable[[_Key], _Row | _Failed]:
+    def attempt(key: _Key) -> _Row | _Failed:
+        try:
+            return read(key)
+        except Exception as exc:
+            return _Failed(exc)
+    return attempt
+
+
+def _read_concurrently(read: Callable[[_Key], _Row], keys: Sequence[_Key]) -> list[_Row]:
     """``read(key)`` for every key, in order, ``ACCOUNT_READERS`` point reads at a time."""
+    if not keys:
+        return []
     if len(keys) == 1:
         return [read(keys[0])]
     with ThreadPoolExecutor(min(ACCOUNT_READERS, len(keys)),

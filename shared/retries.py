@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.storage.blob import ExponentialRetry
 
 RETRY_TOTAL = 2  # retries after the first try: three tries in all
@@ -63,3 +64,17 @@ class LeaseFitRetry(ExponentialRetry):
     def get_backoff_time(self, settings: dict[str, Any]) -> float:
         base = backoff_seconds(int(settings["count"]) - 1)  # count is 1 before the first retry
         return float(base * random.uniform(1 - _JITTER, 1 + _JITTER))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for a storage error that a later try may not meet (timeouts, resets, 408/429/5xx).
+
+    These are what the SDK itself retries; when its tries ran out, the caller may try again
+    later, within what its lease allows. Anything else (a refusal, a missing row) is an answer.
+    """
+    if isinstance(exc, ServiceRequestError | ServiceResponseError):
+        return True
+    if isinstance(exc, HttpResponseError):
+        status = exc.status_code or 0
+        return status in (408, 429) or status >= 500
+    return False

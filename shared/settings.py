@@ -40,6 +40,10 @@ class Setting:
 COMPLETIONS_QUEUE_NAME = Setting(
     "COMPLETIONS_QUEUE_NAME", "completions", "Queue the upstream steps post completions to."
 )
+WAKEUP_QUEUE_NAME = Setting(
+    "WAKEUP_QUEUE_NAME", "wakeups",
+    "Queue of the leader's wake-up alarms: one comes due when a holder's lease would expire.",
+)
 COMPLETIONS_TABLE_NAME = Setting(
     "COMPLETIONS_TABLE_NAME", "completions", "Table where every completion is recorded."
 )
@@ -80,6 +84,7 @@ TELEMETRY_CONSOLE_EXPORTER = Setting(
 
 SETTINGS: tuple[Setting, ...] = (
     COMPLETIONS_QUEUE_NAME,
+    WAKEUP_QUEUE_NAME,
     COMPLETIONS_TABLE_NAME,
     LEDGER_TABLE_NAME,
     PARKED_TABLE_NAME,
@@ -107,6 +112,7 @@ class AppConfig:
     """Validated configuration of one app instance."""
 
     completions_queue: str
+    wakeup_queue: str
     completions_table: str
     ledger_table: str
     parked_table: str
@@ -186,6 +192,7 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
+        wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
         completions_table=_text(env, COMPLETIONS_TABLE_NAME),
         ledger_table=_text(env, LEDGER_TABLE_NAME),
         parked_table=_text(env, PARKED_TABLE_NAME),

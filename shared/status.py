@@ -32,6 +32,7 @@ from azure.core.exceptions import AzureError
 
 from shared.api import Reply, lease_view
 from shared.app import LedgerApp
+from shared.completions import SPECIAL_PREFIX
 from shared.ledger import REQUEST_PREFIX, Fence
 from shared.parking import queue_depth
 
@@ -159,9 +160,10 @@ def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
 
 
 def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
-    rows = _bounded(app.completions.table.list_entities(
+    rows = _bounded(app.completions.table.query_entities(
+        "PartitionKey lt @special", parameters={"special": SPECIAL_PREFIX},
         select=["PartitionKey", "requestId", "recordedAt"], results_per_page=1000),
-        MAX_PENDING_ROWS)
+        MAX_PENDING_ROWS)  # step rows only (the ready index and bookkeeping sort after "~")
     recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {

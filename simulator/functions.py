@@ -28,14 +28,40 @@ class HttpRoute:
 
 
 @dataclass(frozen=True)
+class QueueTrigger:
+    """One queue-triggered function: the binding expression of its queue, and its handler."""
+
+    name: str
+    queue_name_setting: str
+    handler: Callable[[func.QueueMessage], None]
+
+
+COMPLETIONS_FUNCTION = "record_completion"
+
+
+@dataclass(frozen=True)
 class IndexedApp:
     """The functions of ``function_app.app`` by trigger kind."""
 
     by_name: dict[str, Any]
-    queue_name_setting: str
-    queue_handler: Callable[[func.QueueMessage], None]
+    queues: tuple[QueueTrigger, ...]
     timer_handler: Callable[[func.TimerRequest], None]
     routes: tuple[HttpRoute, ...]
+
+    @property
+    def completions(self) -> QueueTrigger:
+        """The trigger of the completions queue."""
+        return next(q for q in self.queues if q.name == COMPLETIONS_FUNCTION)
+
+    @property
+    def queue_handler(self) -> Callable[[func.QueueMessage], None]:
+        """The completions queue's handler."""
+        return self.completions.handler
+
+    @property
+    def queue_name_setting(self) -> str:
+        """The completions queue's binding expression."""
+        return self.completions.queue_name_setting
 
 
 def _route_pattern(template: str) -> re.Pattern[str]:
@@ -53,7 +79,8 @@ def indexed() -> IndexedApp:
     functions: dict[str, Any] = {str(f.get_function_name()): f
                                  for f in function_app.app.get_functions()}
     triggers: dict[str, Any] = {name: fn.get_trigger() for name, fn in functions.items()}
-    queue_fn = next(functions[n] for n, t in triggers.items() if t.type == "queueTrigger")
+    queues = tuple(QueueTrigger(name, t.queue_name, functions[name].get_user_function())
+                   for name, t in triggers.items() if t.type == "queueTrigger")
     timer_fn = next(functions[n] for n, t in triggers.items() if t.type == "timerTrigger")
     routes = []
     for name, fn in functions.items():
@@ -66,8 +93,7 @@ def indexed() -> IndexedApp:
                                 str(getattr(trigger.auth_level, "value", trigger.auth_level))))
     return IndexedApp(
         by_name=functions,
-        queue_name_setting=queue_fn.get_trigger().queue_name,
-        queue_handler=queue_fn.get_user_function(),
+        queues=queues,
         timer_handler=timer_fn.get_user_function(),
         routes=tuple(routes),
     )

@@ -40,7 +40,7 @@ from shared.runtime import get_app
 from shared.settings import SETTINGS, load_config
 from simulator import REPO_ROOT
 from simulator.faults import plan_from_environment
-from simulator.functions import indexed, resolve_setting
+from simulator.functions import COMPLETIONS_FUNCTION, QueueTrigger, indexed, resolve_setting
 
 logger = logging.getLogger(__name__)
 
@@ -118,62 +118,48 @@ class VisibilityKeeper:
             self._stop.set()
 
 
-class InstanceHost:
-    """The queue listener (and optionally the timer) of one instance."""
+class QueueListener:
+    """The host's listener on one queue: receives, invokes its function, settles or poisons."""
 
-    def __init__(self, index: int, options: QueueOptions, threads: int,
-                 lock_seconds: float, sweep_seconds: float | None) -> None:
-        self.index = index
-        self.options = options
-        self.lock_seconds = lock_seconds
-        self.sweep_seconds = sweep_seconds
-        self.stopping = threading.Event()
-        self.functions = indexed()
-        env = dict(os.environ)
-        defaults = {s.name: s.default for s in SETTINGS}
-        queue_name = resolve_setting(self.functions.queue_name_setting, env, defaults)
-        app = get_app()  # the same clients the functions use
-        self.queue = app.raw_queue_client(queue_name)
-        self.poison = app.raw_queue_client(app.config.poison_queue)
-        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
+    def __init__(self, host: InstanceHost, trigger: QueueTrigger, queue: QueueClient,
+                 poison: QueueClient) -> None:
+        self.host = host
+        self.trigger = trigger
+        self.queue = queue
+        self.poison = poison
         self.in_flight: set[Future[None]] = set()
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        """Listen until SIGTERM/SIGINT, then let running invocations (and a sweep) finish."""
-        timer = threading.Thread(target=self._timer, name=f"timer-i{self.index}")
-        if self.sweep_seconds:
-            timer.start()
+        """Poll until the host stops (running invocations finish in the host's pool)."""
+        host, options = self.host, self.host.options
         idle = 0.1
-        while not self.stopping.is_set():
+        while not host.stopping.is_set():
             with self.lock:
                 busy = len(self.in_flight)
-            if busy > self.options.new_batch_threshold:
+            if busy > options.new_batch_threshold:
                 time.sleep(0.01)
                 continue
-            wanted = min(32, self.options.batch_size)
+            wanted = min(32, options.batch_size)
             try:
                 messages = list(self.queue.receive_messages(
-                    max_messages=wanted, visibility_timeout=int(self.lock_seconds)))
+                    max_messages=wanted, visibility_timeout=int(host.lock_seconds)))
             except AzureError as exc:  # storage unreachable: the host's listener keeps polling
-                logger.warning("instance %d: receiving failed: %s", self.index, exc)
+                logger.warning("instance %d: receiving failed: %s", host.index, exc)
                 emit("receive_failed", error=str(exc)[:200])
-                self.stopping.wait(idle)
-                idle = min(idle * 2, self.options.max_polling_interval)
+                host.stopping.wait(idle)
+                idle = min(idle * 2, options.max_polling_interval)
                 continue
             if not messages:
-                self.stopping.wait(idle)
-                idle = min(idle * 2, self.options.max_polling_interval)
+                host.stopping.wait(idle)
+                idle = min(idle * 2, options.max_polling_interval)
                 continue
             idle = 0.1
             for message in messages:
-                future = self.pool.submit(self._invoke, message)
+                future = host.pool.submit(self._invoke, message)
                 with self.lock:
                     self.in_flight.add(future)
                 future.add_done_callback(self._done)
-        self.pool.shutdown(wait=True)
-        if timer.is_alive():
-            timer.join()
 
     def _done(self, future: Future[None]) -> None:
         with self.lock:
@@ -181,13 +167,14 @@ class InstanceHost:
 
     def _decode(self, message: StorageQueueMessage) -> bytes:
         content = str(message.content)
-        if self.options.message_encoding == "base64":
+        if self.host.options.message_encoding == "base64":
             return base64.b64decode(content, validate=True)
         return content.encode()
 
     def _invoke(self, message: StorageQueueMessage) -> None:
+        options, index = self.host.options, self.host.index
         count = int(message.dequeue_count or 1)
-        if count > self.options.max_dequeue_count:
+        if count > options.max_dequeue_count:
             self._poison(message, "dequeue count above maxDequeueCount")
             return
         try:
@@ -195,36 +182,36 @@ class InstanceHost:
         except (binascii.Error, ValueError) as exc:  # the extension poisons these at once
             self._poison(message, f"message is not valid base64: {exc}")
             return
-        keeper = VisibilityKeeper(self.queue, message, self.lock_seconds).start()
+        keeper = VisibilityKeeper(self.queue, message, self.host.lock_seconds).start()
         try:
-            self.functions.queue_handler(QueueMessage(  # type: ignore[no-untyped-call]
+            self.trigger.handler(QueueMessage(  # type: ignore[no-untyped-call]
                 id=message.id, body=body, dequeue_count=count, pop_receipt=message.pop_receipt,
                 insertion_time=message.inserted_on, expiration_time=message.expires_on,
                 time_next_visible=message.next_visible_on))
         except Exception as exc:  # the host catches everything
             keeper.stop()
             logger.warning("instance %d: invocation of message %s failed (dequeue count %d): "
-                           "%s", self.index, message.id, count, exc)
+                           "%s", index, message.id, count, exc)
             emit("failed", message=message.id, dequeueCount=count,
                  error=str(exc)[:ERROR_PREVIEW_CHARS])
-            if count >= self.options.max_dequeue_count:
+            if count >= options.max_dequeue_count:
                 self._poison(message, str(exc), keeper.pop_receipt)
             else:
                 self._settle(lambda: self.queue.update_message(
                     message.id, pop_receipt=keeper.pop_receipt,
-                    visibility_timeout=int(self.options.visibility_timeout)), message.id)
+                    visibility_timeout=int(options.visibility_timeout)), message.id)
             return
         keeper.stop()
         if self._settle(lambda: self.queue.delete_message(message.id, keeper.pop_receipt),
                         message.id):
-            emit("done", message=message.id)
+            emit("done", message=message.id, function=self.trigger.name)
 
     def _settle(self, action: Callable[[], object], message_id: str) -> bool:
         """Acknowledge or release a message; a lost pop receipt means it was redelivered."""
         try:
             action()
         except AzureError as exc:
-            logger.warning("instance %d: could not settle message %s: %s", self.index,
+            logger.warning("instance %d: could not settle message %s: %s", self.host.index,
                            message_id, exc)
             emit("unsettled", message=message_id, error=str(exc)[:ERROR_PREVIEW_CHARS])
             return False
@@ -236,6 +223,48 @@ class InstanceHost:
         if self._settle(lambda: self.queue.delete_message(
                 message.id, pop_receipt or message.pop_receipt), message.id):
             emit("poisoned", message=message.id, error=why[:ERROR_PREVIEW_CHARS])
+
+
+class InstanceHost:
+    """The queue listeners (one per queue trigger) and optionally the timer of one instance."""
+
+    def __init__(self, index: int, options: QueueOptions, threads: int,
+                 lock_seconds: float, sweep_seconds: float | None) -> None:
+        self.index = index
+        self.options = options
+        self.lock_seconds = lock_seconds
+        self.sweep_seconds = sweep_seconds
+        self.stopping = threading.Event()
+        self.functions = indexed()
+        env = dict(os.environ)
+        defaults = {s.name: s.default for s in SETTINGS}
+        app = get_app()  # the same clients the functions use
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
+        self.listeners = []
+        for trigger in self.functions.queues:
+            name = resolve_setting(trigger.queue_name_setting, env, defaults)
+            self.listeners.append(QueueListener(self, trigger, app.raw_queue_client(name),
+                                                app.raw_queue_client(f"{name}-poison")))
+        # The completions queue's listener (the one the supervisor and tests look at).
+        completions = next(listener for listener in self.listeners
+                           if listener.trigger.name == COMPLETIONS_FUNCTION)
+        self.queue = completions.queue
+        self.poison = completions.poison
+
+    def run(self) -> None:
+        """Listen until SIGTERM/SIGINT, then let running invocations (and a sweep) finish."""
+        timer = threading.Thread(target=self._timer, name=f"timer-i{self.index}")
+        if self.sweep_seconds:
+            timer.start()
+        threads = [threading.Thread(target=listener.run, name=f"listen-{listener.trigger.name}")
+                   for listener in self.listeners]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.pool.shutdown(wait=True)
+        if timer.is_alive():
+            timer.join()
 
     def _timer(self) -> None:
         assert self.sweep_seconds

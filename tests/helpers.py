@@ -15,9 +15,18 @@ from shared.app import LedgerApp
 from shared.clients import RequestHook, clients_from_connection_string
 from shared.contract import Operation, StepStatus, message_body, parse_completion
 from shared.election import ElectionCallbacks
+from shared.leader import ReadyRound, ReadyView
 from shared.ledger import DecidedOutcome
-from shared.pipeline import CompletionResult, handle_completion
+from shared.pipeline import (
+    CompletionResult,
+    ElectionResult,
+    announce_if_ready,
+    handle_completion,
+    record_completion,
+    run_election,
+)
 from shared.settings import load_config
+from shared.sweeper import repair_scan
 
 
 def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,
@@ -78,6 +87,7 @@ class Namespace:
     def env(self, **overrides: str) -> dict[str, str]:
         names = {
             "COMPLETIONS_QUEUE_NAME": f"{self.prefix}-completions",
+            "WAKEUP_QUEUE_NAME": f"{self.prefix}-wakeups",
             "COMPLETIONS_TABLE_NAME": f"{self.prefix}completions",
             "LEDGER_TABLE_NAME": f"{self.prefix}ledger",
             "PARKED_TABLE_NAME": f"{self.prefix}parked",
@@ -113,9 +123,22 @@ def send(app: LedgerApp, *bodies: bytes) -> list[CompletionResult]:
 
 
 def record(app: LedgerApp, *bodies: bytes) -> None:
-    """Record completions as an instance would, without running any election."""
+    """Record completions as an instance would (rows, and markers of decidable requests),
+    without running any election."""
     for body in bodies:
-        app.completions.record(parse_completion(body), "upstream", app.wallclock())
+        completion = parse_completion(body)
+        announce_if_ready(app, completion, record_completion(app, completion))
+
+
+def sweep_now(app: LedgerApp) -> ElectionResult:
+    """What the sweeper does when its full scan is due (forced: tests do not wait a minute)."""
+    repair_scan(app, force=True)
+    return run_election(app)
+
+
+def ready(app: LedgerApp) -> ReadyRound:
+    """What the leader's next read of the ready index finds."""
+    return ReadyView(app).read()
 
 
 def balance(app: LedgerApp, account_id: str) -> Decimal:

@@ -12,9 +12,8 @@ from bench.probe import StorageProbe
 from shared.clients import CallCounter
 from shared.completions import BUCKETS, bucket_of
 from shared.election import ElectionCallbacks, LeaseState
-from shared.leader import CompletionView
 from shared.pipeline import Role, handle_completion, run_election
-from tests.helpers import Namespace, balance, deposit, record, send, status, transfer
+from tests.helpers import Namespace, balance, deposit, ready, record, send, status, transfer
 
 
 def test_rows_of_many_requests_are_deleted_in_one_transaction_per_bucket(ns: Namespace) -> None:
@@ -29,15 +28,16 @@ def test_rows_of_many_requests_are_deleted_in_one_transaction_per_bucket(ns: Nam
     assert app.completions.count() == 0
     buckets = {bucket_of(r) for r in requests}
     assert len(buckets) <= BUCKETS
-    # 60 rows: one delete transaction per bucket they fall in (not one per request), plus one
-    # commit, the fence claim, 5 account reads, the two scans and the lease acquire/release.
-    assert counter.calls["POST"] <= len(buckets) + 1 + 1
+    # 60 rows: one delete transaction per bucket they fall in (not one per request), one for
+    # the 60 markers, plus one commit and the lease alarm's send (POSTs); the fence claim, 5
+    # account reads, the reads of the ready index and the lease calls are other methods.
+    assert counter.calls["POST"] <= len(buckets) + 1 + 1 + 1
 
 
 def test_a_commit_whose_rows_were_never_deleted_is_not_applied_again(ns: Namespace) -> None:
     crashed = ns.app("crashed")
 
-    def die(_steps: object) -> None:
+    def die(*_rows: object) -> None:
         raise RuntimeError("the process died right after the commit")
 
     crashed.cleaner.consumed = die  # type: ignore[method-assign,assignment]
@@ -70,7 +70,7 @@ def test_a_follower_that_saw_a_leader_skips_its_attempt_and_the_final_look_commi
         on_stopped_leading=lambda _id, state: released.append(state is LeaseState.RELEASED)))
     for app in (leader, follower):  # every instance runs with one window; 2 s keeps this exact
         app.elector.skip_seconds = 2.0
-    scan = leader.completions.scan
+    scan = leader.completions.ready
 
     def scan_then_deliver(*args: Any, **kwargs: Any) -> Any:
         answer = scan(*args, **kwargs)
@@ -79,9 +79,9 @@ def test_a_follower_that_saw_a_leader_skips_its_attempt_and_the_final_look_commi
             deliver(deposit("f2", "bob", "2.00")[0])
         return answer
 
-    leader.completions.scan = scan_then_deliver  # type: ignore[method-assign]
+    leader.completions.ready = scan_then_deliver  # type: ignore[method-assign]
     send(leader, *deposit("d1", "alice", "1.00"))
-    assert calls == [2, 1], "insert + refused attempt; then the insert alone"
+    assert calls == [3, 2], "insert, announce, refused attempt; then insert and announce alone"
     assert roles == [Role.FOLLOWER, Role.FOLLOWER]
     assert follower.elector.skipped == 1
     # No further message and no sweeper: the leader's last look, skip_seconds after its
@@ -100,29 +100,30 @@ def test_a_lone_instance_does_not_wait_for_skippers_that_cannot_exist(ns: Namesp
     assert status(app, "t1") == "committed"
 
 
-def test_incremental_reads_see_new_rows_and_skip_rows_being_deleted(ns: Namespace) -> None:
+def test_the_leader_reads_only_announced_requests_and_skips_rows_being_deleted(
+        ns: Namespace) -> None:
     app = ns.app()
     record(app, *deposit("d1", "alice", "1.00"))
-    view = CompletionView(app)
-    assert [a.request_id for a in view.read(full=True)] == ["d1"]
+    assert [r.request_id for r in ready(app).decidable] == ["d1"]
     record(app, *deposit("d2", "alice", "2.00"), *transfer("t1", "alice", "bob", "1.00")[:1])
-    ready = view.read()
-    assert [a.request_id for a in ready] == ["d1", "d2"] or \
-        [a.request_id for a in ready] == ["d2"], "d2 is new; t1 has one of two legs"
-    assert "t1" in view.rows, "the pending transfer is known"
-    assert view.since is not None
-    steps = view.rows["d2"].values()
-    app.cleaner.consumed(steps)  # queued for deletion
-    assert "d2" not in [a.request_id for a in view.read(full=True)]
-    assert app.cleaner.drain(timeout=10)
+    found = ready(app)
+    assert [r.request_id for r in found.decidable] == ["d1", "d2"], \
+        "t1 has one of two legs: not announced, so never read by the leader"
+    assert not found.unconfirmed
+    d2 = found.decidable[1]
+    app.cleaner.consumed(d2.consumed)  # queued for deletion: the step row and the marker
+    assert [r.request_id for r in ready(app).decidable] == ["d1"]
+    assert app.cleaner.finish(timeout=10)
     assert app.completions.steps_of("d2") == []
+    assert [r.request_id for r in ready(app).decidable] == ["d1"]
+    assert len(app.completions.steps_of("t1")) == 1, "the waiting leg stays recorded"
 
 
 def test_a_crash_that_left_many_committed_rows_costs_the_next_leader_one_failed_transaction(
         ns: Namespace) -> None:
     crashed = ns.app("crashed")
 
-    def die(_steps: object) -> None:
+    def die(*_rows: object) -> None:
         raise RuntimeError("the process died right after the commit")
 
     crashed.cleaner.consumed = die  # type: ignore[method-assign,assignment]

@@ -14,6 +14,7 @@ import pytest
 
 from shared import api
 from shared.app import LedgerApp
+from shared.completions import Tombstone
 from shared.parking import ParkedKind
 from shared.pipeline import handle_completion, run_election
 from tests.helpers import (
@@ -24,6 +25,7 @@ from tests.helpers import (
     send,
     status,
     step,
+    sweep_now,
     transfer,
     wait_until,
 )
@@ -53,7 +55,7 @@ def test_a_skewed_recording_instance_neither_expires_a_fresh_request_nor_keeps_a
     send(recorder, w2)
     # Storage's clock decides: the request expires about 3 s after it was recorded, however
     # far the recorder's and the leader's clocks are off.
-    wait_until(lambda: bool(run_election(leader)) and status(leader, "t2") == "expired",
+    wait_until(lambda: bool(sweep_now(leader)) and status(leader, "t2") == "expired",
                timeout=15, what="t2 to expire on storage's clock", interval=0.5)
     assert balance(leader, "alice") == Decimal("6.00")
 
@@ -92,16 +94,28 @@ def test_a_late_leg_with_other_expected_operations_is_parked_not_dropped(ns: Nam
     assert json.loads(parked.body)["operationId"] == "t1-a", "replayable as the v1 message"
 
 
-def test_a_late_contradicting_step_decided_elsewhere_is_parked_at_expiry(ns: Namespace) -> None:
+def test_a_late_contradicting_step_decided_elsewhere_is_parked_at_once(ns: Namespace) -> None:
+    first, other = ns.app("first"), ns.app("other")
+    send(first, *deposit("d1", "alice", "10.00"))
+    send(first, step("t1", "t1-w", "withdraw_funds", "alice", "4.00", 1))
+    send(other, step("t1", "t1-a", "add_funds", "bob", "4.00", 2))  # t1's tombstone says late
+    assert len(parked_late(other)) == 1
+    assert other.completions.count() == 0
+    assert status(other, "t1") == "committed"
+
+
+def test_a_late_contradicting_step_decided_elsewhere_long_ago_is_parked_at_expiry(
+        ns: Namespace) -> None:
     clock = ManualClock()
     first = ns.app("first", time_shift=clock.shift)
     other = ns.app("other", time_shift=clock.shift)
     send(first, *deposit("d1", "alice", "10.00"))
     send(first, step("t1", "t1-w", "withdraw_funds", "alice", "4.00", 1))
+    first.completions.delete([Tombstone("t1", "committed").ref])  # TOMBSTONE_SECONDS later
     send(other, step("t1", "t1-a", "add_funds", "bob", "4.00", 2))
     assert other.completions.count() == 1, "other never saw t1 decided: it waits"
-    clock.advance(901)
-    run_election(other)
+    clock.advance(902)
+    sweep_now(other)
     assert len(parked_late(other)) == 1
     assert other.completions.count() == 0
     assert status(other, "t1") == "committed"

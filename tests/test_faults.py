@@ -136,7 +136,7 @@ def test_a_renewal_whose_response_is_lost_keeps_the_lease_and_the_commit_lands(
     plan.add(Fault.LOSE_RESPONSE, [CallKind.RENEW], times=1)
     lease.renew()
     assert lease.state is LeaseState.LEADING
-    term.drain(budget_deadline=app.clock() + 30)
+    term.commit_ready(budget_deadline=app.clock() + 30)
     lease.release()
     assert plan.count(Fault.LOSE_RESPONSE, CallKind.RENEW) == 1
     assert status(clean, "t1") == "committed"

@@ -86,9 +86,16 @@ def leader() -> dict[str, Any]:
 
 
 # --- the function index --------------------------------------------------------------------
-def test_the_app_declares_the_seven_documented_functions() -> None:
-    assert set(FUNCTIONS) == {"record_completion", "sweep", "get_account", "get_request",
-                              "get_leader", "get_status_page", "get_metrics"}
+def test_the_app_declares_the_eight_documented_functions() -> None:
+    assert set(FUNCTIONS) == {"record_completion", "wake_up", "sweep", "get_account",
+                              "get_request", "get_leader", "get_status_page", "get_metrics"}
+
+
+def test_the_wake_up_trigger_binds_the_wakeup_queue_setting() -> None:
+    [trigger] = bindings("wake_up")
+    assert trigger["type"] == "queueTrigger"
+    assert trigger["queueName"] == "%WAKEUP_QUEUE_NAME%"
+    assert trigger["connection"] == "AzureWebJobsStorage"
 
 
 def test_queue_trigger_binds_the_completions_queue_setting() -> None:

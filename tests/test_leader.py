@@ -66,15 +66,19 @@ def test_non_leaders_record_and_exit_without_touching_balances(ns: Namespace) ->
     assert balance(app, "alice") == Decimal("10.00")
 
 
-def test_a_follower_spends_two_storage_calls_record_and_one_acquire_attempt(
-        ns: Namespace) -> None:
+def test_a_follower_spends_three_storage_calls_and_a_waiting_leg_two(ns: Namespace) -> None:
     counter = CallCounter()
     app = ns.app(request_hook=counter)
     holder = _external_lease(app)
     holder.acquire(lease_duration=60)
     counter.calls.clear()
     send(app, *deposit("d1", "alice", "10.00"))
-    assert counter.calls == {"POST": 1, "PUT": 1}, "insert the completion, try the lease"
+    assert counter.calls == {"POST": 1, "PATCH": 1, "PUT": 1}, \
+        "insert the completion, announce it (merge its marker), try the lease"
+    counter.calls.clear()
+    send(app, transfer("t1", "alice", "bob", "1.00")[0])
+    assert counter.calls == {"POST": 1, "GET": 1}, \
+        "insert the first leg, read the request's rows (one key range); no lease attempt"
     holder.release()
 
 
@@ -91,7 +95,7 @@ def test_a_deposed_leader_commits_nothing(ns: Namespace) -> None:
     # Work that the old leader would commit when it resumes:
     record(new, *transfer("t2", "alice", "bob", "50.00"))
     with pytest.raises(FencedOut):
-        stale.drain(budget_deadline=old.clock() + 60)
+        stale.commit_ready(budget_deadline=old.clock() + 60)
     assert status(new, "t2") is None, "the stale leader wrote no outcome"
     assert balance(new, "alice") == Decimal("70.00")
     assert balance(new, "bob") == Decimal("30.00")
@@ -115,7 +119,7 @@ def test_a_failed_renewal_stops_the_leader_before_its_next_commit(ns: Namespace)
     record(old, *deposit("d1", "alice", "5.00"))
     clock.now += old.config.election.renew_interval_seconds  # renew is due
     with pytest.raises(LeadershipLost, match="renewing lease"):
-        term.drain(budget_deadline=clock.now + 60)
+        term.commit_ready(budget_deadline=clock.now + 60)
     assert stopped == [LeaseState.LOST]
     assert status(old, "d1") is None
 
@@ -133,7 +137,7 @@ def test_no_commit_starts_past_the_renew_deadline(ns: Namespace) -> None:
     term.lease.renew_if_due = lambda: None  # type: ignore[method-assign]
     clock.now += app.config.election.renew_deadline_seconds - 1
     with pytest.raises(LeadershipLost, match="less than"):
-        term.drain(budget_deadline=clock.now + 600)
+        term.commit_ready(budget_deadline=clock.now + 600)
     assert status(app, "d1") is None
 
 

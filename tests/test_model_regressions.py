@@ -14,7 +14,7 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 
 from shared.app import LedgerApp
-from shared.leader import LeaderTerm, ready_assessments
+from shared.leader import LeaderTerm, ReadyView
 from shared.ledger import FencedOut
 from shared.parking import ParkedKind
 from shared.pipeline import run_election
@@ -53,11 +53,11 @@ def test_a_step_recorded_while_a_paused_leader_holds_its_scan_is_parked_after_it
     record(leader, step("r0", "r0-0", "add_funds", "acct-a", "5.00", 1))
     lease = leader.elector.try_acquire()
     assert lease is not None
-    ready = ready_assessments(leader)
+    ready = ReadyView(leader).read()
     term = LeaderTerm.begin(leader, lease)
     send(other, step("r0", "r0-0", "add_funds", "acct-a", "7.00", 1))  # a follower: 409
     assert status(other, "r0") is None
-    term.drain(leader.clock() + 60, ready)
+    term.commit_ready(leader.clock() + 60, ready)
     lease.release()
     assert status(leader, "r0") == "committed"
     assert balance(leader, "acct-a") == Decimal("5.00")
@@ -75,14 +75,14 @@ def test_a_deposed_leader_resuming_on_its_old_scan_writes_nothing(ns: Namespace)
     record(old, step("r0", "r0-0", "add_funds", "acct-a", "5.00", 1))
     lease = old.elector.try_acquire()
     assert lease is not None
-    ready = ready_assessments(old)
+    ready = ReadyView(old).read()
     term = LeaderTerm.begin(old, lease)
     BlobLeaseClient(old.elector.blob).break_lease(lease_break_period=0)
     run_election(new)
     send(new, step("r1", "r1-0", "withdraw_funds", "acct-a", "5.00", 1))
     assert [status(new, r) for r in ("r0", "r1")] == ["committed", "committed"]
     with pytest.raises(FencedOut):
-        term.drain(old.clock() + 60, ready)
+        term.commit_ready(old.clock() + 60, ready)
     assert balance(new, "acct-a") == Decimal("0.00")
     assert {d.outcome.request_id: d.epoch for d in new.ledger.list_outcomes()}["r0"] \
         > term.fence.epoch

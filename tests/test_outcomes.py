@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from shared.completions import RecordResult
+from shared.completions import RecordResult, Tombstone
 from shared.pipeline import run_election
 from tests.helpers import (
     ManualClock,
@@ -16,6 +16,7 @@ from tests.helpers import (
     send,
     status,
     step,
+    sweep_now,
     transfer,
 )
 
@@ -130,8 +131,9 @@ def test_incomplete_request_expires_after_the_timeout(ns: Namespace) -> None:
     clock.advance(899)
     run_election(app)
     assert status(app, "t1") is None, "not yet expired at 899 s"
-    clock.advance(2)  # storage's Date header has whole seconds: expiry may come 1 s late
-    run_election(app)  # the sweeper's job
+    # Expiry waits 1 s past the deadline (EXPIRY_GRACE) and storage's Date has whole seconds.
+    clock.advance(3)
+    sweep_now(app)  # the sweeper's full scan finds it
     assert status(app, "t1") == "expired"
     assert balance(app, "alice") == Decimal("5.00")
 
@@ -166,7 +168,20 @@ def test_a_single_late_duplicate_is_dropped_at_once_by_the_instance_that_decided
     assert balance(app, "bob") == Decimal("5.00")
 
 
-def test_a_late_duplicate_decided_elsewhere_waits_for_expiry_and_changes_nothing(
+def test_a_late_duplicate_decided_elsewhere_is_settled_at_once_by_its_tombstone(
+        ns: Namespace) -> None:
+    first, other = ns.app("first"), ns.app("other")
+    w, a = transfer("t1", "alice", "bob", "5.00")
+    send(first, *deposit("d1", "alice", "10.00"))
+    send(first, w, a)
+    results = send(other, a)  # `other` never saw t1 decided; the tombstone tells it
+    assert results[0].announced
+    assert other.completions.count() == 0
+    assert status(other, "t1") == "committed"
+    assert balance(other, "bob") == Decimal("5.00")
+
+
+def test_a_late_duplicate_after_the_tombstone_went_waits_for_expiry_and_changes_nothing(
         ns: Namespace) -> None:
     clock = ManualClock()
     first = ns.app("first", time_shift=clock.shift)
@@ -174,10 +189,11 @@ def test_a_late_duplicate_decided_elsewhere_waits_for_expiry_and_changes_nothing
     w, a = transfer("t1", "alice", "bob", "5.00")
     send(first, *deposit("d1", "alice", "10.00"))
     send(first, w, a)
-    send(other, a)  # `other` never saw t1 decided: the row waits
+    first.completions.delete([Tombstone("t1", "committed").ref])  # TOMBSTONE_SECONDS later
+    send(other, a)  # nothing tells `other` that t1 was decided: the row waits
     assert other.completions.count() == 1
-    clock.advance(901)
-    election = run_election(other)  # the sweeper, after the timeout
+    clock.advance(902)
+    election = sweep_now(other)  # the sweeper, after the timeout
     assert any("t1" in term.late_requests for term in election.terms)
     assert other.completions.count() == 0
     assert status(other, "t1") == "committed", "not turned into expired"

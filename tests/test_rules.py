@@ -64,10 +64,24 @@ ASSESS_CASES = [
     ("failed aborts before all arrive", [s("a", failed=True)], 10, Verdict.ABORTED,
      "step failed: a"),
     ("not yet expired at 899 s", [s("a")], 899, Verdict.PENDING, ""),
-    ("expired at 900 s", [s("a")], 900, Verdict.EXPIRED, "1 of 2 steps arrived within 900"),
-    ("complete beats expiry", [s("a"), s("b")], 5000, Verdict.COMMIT, ""),
-    ("expiry counts from the first step", [s("a", at=0), s("a", at=800)], 900,
+    ("not expired within the grace after 900 s", [s("a")], 900.5, Verdict.PENDING, ""),
+    ("expired 1 s after 900 s", [s("a")], 901, Verdict.EXPIRED,
+     "1 of 2 steps arrived within 900"),
+    ("complete on time, looked at late", [s("a"), s("b")], 5000, Verdict.COMMIT, ""),
+    ("expiry counts from the first step", [s("a", at=0), s("a", at=800)], 901,
      Verdict.EXPIRED, ""),
+    # The deadline (first step + timeout) cuts: a step stamped at or after it never counts.
+    ("a last step stamped at the deadline is late: expired",
+     [s("a"), s("w", "withdraw", "bob", at=900)], 1000, Verdict.EXPIRED, "1 of 2"),
+    ("a last step stamped just before the deadline counts",
+     [s("a"), s("w", "withdraw", "bob", at=899.999)], 5000, Verdict.COMMIT, ""),
+    ("a failed step past the deadline does not abort",
+     [s("a"), s("w", failed=True, at=950)], 1000, Verdict.EXPIRED, "1 of 2"),
+    ("a conflict past the deadline does not reject",
+     [s("a"), s("w", "withdraw", "bob"), s("a", conflict=True, at=950)], 1000, Verdict.COMMIT,
+     ""),
+    ("an extra step past the deadline does not reject",
+     [s("a"), s("w", "withdraw", "bob"), s("x", at=901)], 1000, Verdict.COMMIT, ""),
 ]
 
 
@@ -79,6 +93,16 @@ def test_assess(steps: list[RecordedStep], seconds: float, verdict: Verdict,
     found = assess("r1", steps, T0 + timedelta(seconds=seconds), TIMEOUT)
     assert found.verdict is verdict
     assert words in found.reason
+
+
+def test_steps_past_the_deadline_are_set_aside_as_late_whenever_the_leader_looks() -> None:
+    steps = [s("a"), s("w", "withdraw", "bob", at=907)]  # 7 s past the deadline: late
+    for seconds in (907, 950, 10_000):  # the verdict does not depend on when the look is made
+        found = assess("r1", steps, T0 + timedelta(seconds=seconds), TIMEOUT)
+        assert found.verdict is Verdict.EXPIRED
+        assert [x.operation_id for x in found.steps] == ["a"]
+        assert [x.operation_id for x in found.late] == ["w"]
+        assert [x.operation_id for x in found.rows] == ["a", "w"]
 
 
 def test_assess_gives_the_legs_in_operation_order_and_what_the_steps_expected() -> None:

@@ -1,5 +1,5 @@
 // The storage account of the app's data and of the Functions host: no shared keys, no public blobs,
-// TLS 1.2, HTTPS only, soft delete; the completions queue (and its poison queue), the tables, the
+// TLS 1.2, HTTPS only, soft delete; the completions and wake-up queues (and their poison queues), the tables, the
 // lease container and the container that Flex Consumption deploys the code package from.
 
 @description('Storage account name (3-24 lower-case letters and digits, globally unique).')
@@ -15,6 +15,9 @@ param tags object = {}
 
 @description('Queue the upstream steps post completions to (COMPLETIONS_QUEUE_NAME).')
 param completionsQueueName string
+
+@description('Queue of the lease alarms (WAKEUP_QUEUE_NAME).')
+param wakeupQueueName string
 
 @description('Table where every completion is recorded (COMPLETIONS_TABLE_NAME).')
 param completionsTableName string
@@ -141,6 +144,17 @@ resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@202
   name: '${completionsQueueName}-poison'
 }
 
+// Lease alarms: messages that come due when a lease holder stops renewing (shared/wakeup.py).
+resource wakeupQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: wakeupQueueName
+}
+
+resource wakeupPoisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: '${wakeupQueueName}-poison'
+}
+
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {
   parent: account
   name: 'default'
@@ -168,4 +182,5 @@ output queueEndpoint string = account.properties.primaryEndpoints.queue
 output tableEndpoint string = account.properties.primaryEndpoints.table
 output completionsQueueName string = completionsQueue.name
 output poisonQueueName string = poisonQueue.name
+output wakeupQueueName string = wakeupQueue.name
 output deploymentContainerUrl string = '${account.properties.primaryEndpoints.blob}${deploymentContainer.name}'

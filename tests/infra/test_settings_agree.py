@@ -20,6 +20,7 @@ from shared.settings import (
     SETTINGS,
     STORAGE_CONNECTION,
     STORAGE_IDENTITY_SUFFIXES,
+    WAKEUP_QUEUE_NAME,
     load_config,
 )
 from simulator import REPO_ROOT
@@ -109,7 +110,8 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     config = load_config({}, instance_id="test")
     storage = root_scope(with_param_file).module("modules/storage.bicep")[1]
     queues = _names(storage, "Microsoft.Storage/storageAccounts/queueServices/queues")
-    assert queues == {COMPLETIONS_QUEUE_NAME.default, config.poison_queue}
+    assert queues == {COMPLETIONS_QUEUE_NAME.default, config.poison_queue,
+                      WAKEUP_QUEUE_NAME.default, f"{WAKEUP_QUEUE_NAME.default}-poison"}
     assert config.completions_queue == COMPLETIONS_QUEUE_NAME.default
     tables = _names(storage, "Microsoft.Storage/storageAccounts/tableServices/tables")
     assert tables == {COMPLETIONS_TABLE_NAME.default, LEDGER_TABLE_NAME.default,

@@ -1,0 +1,73 @@
+"""The sweeper's rare full scan: announce what no recorder announced, expire what timed out.
+
+The hot path never scans the completion rows (the leader reads only the ready index). Two kinds
+of request still need a look at the rows themselves:
+
+- a request that stays incomplete past its deadline must be *expired*: nothing else happens to
+  it, so no recorder announces it;
+- a decidable request whose marker was never written: its recorder crashed between the row and
+  the marker, and the message was never delivered again (moved to the poison queue).
+
+``repair_scan`` walks the step rows (``CompletionStore.scan_rows``), assesses every request it
+reads, and announces the decidable ones, so that the next leader settles them as it settles any
+other. It runs at most once every ``FULL_SCAN_INTERVAL`` per deployment, whatever the number of
+instances or sweeps: the time of the last scan is kept in storage (``claim_full_scan``). Each
+scan reads at most ``FULL_SCAN_MAX_ROWS`` rows and the next one resumes where it stopped, so a
+large backlog costs a bounded read a minute, never a read per delivery.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+
+from shared import telemetry
+from shared.app import LedgerApp
+from shared.completions import FULL_SCAN_MAX_ROWS
+from shared.decision import assess
+
+logger = logging.getLogger(__name__)
+
+ANNOUNCERS = 6  # concurrent marker writes of one scan
+
+
+@dataclass(frozen=True)
+class RepairReport:
+    """What one full scan read and announced."""
+
+    rows: int
+    requests: int
+    announced: int
+    wrapped: bool  # it reached the end of the rows (the next scan starts from the beginning)
+
+
+@telemetry.traced("ledger.full_scan")
+def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
+                force: bool = False) -> RepairReport | None:
+    """The deployment's full scan, if one is due (``None`` otherwise); see the module docstring.
+
+    ``force`` skips the once-a-minute claim (operators and tests).
+    """
+    store = app.completions
+    start = ("", "") if force else store.claim_full_scan(shift=app.time_shift())
+    if start is None:
+        return None
+    scan = store.scan_rows(start, max_rows, fallback_now=app.wallclock())
+    now = scan.storage_time + app.time_shift()
+    timeout = timedelta(seconds=app.config.request_timeout_seconds)
+    assessed = [assess(request_id, steps, now, timeout) for request_id, steps in scan.steps.items()]
+    decidable = [a for a in assessed if a.decided]
+    with ThreadPoolExecutor(ANNOUNCERS, thread_name_prefix="announce") as pool:
+        list(pool.map(lambda a: store.mark_ready(a.request_id, scan.steps[a.request_id],
+                                                 read_at=now), decidable))
+    if scan.old_tombstones:  # left by a process that stopped before it deleted them
+        store.delete(scan.old_tombstones)
+    if not force:
+        store.save_scan_position(scan.resume_at)
+    telemetry.record_scan(assessed, decidable, now)
+    if decidable:
+        logger.info("full scan: %d row(s) of %d request(s), %d announced (expired or left "
+                    "unannounced)", scan.rows, len(assessed), len(decidable))
+    return RepairReport(scan.rows, len(assessed), len(decidable), scan.resume_at is None)
