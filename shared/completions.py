@@ -37,14 +37,16 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 from azure.core import MatchConditions
 from azure.core.exceptions import (
@@ -58,6 +60,7 @@ from azure.data.tables import TableClient, TableEntity, TableTransactionError, U
 from shared import telemetry
 from shared.contract import Completion, Operation, StepStatus, completion_message
 from shared.money import format_money, parse_balance
+from shared.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
@@ -81,10 +84,14 @@ MAX_MARKER_STEPS = 100
 # Rows one read of a request returns: the leader reads at most this many of a request at once.
 MAX_REQUEST_ROWS = 1_000
 _STEP_PROPERTY = "s"  # marker properties: "s" + a digest of the step row's key
-# A decided request's rows are replaced by one *tombstone* in its key range
-# (``requestId|~decided``: "~" sorts after every operationId), kept ``TOMBSTONE_SECONDS``: a
-# recorder that reads it knows at once that the step it recorded is late.
-DECIDED_SUFFIX = KEY_SEPARATOR + "~decided"
+# Each request has one *request row* at the end of its key range (``requestId|~request``: "~"
+# sorts after every operationId). It is created with the request's first step, in the same
+# transaction, so the recorder that creates it knows it recorded the only row; when the request
+# is decided it becomes a *tombstone*, kept ``TOMBSTONE_SECONDS``, so that a recorder that reads
+# it knows at once that the step it recorded is late.
+REQUEST_ROW_SUFFIX = KEY_SEPARATOR + "~request"
+OPEN = "open"
+DECIDED = "decided"
 TOMBSTONE_SECONDS = 120
 
 
@@ -99,19 +106,24 @@ def row_key_of(request_id: str, operation_id: str) -> str:
     return f"{request_id}{KEY_SEPARATOR}{operation_id}"
 
 
-def tombstone_key(request_id: str) -> str:
-    """The RowKey of a decided request's tombstone."""
-    return request_id + DECIDED_SUFFIX
+def request_row_key(request_id: str) -> str:
+    """The RowKey of a request's own row (open, then its tombstone)."""
+    return request_id + REQUEST_ROW_SUFFIX
 
 
-def is_tombstone(row_key: str) -> bool:
-    """True for the RowKey of a tombstone (never a step's: "~" is outside the charset)."""
-    return row_key.endswith(DECIDED_SUFFIX)
+def is_request_row(row_key: str) -> bool:
+    """True for the RowKey of a request row (never a step's: "~" is outside the charset)."""
+    return row_key.endswith(REQUEST_ROW_SUFFIX)
+
+
+def _open_request_row(request_id: str) -> dict[str, Any]:
+    return {"PartitionKey": bucket_of(request_id), "RowKey": request_row_key(request_id),
+            "state": OPEN}
 
 
 @dataclass(frozen=True)
 class Tombstone:
-    """The mark a decided request leaves where its rows were (see ``TOMBSTONE_SECONDS``)."""
+    """What a decided request's row becomes where its steps were (see ``TOMBSTONE_SECONDS``)."""
 
     request_id: str
     status: str
@@ -122,12 +134,12 @@ class Tombstone:
 
     @property
     def ref(self) -> RowRef:
-        """The tombstone's row, whatever its version (it is only ever rewritten alike)."""
-        return RowRef(self.partition_key, tombstone_key(self.request_id), "")
+        """The tombstone's row, whatever its version."""
+        return RowRef(self.partition_key, request_row_key(self.request_id), "")
 
     def entity(self) -> dict[str, Any]:
-        return {"PartitionKey": self.partition_key, "RowKey": tombstone_key(self.request_id),
-                "status": self.status}
+        return {"PartitionKey": self.partition_key, "RowKey": request_row_key(self.request_id),
+                "state": DECIDED, "status": self.status}
 
 
 class RecordResult(StrEnum):
@@ -243,6 +255,24 @@ def _storage_time(row: TableEntity | dict[str, Any]) -> datetime:
     return datetime.fromisoformat(row["recordedAt"])
 
 
+_ETAG_STAMP = re.compile(r"datetime'([^']+)'")
+
+
+def _stamp_of(result: Mapping[str, Any], date: datetime | None) -> datetime:
+    """A created row's Timestamp, from a transaction's answer.
+
+    A transaction answers with each row's ETag only. Table storage's ETags (Azure's and
+    Azurite's) carry the Timestamp (``W/"datetime'2026-12-02T17%3A25%3A09.8022309Z'"``); when one
+    does not, the answer's ``Date`` (whole seconds) stands in: this time orders commits and
+    starts the request's deadline, and every later read of the row brings the exact one.
+    """
+    found = _ETAG_STAMP.search(unquote(str(result.get("etag") or "")))
+    if found:
+        with contextlib.suppress(ValueError):
+            return _parse_stamp(found.group(1))
+    return date or datetime.now(UTC)
+
+
 def _parse_stamp(text: str) -> datetime:
     """Storage's ISO time (``2026-12-02T17:25:09.8022309Z``: seven digits) as a datetime."""
     text = text.rstrip("Z")
@@ -328,7 +358,10 @@ class RowScan:
     storage_time: datetime
     rows: int
     resume_at: tuple[str, str] | None  # (PartitionKey, RowKey) to start from; None: wrap around
-    old_tombstones: list[RowRef] = field(default_factory=list)  # kept past TOMBSTONE_SECONDS
+    # Request rows to delete: tombstones kept past TOMBSTONE_SECONDS, and open rows left
+    # without steps as long (a cleanup split across transactions).
+    old_request_rows: list[RowRef] = field(default_factory=list)
+    late: set[str] = field(default_factory=set)  # requests with steps beside their tombstone
 
 
 @dataclass(frozen=True)
@@ -338,6 +371,7 @@ class Recorded:
     result: RecordResult
     step: RecordedStep | None = None
     storage_time: datetime | None = None  # storage's Date of the answer
+    first: bool = False  # it created the request's row too: no other row of the request exists
 
 
 class StorageDate:
@@ -360,9 +394,25 @@ class CompletionStore:
 
     # --- recording ---------------------------------------------------------------------------
     def record(self, completion: Completion, instance_id: str, now: datetime) -> Recorded:
-        """Record one delivery. Idempotent: a redelivery of the same content is a no-op."""
+        """Record one delivery. Idempotent: a redelivery of the same content is a no-op.
+
+        The request's first step is created together with the request's row, in one
+        transaction: when that succeeds, this step is the request's only row (``first``).
+        """
         key = row_key_of(completion.request_id, completion.operation_id)
         entity = _entity(completion, key, instance_id, now, conflict=False)
+        date = StorageDate()
+        try:
+            results = submit_transaction(self.table, [
+                ("create", _open_request_row(completion.request_id)), ("create", entity)],
+                raw_response_hook=date)
+        except TableTransactionError:
+            pass  # the request has a row already (or this step does): record it on its own
+        else:
+            return Recorded(RecordResult.RECORDED,
+                            _step(entity, etag=str(results[1].get("etag") or ""),
+                                  stamp=_stamp_of(results[1], date.latest)),
+                            date.latest, first=True)
         for _ in range(3):
             try:
                 meta = self.table.create_entity(entity)
@@ -416,8 +466,8 @@ class CompletionStore:
         steps: list[RecordedStep] = []
         truncated = decided = False
         for row in rows:
-            if is_tombstone(row["RowKey"]):
-                decided = True
+            if is_request_row(row["RowKey"]):
+                decided = row.get("state") == DECIDED
                 continue
             if len(steps) >= limit:
                 truncated = True
@@ -516,11 +566,17 @@ class CompletionStore:
         count = 0
         last_request = ""
         resume_at: tuple[str, str] | None = None
-        tombstones: list[tuple[RowRef, datetime]] = []
+        request_rows: dict[str, tuple[RowRef, datetime]] = {}
+        decided: set[str] = set()
         for row in rows:
-            if is_tombstone(row["RowKey"]):
-                tombstones.append((RowRef(row["PartitionKey"], row["RowKey"],
-                                          str(row.metadata["etag"])), _storage_time(row)))
+            if is_request_row(row["RowKey"]):
+                request_id = row["RowKey"].removesuffix(REQUEST_ROW_SUFFIX)
+                if row.get("state") == DECIDED:
+                    decided.add(request_id)
+                if row.get("state") == DECIDED or request_id not in grouped:
+                    request_rows[request_id] = (RowRef(row["PartitionKey"], row["RowKey"],
+                                                       str(row.metadata["etag"])),
+                                                _storage_time(row))
                 continue
             step = _step(row)
             if count >= max_rows and step.request_id != last_request:
@@ -532,7 +588,8 @@ class CompletionStore:
         now = _date_or(date, fallback_now)
         keep = timedelta(seconds=TOMBSTONE_SECONDS)
         return RowScan(dict(grouped), now, count, resume_at,
-                       [ref for ref, stamp in tombstones if now - stamp >= keep])
+                       [ref for ref, stamp in request_rows.values() if now - stamp >= keep],
+                       decided & grouped.keys())
 
     def count(self, limit: int = 10_000) -> int:
         """How many completion rows wait for the leader (counting stops at ``limit``)."""
@@ -540,7 +597,7 @@ class CompletionStore:
         for row in self.table.query_entities("PartitionKey lt @special",
                                              parameters={"special": SPECIAL_PREFIX},
                                              select=["RowKey"], results_per_page=1000):
-            total += not is_tombstone(row["RowKey"])
+            total += not is_request_row(row["RowKey"])
             if total >= limit:
                 break
         return total

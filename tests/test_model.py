@@ -69,7 +69,7 @@ from shared.app import LedgerApp
 from shared.clients import StorageClients
 from shared.contract import parse_completion
 from shared.election import TermEnded
-from shared.leader import LeaderTerm, ReadyView
+from shared.leader import LeaderTerm, ReadyRound, ReadyView
 from shared.ledger import AccountChanged, DecidedOutcome, Outcome, OutcomeExists
 from shared.pipeline import (
     announce_if_ready,
@@ -284,7 +284,7 @@ class Paused:
 
     instance: int
     term: LeaderTerm
-    ready: list[Any]
+    ready: ReadyRound
 
 
 class FakeMonotonic:
@@ -507,7 +507,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         paused, self.paused = self.paused, None
         assert paused is not None
         try:
-            paused.term.commit_ready(self.monotonic() + 60, list(paused.ready))
+            paused.term.commit_ready(self.monotonic() + 60, paused.ready)
             SEEN["paused leader resumed and finished"] += 1
         except TermEnded as exc:
             SEEN[f"paused leader stopped: {type(exc).__name__}"] += 1
