@@ -31,9 +31,14 @@ from shared import telemetry
 logger = logging.getLogger(__name__)
 
 PARKED_PARTITION = "parked"
-# A table string property holds 64 KiB (32K UTF-16 characters): bodies are split across columns.
-_CHUNK = 30_000
-_MAX_CHUNKS = 20
+# A table string property holds 64 KiB: 32,768 UTF-16 code units, and a character outside the
+# Basic Multilingual Plane (an emoji) is two of them. Bodies are split across columns of at most
+# _UNITS units, never inside a character, and the error is cut to as many.
+_UNITS = 32_000
+# One entity: at most 1 MiB, as Azure counts it (_entity_bytes), and 255 properties, PartitionKey,
+# RowKey and Timestamp included. A queue message (64 KiB) parks in under a fifth of that.
+_ENTITY_BYTES = 1 << 20
+_PROPERTIES = 255
 
 
 class ParkedKind(StrEnum):
@@ -68,6 +73,36 @@ def _encode(body: bytes) -> tuple[str, str]:
         return "base64", base64.b64encode(body).decode("ascii")
 
 
+def _split(text: str, units: int = _UNITS) -> list[str]:
+    """``text`` in pieces of at most ``units`` UTF-16 code units, no character cut in two."""
+    data = text.encode("utf-16-le", "surrogatepass")
+    pieces: list[str] = []
+    start = 0
+    while start < len(data):
+        end = min(start + 2 * units, len(data))
+        if end < len(data) and 0xD800 <= int.from_bytes(data[end - 2:end], "little") < 0xDC00:
+            end -= 2  # a high surrogate: its pair starts the next piece
+        pieces.append(data[start:end].decode("utf-16-le", "surrogatepass"))
+        start = end
+    return pieces or [""]
+
+
+def _utf16_bytes(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass"))
+
+
+def _entity_bytes(entity: dict[str, Any]) -> int:
+    """The entity's size as Azure counts it: 4 + keys as UTF-16, and per property 8 + its name
+    as UTF-16 + its value (a string: 4 + UTF-16; here 8 for anything else, the most). The
+    server's Timestamp counts too."""
+    size = 4 + _utf16_bytes(entity["PartitionKey"]) + _utf16_bytes(entity["RowKey"])
+    for name, value in [*entity.items(), ("Timestamp", 0)]:
+        if name not in ("PartitionKey", "RowKey"):
+            size += 8 + _utf16_bytes(name) + (4 + _utf16_bytes(value)
+                                              if isinstance(value, str) else 8)
+    return size
+
+
 class ParkingLot:
     """The table of parked messages."""
 
@@ -79,16 +114,16 @@ class ParkingLot:
              kind: ParkedKind = ParkedKind.MALFORMED) -> None:
         """Keep a message with why it was parked. Idempotent per ``parked_id``."""
         encoding, text = _encode(body)
-        chunks = [text[i:i + _CHUNK] for i in range(0, len(text), _CHUNK)] or [""]
-        if len(chunks) > _MAX_CHUNKS:
-            raise ValueError(f"message {parked_id} is too large to park ({len(body)} bytes)")
+        chunks = _split(text)
         entity: dict[str, Any] = {
-            "PartitionKey": PARKED_PARTITION, "RowKey": parked_id, "error": error[:30_000],
+            "PartitionKey": PARKED_PARTITION, "RowKey": parked_id, "error": _split(error)[0],
             "encoding": encoding, "chunks": len(chunks), "parkedAt": now.isoformat(),
             "dequeueCount": dequeue_count, "instanceId": instance_id, "kind": kind.value,
         }
         for index, chunk in enumerate(chunks):
             entity[f"body{index}"] = chunk
+        if len(entity) + 1 > _PROPERTIES or _entity_bytes(entity) > _ENTITY_BYTES:
+            raise ValueError(f"message {parked_id} is too large to park ({len(body)} bytes)")
         self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
         telemetry.record_parked(kind.value)
         logger.warning("parked %s message %s: %s", kind.value, parked_id, error,

@@ -14,13 +14,16 @@ fixed number of rows and says so with ``truncated``):
 Lease time left is not something storage tells anyone but the holder, so it is a lower bound:
 the lease was (re)acquired when the epoch was claimed, and renewed no later than one renew
 interval before the holder's last commit. Wall-clock times come from the instances' clocks.
-A storage error of any kind (unreachable, a missing role) answers 503 with the reason.
+A storage error of any kind (unreachable, a missing role) answers 503 with a reason for people
+that names no host, port, URL or account (only storage's status and error code when it
+answered); the whole error goes to the log.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -28,7 +31,13 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import AzureError
+from azure.core.exceptions import (
+    AzureError,
+    ClientAuthenticationError,
+    HttpResponseError,
+    ServiceRequestError,
+    ServiceResponseError,
+)
 
 from shared.api import Reply, lease_view
 from shared.app import LedgerApp
@@ -60,14 +69,27 @@ def metrics_reply(get_app: Callable[[], LedgerApp]) -> Reply:
         return Reply(200, snapshot(get_app()))
     except AzureError as exc:
         reason = _reason(exc)
-        logger.warning("status snapshot failed: storage did not answer (%s)", reason)
-        return Reply(503, {"error": f"storage cannot be reached or refused the read: {reason}",
-                           "retryable": True})
+        logger.warning("status snapshot failed, %s: %s", reason, exc)
+        return Reply(503, {"error": reason, "retryable": True})
+
+
+_CODE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,99}")  # a storage error code, not an address
 
 
 def _reason(exc: AzureError) -> str:
-    text = str(getattr(exc, "reason", None) or exc.message or type(exc).__name__)
-    return text.splitlines()[0][:300]
+    """What failed, by category: the SDKs' own text names the endpoint (host, port, account)."""
+    if isinstance(exc, ServiceRequestError):
+        return "storage cannot be reached"
+    if isinstance(exc, ServiceResponseError):
+        return "storage did not answer (the connection was dropped or timed out)"
+    if isinstance(exc, HttpResponseError) and exc.status_code:
+        code = getattr(exc, "error_code", None)
+        code = str(getattr(code, "value", code) or "")  # the SDKs give an enum or a str
+        shown = f" {code}" if _CODE.fullmatch(code) else ""
+        return f"storage refused the read ({exc.status_code}{shown})"
+    if isinstance(exc, ClientAuthenticationError):
+        return "the app could not get a token for storage"
+    return f"the storage read failed ({type(exc).__name__})"
 
 
 def snapshot(app: LedgerApp) -> dict[str, Any]:

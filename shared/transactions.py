@@ -9,9 +9,15 @@ joins and reads the answer with a regular expression, through the table client's
 
 It handles the operations the ledger uses: ``create`` and ``update`` (replace, with or without
 ``If-Match``) of entities whose values are strings, booleans and 32-bit integers. Anything else,
-or a table client without the attributes it relies on, goes through ``submit_transaction``
-unchanged. Refusals are raised as the SDK raises them: ``TableTransactionError`` with the failing
-operation's ``index`` and ``error_code``.
+a table client without the attributes it relies on, and a batch that the SDK refuses before
+sending (an entity without keys, a second PartitionKey: ``ValueError``) go through
+``submit_transaction`` unchanged, to be refused as the SDK refuses them. An ETag is refused as
+``http.client`` refuses a header value for the SDK, whichever path the batch takes:
+``UnicodeEncodeError`` outside Latin-1, ``ValueError`` with a CR or LF (which would end the
+``If-Match`` line and make the rest of the ETag headers, ``If-Match: *`` say); so is a CR or LF
+that folds the line, which ``http.client`` lets through. Refusals from storage are raised as the
+SDK raises them: ``TableTransactionError`` with the failing operation's ``index`` and
+``error_code`` (``RequestTooLargeError`` for a 413).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from urllib.parse import quote
 from azure.core import MatchConditions
 from azure.core.exceptions import HttpResponseError
 from azure.core.rest import HttpRequest
-from azure.data.tables import TableClient, TableTransactionError, UpdateMode
+from azure.data.tables import RequestTooLargeError, TableClient, TableTransactionError, UpdateMode
 
 _INT32 = range(-(2**31), 2**31)
 _STATUS = re.compile(rb"HTTP/1\.1 (\d{3})")
@@ -39,6 +45,12 @@ def submit_transaction(table: TableClient, operations: Sequence[Any]) -> list[Ma
     client = getattr(table, "_client", None)
     hostname = getattr(table, "_primary_hostname", None)
     table_url = f"{table.scheme}://{hostname}/{table.table_name}"
+    entities = [operation[1] for operation in operations]
+    if any("PartitionKey" not in entity or "RowKey" not in entity for entity in entities) \
+            or len({entity["PartitionKey"] for entity in entities}) > 1:
+        return list(table.submit_transaction(operations))  # refused before anything is sent
+    for operation in operations:
+        _check_etag(operation[2] if len(operation) > 2 else {})
     parts = [_part(table_url, operation) for operation in operations]
     if client is None or hostname is None or any(part is None for part in parts):
         return list(table.submit_transaction(operations))
@@ -58,10 +70,19 @@ def submit_transaction(table: TableClient, operations: Sequence[Any]) -> list[Ma
     response = client.send_request(request, stream=True)  # as the SDK: no JSON decoding
     answer = response.read()
     if response.status_code != 202:
-        raise HttpResponseError(message=f"the transaction was refused as a whole "
-                                f"({response.status_code}): {answer[:500]!r}",
-                                response=response)
+        refused = RequestTooLargeError if response.status_code == 413 else HttpResponseError
+        raise refused(message=f"the transaction was refused as a whole "
+                      f"({response.status_code}): {answer[:500]!r}", response=response)
     return _results(answer, len(operations), response)
+
+
+def _check_etag(options: Mapping[str, Any]) -> None:
+    """Refuse an ETag that must not go in a header (see the module docstring)."""
+    etag = options.get("etag")
+    if isinstance(etag, str):
+        raw = etag.encode("latin-1")
+        if b"\r" in raw or b"\n" in raw:
+            raise ValueError(f"Invalid header value {raw!r}")
 
 
 def _part(table_url: str, operation: Any) -> str | None:
@@ -69,7 +90,8 @@ def _part(table_url: str, operation: Any) -> str | None:
     kind, entity = operation[0], operation[1]
     options: Mapping[str, Any] = operation[2] if len(operation) > 2 else {}
     payload = _payload(entity)
-    if payload is None:
+    if payload is None or not isinstance(entity["PartitionKey"], str) \
+            or not isinstance(entity["RowKey"], str):
         return None
     headers = ["Content-Type: application/json", f"Content-Length: {len(payload.encode())}",
                "x-ms-version: 2019-02-02", "DataServiceVersion: 3.0"]
@@ -78,13 +100,13 @@ def _part(table_url: str, operation: Any) -> str | None:
                             "Accept: application/json;odata=minimalmetadata", "", payload])
     if kind == "update" and options.get("mode", UpdateMode.MERGE) is UpdateMode.REPLACE \
             and set(options) <= {"mode", "etag", "match_condition"}:
-        condition = options.get("match_condition")
-        if condition is MatchConditions.IfNotModified:
-            headers.append(f"If-Match: {options['etag']}")
-        elif condition not in (None, MatchConditions.Unconditionally):
-            return None
-        else:
+        condition, etag = options.get("match_condition"), options.get("etag")
+        if condition is MatchConditions.IfNotModified and etag:
+            headers.append(f"If-Match: {etag}")
+        elif condition in (None, MatchConditions.Unconditionally) and not etag:
             headers.append("If-Match: *")
+        else:
+            return None  # another condition, or an ETag without its condition: the SDK's rules
         key = (f"(PartitionKey='{_key(entity['PartitionKey'])}',"
                f"RowKey='{_key(entity['RowKey'])}')")
         return "\r\n".join([f"PUT {table_url}{key} HTTP/1.1", *headers,
@@ -140,7 +162,8 @@ def _refusal(part: bytes, status: int) -> TableTransactionError:
             pass
     # The message starts with the failing operation's index ("1:The specified entity..."),
     # which is where TableTransactionError reads it from, as the SDK does.
-    refusal = TableTransactionError(message=f"{message}\nErrorCode:{code}")
+    refused = RequestTooLargeError if status == 413 else TableTransactionError
+    refusal = refused(message=f"{message}\nErrorCode:{code}")
     refusal.error_code = code  # type: ignore[attr-defined]
     refusal.status_code = status
     return refusal

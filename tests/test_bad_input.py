@@ -20,6 +20,7 @@ Replay a failure: hypothesis prints ``@reproduce_failure`` (print_blob) and the 
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
@@ -39,6 +40,7 @@ from hypothesis import strategies as st
 from shared import runtime
 from shared.app import LedgerApp
 from shared.contract import MalformedMessage, parse_completion
+from shared.parking import PARKED_PARTITION
 from shared.pipeline import run_election
 from simulator.functions import indexed
 from tests.helpers import Namespace
@@ -434,6 +436,56 @@ def test_the_queue_function_parks_arbitrary_bytes(env: LedgerApp, body: bytes) -
 def test_the_queue_function_parks_edge_cases(env: LedgerApp, body: bytes, reason: str) -> None:
     assert contract_error(body) is not None, reason
     _assert_parked(env, body, uuid.uuid4().hex, _state(env))
+
+
+TABLE_STRING_UNITS = 32_768  # a table string property: 64 KiB of UTF-16
+
+
+def _utf16_units(text: str) -> int:
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def test_a_body_of_astral_characters_is_parked_whole_and_replays_unchanged(
+        env: LedgerApp) -> None:
+    # 23,001 ASCII characters, then 6,300 emoji (2 UTF-16 units each): 48,201 bytes, which a
+    # queue message holds, but 35,601 UTF-16 units, more than one table string property holds.
+    # The odd ASCII count puts an emoji across unit 32,000, where a split by units would cut it.
+    body = b"x" * 23_001 + "\U0001f600".encode() * 6_300
+    assert len(body) <= MAX_BODY
+    message_id = uuid.uuid4().hex
+    _assert_parked(env, body, message_id, _state(env))  # today: PropertyValueTooLarge, retried
+    row = env.parking.table.get_entity(PARKED_PARTITION, message_id)
+    columns = [row[f"body{i}"] for i in range(int(row["chunks"]))]
+    assert len(columns) > 1
+    for column in columns:
+        assert _utf16_units(column) <= TABLE_STRING_UNITS
+        column.encode("utf-8")  # raises if a column begins or ends with half an emoji
+
+    queue = env.queue_client()
+    queue.create_queue()
+    env.parking.replay(message_id, queue)
+    assert env.parking.get(message_id) is None
+    [replayed] = env.raw_queue_client(env.config.completions_queue).receive_messages()
+    assert base64.b64decode(replayed.content) == body, "replayed byte for byte as received"
+
+
+def test_a_long_error_of_astral_characters_is_cut_to_one_property_on_a_whole_character(
+        env: LedgerApp) -> None:
+    error = "\U0001f600" * 20_000  # 40,000 UTF-16 units; 20,000 code points
+    env.parking.park("long-error", b"{}", error, 1, "instance", datetime.now(UTC))
+    parked = env.parking.get("long-error")
+    assert parked is not None
+    assert parked.body == b"{}"
+    assert 30_000 <= _utf16_units(parked.error) <= TABLE_STRING_UNITS
+    assert error.startswith(parked.error)
+
+
+def test_a_body_too_large_for_one_entity_is_refused_before_storage(env: LedgerApp) -> None:
+    # 600,000 ASCII characters: 20 columns of 30,000, but 1.2 MB as the UTF-16 Azure counts, over
+    # its 1 MiB per entity (Azurite counts UTF-8 and would take it). Nothing may be written.
+    with pytest.raises(ValueError, match="too large to park"):
+        env.parking.park("huge", b"x" * 600_000, "too big", 1, "instance", datetime.now(UTC))
+    assert env.parking.get("huge") is None
 
 
 def test_a_128_character_id_is_accepted_end_to_end(env: LedgerApp) -> None:

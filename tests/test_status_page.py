@@ -12,7 +12,9 @@ Set ``STATUS_PAGE_SCREENSHOT=/tmp/page.png`` to save what the page showed (phone
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import os
 import shutil
 import urllib.error
@@ -30,10 +32,17 @@ from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwr
 from shared import runtime
 from shared import status as status_data
 from shared.app import LedgerApp
-from shared.clients import CallCounter, azurite_connection_string
+from shared.clients import (
+    AZURITE_ACCOUNT,
+    AZURITE_KEY,
+    CallCounter,
+    azurite_connection_string,
+    clients_from_connection_string,
+)
 from shared.election import HeldLease
 from shared.leader import LeaderTerm
-from simulator.azurite import free_port
+from shared.settings import load_config
+from simulator.azurite import Azurite, free_port
 from simulator.cluster import Cluster
 from simulator.http import serve
 from simulator.workload import generate
@@ -275,6 +284,38 @@ def test_a_snapshot_reads_each_store_once_and_puts_commits_in_their_bucket(ns: N
     # One term per invocation that found work: newest first, the current one with its claim.
     assert [(t["epoch"], t["decided"]) for t in data["leaders"]] == [(3, 1), (2, 1), (1, 1)]
     assert data["leaders"][0]["claimedAt"] == data["leader"]["claimedAt"]
+
+
+def _app_on(ns: Namespace, connection_string: str) -> LedgerApp:
+    """An app on this test's names and another storage endpoint (no storage call made)."""
+    config = load_config(ns.env(AzureWebJobsStorage=connection_string), instance_id="observer")
+    return LedgerApp.create(config, clients_from_connection_string(connection_string, 1))
+
+
+def test_a_503_names_no_host_port_url_or_account_and_the_log_has_the_detail(
+        ns: Namespace, caplog: pytest.LogCaptureFixture) -> None:
+    port = free_port()  # nothing listens there: the connection is refused
+    app = _app_on(ns, azurite_connection_string(blob_port=port, queue_port=port, table_port=port))
+    with caplog.at_level(logging.WARNING, logger="shared.status"):
+        reply = status_data.metrics_reply(lambda: app)
+    assert reply.status == 503
+    assert reply.body == {"error": "storage cannot be reached", "retryable": True}
+    shown = json.dumps(reply.body)
+    for secret in (str(port), "127.0.0.1", "http", AZURITE_ACCOUNT):
+        assert secret not in shown
+    [logged] = [r for r in caplog.records if r.name == "shared.status"]
+    assert logged.levelno == logging.WARNING
+    assert str(port) in logged.getMessage(), "the operator's log keeps the whole error"
+
+
+def test_a_503_for_a_refused_read_keeps_storages_status_and_code(azurite: Azurite,
+                                                                  ns: Namespace) -> None:
+    wrong_key = base64.b64encode(b"not the account key").decode()
+    app = _app_on(ns, ns.connection_string.replace(AZURITE_KEY, wrong_key))
+    reply = status_data.metrics_reply(lambda: app)
+    assert reply.status == 503
+    assert reply.body == {"error": "storage refused the read (403 AuthorizationFailure)",
+                          "retryable": True}
 
 
 def test_lease_time_left_is_a_lower_bound_from_the_claim_and_the_last_commit() -> None:
