@@ -74,10 +74,7 @@ class RowCleaner:
                 if len(self._deleted) > REMEMBERED:
                     self._deleted.popitem(last=False)
                 items.append(ref)
-            now = self.clock()
-            for tombstone in decided:
-                items.append(tombstone)
-                self._tombstones.append((now, tombstone.ref))
+            items += decided
             for item in items:
                 rows = self._waiting[item.partition_key]
                 rows.append(item)
@@ -128,7 +125,10 @@ class RowCleaner:
     def _delete(self, chunk: list[RowRef | Tombstone]) -> None:
         refs = [item for item in chunk if isinstance(item, RowRef)]
         try:
-            self.store.delete(refs, [item for item in chunk if isinstance(item, Tombstone)])
+            written = self.store.delete(
+                refs, [item for item in chunk if isinstance(item, Tombstone)])
+            with self._lock:  # each deleted TOMBSTONE_SECONDS later, as written
+                self._tombstones.extend((self.clock(), ref) for ref in written)
         except Exception:
             # Left in the table: a later read finds them again and deletes them as late.
             logger.exception("deleting %d consumed completion rows failed; a later drain "

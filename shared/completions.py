@@ -604,13 +604,13 @@ class CompletionStore:
 
     # --- conditional deletes -----------------------------------------------------------------
     @telemetry.traced("ledger.delete")
-    def delete(self, refs: Iterable[RowRef], tombstones: Iterable[Tombstone] = ()) -> None:
-        """Delete these versions of rows (idempotent), leaving ``tombstones`` where they were.
+    def delete(self, refs: Iterable[RowRef], tombstones: Iterable[Tombstone] = ()) -> list[RowRef]:
+        """Delete these versions of rows (idempotent), and turn requests' rows into tombstones.
 
         A row changed since it was read stays. One transaction per 100 operations of a
         partition, whatever requests they belong to, each delete ``If-Match`` the ETag that was
         read. When one row of a transaction is gone or was recorded anew, that transaction's
-        rows are deleted one by one.
+        operations are made one by one. Returns the tombstones as written (with their ETags).
         """
         deletes: dict[str, dict[str, str]] = defaultdict(dict)
         for ref in refs:
@@ -618,6 +618,7 @@ class CompletionStore:
         marks: dict[str, list[Tombstone]] = defaultdict(list)
         for tombstone in tombstones:
             marks[tombstone.partition_key].append(tombstone)
+        written: list[RowRef] = []
         for partition in sorted(deletes.keys() | marks.keys()):
             rows = deletes.get(partition, {})
             operations: list[Any] = [
@@ -627,14 +628,19 @@ class CompletionStore:
                            for t in marks.get(partition, [])]
             for chunk in _chunks(operations, MAX_BATCH_ROWS):
                 try:
-                    self.table.submit_transaction(chunk)
+                    results = list(self.table.submit_transaction(chunk))
                 except TableTransactionError:
-                    for operation in chunk:
-                        if operation[0] == "delete":
-                            self._delete_one(partition, operation[1]["RowKey"],
-                                             rows[operation[1]["RowKey"]])
-                        else:
-                            self.table.upsert_entity(operation[1], mode=UpdateMode.REPLACE)
+                    results = [self._one(partition, operation, rows) for operation in chunk]
+                written += [RowRef(partition, operation[1]["RowKey"], str(result.get("etag")))
+                            for operation, result in zip(chunk, results, strict=True)
+                            if operation[0] == "upsert" and result.get("etag")]
+        return written
+
+    def _one(self, partition: str, operation: Any, etags: Mapping[str, str]) -> Mapping[str, Any]:
+        if operation[0] == "delete":
+            self._delete_one(partition, operation[1]["RowKey"], etags[operation[1]["RowKey"]])
+            return {}
+        return dict(self.table.upsert_entity(operation[1], mode=UpdateMode.REPLACE))
 
     def _delete_one(self, partition: str, row_key: str, etag: str) -> None:
         try:

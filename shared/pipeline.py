@@ -109,16 +109,15 @@ def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
 def announce_if_ready(app: LedgerApp, completion: Completion, recorded: Recorded) -> bool:
     """Mark the request ready when its rows decide it (or the step is late); True if so.
 
-    A deposit's own new row is its whole request; any other delivery reads the request's rows
-    (one key range) to judge. A step of a request decided a moment ago (its tombstone is in the
-    range, or this process decided it) is announced too, so that the leader settles it at once
-    instead of at expiry.
+    The request's first step knows it is the request's only row (``Recorded.first``); any other
+    delivery reads the request's rows (one key range) to judge. A step of a request decided a
+    moment ago (its tombstone is in the range, or this process decided it) is announced too, so
+    that the leader settles it at once instead of at expiry.
     """
     request_id = completion.request_id
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
     step = recorded.step
-    if (recorded.result is RecordResult.RECORDED and completion.expected_operations == 1
-            and step is not None):
+    if recorded.first and step is not None:  # the request's only row: nothing else to read
         steps: list[RecordedStep] = [step]
         read_at: datetime | None = None
         truncated = late = False

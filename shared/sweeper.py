@@ -58,12 +58,13 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
     now = scan.storage_time + app.time_shift()
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
     assessed = [assess(request_id, steps, now, timeout) for request_id, steps in scan.steps.items()]
-    decidable = [a for a in assessed if a.decided]
+    # Decidable, or steps beside a tombstone (late: the recorder that wrote them stopped first).
+    decidable = [a for a in assessed if a.decided or a.request_id in scan.late]
     with ThreadPoolExecutor(ANNOUNCERS, thread_name_prefix="announce") as pool:
         list(pool.map(lambda a: store.mark_ready(a.request_id, scan.steps[a.request_id],
                                                  read_at=now), decidable))
-    if scan.old_tombstones:  # left by a process that stopped before it deleted them
-        store.delete(scan.old_tombstones)
+    if scan.old_request_rows:  # tombstones left by a process that stopped first
+        store.delete(scan.old_request_rows)
     if not force:
         store.save_scan_position(scan.resume_at)
     telemetry.record_scan(assessed, decidable, now)

@@ -40,20 +40,24 @@ _ETAG = re.compile(rb"(?im)^ETag:[ \t]*(.+?)[ \t]*\r?$")
 _BOUNDARY = re.compile(rb"boundary=(changesetresponse_[^\s;]+)")
 
 
-def submit_transaction(table: TableClient, operations: Sequence[Any]) -> list[Mapping[str, Any]]:
-    """Like ``table.submit_transaction(operations)``: each operation's metadata (its ``etag``)."""
+def submit_transaction(table: TableClient, operations: Sequence[Any],
+                       **kwargs: Any) -> list[Mapping[str, Any]]:
+    """Like ``table.submit_transaction(operations)``: each operation's metadata (its ``etag``).
+
+    ``kwargs`` go to the pipeline (a ``raw_response_hook``, say), as the SDK's call takes them.
+    """
     client = getattr(table, "_client", None)
     hostname = getattr(table, "_primary_hostname", None)
     table_url = f"{table.scheme}://{hostname}/{table.table_name}"
     entities = [operation[1] for operation in operations]
     if any("PartitionKey" not in entity or "RowKey" not in entity for entity in entities) \
             or len({entity["PartitionKey"] for entity in entities}) > 1:
-        return list(table.submit_transaction(operations))  # refused before anything is sent
+        return list(table.submit_transaction(operations, **kwargs))  # refused before sending
     for operation in operations:
         _check_etag(operation[2] if len(operation) > 2 else {})
     parts = [_part(table_url, operation) for operation in operations]
     if client is None or hostname is None or any(part is None for part in parts):
-        return list(table.submit_transaction(operations))
+        return list(table.submit_transaction(operations, **kwargs))
     changeset = f"changeset_{uuid.uuid4()}"
     batch = f"batch_{uuid.uuid4()}"
     body = "".join([
@@ -67,7 +71,7 @@ def submit_transaction(table: TableClient, operations: Sequence[Any]) -> list[Ma
         "x-ms-version": table.api_version, "DataServiceVersion": "3.0",
         "MaxDataServiceVersion": "3.0;NetFx", "Accept": "application/json",
         "Content-Type": f"multipart/mixed; boundary={batch}"}, content=body)
-    response = client.send_request(request, stream=True)  # as the SDK: no JSON decoding
+    response = client.send_request(request, stream=True, **kwargs)  # as the SDK: no JSON
     answer = response.read()
     if response.status_code != 202:
         refused = RequestTooLargeError if response.status_code == 413 else HttpResponseError

@@ -66,19 +66,26 @@ def test_non_leaders_record_and_exit_without_touching_balances(ns: Namespace) ->
     assert balance(app, "alice") == Decimal("10.00")
 
 
-def test_a_follower_spends_three_storage_calls_and_a_waiting_leg_two(ns: Namespace) -> None:
+def test_what_a_follower_spends_per_delivery(ns: Namespace) -> None:
     counter = CallCounter()
     app = ns.app(request_hook=counter)
+    app.elector.skip_seconds = 0  # every announcing delivery attempts (no skip window here)
     holder = _external_lease(app)
     holder.acquire(lease_duration=60)
     counter.calls.clear()
     send(app, *deposit("d1", "alice", "10.00"))
     assert counter.calls == {"POST": 1, "PATCH": 1, "PUT": 1}, \
-        "insert the completion, announce it (merge its marker), try the lease"
+        "one transaction (its row and the request's row), announce it, try the lease"
+    w, a = transfer("t1", "alice", "bob", "1.00")
     counter.calls.clear()
-    send(app, transfer("t1", "alice", "bob", "1.00")[0])
-    assert counter.calls == {"POST": 1, "GET": 1}, \
-        "insert the first leg, read the request's rows (one key range); no lease attempt"
+    send(app, w)
+    assert counter.calls == {"POST": 1}, \
+        "the first leg: one transaction, and no read (it is the request's only row) or attempt"
+    counter.calls.clear()
+    send(app, a)
+    assert counter.calls == {"POST": 2, "GET": 1, "PATCH": 1, "PUT": 1}, \
+        "the last leg: the transaction refused (the request has its row), its row alone, " \
+        "read the request's rows (one key range), announce it, try the lease"
     holder.release()
 
 
