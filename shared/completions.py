@@ -553,8 +553,8 @@ class CompletionStore:
         """
         partition, row_key = start
         if partition:
-            query = ("(PartitionKey eq @pk and RowKey ge @rk) or "
-                     "(PartitionKey gt @pk and PartitionKey lt @special)")
+            query = ("( PartitionKey eq @pk and RowKey ge @rk ) or "  # spaces: the SDK
+                     "( PartitionKey gt @pk and PartitionKey lt @special )")  # substitutes words
             parameters = {"pk": partition, "rk": row_key, "special": SPECIAL_PREFIX}
         else:
             query = "PartitionKey lt @special"

@@ -52,9 +52,12 @@ FAULTS_ENV = "SIM_FAULTS"
 class CallKind(StrEnum):
     """What one storage call does for the app."""
 
-    RECORD = "record"  # insert a completion row
+    RECORD = "record"  # insert a completion row (alone, or with its request's row)
     RECORD_READ = "record_read"  # read a completion row back (duplicate or conflict?)
-    SCAN = "scan"  # list or query the completions table
+    REQUEST_READ = "request_read"  # read one request's rows (a key range)
+    ANNOUNCE = "announce"  # merge a request's marker into the ready index
+    READY_READ = "ready_read"  # the leader's read of the ready index
+    SCAN = "scan"  # list or query the completions table (the sweeper's full scan)
     DELETE = "delete"  # delete completion rows (transaction or single entity)
     FENCE_READ = "fence_read"
     CLAIM = "claim"  # conditional update (or create) of the fence row
@@ -76,8 +79,9 @@ class CallKind(StrEnum):
     OTHER = "other"  # creating tables, queues, containers and blobs; properties
 
 
-WRITE_KINDS = frozenset({CallKind.RECORD, CallKind.DELETE, CallKind.CLAIM, CallKind.COMMIT,
-                         CallKind.PARK, CallKind.ACQUIRE, CallKind.RENEW, CallKind.RELEASE,
+WRITE_KINDS = frozenset({CallKind.RECORD, CallKind.ANNOUNCE, CallKind.DELETE, CallKind.CLAIM,
+                         CallKind.COMMIT, CallKind.PARK, CallKind.ACQUIRE, CallKind.RENEW,
+                         CallKind.RELEASE,
                          CallKind.QUEUE_SEND, CallKind.QUEUE_DELETE, CallKind.QUEUE_UPDATE})
 
 
@@ -129,7 +133,7 @@ def classify(method: str, url: str, headers: Mapping[str, str], body: bytes | st
         text = body.decode("utf-8", "replace") if isinstance(body, bytes) else (body or "")
         if f"/{names.ledger}(" in text:
             return CallKind.COMMIT
-        return CallKind.DELETE
+        return CallKind.DELETE if "DELETE " in text else CallKind.RECORD
     entity = _ENTITY.match(path)
     if entity and entity.group(2):
         table, keys = entity.group(1), entity.group(2)
@@ -144,11 +148,19 @@ def classify(method: str, url: str, headers: Mapping[str, str], body: bytes | st
         elif table == names.completions:
             if method == "GET":
                 return CallKind.RECORD_READ
-            return CallKind.DELETE if method == "DELETE" else CallKind.RECORD
+            if method == "DELETE":
+                return CallKind.DELETE
+            return CallKind.ANNOUNCE if "PartitionKey='~ready'" in keys else CallKind.RECORD
         elif table == names.parked:
             return CallKind.PARKED_READ if method == "GET" else CallKind.PARK
         return CallKind.OTHER
     table_match = _TABLE.match(path)
+    if table_match and method == "GET" and table_match.group(1) == names.completions:
+        where = query.get("$filter", [""])[0]
+        if "'~ready'" in where:
+            return CallKind.READY_READ
+        return CallKind.REQUEST_READ if "RowKey ge" in where and " or " not in where \
+            else CallKind.SCAN
     if table_match and method in ("GET", "POST") and not {"comp", "restype"} & set(query):
         kinds = {names.completions: (CallKind.SCAN, CallKind.RECORD),
                  names.ledger: (CallKind.LEDGER_SCAN, CallKind.CLAIM),
