@@ -25,17 +25,19 @@ from shared.app import LedgerApp
 from shared.completions import MAX_MARKER_STEPS, Recorded, RecordedStep, RecordResult
 from shared.contract import Completion, MalformedMessage, parse_completion
 from shared.decision import assess
-from shared.election import HeldLease, TermEnded
+from shared.election import HeldLease, LeaseState, TermEnded
 from shared.leader import DrainReport, LeaderTerm, ReadyView
 from shared.parking import queue_depth
 from shared.sweeper import repair_scan
-from shared.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm
+from shared.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
 
 logger = logging.getLogger(__name__)
 
 # A leader that keeps finding work after releasing goes round at most this many times per
 # invocation; the drain budget bounds it in time as well.
 MAX_TERMS_PER_INVOCATION = 20
+BUDGET_SPENT = "drain budget exhausted"
+ROUNDS_SPENT = f"{MAX_TERMS_PER_INVOCATION} terms in one invocation"
 
 
 class Role(StrEnum):
@@ -168,6 +170,14 @@ class Election:
         self.final_look_made = True  # nothing owed until this invocation releases a lease
 
     def run(self, handed_over: bool) -> ElectionResult:
+        self._run(handed_over)
+        if self.result.stopped_by in (BUDGET_SPENT, ROUNDS_SPENT):
+            # Work may be left and nobody else may be coming: another invocation takes over.
+            wake_soon(self.app.queue_client(self.app.config.wakeup_queue),
+                      self.app.config.instance_id, self.result.stopped_by)
+        return self.result
+
+    def _run(self, handed_over: bool) -> None:
         skippable = handed_over
         for _ in range(MAX_TERMS_PER_INVOCATION):
             lease = self._attempt(skippable)
@@ -177,16 +187,17 @@ class Election:
                 # lease still owes its final look: skipping instances may count on it.
                 if self._final_look():
                     continue
-                return self.result
+                return
             self.result.role = Role.LEADER
             if not self._lead(lease):
-                return self.result
+                return
             if self.app.clock() >= self.budget_deadline:
-                return self.result
+                self.result.stopped_by = BUDGET_SPENT
+                return
             if self._look() or self._final_look():
                 continue  # work was announced meanwhile: compete for the lease again
-            return self.result
-        return self.result
+            return
+        self.result.stopped_by = ROUNDS_SPENT
 
     def _attempt(self, skippable: bool) -> HeldLease | None:
         elector = self.app.elector
@@ -224,7 +235,8 @@ class Election:
             # Consumed rows go before the lease does, so the next leader does not meet them.
             app.cleaner.finish(timeout=app.config.storage_timeout_seconds)
             lease.release()
-            alarm.disarm()
+            if lease.state is LeaseState.RELEASED:
+                alarm.disarm()  # a lease lost or not released keeps its alarm: it may expire
             self.released_at = time.monotonic()
             self.others_seen = self.others_seen or view.others_seen
             self.final_look_made = False
@@ -234,7 +246,7 @@ class Election:
                             report.epoch, dict(report.outcomes), report.transactions,
                             len(report.late_requests), extra=telemetry.log_extra())
             if report.budget_exhausted:
-                self.result.stopped_by = "drain budget exhausted"
+                self.result.stopped_by = BUDGET_SPENT
                 return False
         return True
 

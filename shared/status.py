@@ -41,7 +41,7 @@ from azure.core.exceptions import (
 
 from shared.api import Reply, lease_view
 from shared.app import LedgerApp
-from shared.completions import SPECIAL_PREFIX
+from shared.completions import SPECIAL_PREFIX, is_request_row
 from shared.ledger import REQUEST_PREFIX, Fence
 from shared.parking import queue_depth
 
@@ -182,10 +182,11 @@ def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
 
 
 def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
-    rows = _bounded(app.completions.table.query_entities(
+    rows = _bounded((row for row in app.completions.table.query_entities(
         "PartitionKey lt @special", parameters={"special": SPECIAL_PREFIX},
-        select=["PartitionKey", "requestId", "recordedAt"], results_per_page=1000),
-        MAX_PENDING_ROWS)  # step rows only (the ready index and bookkeeping sort after "~")
+        select=["PartitionKey", "RowKey", "requestId", "recordedAt"], results_per_page=1000)
+        if not is_request_row(str(row["RowKey"]))),
+        MAX_PENDING_ROWS)  # step rows only: no request rows, ready index or bookkeeping
     recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {

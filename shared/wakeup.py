@@ -36,10 +36,20 @@ WAKE_WAIT_SECONDS = ALARM_LEAD_SECONDS + 4
 ALARM_TYPE = "lease-alarm"
 
 
-def alarm_body(holder: str, instance_id: str) -> str:
+def alarm_body(holder: str, instance_id: str, reason: str = "") -> str:
     """The alarm's JSON text (what it says is for people; any alarm wakes the same way)."""
     return json.dumps({"version": 1, "type": ALARM_TYPE, "holder": holder,
-                       "armedBy": instance_id}, separators=(",", ":"))
+                       "armedBy": instance_id, **({"reason": reason} if reason else {})},
+                      separators=(",", ":"))
+
+
+def wake_soon(queue: QueueClient, instance_id: str, reason: str) -> None:
+    """Wake another instance within a second: this invocation stops with work left over."""
+    try:
+        queue.send_message(alarm_body("", instance_id, reason), visibility_timeout=1)
+    except AzureError as exc:
+        logger.warning("could not wake another instance (%s); the sweeper is the backstop",
+                       type(exc).__name__)
 
 
 @dataclass
