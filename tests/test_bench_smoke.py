@@ -13,6 +13,7 @@ from simulator.azurite import Azurite
 def test_a_tiny_benchmark_run_commits_everything_and_writes_its_report(
         azurite: Azurite, tmp_path: Path) -> None:
     code = main(["--quick", "--instances", "2", "--requests", "12", "--backlog", "30",
+                 "--no-waiting", "--no-overload",
                  "--connection-string", azurite.connection_string, "--out", str(tmp_path),
                  "--name", "smoke"])
     assert code == 0
@@ -45,6 +46,41 @@ def test_a_tiny_benchmark_run_commits_everything_and_writes_its_report(
     table = (tmp_path / "smoke.md").read_text()
     assert "| spread | 0 | naive | 2 | backlog | 12/12 |" in table
     assert (tmp_path / "smoke.png").stat().st_size > 10_000
+
+
+def test_a_tiny_run_of_the_backlog_and_overload_benchmarks_reports_them_side_by_side(
+        azurite: Azurite, tmp_path: Path) -> None:
+    code = main(["--quick", "--only", "waiting", "overload", "--waiting", "40",
+                 "--requests", "12", "--sequential", "3", "--overload-deposits", "12",
+                 "--connection-string", azurite.connection_string, "--out", str(tmp_path),
+                 "--name", "side"])
+    assert code == 0
+    run = json.loads((tmp_path / "side.json").read_text())
+    assert run["cells"] == run["drain"] == run["failover"] == []
+    backlog = run["backlog"]
+    assert [(c["kind"], c["waiting"]) for c in backlog["cells"]] == [
+        ("hot", 0), ("hot", 40), ("sequential", 0), ("sequential", 40)]
+    for cell in backlog["cells"]:
+        assert cell["scans"] == 0, cell
+        assert cell["committed"] == (12 if cell["kind"] == "hot" else 3), cell
+        assert cell["record_seconds"] > 0 if cell["waiting"] else cell["record_seconds"] == 0
+    assert backlog["hot_ratio"] > 0
+    assert backlog["mean_ratio"] > 0
+    assert backlog["worst_ratio"] > 0
+    scan = backlog["full_scan"]
+    assert (scan["rows"], scan["requests"], scan["announced"]) == (40, 40, 0), scan
+    assert scan["calls"] == {"scan": 1}, "one page: the waiting rows, nothing else"
+    overload = run["overload"]
+    assert [c["kind"] for c in overload["cells"]] == ["clean", "overloaded"]
+    for cell in overload["cells"]:
+        assert cell["decided"] == cell["deposits"] == 12, cell
+        assert cell["terms"]
+        assert all(t["held_s"] > 0 and t["committed"] for t in cell["terms"])
+    assert overload["ratio"] > 0
+    assert overload["long_terms_idle"] == 0
+    table = (tmp_path / "side.md").read_text()
+    assert "## Requests waiting for their steps: 40 vs none" in table
+    assert "## Overload: 12 deposits over 4 accounts" in table
 
 
 def test_the_probe_classifies_storage_requests_by_kind() -> None:
