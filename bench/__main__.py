@@ -1,9 +1,11 @@
 """The benchmark, one command: strategies side by side, the leader's drain, failover, on one
 private Azurite; writes JSON, Markdown and a PNG under ``bench/results/``.
 
-    ./dev bench                 # the full matrix (~15 min on 2 cores)
-    ./dev bench --quick         # a small run (seconds), what the smoke test runs
+    ./dev bench                 # everything (~30 min on 2 cores)
+    ./dev bench --quick         # a small run (a few minutes), what the smoke test runs, smaller
     ./dev bench --profile       # also profile the drain (pyinstrument), text under results/
+    ./dev bench --only waiting  # just the backlog benchmark (--waiting N requests waiting)
+    ./dev bench --only overload # just the overload benchmark
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bench.backlog import measure_backlog
 from bench.cells import run_cell
 from bench.drain import measure_drain
 from bench.failover import measure_failover
+from bench.overload import measure_overload
 from bench.report import write
 from bench.strategies import STRATEGIES
 from bench.workloads import WORKLOADS
 from simulator.azurite import Azurite
 
 RESULTS = Path(__file__).resolve().parent / "results"
+PARTS = ("cells", "drain", "failover", "waiting", "overload")
 
 
 def machine() -> str:
@@ -56,9 +61,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=None,
                         help="instances stop taking deliveries after this long")
     parser.add_argument("--backlog", type=int, default=None, help="drain benchmark backlog")
+    parser.add_argument("--waiting", type=int, default=None,
+                        help="backlog benchmark: requests waiting for their second leg "
+                             "(default 10,000; --quick 300)")
+    parser.add_argument("--sequential", type=int, default=None,
+                        help="backlog benchmark: sequential deliveries per cell (default 20)")
+    parser.add_argument("--overload-deposits", type=int, default=None,
+                        help="overload benchmark: deposits drained per cell (default 400 over "
+                             "100 accounts; --quick 60 over 20)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="backlog and overload benchmarks: rounds of side-by-side cells "
+                             "(default 2; --quick 1)")
+    parser.add_argument("--only", nargs="+", choices=PARTS, default=None,
+                        help="run only these parts (default: all of them)")
     parser.add_argument("--no-cells", action="store_true")
     parser.add_argument("--no-drain", action="store_true")
     parser.add_argument("--no-failover", action="store_true")
+    parser.add_argument("--no-waiting", action="store_true", help="skip the backlog benchmark")
+    parser.add_argument("--no-overload", action="store_true",
+                        help="skip the overload benchmark")
     parser.add_argument("--profile", action="store_true",
                         help="profile a 1,000-request drain at each latency (pyinstrument)")
     parser.add_argument("--connection-string", default=None,
@@ -72,6 +93,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.requests = args.requests or (30 if quick else 3000)
     args.seconds = args.seconds or (3.0 if quick else 10.0)
     args.backlog = args.backlog or (100 if quick else 5000)
+    args.waiting = args.waiting if args.waiting is not None else (300 if quick else 10_000)
+    args.sequential = args.sequential or 20
+    args.overload_deposits = args.overload_deposits or (60 if quick else 400)
+    args.overload_accounts = max(1, min(100, args.overload_deposits // 3))
+    args.rounds = args.rounds or (1 if quick else 2)
+    for part in PARTS:  # --only X: every other part is off
+        if args.only is not None and part not in args.only:
+            setattr(args, f"no_{part}", True)
+    args.no_waiting = args.no_waiting or args.waiting <= 0
     return args
 
 
@@ -80,7 +110,8 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
     """Every measurement the arguments ask for, as one JSON-able dict."""
     result: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
                               "command": command, "machine": machine(), "quick": args.quick,
-                              "cells": [], "drain": [], "failover": [], "paced": []}
+                              "cells": [], "drain": [], "failover": [], "paced": [],
+                              "backlog": None, "overload": None}
     log = logging.getLogger("bench")
     if not args.no_drain:
         for latency in args.latency_ms:
@@ -132,6 +163,19 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
                                             backlog=200 if args.quick else 1000)
                 log.warning("failover after %s at %g ms: %s s", kind, latency, failover.seconds)
                 result["failover"].append(failover.as_dict())
+    if not args.no_waiting:
+        backlog = measure_backlog(connection_string, args.waiting, args.requests, args.seconds,
+                                  args.rounds, deliveries=args.sequential)
+        log.warning("backlog of %d waiting: hot %s, per delivery mean %s, worst %s; full scan "
+                    "%.2f s", args.waiting, backlog.hot_ratio, backlog.mean_ratio,
+                    backlog.worst_ratio, backlog.full_scan.seconds if backlog.full_scan else 0)
+        result["backlog"] = backlog.as_dict()
+    if not args.no_overload:
+        overload = measure_overload(connection_string, args.overload_deposits,
+                                    args.overload_accounts, args.rounds)
+        log.warning("overload: overloaded/clean %s; %d term(s) of 10 s or more, %d idle",
+                    overload.ratio, overload.long_terms, overload.long_terms_idle)
+        result["overload"] = overload.as_dict()
     return result
 
 
@@ -151,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         with Azurite(in_memory=True) as azurite:
             data = run(args, azurite.connection_string, command, name)
     paths = write(data, args.out, name)
-    if not args.quick:
+    complete = not any(getattr(args, f"no_{part}") for part in PARTS)
+    if complete and not args.quick:  # latest.* always hold a whole run
         for path in paths:
             shutil.copyfile(path, args.out / f"latest{path.suffix}")
     print("\n".join(str(p) for p in paths))

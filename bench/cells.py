@@ -4,13 +4,16 @@ Deliveries come from an in-process queue (the Functions host's queue listener, m
 calls, which every strategy pays alike and which are not counted). All requests are put on it at
 the start (a backlog, to measure the peak rate), or paced at a fixed rate (``rate``, to measure
 the commit latency below the peak). Each instance is a thread that takes one delivery at a time;
-instances stop taking deliveries after ``seconds``; then, for the leader, one election (what the
-sweeper would run) decides what the last deliveries left. A request's *commit latency* runs from
-when its last step was put on the queue to when the transaction that committed it returned.
+instances stop taking deliveries after ``seconds``; then, for the leader, elections (what the
+sweeper would run) settle what the last deliveries announced, while the ready index holds any.
+A request's *commit latency* runs from when its last step was put on the queue to when the
+transaction that committed it returned.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import queue
 import statistics
@@ -21,7 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from azure.core.exceptions import AzureError, ResourceExistsError
 from azure.data.tables import TableClient, TableServiceClient
+from azure.storage.blob import BlobServiceClient
+from azure.storage.queue import QueueServiceClient
 
 from bench.probe import KINDS, StorageProbe
 from bench.strategies import (
@@ -32,7 +38,7 @@ from bench.strategies import (
 )
 from bench.workloads import SEED_BALANCE, SPREAD_ACCOUNTS, Request, account_name, generate
 from shared.app import LedgerApp
-from shared.clients import clients_from_connection_string
+from shared.clients import TransportFactory, clients_from_connection_string
 from shared.completions import CompletionStore
 from shared.election import ElectionCallbacks
 from shared.ledger import LEDGER_PARTITION, account_key
@@ -54,7 +60,8 @@ class Names:
                  "LEDGER_TABLE_NAME": f"{self.prefix}ledger",
                  "PARKED_TABLE_NAME": f"{self.prefix}parked",
                  "LEASE_CONTAINER_NAME": f"{self.prefix}-leases",
-                 "COMPLETIONS_QUEUE_NAME": f"{self.prefix}-q"}
+                 "COMPLETIONS_QUEUE_NAME": f"{self.prefix}-q",
+                 "WAKEUP_QUEUE_NAME": f"{self.prefix}-wake"}
         names.update(overrides)
         return names
 
@@ -70,17 +77,49 @@ class Names:
         env = self.env()
         return StorageProbe(env["COMPLETIONS_TABLE_NAME"],
                             (env["LEDGER_TABLE_NAME"], self.naive_table),
-                            (env["LEASE_CONTAINER_NAME"], self.lock_container), latency_ms)
+                            (env["LEASE_CONTAINER_NAME"], self.lock_container), latency_ms,
+                            env["WAKEUP_QUEUE_NAME"])
 
 
 def leader_app(connection_string: str, names: Names, probe: StorageProbe, instance_id: str,
                callbacks: ElectionCallbacks | None = None,
-               overrides: dict[str, str] | None = None) -> LedgerApp:
-    """One instance of this app on ``names``, its requests going through ``probe``."""
+               overrides: dict[str, str] | None = None,
+               transport_factory: TransportFactory | None = None) -> LedgerApp:
+    """One instance of this app on ``names``, its requests going through ``probe`` (and
+    ``transport_factory``'s transport, the fault layer's, when given)."""
     config = load_config(names.env(**(overrides or {})), instance_id=instance_id)
     clients = clients_from_connection_string(connection_string, config.storage_timeout_seconds,
-                                             probe)
+                                             probe, transport_factory)
+    # The app's extra queue clients (the lease alarms') leave the request hook out; the probe
+    # must see them too: their latency is the leader's, and they are calls it pays for.
+    clients = dataclasses.replace(clients, queue_options={**clients.queue_options,
+                                                          "raw_request_hook": probe})
     return LedgerApp.create(config, clients, callbacks)
+
+
+def drop(connection_string: str, names: Names) -> None:
+    """Delete a finished cell's tables, containers and queues (keeps Azurite's memory small)."""
+    env = names.env()
+    tables = TableServiceClient.from_connection_string(connection_string)
+    for key in ("COMPLETIONS_TABLE_NAME", "LEDGER_TABLE_NAME", "PARKED_TABLE_NAME"):
+        with contextlib.suppress(AzureError):
+            tables.delete_table(env[key])
+    blobs = BlobServiceClient.from_connection_string(connection_string)
+    for container in (env["LEASE_CONTAINER_NAME"], names.lock_container):
+        with contextlib.suppress(AzureError):
+            blobs.delete_container(container)
+    queues = QueueServiceClient.from_connection_string(connection_string)
+    for queue_name in (env["WAKEUP_QUEUE_NAME"], env["COMPLETIONS_QUEUE_NAME"]):
+        with contextlib.suppress(AzureError):
+            queues.delete_queue(queue_name)
+
+
+def prepare(app: LedgerApp) -> None:
+    """Create what a deployment has before the first delivery: tables, lease blob, and the
+    wake-up queue that leaders arm their lease alarms on (nothing in the benchmark reads it)."""
+    app.ensure_resources(queues=False)
+    with contextlib.suppress(ResourceExistsError):
+        app.clients.queue.create_queue(app.config.wakeup_queue)
 
 
 def seed_accounts(table: TableClient, accounts: list[str], balance: str) -> None:
@@ -130,13 +169,17 @@ def percentile(values: list[float], q: int) -> float | None:
 
 def run_cell(connection_string: str, strategy: str, workload: str, instances: int,
              latency_ms: float, requests: int, seconds: float,
-             rate: float | None = None) -> CellResult:
-    """Measure one cell; see the module docstring."""
+             rate: float | None = None, names: Names | None = None) -> CellResult:
+    """Measure one cell; see the module docstring.
+
+    ``names``: storage names to run on (fresh ones by default); the backlog benchmark passes
+    names whose completions table already holds requests waiting for their steps.
+    """
     result = CellResult(strategy, workload, instances, latency_ms, rate)
     if strategy != "leader" and workload == "transfers":
         result.skipped = "cannot apply two legs atomically one message at a time"
         return result
-    names = Names()
+    names = names or Names()
     probe = names.probe()
     committed_at: dict[str, float] = {}
     sink_lock = threading.Lock()
@@ -236,7 +279,7 @@ def _build(connection_string: str, names: Names, probe: StorageProbe, strategy: 
     if strategy == "leader":
         apps = [leader_app(connection_string, names, probe, f"bench-{i}")
                 for i in range(instances)]
-        apps[0].ensure_resources(queues=False)
+        prepare(apps[0])
         if workload == "transfers":
             seed_accounts(apps[0].ledger.table,
                           [account_name(i) for i in range(SPREAD_ACCOUNTS)],
@@ -245,13 +288,16 @@ def _build(connection_string: str, names: Names, probe: StorageProbe, strategy: 
         unprobed = CompletionStore(TableServiceClient.from_connection_string(
             connection_string).get_table_client(names.env()["COMPLETIONS_TABLE_NAME"]))
 
-        def sweep() -> None:  # what the sweeper would do after the last delivery
+        def announced() -> int:  # markers in the ready index (never the waiting step rows)
+            return len(unprobed.ready(fallback_now=apps[0].wallclock()).markers)
+
+        def sweep() -> None:  # what the sweeper's election would do after the last delivery
             deadline = time.monotonic() + 300
-            left = unprobed.count()
+            left = announced()
             while left and time.monotonic() < deadline:
                 run_election(apps[0])
-                before, left = left, unprobed.count()
-                if left >= before:  # only pending leftovers (half-delivered transfers) remain
+                before, left = left, announced()
+                if left >= before:  # what is left cannot be settled now
                     break
 
         return [leader.handle for leader in leaders], sweep

@@ -1,7 +1,8 @@
 """The leader's drain rate on a ready backlog, and a profile of that drain.
 
-``backlog`` single-step deposits over ``accounts`` accounts are recorded (without latency, by
-16 recorder threads) while the lease is held by someone else, so nothing drains them; then the
+``backlog`` single-step deposits over ``accounts`` accounts are recorded as instances record them
+(each row, then its marker in the ready index: ``record_bodies``; without latency, by 16
+recorder threads) while the lease is held by someone else, so nothing drains them; then the
 lease is released and one fresh instance (cold: no snapshot, no cached balances) runs one
 election with ``latency_ms`` per call. The rate is backlog / time from the election's start to
 its return, once every request is decided.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,11 +20,13 @@ from typing import Any
 
 from azure.storage.blob import BlobLeaseClient
 
-from bench.cells import Names, leader_app
+from bench.cells import Names, leader_app, prepare
 from bench.probe import KINDS
 from bench.workloads import account_name, deposit_body
 from shared.contract import parse_completion
-from shared.pipeline import run_election
+from shared.pipeline import announce_if_ready, record_completion, run_election
+
+RECORDERS = 16  # threads that record a backlog (instances recording at once)
 
 
 @dataclass
@@ -43,22 +47,33 @@ class DrainResult:
         return asdict(self)
 
 
-def record_backlog(connection_string: str, names: Names, backlog: int, accounts: int) -> None:
-    """Record ``backlog`` ready deposits (16 threads, no injected latency)."""
+def record_bodies(connection_string: str, names: Names, bodies: Sequence[bytes],
+                  threads: int = RECORDERS) -> None:
+    """Record message bodies as instances would, ``threads`` at a time, without latency.
+
+    Each one is what a delivery does before its lease attempt (``shared.pipeline``): its row,
+    then a marker in the ready index when that decides its request. No election runs.
+    """
     probe = names.probe(0)
-    recorders = [leader_app(connection_string, names, probe, f"recorder-{i}") for i in range(16)]
-    recorders[0].ensure_resources(queues=False)
-    bodies = [deposit_body(f"d{n:06d}", account_name(n % accounts), "1.25")
-              for n in range(backlog)]
+    recorders = [leader_app(connection_string, names, probe, f"recorder-{i}")
+                 for i in range(threads)]
+    prepare(recorders[0])
 
     def record(index: int) -> None:
         app = recorders[index]
         for body in bodies[index::len(recorders)]:
-            app.completions.record(parse_completion(body), app.config.instance_id,
-                                   app.wallclock())
+            completion = parse_completion(body)
+            announce_if_ready(app, completion, record_completion(app, completion))
 
     with ThreadPoolExecutor(len(recorders)) as pool:
         list(pool.map(record, range(len(recorders))))
+
+
+def record_backlog(connection_string: str, names: Names, backlog: int, accounts: int) -> None:
+    """Record ``backlog`` ready deposits over ``accounts`` accounts, announced."""
+    record_bodies(connection_string, names,
+                  [deposit_body(f"d{n:06d}", account_name(n % accounts), "1.25")
+                   for n in range(backlog)])
 
 
 def measure_drain(connection_string: str, backlog: int, accounts: int, latency_ms: float,
@@ -67,7 +82,7 @@ def measure_drain(connection_string: str, backlog: int, accounts: int, latency_m
     names = Names()
     result = DrainResult(backlog, accounts, latency_ms)
     setup = leader_app(connection_string, names, names.probe(0), "setup")
-    setup.ensure_resources(queues=False)
+    prepare(setup)
     holder = BlobLeaseClient(setup.elector.blob)
     holder.acquire(lease_duration=60)
     record_backlog(connection_string, names, backlog, accounts)

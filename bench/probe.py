@@ -6,11 +6,23 @@ One ``StorageProbe`` is installed as the ``raw_request_hook`` of every client a 
 
 - sleeps ``latency_ms`` before each request goes out: an Azure-like round trip added to
   Azurite's loopback one, the same for every strategy;
-- classifies the request from its method, URL and (for ``$batch``) body into one kind:
-  ``record`` (insert or point-read of a completion row), ``lease`` (any request on a lease
-  blob), ``scan`` (a query or listing of the completions table), ``read`` (a read of the ledger
-  or the naive strategy's table), ``commit`` (a write to those: transactions, fence claims),
-  ``delete`` (deleting completion rows), ``other`` (table creation and the like).
+- classifies the request from its method, URL (its ``$filter`` too) and, for ``$batch``, its
+  body into one kind (the same split as ``simulator.faults.classify``, coarser):
+
+  - ``record``: what a recorder does with its request's rows: the transaction that creates a
+    request's first step with its request row, a step's insert alone, point reads of a step,
+    the read of one request's rows (one key range), and the merge of a marker into the ready
+    index (``~ready``); also the leader's confirming read of one request's rows;
+  - ``ready``: the leader's read of the ready index (a query of partition ``~ready``);
+  - ``scan``: a real full scan of the completion rows (the sweeper's ``scan_rows``, ``count``,
+    a query without a filter) and the bookkeeping of the rare full scan (partition ``~meta``);
+  - ``lease``: any request on a lease blob (acquire, renew, release; the single consumer's lock);
+  - ``alarm``: a call on the wake-up queue (``WAKEUP_QUEUE_NAME``): a leader arms a lease alarm
+    when it acquires, postpones it at each renewal and deletes it at its release;
+  - ``read``: a read of the ledger (fence, accounts, outcomes) or of the naive strategies' table;
+  - ``commit``: a write to those (transactions, fence claims);
+  - ``delete``: deleting completion rows and markers (tombstones written with them included);
+  - ``other``: creating tables, queues, containers and blobs, and any other queue call.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
-KINDS = ("record", "lease", "scan", "read", "commit", "delete", "other")
+KINDS = ("record", "ready", "lease", "alarm", "scan", "read", "commit", "delete", "other")
+READY_PARTITION = "'~ready'"  # as it appears in a $filter or a key (shared.completions)
+META_PARTITION = "'~meta'"
 
 
 @dataclass
@@ -33,6 +47,7 @@ class StorageProbe:
     data_tables: tuple[str, ...]  # tables a strategy reads and commits to (ledger, naive)
     lease_containers: tuple[str, ...]  # containers of the lease blobs
     latency_ms: float = 0.0
+    wakeup_queue: str = ""  # the queue of the lease alarms
     counts: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -57,25 +72,41 @@ class StorageProbe:
         parts = path.strip("/").split("/")
         if "comp=lease" in url.query or (len(parts) >= 3 and parts[1] in self.lease_containers):
             return "lease"
+        if len(parts) >= 3 and parts[2] == "messages":
+            return "alarm" if self.wakeup_queue and parts[1] == self.wakeup_queue else "other"
         segment = path.rstrip("/").rsplit("/", 1)[-1]
         if segment == "$batch":
-            body = _body_text(http_request)
-            if "DELETE " in body:
-                return "delete"
-            if self.completions_table + "(" in body or f"/{self.completions_table} " in body:
-                return "record"
-            return "commit"
+            return self._batch(_body_text(http_request))
         table, _, key = segment.partition("(")
-        point = "PartitionKey=" in key
         if table == self.completions_table:
-            if method == "GET":
-                return "record" if point else "scan"
-            if method == "DELETE":
-                return "delete"
-            return "record"
+            return self._completions(method, key, parse_qs(url.query).get("$filter", [""])[0])
         if table in self.data_tables:
             return "read" if method == "GET" else "commit"
         return "other"
+
+    def _batch(self, body: str) -> str:
+        if "DELETE " in body:
+            return "delete"
+        if self.completions_table + "(" in body or f"/{self.completions_table} " in body:
+            return "record"
+        return "commit"
+
+    @staticmethod
+    def _completions(method: str, key: str, where: str) -> str:
+        """The kind of a call on the completions table (``key``: what follows the name)."""
+        if META_PARTITION in key or META_PARTITION in where:
+            return "scan"  # the full scan's claim and resume position
+        if method == "DELETE":
+            return "delete"
+        if method != "GET":
+            return "record"  # an insert, or a marker merged into the ready index
+        if "PartitionKey=" in key:
+            return "record"  # a point read of a step
+        if READY_PARTITION in where and "RowKey" not in where:
+            return "ready"
+        if "PartitionKey eq" in where and "RowKey ge" in where and " or " not in where:
+            return "record"  # one request's rows: a key range of one partition
+        return "scan"
 
 
 def _body_text(http_request: Any) -> str:

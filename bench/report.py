@@ -33,10 +33,16 @@ def markdown(run: dict[str, Any]) -> str:
             lines.append(f"| {f['kind']} | {f['latency_ms']:g} | {f['lease_seconds']} | "
                          f"{f['delivery_rate']:g} | {_num(f['seconds'], 2)} |")
         lines.append("")
+    if run.get("backlog"):
+        lines += _backlog(run["backlog"])
+    if run.get("overload"):
+        lines += _overload(run["overload"])
+    if not run["cells"]:
+        return "\n".join(lines) + "\n"
     lines += ["## Strategies side by side", "",
               "Rate: committed requests/s. Latency: last step enqueued -> committed. Calls: "
-              "storage calls per committed request (record / lease / scan / read / commit / "
-              "delete = total). Lease: requests/s on lease blobs.", "",
+              "storage calls per committed request (record / ready / lease / alarm / scan / "
+              "read / commit / delete = total). Lease: requests/s on lease blobs.", "",
               "| workload | latency ms | strategy | instances | offered/s | committed | "
               "rate/s | p50 ms | p99 ms | calls per request | lease req/s | lease/delivery |",
               "|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
@@ -47,7 +53,8 @@ def markdown(run: dict[str, Any]) -> str:
             continue
         per = c["calls_per_request"]
         calls = " / ".join(_num(per.get(k), 2) for k in
-                           ("record", "lease", "scan", "read", "commit", "delete"))
+                           ("record", "ready", "lease", "alarm", "scan", "read", "commit",
+                            "delete"))
         offered = _num(c["offered_rate"]) if c["offered_rate"] else "backlog"
         lines.append(f"| {c['workload']} | {c['latency_ms']:g} | {c['strategy']} | "
                      f"{c['instances']} | {offered} | {c['committed']}/{c['sent']} | "
@@ -55,6 +62,60 @@ def markdown(run: dict[str, Any]) -> str:
                      f"{calls} = {_num(per.get('total'), 2)} | {c['lease_rps']:.0f} | "
                      f"{_num(c.get('lease_per_delivery'), 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None, target: str) -> str:
+    return "-" if value is None else f"**{value:.2f}** (target {target})"
+
+
+def _backlog(b: dict[str, Any]) -> list[str]:
+    """The backlog benchmark: cells side by side, ratios, the full scan alone."""
+    lines = [f"## Requests waiting for their steps: {b['waiting']:,} vs none", "",
+             f"{b['latency_ms']:g} ms per call, cells alternating, {b['rounds']} round(s). Hot: "
+             f"the leader's hot-account cell, {b['instances']} instances. Sequential: "
+             f"{b['deliveries']} deposits delivered one after the other to one instance. "
+             "Scans: full-scan calls inside the measured window.", "",
+             "| cell | waiting | recorded in s | committed | rate/s | mean s | worst s | scans | "
+             "calls by kind |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for c in b["cells"]:
+        hot = c["kind"] == "hot"
+        calls = ", ".join(f"{k} {v}" for k, v in c["calls"].items())
+        lines.append(f"| {c['kind']} | {c['waiting']:,} | {c['record_seconds']:.1f} | "
+                     f"{c['committed']} | {_num(c['rate']) if hot else ''} | "
+                     f"{'' if hot else _num(c['mean_s'], 3)} | "
+                     f"{'' if hot else _num(c['worst_s'], 3)} | {c['scans']} | {calls} |")
+    lines += ["", f"- hot-account rate, with / without: {_ratio(b['hot_ratio'], '>= 0.9')}",
+              f"- seconds per sequential delivery, with / without: mean "
+              f"{_ratio(b['mean_ratio'], '<= 1.2')}, worst {_ratio(b['worst_ratio'], '<= 1.2')}"]
+    scan = b.get("full_scan")
+    if scan:
+        calls = ", ".join(f"{k} {v}" for k, v in scan["calls"].items())
+        lines.append(f"- the sweeper's full scan alone (once a minute per deployment), "
+                     f"{scan['latency_ms']:g} ms per call: **{scan['seconds']:.2f} s** for "
+                     f"{scan['rows']:,} rows of {scan['requests']:,} requests, "
+                     f"{scan['announced']} announced ({calls})")
+    return [*lines, ""]
+
+
+def _overload(o: dict[str, Any]) -> list[str]:
+    """The overload benchmark: clean and overloaded drains side by side, the long terms."""
+    lines = [f"## Overload: {o['deposits']} deposits over {o['accounts']} accounts", "",
+             f"Every call {o['delay_s'] * 1000:g} ms later; overloaded: also "
+             f"{o['timeout_probability']:.0%} of account and outcome reads time out "
+             f"(STORAGE_TIMEOUT_SECONDS={o['storage_timeout_s']:g}). {o['rounds']} round(s), "
+             "alternating. Terms: lease held (s) / requests committed, per term.", "",
+             "| cell | decided | seconds | rate/s | elections | timeouts injected | terms |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for c in o["cells"]:
+        terms = ", ".join(f"{_num(t['held_s'], 1)} s / {t['committed']}" for t in c["terms"])
+        lines.append(f"| {c['kind']} | {c['decided']}/{c['deposits']} | {c['seconds']:.2f} | "
+                     f"**{c['rate']:.1f}** | {c['elections']} | {c['timeouts_injected']} | "
+                     f"{terms} |")
+    lines += ["", f"- commit rate, overloaded / clean: {_ratio(o['ratio'], '>= 0.25')}",
+              f"- terms that held the lease {o['long_term_seconds']:g} s or more: "
+              f"{o['long_terms']}, of which committed nothing: **{o['long_terms_idle']}** "
+              "(target 0)"]
+    return [*lines, ""]
 
 
 def plot(run: dict[str, Any], path: Path) -> None:
@@ -94,10 +155,10 @@ def plot(run: dict[str, Any], path: Path) -> None:
 
 
 def write(run: dict[str, Any], directory: Path, name: str) -> list[Path]:
-    """Write ``name``.json, .md and .png into ``directory``; return the paths."""
+    """Write ``name``.json, .md and .png into ``directory``; return the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (directory / f"{name}.{ext}" for ext in ("json", "md", "png"))
     json_path.write_text(json.dumps(run, indent=1) + "\n")
     md_path.write_text(markdown(run))
-    plot(run, png_path)
-    return [json_path, md_path, png_path]
+    plot(run, png_path)  # nothing to plot without cells
+    return [path for path in (json_path, md_path, png_path) if path.exists()]

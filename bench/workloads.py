@@ -38,6 +38,12 @@ def deposit_body(request_id: str, account: str, amount: str) -> bytes:
     return _step(request_id, f"{request_id}-add", "add_funds", account, amount, 1)
 
 
+def first_leg_body(request_id: str, account: str, amount: str) -> bytes:
+    """The withdraw leg of a two-leg transfer (``expectedOperations: 2``) sent alone: recorded,
+    it waits for a second leg (the backlog benchmark's waiting requests never get one)."""
+    return _step(request_id, f"{request_id}-w", "withdraw_funds", account, amount, 2)
+
+
 def account_name(index: int) -> str:
     """The id of spread/transfer account number ``index``."""
     return f"acct-{index:04d}"

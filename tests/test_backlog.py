@@ -3,7 +3,7 @@
 The hot path addresses completion rows by key only: a recorder reads its request's key range, a
 leader reads the ready index (one partition). Full scans (``shared/sweeper.py``) are made at most
 once a minute per deployment, with the time of the last one kept in storage, and each reads a
-bounded number of rows. The rates side by side are in ``bench/`` (``./dev bench --backlog``).
+bounded number of rows. The rates side by side are in ``bench/`` (``./dev bench --only waiting``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A read that failed with a transient error (a timeout, a reset, a 5xx) is tried again within
 what the lease allows, what was read is kept, and requests whose accounts could not be read
 wait for the next round while the others commit. The rate under overload, side by side with a
-clean run, is a benchmark (``./dev bench --overload``); here, what must hold whatever the rate.
+clean run, is a benchmark (``./dev bench --only overload``); here, what must hold whatever the rate.
 """
 
 from __future__ import annotations
