@@ -8,6 +8,7 @@ process (``shared/runtime.py``), the simulator one per simulated instance, the t
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -132,3 +133,9 @@ class LedgerApp:
         """A client for the completions queue (or ``name``) that encodes as the host decodes."""
         return self.raw_queue_client(name or self.config.completions_queue,
                                      message_encode_policy=TextBase64EncodePolicy())
+
+    @functools.cached_property
+    def wakeup_queue(self) -> QueueClient:
+        """The wake-up queue's client (lease alarms), made once: a term must not open a
+        connection of its own."""
+        return self.queue_client(self.config.wakeup_queue)

@@ -194,6 +194,7 @@ class HeldLease:
     state: LeaseState = LeaseState.LEADING
     # Called after each successful renewal (the wake-up alarm follows the lease's expiry).
     on_renewed: Callable[[], None] | None = None
+    _id: str = field(default="", repr=False)  # the SDK clears its own copy at release
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -210,10 +211,13 @@ class HeldLease:
                 logger.warning("background renewal stopped: %s", exc)
                 return
 
+    def __post_init__(self) -> None:
+        self._id = str(self.lease.id)
+
     @property
     def lease_id(self) -> str:
-        """The lease id storage knows this holder by."""
-        return str(self.lease.id)
+        """The lease id storage knows this holder by (the same after the release)."""
+        return self._id
 
     def deadline(self) -> float:
         """Monotonic time after which no work may still be running under this lease."""

@@ -286,7 +286,9 @@ class LeaderTerm:
         readable = [r for r in to_commit if _accounts(r.assessment) <= self.balances.keys()]
         by_id = {r.request_id: r for r in readable}
         for batch in plan_batches([r.assessment for r in readable]):
-            if self.app.clock() >= budget_deadline:
+            # A term commits at least one batch whatever its budget: otherwise a budget shorter
+            # than a round's reads would end every term before its first commit.
+            if self.report.transactions and self.app.clock() >= budget_deadline:
                 self.report.budget_exhausted = True
                 return False
             self._commit([by_id[a.request_id] for a in batch])

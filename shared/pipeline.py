@@ -173,7 +173,7 @@ class Election:
         self._run(handed_over)
         if self.result.stopped_by in (BUDGET_SPENT, ROUNDS_SPENT):
             # Work may be left and nobody else may be coming: another invocation takes over.
-            wake_soon(self.app.queue_client(self.app.config.wakeup_queue),
+            wake_soon(self.app.wakeup_queue,
                       self.app.config.instance_id, self.result.stopped_by)
         return self.result
 
@@ -211,7 +211,7 @@ class Election:
     def _lead(self, lease: HeldLease) -> bool:
         """One term under ``lease``; False when it ended early (the invocation then stops)."""
         app = self.app
-        alarm = LeaseAlarm(app.queue_client(app.config.wakeup_queue),
+        alarm = LeaseAlarm(app.wakeup_queue,
                            app.config.election.lease_seconds, lease.lease_id,
                            app.config.instance_id)
         alarm.arm()
