@@ -78,9 +78,10 @@ SPECIAL_PREFIX = "~"
 FULL_SCAN_ROW = "fullscan"
 FULL_SCAN_INTERVAL = timedelta(seconds=60)  # at most one full scan this often per deployment
 FULL_SCAN_MAX_ROWS = 20_000  # rows one full scan reads before it stops (and resumes next time)
-# A marker carries at most this many steps (two rows per operationId of the largest request);
-# a request with more rows is rejected anyway, and the leader reads its rows afresh.
-MAX_MARKER_STEPS = 100
+# A marker carries at most this many steps; a request with more rows (a large request, or a
+# runaway upstream) is marked ``truncated`` and the leader reads its rows afresh (one key range).
+MAX_MARKER_STEPS = 20
+MAX_ROWS_PER_OPERATION = 2  # its first content and one conflict row
 # Rows one read of a request returns: the leader reads at most this many of a request at once.
 MAX_REQUEST_ROWS = 1_000
 _STEP_PROPERTY = "s"  # marker properties: "s" + a digest of the step row's key

@@ -22,7 +22,7 @@ from azure.core.exceptions import AzureError
 
 from shared import telemetry
 from shared.app import LedgerApp
-from shared.completions import MAX_MARKER_STEPS, Recorded, RecordedStep, RecordResult
+from shared.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordedStep, RecordResult
 from shared.contract import Completion, MalformedMessage, parse_completion
 from shared.decision import assess
 from shared.election import HeldLease, LeaseState, TermEnded
@@ -125,8 +125,10 @@ def announce_if_ready(app: LedgerApp, completion: Completion, recorded: Recorded
         truncated = late = False
         now = (recorded.storage_time or step.recorded_at) + app.time_shift()
     else:
-        rows = app.completions.read_request(request_id, limit=MAX_MARKER_STEPS,
-                                            fallback_now=app.wallclock())
+        # More rows than the request can hold (two per operation it expects) decide it
+        # already (too many steps): the read stops there.
+        most = MAX_ROWS_PER_OPERATION * completion.expected_operations
+        rows = app.completions.read_request(request_id, limit=most, fallback_now=app.wallclock())
         steps, truncated, late = rows.steps, rows.truncated, rows.decided
         now = read_at = rows.storage_time + app.time_shift()
     if not steps:
