@@ -6,6 +6,7 @@ import pytest
 
 from shared import api
 from shared.app import LedgerApp
+from shared.completions import bucket_of
 from tests.helpers import Namespace, deposit, send, step, transfer
 
 
@@ -36,6 +37,18 @@ def test_unknown_account_and_request_are_404(app: LedgerApp) -> None:
     reply = api.request(app, "nothing")
     assert reply.status == 404
     assert "nothing" in reply.body["error"]
+
+
+def test_a_request_named_like_a_bucket_is_404_not_built_from_other_requests_rows(
+        app: LedgerApp) -> None:
+    """Step rows live in 16 buckets (b00-b15). A query that also matched ``PartitionKey eq
+    requestId`` answered ``GET /api/requests/b00`` with other requests' rows."""
+    in_b00 = [f"t{i}" for i in range(400) if bucket_of(f"t{i}") == "b00"][:3]
+    for request_id in in_b00:
+        send(app, transfer(request_id, "alice", "bob", "1.00")[0])  # one leg of two: pending
+    assert api.request(app, in_b00[0]).body["status"] == "pending"
+    reply = api.request(app, "b00")
+    assert reply.status == 404, reply.body
 
 
 def test_committed_balances_are_two_decimal_strings(app: LedgerApp) -> None:
