@@ -54,6 +54,9 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
     start = ("", "") if force else store.claim_full_scan(shift=app.time_shift())
     if start is None:
         return None
+    # Work announced and not committed yet, before this scan announces more: with a minute
+    # between scans, announced work that outlives several of them means no leader commits.
+    announced = len(store.ready(fallback_now=app.wallclock()).markers)
     scan = store.scan_rows(start, max_rows, fallback_now=app.wallclock())
     now = scan.storage_time + app.time_shift()
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
@@ -67,7 +70,9 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
         store.delete(scan.old_request_rows)
     if not force:
         store.save_scan_position(scan.resume_at)
-    telemetry.record_scan(assessed, decidable, now)
+    oldest = min((s.recorded_at for steps in scan.steps.values() for s in steps), default=None)
+    telemetry.record_scan(scan.rows, len(assessed) - len(decidable), announced,
+                          max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
     if decidable:
         logger.info("full scan: %d row(s) of %d request(s), %d announced (expired or left "
                     "unannounced)", scan.rows, len(assessed), len(decidable))

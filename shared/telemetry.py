@@ -295,18 +295,15 @@ def record_parked(kind: str) -> None:
     PARKED.add(1, {"kind": kind})
 
 
-def record_scan(found: Sequence[Assessment], ready: Sequence[Assessment], now: datetime) -> None:
-    """What one scan of the completions table saw: rows and requests waiting, the oldest age."""
-    rows = sum(len(assessment.steps) for assessment in found)
-    pending = len(found) - len(ready)
-    oldest = min((step.recorded_at for a in found for step in a.steps), default=None)
-    age = max(0.0, (now - oldest).total_seconds()) if oldest else 0.0
+def record_scan(rows: int, pending: int, ready: int, oldest_age_seconds: float) -> None:
+    """What one full scan saw: step rows and requests waiting, work announced and not yet
+    committed (the ready index), the oldest waiting row's age."""
     PENDING.set(rows)
     PENDING_REQUESTS.set(pending)
-    OLDEST_PENDING.set(age)
+    OLDEST_PENDING.set(oldest_age_seconds)
     trace.get_current_span().set_attributes(
-        {"completions": rows, "requestsPending": pending, "requestsReady": len(ready),
-         "oldestAgeSeconds": round(age, 3)})
+        {"completions": rows, "requestsPending": pending, "requestsReady": ready,
+         "oldestAgeSeconds": round(oldest_age_seconds, 3)})
 
 
 def record_poison_depth(depth: int) -> None:

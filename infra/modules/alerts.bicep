@@ -1,5 +1,5 @@
 // Log search alerts on the app's OpenTelemetry data in Application Insights (docs/operations.md):
-// completions waiting with no commit for 5 minutes, messages parked, the poison queue not empty.
+// work announced and not committed for 5 minutes, messages parked, the poison queue not empty.
 // Each queries the spans and metrics that shared/telemetry.py emits.
 
 @description('Prefix of the alert rule names.')
@@ -21,12 +21,13 @@ resource appInsights 'Microsoft.Insights/components@2020-02-02' existing = {
   name: appInsightsName
 }
 
-// Every scan in the window saw completions waiting, and no request was decided (the outcome
-// counter is a metric: never sampled, unlike spans).
+// Every full scan in the window (the sweeper makes one a minute) found work announced in the
+// ready index and not committed, and no request was decided (the outcome counter is a metric:
+// never sampled, unlike spans).
 var noCommitQuery = '''
 let scans = dependencies
-    | where name == "ledger.scan"
-    | summarize scansSeen = count(), fewestWaiting = min(toint(customDimensions.completions));
+    | where name == "ledger.full_scan"
+    | summarize scansSeen = count(), fewestWaiting = min(toint(customDimensions.requestsReady));
 let decided = toscalar(customMetrics
     | where name == "ledger.outcomes"
     | summarize sum(value));
@@ -57,8 +58,8 @@ resource noCommitAlert 'Microsoft.Insights/scheduledQueryRules@2023-03-15-previe
   tags: tags
   kind: 'LogAlert'
   properties: {
-    displayName: 'Ledger: completions waiting, no commit for 5 minutes'
-    description: 'Every scan of the last 5 minutes found completions waiting and no commit succeeded: is a leader being fenced out or failing? See docs/operations.md.'
+    displayName: 'Ledger: work announced, no commit for 5 minutes'
+    description: 'Every full scan of the last 5 minutes found work announced in the ready index and no commit succeeded: is a leader being fenced out or failing? See docs/operations.md.'
     severity: 2
     enabled: true
     scopes: [

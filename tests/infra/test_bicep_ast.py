@@ -392,7 +392,8 @@ def test_alerts_query_the_apps_telemetry_in_app_insights(main: Scope) -> None:
         for name in re.findall(r'"(ledger\.[a-z_.]+)"', query):
             assert f'"{name}"' in emitted, f"{symbol} queries {name}, which the app never emits"
     assert set(queries) == {"noCommitAlert", "parkedAlert", "poisonAlert"}
-    assert "ledger.scan" in queries["noCommitAlert"]
+    assert "ledger.full_scan" in queries["noCommitAlert"]
+    assert "requestsReady" in queries["noCommitAlert"]
     assert "ledger.outcomes" in queries["noCommitAlert"]
     no_commit = rules["noCommitAlert"]["properties"]
     assert (no_commit["evaluationFrequency"], no_commit["windowSize"]) == ("PT5M", "PT5M")
