@@ -629,7 +629,7 @@ class CompletionStore:
                            for t in marks.get(partition, [])]
             for chunk in _chunks(operations, MAX_BATCH_ROWS):
                 try:
-                    results = list(self.table.submit_transaction(chunk))
+                    results = submit_transaction(self.table, chunk)
                 except TableTransactionError:
                     results = [self._one(partition, operation, rows) for operation in chunk]
                 written += [RowRef(partition, operation[1]["RowKey"], str(result.get("etag")))
