@@ -7,8 +7,9 @@ import json
 
 import azure.functions as func
 
-from shared import api, pipeline, status
-from shared.runtime import get_app, validate_environment
+from shared.leadership import pipeline
+from shared.web import api, status
+from shared.wiring import get_app, validate_environment
 
 validate_environment()  # a bad setting (e.g. LEASE_SECONDS=90) stops the app at start-up
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)

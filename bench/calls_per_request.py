@@ -8,7 +8,8 @@ split into the recorders' share and the leader's share, side by side for several
     .venv/bin/python -m bench.calls_per_request --requests 200 --instances 1 4 8
 
 ``--telemetry`` runs it with the OpenTelemetry SDK recording every span and metric in memory
-(what ``shared/telemetry.py`` costs when exporting; Application Insights' network export aside).
+(what ``shared/observability/telemetry.py`` costs when exporting; Application Insights' network
+export aside).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import telemetry
-from shared.app import LedgerApp
-from shared.clients import CallCounter, clients_from_connection_string
-from shared.pipeline import handle_completion, run_election
-from shared.settings import load_config
+from shared.config.settings import load_config
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import handle_completion, run_election
+from shared.observability import telemetry
+from shared.storage.clients import CallCounter, clients_from_connection_string
 from simulator.azurite import Azurite
 from simulator.workload import generate
 

@@ -37,14 +37,14 @@ from bench.strategies import (
     UnsupportedWorkload,
 )
 from bench.workloads import SEED_BALANCE, SPREAD_ACCOUNTS, Request, account_name, generate
-from shared.app import LedgerApp
-from shared.clients import TransportFactory, clients_from_connection_string
-from shared.completions import CompletionStore
-from shared.election import ElectionCallbacks
-from shared.ledger import LEDGER_PARTITION, account_key
-from shared.money import format_money
-from shared.pipeline import run_election
-from shared.settings import load_config
+from shared.config.settings import load_config
+from shared.domain.money import format_money
+from shared.election.elector import ElectionCallbacks
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import run_election
+from shared.storage.clients import TransportFactory, clients_from_connection_string
+from shared.storage.completions import CompletionStore
+from shared.storage.ledger import LEDGER_PARTITION, account_key
 
 logger = logging.getLogger(__name__)
 

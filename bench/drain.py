@@ -23,8 +23,8 @@ from azure.storage.blob import BlobLeaseClient
 from bench.cells import Names, leader_app, prepare
 from bench.probe import KINDS
 from bench.workloads import account_name, deposit_body
-from shared.contract import parse_completion
-from shared.pipeline import announce_if_ready, record_completion, run_election
+from shared.domain.contract import parse_completion
+from shared.leadership.pipeline import announce_if_ready, record_completion, run_election
 
 RECORDERS = 16  # threads that record a backlog (instances recording at once)
 
@@ -51,7 +51,8 @@ def record_bodies(connection_string: str, names: Names, bodies: Sequence[bytes],
                   threads: int = RECORDERS) -> None:
     """Record message bodies as instances would, ``threads`` at a time, without latency.
 
-    Each one is what a delivery does before its lease attempt (``shared.pipeline``): its row,
+    Each one is what a delivery does before its lease attempt (``shared.leadership.pipeline``): its
+    row,
     then a marker in the ready index when that decides its request. No election runs.
     """
     probe = names.probe(0)

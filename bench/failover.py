@@ -29,9 +29,9 @@ from bench.cells import Names, leader_app, prepare
 from bench.drain import record_backlog
 from bench.strategies import LeaderInstance
 from bench.workloads import deposit_body
-from shared.app import LedgerApp
-from shared.election import ElectionCallbacks
-from shared.pipeline import run_election
+from shared.election.elector import ElectionCallbacks
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import run_election
 from simulator import REPO_ROOT
 
 FAST_LEASE = {"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "4",

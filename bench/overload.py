@@ -7,7 +7,7 @@ Every storage call of the draining instance goes through the fault layer
 - ``overloaded``: the same, and 20 % of the account and outcome reads (``CallKind.ACCOUNT_READ``,
   ``CallKind.OUTCOME_READ``; each try drawn anew) time out: the try hangs for
   ``STORAGE_TIMEOUT_SECONDS`` (1 here) and fails, the SDK tries again (three tries in all) and
-  the leader retries what still failed (``shared/leader.py``, "Slow storage").
+  the leader retries what still failed (``shared/leadership/term.py``, "Slow storage").
 
 Each cell, on fresh storage names: ``deposits`` single-step deposits over ``accounts`` accounts
 are recorded and announced as instances do (``drain.record_bodies``: no faults, no latency); then
@@ -33,9 +33,9 @@ from typing import Any
 from bench.cells import Names, drop, leader_app, prepare
 from bench.drain import record_bodies
 from bench.workloads import account_name, deposit_body
-from shared.app import LedgerApp
-from shared.election import ElectionCallbacks, LeaseState
-from shared.pipeline import run_election
+from shared.election.elector import ElectionCallbacks, LeaseState
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import run_election
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames
 
 logger = logging.getLogger(__name__)

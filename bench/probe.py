@@ -1,7 +1,7 @@
 """What the benchmark puts between every strategy and storage: injected latency and call counts.
 
 One ``StorageProbe`` is installed as the ``raw_request_hook`` of every client a run builds
-(``shared.clients`` passes it to the SDKs, where azure-core's ``CustomHookPolicy`` /
+(``shared.storage.clients`` passes it to the SDKs, where azure-core's ``CustomHookPolicy`` /
 ``StorageRequestHook`` call it once per *try*, after the retry policy). It
 
 - sleeps ``latency_ms`` before each request goes out: an Azure-like round trip added to
@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 KINDS = ("record", "ready", "lease", "alarm", "scan", "read", "commit", "delete", "other")
-READY_PARTITION = "'~ready'"  # as it appears in a $filter or a key (shared.completions)
+READY_PARTITION = "'~ready'"  # as it appears in a $filter or a key (shared.storage.completions)
 META_PARTITION = "'~meta'"
 
 

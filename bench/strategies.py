@@ -4,7 +4,8 @@ An *instance* is one object with its own storage clients (its own connection poo
 one thread that handles one delivery at a time: a Functions instance with a concurrency of one.
 Several instances run as threads of the benchmark process on one Azurite.
 
-- ``LeaderInstance``: this app. Each delivery is ``shared.pipeline.handle_completion`` (record,
+- ``LeaderInstance``: this app. Each delivery is ``shared.leadership.pipeline.handle_completion``
+(record,
   one lease attempt, drain when elected), the real code of ``shared/``.
 - ``NaiveInstance``: per-message optimistic concurrency. Each delivery reads its account row and
   writes the new balance with ``If-Match`` its ETag, in one entity-group transaction with an
@@ -39,11 +40,11 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableTransactionError, UpdateMode
 from azure.storage.blob import BlobClient, BlobLeaseClient
 
-from shared.app import LedgerApp
-from shared.contract import Operation, parse_completion
-from shared.money import format_money, parse_balance
-from shared.pipeline import handle_completion
-from shared.transactions import submit_transaction
+from shared.domain.contract import Operation, parse_completion
+from shared.domain.money import format_money, parse_balance
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import handle_completion
+from shared.storage.transactions import submit_transaction
 
 STRATEGIES = ("leader", "naive", "single")
 LOCK_POLL_SECONDS = 0.05  # how often a single-consumer instance retries a refused lock

@@ -59,7 +59,7 @@ param deployerPrincipalType string = 'User'
 @description('Resource ids of action groups the alerts notify (docs/operations.md). Empty: alerts show in the portal only.')
 param alertActionGroupIds array = []
 
-// The settings the app code reads: shared/settings.py SETTINGS, with the code's defaults.
+// The settings the app code reads: shared/config/settings.py SETTINGS, with the code's defaults.
 
 @description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
 param completionsQueueName string = 'completions'
@@ -116,7 +116,7 @@ var resourceToken = toLower(uniqueString(subscription().id, resourceGroup().id, 
 var storageAccountName = take('st${replace(toLower(namePrefix), '-', '')}${resourceToken}', 24)
 var deploymentContainerName = 'app-package-${take(resourceToken, 7)}'
 
-// Every setting of shared/settings.py, as the strings the app reads from its environment.
+// Every setting of shared/config/settings.py, as the strings the app reads from its environment.
 var appSettings = {
   COMPLETIONS_QUEUE_NAME: completionsQueueName
   WAKEUP_QUEUE_NAME: wakeupQueueName

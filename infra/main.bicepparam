@@ -1,5 +1,5 @@
 // Parameters of infra/main.bicep for `az deployment group create` and `azd up`. The app settings
-// keep the code's defaults (shared/settings.py); change them here, never in the portal, so that a
+// keep the code's defaults (shared/config/settings.py); change them here, never in the portal, so that a
 // redeployment does not undo the change.
 using './main.bicep'
 

@@ -15,7 +15,7 @@ Every command prints a table for people, or JSON with ``--json``; problems go to
 ``error: ...``. A storage call refused for want of a role names the role and the ``az`` command
 that grants it.
 
-It reads the same settings as the function app (``shared.settings``): ``AzureWebJobsStorage``
+It reads the same settings as the function app (``shared.config.settings``): ``AzureWebJobsStorage``
 (a connection string, or the identity-based ``AzureWebJobsStorage__*`` settings) and the names of
 the queue, tables and lease. When no storage setting is in the environment it reads the
 ``Values`` of ``local.settings.json`` in the repo root, as ``func start`` does.
@@ -41,10 +41,8 @@ from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFo
 
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.storage_errors import explain, problem
-from shared import api
-from shared.app import LedgerApp
-from shared.clients import clients_from_settings
-from shared.contract import (
+from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
+from shared.domain.contract import (
     MAX_EXPECTED_OPERATIONS,
     MalformedMessage,
     Operation,
@@ -52,9 +50,11 @@ from shared.contract import (
     completion_message,
     parse_completion,
 )
-from shared.election import ElectionConfigError
-from shared.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
-from shared.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
+from shared.election.elector import ElectionConfigError
+from shared.leadership.instance import LedgerApp
+from shared.storage.clients import clients_from_settings
+from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
+from shared.web import api
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def _text(body: bytes) -> str:
 
 # --- enqueue ---------------------------------------------------------------------------------
 # The enqueue flags: (flag, the ``Completion`` field it sets, help). Field names, not wire
-# names: shared.contract builds the v1 message from them.
+# names: shared.domain.contract builds the v1 message from them.
 FLAG_FIELDS: tuple[tuple[str, str, str], ...] = (
     ("--request-id", "request_id", "requestId: the request this step belongs to"),
     ("--operation-id", "operation_id", "operationId: this step's id, unique in its request"),

@@ -17,8 +17,8 @@ from azure.core.exceptions import (
     ServiceRequestError,
 )
 
-from shared.clients import StorageClients
-from shared.settings import STORAGE_CONNECTION
+from shared.config.settings import STORAGE_CONNECTION
+from shared.storage.clients import StorageClients
 
 # The data-plane role each service needs for everything the CLI does on it (enqueue, replay and
 # delete parked rows, read the lease blob). Owner, Contributor or Reader on the account are

@@ -12,7 +12,7 @@ import tempfile
 import time
 from types import TracebackType
 
-from shared.clients import azurite_connection_string
+from shared.storage.clients import azurite_connection_string
 from simulator import REPO_ROOT
 
 AZURITE_BIN = REPO_ROOT / "node_modules" / ".bin" / "azurite"

@@ -45,9 +45,9 @@ from typing import TextIO
 from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob import BlobLeaseClient
 
-from shared.app import LedgerApp
-from shared.clients import clients_from_connection_string
-from shared.settings import SETTINGS, load_config
+from shared.config.settings import SETTINGS, load_config
+from shared.leadership.instance import LedgerApp
+from shared.storage.clients import clients_from_connection_string
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
 from simulator.faults import FAULTS_ENV, WRITE_KINDS

@@ -21,10 +21,10 @@ from typing import TextIO
 
 from azure.core.exceptions import AzureError
 
-from shared import runtime
-from shared.app import LedgerApp
-from shared.parking import queue_depth
-from shared.settings import SETTINGS
+from shared import wiring as runtime
+from shared.config.settings import SETTINGS
+from shared.leadership.instance import LedgerApp
+from shared.storage.parking import queue_depth
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
 from simulator.http import serve

@@ -13,7 +13,7 @@ chosen by kind, position (``after``), count (``times``) and probability (a seede
 
 The faults sit below the SDKs' retry policies, where the network is: the plan mounts a
 ``requests`` adapter on the session of an azure-core ``RequestsTransport`` and the clients take
-that transport (``shared.clients``' ``transport_factory``). A transport is the one injection
+that transport (``shared.storage.clients``' ``transport_factory``). A transport is the one injection
 point that the blob, queue and table SDKs all accept publicly *below* their retry policy (blob
 and queue take no ``per_retry_policies``; tables build their own policy list), so every retry
 the SDK makes meets the plan again, exactly like a real flaky network.
@@ -44,7 +44,7 @@ from azure.core.pipeline.transport import RequestsTransport
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ProtocolError
 
-from shared.settings import AppConfig
+from shared.config.settings import AppConfig
 
 FAULTS_ENV = "SIM_FAULTS"
 
@@ -286,7 +286,7 @@ class FaultPlan:
         return session
 
     def transport(self, timeout_seconds: float) -> RequestsTransport:
-        """An azure-core transport for one storage client (``shared.clients`` factory)."""
+        """An azure-core transport for one storage client (``shared.storage.clients`` factory)."""
         return RequestsTransport(session=self.session(), session_owner=True,
                                  connection_timeout=timeout_seconds,
                                  read_timeout=timeout_seconds)

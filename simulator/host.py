@@ -34,10 +34,10 @@ from azure.functions.timer import TimerRequest
 from azure.storage.queue import QueueClient
 from azure.storage.queue import QueueMessage as StorageQueueMessage
 
-from shared import runtime
-from shared.election import ElectionCallbacks
-from shared.runtime import get_app
-from shared.settings import SETTINGS, load_config
+from shared import wiring as runtime
+from shared.config.settings import SETTINGS, load_config
+from shared.election.elector import ElectionCallbacks
+from shared.wiring import get_app
 from simulator import REPO_ROOT
 from simulator.faults import plan_from_environment
 from simulator.functions import COMPLETIONS_FUNCTION, QueueTrigger, indexed, resolve_setting

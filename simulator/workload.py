@@ -14,9 +14,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from shared.contract import Operation, StepStatus, completion_message
-from shared.ledger import DecidedOutcome
-from shared.money import format_money
+from shared.domain.contract import Operation, StepStatus, completion_message
+from shared.domain.money import format_money
+from shared.storage.ledger import DecidedOutcome
 
 
 @dataclass

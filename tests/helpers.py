@@ -11,13 +11,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from shared.app import LedgerApp
-from shared.clients import RequestHook, clients_from_connection_string
-from shared.contract import Operation, StepStatus, message_body, parse_completion
-from shared.election import ElectionCallbacks
-from shared.leader import ReadyRound, ReadyView
-from shared.ledger import DecidedOutcome
-from shared.pipeline import (
+from shared.config.settings import load_config
+from shared.domain.contract import Operation, StepStatus, message_body, parse_completion
+from shared.election.elector import ElectionCallbacks
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import (
     CompletionResult,
     ElectionResult,
     announce_if_ready,
@@ -25,8 +23,10 @@ from shared.pipeline import (
     record_completion,
     run_election,
 )
-from shared.settings import load_config
-from shared.sweeper import repair_scan
+from shared.leadership.sweeper import repair_scan
+from shared.leadership.term import ReadyRound, ReadyView
+from shared.storage.clients import RequestHook, clients_from_connection_string
+from shared.storage.ledger import DecidedOutcome
 
 
 def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,

@@ -1,12 +1,12 @@
-"""The read API's replies (``shared.api``), against a real Azurite."""
+"""The read API's replies (``shared.web.api``), against a real Azurite."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared import api
-from shared.app import LedgerApp
-from shared.completions import bucket_of
+from shared.leadership.instance import LedgerApp
+from shared.storage.completions import bucket_of
+from shared.web import api
 from tests.helpers import Namespace, deposit, send, step, transfer
 
 

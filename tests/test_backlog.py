@@ -1,7 +1,8 @@
 """The work per delivery and per term does not grow with the requests waiting for their steps.
 
 The hot path addresses completion rows by key only: a recorder reads its request's key range, a
-leader reads the ready index (one partition). Full scans (``shared/sweeper.py``) are made at most
+leader reads the ready index (one partition). Full scans (``shared/leadership/sweeper.py``) are
+made at most
 once a minute per deployment, with the time of the last one kept in storage, and each reads a
 bounded number of rows. The rates side by side are in ``bench/`` (``./dev bench --only waiting``).
 """
@@ -14,9 +15,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from azure.core.pipeline import PipelineRequest
 
-from shared.completions import FULL_SCAN_ROW, META_PARTITION
-from shared.pipeline import Role, run_election
-from shared.sweeper import repair_scan
+from shared.leadership.pipeline import Role, run_election
+from shared.leadership.sweeper import repair_scan
+from shared.storage.completions import FULL_SCAN_ROW, META_PARTITION
 from tests.helpers import Namespace, deposit, record, send, status, transfer
 
 

@@ -3,7 +3,8 @@
 Two layers, both property-based (hypothesis):
 
 - thousands of bodies through ``parse_completion`` alone, each judged by ``contract_error``, an
-  oracle of the v1 contract written here from the README (not from ``shared/contract.py``): the
+  oracle of the v1 contract written here from the README (not from ``shared/domain/contract.py``):
+  the
   parser refuses exactly what the oracle refuses, and only with ``MalformedMessage``;
 - a few hundred invalid bodies through the queue-triggered function itself
   (``simulator.functions.indexed().queue_handler`` with real ``QueueMessage`` objects) against
@@ -37,11 +38,11 @@ from azure.storage.blob import BlobLeaseClient
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from shared import runtime
-from shared.app import LedgerApp
-from shared.contract import MalformedMessage, parse_completion
-from shared.parking import PARKED_PARTITION
-from shared.pipeline import run_election
+from shared import wiring as runtime
+from shared.domain.contract import MalformedMessage, parse_completion
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import run_election
+from shared.storage.parking import PARKED_PARTITION
 from simulator.functions import indexed
 from tests.helpers import Namespace
 

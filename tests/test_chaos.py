@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.ledger import DecidedOutcome, Outcome
+from shared.storage.ledger import DecidedOutcome, Outcome
 from simulator.azurite import Azurite
 from simulator.chaos import ChaosOptions, ChaosRun, fault_spec, plan_schedule, report
 from simulator.cluster import Cluster

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from operator_cli import cli
-from shared.contract import Operation, StepStatus
+from shared.domain.contract import Operation, StepStatus
 from simulator import __main__ as sim
 from simulator.demo import DemoOptions, run_log_path
 

@@ -1,5 +1,5 @@
 """One builder for the v1 message: the CLI's flags, the demo workload and the test helpers all go
-through ``shared.contract.message_body``, and what it builds is what ``Completion`` reads."""
+through ``shared.domain.contract.message_body``, and what it builds is what ``Completion`` reads."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from decimal import Decimal
 import pytest
 
 from operator_cli import cli
-from shared.contract import (
+from shared.domain.contract import (
     Completion,
     MalformedMessage,
     Operation,

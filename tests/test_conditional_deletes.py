@@ -10,9 +10,9 @@ import threading
 from decimal import Decimal
 from typing import Any
 
-from shared.completions import RowRef
-from shared.parking import ParkedKind
-from shared.pipeline import run_election
+from shared.leadership.pipeline import run_election
+from shared.storage.completions import RowRef
+from shared.storage.parking import ParkedKind
 from tests.helpers import Namespace, balance, deposit, record, send, status, step, transfer
 
 

@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 from azure.identity import ManagedIdentityCredential
 
-from shared import settings
-from shared.clients import clients_from_settings
-from shared.settings import (
+from shared.config import settings
+from shared.config.settings import (
     FUNCTION_TIMEOUT_SECONDS,
     SETTINGS,
     ConfigError,
     load_config,
 )
+from shared.storage.clients import clients_from_settings
 from simulator import REPO_ROOT
 
 

@@ -1,4 +1,5 @@
-"""The v1 completion message contract (``shared.contract.parse_completion``), rule by rule."""
+"""The v1 completion message contract (``shared.domain.contract.parse_completion``), rule by
+rule."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from shared.contract import (
+from shared.domain.contract import (
     Completion,
     MalformedMessage,
     Operation,

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from bench.probe import StorageProbe
-from shared.clients import CallCounter
-from shared.completions import BUCKETS, bucket_of
-from shared.election import ElectionCallbacks, LeaseState
-from shared.pipeline import Role, handle_completion, run_election
+from shared.election.elector import ElectionCallbacks, LeaseState
+from shared.leadership.pipeline import Role, handle_completion, run_election
+from shared.storage.clients import CallCounter
+from shared.storage.completions import BUCKETS, bucket_of
 from tests.helpers import Namespace, balance, deposit, ready, record, send, status, transfer
 
 

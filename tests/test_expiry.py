@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from decimal import Decimal
 
-from shared.app import LedgerApp
-from shared.decision import EXPIRY_GRACE
-from shared.parking import ParkedKind
-from shared.pipeline import sweep
+from shared.domain.rules import EXPIRY_GRACE
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import sweep
+from shared.storage.parking import ParkedKind
 from tests.helpers import (
     Namespace,
     balance,

@@ -17,14 +17,14 @@ from decimal import Decimal
 import pytest
 from azure.core.exceptions import AzureError
 
-from shared.app import LedgerApp
-from shared.clients import clients_from_connection_string
-from shared.election import HeldLease, LeadershipLost, LeaseState
-from shared.leader import LeaderTerm
-from shared.pipeline import handle_completion, run_election
-from shared.retries import LeaseFitRetry, fit_retries, worst_case_seconds
-from shared.settings import load_config
-from shared.sweeper import repair_scan
+from shared.config.settings import load_config
+from shared.election.elector import HeldLease, LeadershipLost, LeaseState
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import handle_completion, run_election
+from shared.leadership.sweeper import repair_scan
+from shared.leadership.term import LeaderTerm
+from shared.storage.clients import clients_from_connection_string
+from shared.storage.retries import LeaseFitRetry, fit_retries, worst_case_seconds
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames, classify
 from tests.helpers import Namespace, balance, deposit, record, status, transfer, wait_until
 

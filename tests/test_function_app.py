@@ -19,11 +19,11 @@ from azure.data.tables import TableClient
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 
-from shared import runtime
-from shared.app import LedgerApp
-from shared.clients import azurite_connection_string
-from shared.completions import CompletionStore
-from shared.contract import parse_completion
+from shared import wiring as runtime
+from shared.domain.contract import parse_completion
+from shared.leadership.instance import LedgerApp
+from shared.storage.clients import azurite_connection_string
+from shared.storage.completions import CompletionStore
 from simulator.azurite import free_port
 from simulator.functions import indexed
 from tests.helpers import Namespace, deposit, step, transfer

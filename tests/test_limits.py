@@ -10,8 +10,8 @@ from decimal import Decimal
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
-from shared import api
-from shared.ledger import (
+from shared.leadership.pipeline import run_election
+from shared.storage.ledger import (
     MAX_REASON_CHARS,
     MAX_TRANSACTION_OPERATIONS,
     LedgerWriteError,
@@ -19,7 +19,7 @@ from shared.ledger import (
     OutcomeExists,
     plan_transaction,
 )
-from shared.pipeline import run_election
+from shared.web import api
 from tests.helpers import (
     Namespace,
     balance,

@@ -10,7 +10,7 @@ run out, a table write or lease action whose response is lost after storage appl
 moved past ``REQUEST_TIMEOUT_SECONDS``.
 
 ``contract_verdict`` and ``RequestModel`` below are a pure model of the README's contract, written
-for this test (they do not use ``shared/decision.py``). Each time a request's recorded steps or
+for this test (they do not use ``shared/domain/rules.py``). Each time a request's recorded steps or
 the clock change, the model notes the verdict a leader scanning at that moment must reach; a
 request's outcome must be one of those. After every rule:
 
@@ -65,21 +65,21 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from shared.app import LedgerApp
-from shared.clients import StorageClients
-from shared.contract import parse_completion
-from shared.election import TermEnded
-from shared.leader import LeaderTerm, ReadyRound, ReadyView
-from shared.ledger import AccountChanged, DecidedOutcome, Outcome, OutcomeExists
-from shared.pipeline import (
+from shared.config.settings import load_config
+from shared.domain.contract import parse_completion
+from shared.election.elector import TermEnded
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import (
     announce_if_ready,
     handle_completion,
     record_completion,
     run_election,
     sweep,
 )
-from shared.settings import load_config
-from shared.sweeper import repair_scan
+from shared.leadership.sweeper import repair_scan
+from shared.leadership.term import LeaderTerm, ReadyRound, ReadyView
+from shared.storage.clients import StorageClients
+from shared.storage.ledger import AccountChanged, DecidedOutcome, Outcome, OutcomeExists
 from simulator.azurite import Azurite
 from tests.helpers import ManualClock, Namespace
 

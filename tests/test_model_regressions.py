@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
-from shared.app import LedgerApp
-from shared.leader import LeaderTerm, ReadyView
-from shared.ledger import FencedOut
-from shared.parking import ParkedKind
-from shared.pipeline import run_election
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import run_election
+from shared.leadership.term import LeaderTerm, ReadyView
+from shared.storage.ledger import FencedOut
+from shared.storage.parking import ParkedKind
 from tests.helpers import ManualClock, Namespace, balance, record, send, status, step
 
 

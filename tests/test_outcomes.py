@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from shared.completions import RecordResult, Tombstone
-from shared.pipeline import run_election
+from shared.leadership.pipeline import run_election
+from shared.storage.completions import RecordResult, Tombstone
 from tests.helpers import (
     ManualClock,
     Namespace,

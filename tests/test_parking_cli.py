@@ -14,8 +14,8 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from operator_cli import cli
-from shared.app import LedgerApp
-from shared.pipeline import handle_completion
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import handle_completion
 from tests.helpers import Namespace, deposit, send, step
 
 Queued = Callable[[], list[str]]

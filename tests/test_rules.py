@@ -9,9 +9,8 @@ from decimal import Decimal
 
 import pytest
 
-from shared.completions import RecordedStep
-from shared.contract import Operation, StepStatus
-from shared.decision import (
+from shared.domain.contract import Operation, StepStatus
+from shared.domain.rules import (
     Assessment,
     InsufficientFunds,
     Verdict,
@@ -20,8 +19,9 @@ from shared.decision import (
     contradiction,
     name_some,
 )
-from shared.leader import plan_batches
-from shared.ledger import (
+from shared.leadership.term import plan_batches
+from shared.storage.completions import RecordedStep
+from shared.storage.ledger import (
     AccountChanged,
     AccountRow,
     DecidedOutcome,

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from shared.settings import SETTINGS, ConfigError, load_config
+from shared.config.settings import SETTINGS, ConfigError, load_config
 from simulator import REPO_ROOT
 
 SETTING_NAMES = {setting.name for setting in SETTINGS}
@@ -55,7 +55,7 @@ def test_each_end_of_each_documented_range_works_alone(name: str, value: str) ->
         "STORAGE_TIMEOUT_SECONDS": config.storage_timeout_seconds,
     }
     assert read[name] == float(value)
-    # The invariants the leader relies on (shared/election.py).
+    # The invariants the leader relies on (shared/election/elector.py).
     assert election.lease_seconds > election.renew_deadline_seconds
     assert election.renew_deadline_seconds > election.renew_interval_seconds > 0
     assert (election.renew_interval_seconds + config.storage_timeout_seconds

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from azure.storage.queue import QueueClient
 
-from shared.ledger import DecidedOutcome, Outcome
+from shared.storage.ledger import DecidedOutcome, Outcome
 from simulator import REPO_ROOT
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster

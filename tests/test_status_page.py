@@ -29,19 +29,19 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
-from shared import runtime
-from shared import status as status_data
-from shared.app import LedgerApp
-from shared.clients import (
+from shared import wiring as runtime
+from shared.config.settings import load_config
+from shared.election.elector import HeldLease
+from shared.leadership.instance import LedgerApp
+from shared.leadership.term import LeaderTerm
+from shared.storage.clients import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
     CallCounter,
     azurite_connection_string,
     clients_from_connection_string,
 )
-from shared.election import HeldLease
-from shared.leader import LeaderTerm
-from shared.settings import load_config
+from shared.web import status as status_data
 from simulator.azurite import Azurite, free_port
 from simulator.cluster import Cluster
 from simulator.http import serve
@@ -296,14 +296,14 @@ def test_a_503_names_no_host_port_url_or_account_and_the_log_has_the_detail(
         ns: Namespace, caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()  # nothing listens there: the connection is refused
     app = _app_on(ns, azurite_connection_string(blob_port=port, queue_port=port, table_port=port))
-    with caplog.at_level(logging.WARNING, logger="shared.status"):
+    with caplog.at_level(logging.WARNING, logger="shared.web.status"):
         reply = status_data.metrics_reply(lambda: app)
     assert reply.status == 503
     assert reply.body == {"error": "storage cannot be reached", "retryable": True}
     shown = json.dumps(reply.body)
     for secret in (str(port), "127.0.0.1", "http", AZURITE_ACCOUNT):
         assert secret not in shown
-    [logged] = [r for r in caplog.records if r.name == "shared.status"]
+    [logged] = [r for r in caplog.records if r.name == "shared.web.status"]
     assert logged.levelno == logging.WARNING
     assert str(port) in logged.getMessage(), "the operator's log keeps the whole error"
 

@@ -19,11 +19,12 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from shared import pipeline, telemetry
-from shared.app import LedgerApp
-from shared.completions import RecordResult
-from shared.pipeline import Role, handle_completion
-from shared.settings import ConfigError
+from shared.config.settings import ConfigError
+from shared.leadership import pipeline
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import Role, handle_completion
+from shared.observability import telemetry
+from shared.storage.completions import RecordResult
 from simulator import REPO_ROOT
 from simulator.azurite import Azurite
 from tests.helpers import (
@@ -341,7 +342,7 @@ def test_azure_monitor_is_configured_with_the_managed_identity(
 _WITHOUT_TELEMETRY = textwrap.dedent("""
     import json, os, sys
     from opentelemetry import metrics, trace
-    from shared import telemetry
+    from shared.observability import telemetry
     from tests.helpers import Namespace, balance, deposit, send, transfer
     mode = telemetry.configure(os.environ)
     ns = Namespace(sys.argv[1])
@@ -389,7 +390,7 @@ def test_completion_rows_name_the_span_that_recorded_them(ns: Namespace,
 
 _CONSOLE = textwrap.dedent("""
     import os, sys
-    from shared import runtime
+    from shared import wiring as runtime
     from tests.helpers import Namespace, deposit, send
     os.environ.update(Namespace(sys.argv[1]).env(TELEMETRY_CONSOLE_EXPORTER="1"))
     app = runtime.get_app()

@@ -1,4 +1,4 @@
-"""``shared.transactions.submit_transaction`` answers exactly as the SDK's own
+"""``shared.storage.transactions.submit_transaction`` answers exactly as the SDK's own
 ``TableClient.submit_transaction`` does, on the same operations (against a real Azurite): the
 same request body (but for boundaries, dates and the table's name), what storage applies or
 refuses, what each operation returns, and what the SDK refuses before sending, with the same
@@ -22,7 +22,7 @@ from azure.data.tables import (
     UpdateMode,
 )
 
-from shared.transactions import submit_transaction
+from shared.storage.transactions import submit_transaction
 from simulator.azurite import Azurite
 from tests.helpers import Namespace
 

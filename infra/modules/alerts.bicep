@@ -1,6 +1,6 @@
 // Log search alerts on the app's OpenTelemetry data in Application Insights (docs/operations.md):
 // work announced and not committed for 5 minutes, messages parked, the poison queue not empty.
-// Each queries the spans and metrics that shared/telemetry.py emits.
+// Each queries the spans and metrics that shared/observability/telemetry.py emits.
 
 @description('Prefix of the alert rule names.')
 param namePrefix string

@@ -53,7 +53,7 @@ param maximumInstanceCount int = 100
 ])
 param instanceMemoryMB int = 2048
 
-@description('The settings the app code reads (shared/settings.py), merged with the platform ones.')
+@description('The settings the app code reads (shared/config/settings.py), merged with the platform ones.')
 param appSettings object
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {

@@ -144,7 +144,7 @@ resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@202
   name: '${completionsQueueName}-poison'
 }
 
-// Lease alarms: messages that come due when a lease holder stops renewing (shared/wakeup.py).
+// Lease alarms: messages that come due when a lease holder stops renewing (shared/leadership/wakeup.py).
 resource wakeupQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
   parent: queueService
   name: wakeupQueueName

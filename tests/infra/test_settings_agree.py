@@ -1,5 +1,5 @@
 """The setting names and defaults in infra/, host.json and local.settings.sample.json agree with
-the one source of truth in the code: ``shared/settings.py``."""
+the one source of truth in the code: ``shared/config/settings.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from shared.settings import (
+from shared.config.settings import (
     COMPLETIONS_QUEUE_NAME,
     COMPLETIONS_TABLE_NAME,
     DRAIN_BUDGET_SECONDS,

@@ -6,10 +6,10 @@ import logging
 import os
 import threading
 
-from shared import telemetry
-from shared.app import LedgerApp
-from shared.clients import RequestHook, TransportFactory, clients_from_settings
-from shared.settings import load_config
+from shared.config.settings import load_config
+from shared.leadership.instance import LedgerApp
+from shared.observability import telemetry
+from shared.storage.clients import RequestHook, TransportFactory, clients_from_settings
 
 logger = logging.getLogger(__name__)
 

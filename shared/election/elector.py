@@ -10,12 +10,14 @@ What this guarantees, and what it does not:
   *believes* it holds a valid lease at a time, up to clock drift and pauses.
 - It does **not** guarantee that a holder which was paused (GC, SIGSTOP, a slow network) past its
   lease stops acting: it only finds out at its next storage call. That is why every ledger write
-  is also fenced by an epoch checked by storage itself (see ``shared/ledger.py``); the lease gives
+  is also fenced by an epoch checked by storage itself (see ``shared/storage/ledger.py``); the
+  lease gives
   liveness and saves wasted work, the fence gives safety.
 - The commit deadline is ``last successful renew *sent* + lease - margin`` on the monotonic clock,
   so a slow renew response cannot extend it.
 - A renewal or release, retries included, ends before the lease would expire
-  (``shared.retries.fit_retries``): a transient error costs a sub-second retry, never a stall
+  (``shared.storage.retries.fit_retries``): a transient error costs a sub-second retry, never a
+  stall
   past the lease.
 """
 
@@ -40,7 +42,7 @@ from azure.core.exceptions import (
 )
 from azure.storage.blob import BlobLeaseClient, ContainerClient
 
-from shared.retries import fit_retries, worst_case_seconds
+from shared.storage.retries import fit_retries, worst_case_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +298,8 @@ def _why(exc: AzureError) -> str:
 
 # After a refused acquire (409: a leader holds the lease) an instance makes no further attempt
 # for this long: its completions are covered by that leader's final look, which comes this long
-# after its release (``shared.pipeline.run_election``). It keeps the lease blob's load at most
+# after its release (``shared.leadership.pipeline.run_election``). It keeps the lease blob's load
+# at most
 # one attempt per instance per window, whatever the message rate.
 FOLLOWER_SKIP_SECONDS = 0.25
 

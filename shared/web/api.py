@@ -8,11 +8,11 @@ from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-from shared.app import LedgerApp
-from shared.contract import IDENTIFIER_PATTERN
-from shared.ledger import outcome_view
-from shared.money import format_money
-from shared.parking import ParkedKind
+from shared.domain.contract import IDENTIFIER_PATTERN
+from shared.domain.money import format_money
+from shared.leadership.instance import LedgerApp
+from shared.storage.ledger import outcome_view
+from shared.storage.parking import ParkedKind
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 

@@ -20,16 +20,16 @@ from enum import StrEnum
 
 from azure.core.exceptions import AzureError
 
-from shared import telemetry
-from shared.app import LedgerApp
-from shared.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordedStep, RecordResult
-from shared.contract import Completion, MalformedMessage, parse_completion
-from shared.decision import assess
-from shared.election import HeldLease, LeaseState, TermEnded
-from shared.leader import DrainReport, LeaderTerm, ReadyView
-from shared.parking import queue_depth
-from shared.sweeper import repair_scan
-from shared.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
+from shared.domain.contract import Completion, MalformedMessage, parse_completion
+from shared.domain.rules import assess
+from shared.election.elector import HeldLease, LeaseState, TermEnded
+from shared.leadership.instance import LedgerApp
+from shared.leadership.sweeper import repair_scan
+from shared.leadership.term import DrainReport, LeaderTerm, ReadyView
+from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
+from shared.observability import telemetry
+from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordedStep, RecordResult
+from shared.storage.parking import queue_depth
 
 logger = logging.getLogger(__name__)
 

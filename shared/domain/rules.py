@@ -28,9 +28,9 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
-from shared.completions import RecordedStep
-from shared.contract import StepStatus
-from shared.ledger import DecidedOutcome
+from shared.domain.contract import StepStatus
+from shared.storage.completions import RecordedStep
+from shared.storage.ledger import DecidedOutcome
 
 NAMED_IN_REASON = 5  # offenders a reason names before it gives a count
 # How long after a request's deadline storage's time must be before it is judged expired: a

@@ -5,7 +5,7 @@ held a leader 42 s inside ``renew()``, far past a 15 s lease, and each lost rele
 stalled the pipeline 16 s. Here every client makes at most ``RETRY_TOTAL`` retries with
 back-offs of 0.2 s then 0.4 s (never more than ``MAX_BACKOFF_SECONDS``, +-20 % jitter), each try
 limited to ``STORAGE_TIMEOUT_SECONDS``; ``fit_retries`` shrinks the tries of one lease call so
-that, retries included, it ends before the lease would expire (``shared/election.py``).
+that, retries included, it ends before the lease would expire (``shared/election/elector.py``).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from shared.completions import (
+from shared.storage.completions import (
     MAX_BATCH_ROWS,
     TOMBSTONE_SECONDS,
     CompletionStore,

@@ -39,11 +39,11 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
-from shared.api import Reply, lease_view
-from shared.app import LedgerApp
-from shared.completions import SPECIAL_PREFIX, is_request_row
-from shared.ledger import REQUEST_PREFIX, Fence
-from shared.parking import queue_depth
+from shared.leadership.instance import LedgerApp
+from shared.storage.completions import SPECIAL_PREFIX, is_request_row
+from shared.storage.ledger import REQUEST_PREFIX, Fence
+from shared.storage.parking import queue_depth
+from shared.web.api import Reply, lease_view
 
 logger = logging.getLogger(__name__)
 

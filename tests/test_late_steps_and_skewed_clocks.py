@@ -12,11 +12,11 @@ from decimal import Decimal
 
 import pytest
 
-from shared import api
-from shared.app import LedgerApp
-from shared.completions import Tombstone
-from shared.parking import ParkedKind
-from shared.pipeline import handle_completion, run_election
+from shared.leadership.instance import LedgerApp
+from shared.leadership.pipeline import handle_completion, run_election
+from shared.storage.completions import Tombstone
+from shared.storage.parking import ParkedKind
+from shared.web import api
 from tests.helpers import (
     ManualClock,
     Namespace,

@@ -7,14 +7,15 @@ can never be acted on after a newer leader has written.
 **What the leader reads.** Only the ready index (``ReadyView``): one partition of markers, each
 naming a request that a recorder found decidable, with its steps. Requests still waiting for
 steps are never read here, so a term's work does not grow with the backlog of incomplete
-requests; the sweeper's rare full scan (``shared/sweeper.py``) finds what no marker announces.
+requests; the sweeper's rare full scan (``shared/leadership/sweeper.py``) finds what no marker
+announces.
 A verdict that depends on the deadline (expired, or steps cut off as late) is confirmed on a
 fresh read of the request's rows first (one key range).
 
 **What is serial.** Only the commit transactions, each conditional on the fence ETag the one
 before returned. The account rows a round needs are read many at once (``ACCOUNT_READERS``
 threads); consumed rows and markers are deleted in batches by background threads once their
-outcome is durable (``shared/cleanup.py``). A leader whose work keeps coming lingers
+outcome is durable (``shared/storage/cleanup.py``). A leader whose work keeps coming lingers
 (``LINGER_SECONDS``) instead of releasing at once. docs/design.md 3.9 says why each is safe.
 
 **Slow storage.** A read that failed with a transient error (a timeout, a reset, a 5xx) is tried
@@ -35,10 +36,7 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import TypeVar
 
-from shared import telemetry
-from shared.app import LedgerApp
-from shared.completions import ReadyMarker, RecordedStep, RowRef, Tombstone
-from shared.decision import (
+from shared.domain.rules import (
     EXPIRY_GRACE,
     Assessment,
     InsufficientFunds,
@@ -49,8 +47,11 @@ from shared.decision import (
     deadline_of,
     depends_on_deadline,
 )
-from shared.election import HeldLease
-from shared.ledger import (
+from shared.election.elector import HeldLease
+from shared.leadership.instance import LedgerApp
+from shared.observability import telemetry
+from shared.storage.completions import ReadyMarker, RecordedStep, RowRef, Tombstone
+from shared.storage.ledger import (
     MAX_RECORDED_STEPS,
     MAX_TRANSACTION_OPERATIONS,
     AccountChanged,
@@ -62,8 +63,8 @@ from shared.ledger import (
     Outcome,
     OutcomeExists,
 )
-from shared.parking import ParkedKind, late_step_id
-from shared.retries import is_transient
+from shared.storage.parking import ParkedKind, late_step_id
+from shared.storage.retries import is_transient
 
 logger = logging.getLogger(__name__)
 _Key = TypeVar("_Key")

@@ -36,16 +36,16 @@ from opentelemetry.trace import Link, Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from shared.settings import TELEMETRY_CONSOLE_EXPORTER, ConfigError
+from shared.config.settings import TELEMETRY_CONSOLE_EXPORTER, ConfigError
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from shared.completions import RecordedStep
-    from shared.decision import Assessment
-    from shared.leader import DrainReport
-    from shared.ledger import Outcome
+    from shared.domain.rules import Assessment
+    from shared.leadership.term import DrainReport
+    from shared.storage.completions import RecordedStep
+    from shared.storage.ledger import Outcome
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.election import ElectionConfigError, LeaderElectionConfig
+from shared.election.elector import ElectionConfigError, LeaderElectionConfig
 
 # The storage connection: a connection string locally, identity-based settings in Azure
 # (AzureWebJobsStorage__blobServiceUri, __queueServiceUri, __tableServiceUri, __credential,
-# __clientId). See shared/clients.py.
+# __clientId). See shared/storage/clients.py.
 STORAGE_CONNECTION = "AzureWebJobsStorage"
 STORAGE_IDENTITY_SUFFIXES = (
     "blobServiceUri",

@@ -1,7 +1,7 @@
 """``LedgerApp``: one instance's configuration, clients, stores and clocks, wired together once.
 
 Everything the functions do takes a ``LedgerApp``; the Functions host builds one per worker
-process (``shared/runtime.py``), the simulator one per simulated instance, the tests one per test
+process (``shared/wiring.py``), the simulator one per simulated instance, the tests one per test
 (with their own table, queue and blob names on a shared Azurite).
 """
 
@@ -20,13 +20,13 @@ from typing import Any
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
-from shared.cleanup import RowCleaner
-from shared.clients import StorageClients
-from shared.completions import CompletionStore
-from shared.election import ElectionCallbacks, LeaseElector, MonotonicClock
-from shared.ledger import Ledger, LedgerSnapshot
-from shared.parking import ParkingLot
-from shared.settings import AppConfig
+from shared.config.settings import AppConfig
+from shared.election.elector import ElectionCallbacks, LeaseElector, MonotonicClock
+from shared.storage.cleanup import RowCleaner
+from shared.storage.clients import StorageClients
+from shared.storage.completions import CompletionStore
+from shared.storage.ledger import Ledger, LedgerSnapshot
+from shared.storage.parking import ParkingLot
 
 
 class RecentRequests:

@@ -28,10 +28,10 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
-from shared.contract import MAX_EXPECTED_OPERATIONS
-from shared.election import TermEnded
-from shared.money import format_money, parse_balance
-from shared.transactions import submit_transaction
+from shared.domain.contract import MAX_EXPECTED_OPERATIONS
+from shared.domain.money import format_money, parse_balance
+from shared.election.elector import TermEnded
+from shared.storage.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
 

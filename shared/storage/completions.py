@@ -57,10 +57,10 @@ from azure.core.exceptions import (
 from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
-from shared import telemetry
-from shared.contract import Completion, Operation, StepStatus, completion_message
-from shared.money import format_money, parse_balance
-from shared.transactions import submit_transaction
+from shared.domain.contract import Completion, Operation, StepStatus, completion_message
+from shared.domain.money import format_money, parse_balance
+from shared.observability import telemetry
+from shared.storage.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")

@@ -11,7 +11,7 @@ Azurite's explicit one). In Azure it is identity-based:
 storage calls (benchmarks). ``transport_factory`` replaces the HTTP transport under the SDKs'
 retry policies (the fault layer of the tests and chaos runs, ``simulator/faults.py``).
 
-Every client retries with the sub-second timings of ``shared/retries.py``, never the SDKs'
+Every client retries with the sub-second timings of ``shared/storage/retries.py``, never the SDKs'
 defaults (a 15 s wait before a blob retry), so retries fit inside the lease.
 """
 
@@ -29,8 +29,13 @@ from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
 
-from shared.retries import FIRST_BACKOFF_SECONDS, MAX_BACKOFF_SECONDS, RETRY_TOTAL, LeaseFitRetry
-from shared.settings import STORAGE_CONNECTION, ConfigError
+from shared.config.settings import STORAGE_CONNECTION, ConfigError
+from shared.storage.retries import (
+    FIRST_BACKOFF_SECONDS,
+    MAX_BACKOFF_SECONDS,
+    RETRY_TOTAL,
+    LeaseFitRetry,
+)
 
 # Azurite's well-known development account (public, documented, not a secret).
 AZURITE_ACCOUNT = "devstoreaccount1"

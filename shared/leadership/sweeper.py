@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
-from shared import telemetry
-from shared.app import LedgerApp
-from shared.completions import FULL_SCAN_MAX_ROWS
-from shared.decision import assess
+from shared.domain.rules import assess
+from shared.leadership.instance import LedgerApp
+from shared.observability import telemetry
+from shared.storage.completions import FULL_SCAN_MAX_ROWS
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from azure.core.exceptions import ResourceNotFoundError
 from azure.data.tables import TableClient, UpdateMode
 from azure.storage.queue import QueueClient
 
-from shared import telemetry
+from shared.observability import telemetry
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import (
     field_validator,
 )
 
-from shared.money import MoneyError, parse_amount
+from shared.domain.money import MoneyError, parse_amount
 
 _ISO_DATE_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)  # YYYY-MM-DD, then pydantic
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
