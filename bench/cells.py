@@ -39,12 +39,12 @@ from bench.strategies import (
 from bench.workloads import SEED_BALANCE, SPREAD_ACCOUNTS, Request, account_name, generate
 from shared.config.settings import load_config
 from shared.domain.money import format_money
+from shared.domain.planning import LEDGER_PARTITION, account_key
 from shared.election.elector import ElectionCallbacks
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import run_election
 from shared.storage.clients import TransportFactory, clients_from_connection_string
 from shared.storage.completions import CompletionStore
-from shared.storage.ledger import LEDGER_PARTITION, account_key
 
 logger = logging.getLogger(__name__)
 

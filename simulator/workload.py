@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from shared.domain.contract import Operation, StepStatus, completion_message
+from shared.domain.model import DecidedOutcome
 from shared.domain.money import format_money
-from shared.storage.ledger import DecidedOutcome
 
 
 @dataclass
@@ -117,7 +117,7 @@ def check(work: Workload, decided: list[DecidedOutcome],
     """Check the ledger against the workload, to the cent."""
     problems: list[str] = []
     by_request = {d.outcome.request_id: d.outcome for d in decided}
-    statuses = Counter(outcome.status for outcome in by_request.values())
+    statuses = Counter(outcome.status.value for outcome in by_request.values())
     known = set(work.deposits) | set(work.transfers)
     missing = sorted(known - set(by_request))
     if missing:
@@ -368,5 +368,5 @@ def check_chaos(work: ChaosWorkload, decided: list[DecidedOutcome],
         problems.append(f"{len(valid)} valid message(s) in the poison queue, e.g. {valid[:1]}")
     if completion_rows:
         problems.append(f"{completion_rows} completion row(s) left behind")
-    statuses = Counter(outcome.status for outcome in by_request.values())
+    statuses = Counter(outcome.status.value for outcome in by_request.values())
     return ChaosCheck(statuses, drift, problems)

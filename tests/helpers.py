@@ -13,6 +13,7 @@ from typing import Any
 
 from shared.config.settings import load_config
 from shared.domain.contract import Operation, StepStatus, message_body, parse_completion
+from shared.domain.model import DecidedOutcome
 from shared.election.elector import ElectionCallbacks
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import (
@@ -26,7 +27,6 @@ from shared.leadership.pipeline import (
 from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import ReadyRound, ReadyView
 from shared.storage.clients import RequestHook, clients_from_connection_string
-from shared.storage.ledger import DecidedOutcome
 
 
 def step(request_id: str, operation_id: str, operation: str, account_id: str, amount: str,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.storage.ledger import DecidedOutcome, Outcome
+from shared.domain.model import DecidedOutcome, Outcome, OutcomeStatus
 from simulator.azurite import Azurite
 from simulator.chaos import ChaosOptions, ChaosRun, fault_spec, plan_schedule, report
 from simulator.cluster import Cluster
@@ -91,9 +91,9 @@ def test_the_chaos_workload_funds_every_withdrawal_whatever_the_order() -> None:
 
 
 def _decided(work: ChaosWorkload) -> list[DecidedOutcome]:
-    rows = [Outcome(f"fund-{a}", "committed", "", ((a, amount),))
+    rows = [Outcome(f"fund-{a}", OutcomeStatus.COMMITTED, "", ((a, amount),))
             for a, amount in work.funding.items()]
-    rows += [Outcome(r, p.expected_status, "", () if p.failed else p.legs)
+    rows += [Outcome(r, OutcomeStatus(p.expected_status), "", () if p.failed else p.legs)
              for r, p in work.requests.items()]
     return [DecidedOutcome(o, "", 1, "x", True) for o in rows]
 
@@ -113,8 +113,8 @@ def test_the_checker_accepts_the_right_end_state_and_catches_each_wrong_one() ->
     first = next(iter(work.requests))
     assert any("more than once" in p for p in problems(decided=[*decided, decided[-1]]))
     assert any("no outcome" in p for p in problems(decided=decided[1:]))
-    flipped = [DecidedOutcome(Outcome(d.outcome.request_id, "expired", "", ()), "", 1, "x",
-                              True) if d.outcome.request_id == first else d for d in decided]
+    flipped = [DecidedOutcome(Outcome(d.outcome.request_id, OutcomeStatus.EXPIRED, "", ()), "", 1,
+                              "x", True) if d.outcome.request_id == first else d for d in decided]
     assert any("wrong outcome" in p for p in problems(decided=flipped))
     account = next(iter(balances))
     off = dict(balances, **{account: balances[account] + Decimal("0.01")})

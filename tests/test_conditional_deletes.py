@@ -10,8 +10,8 @@ import threading
 from decimal import Decimal
 from typing import Any
 
+from shared.domain.model import RowRef
 from shared.leadership.pipeline import run_election
-from shared.storage.completions import RowRef
 from shared.storage.parking import ParkedKind
 from tests.helpers import Namespace, balance, deposit, record, send, status, step, transfer
 
@@ -43,7 +43,7 @@ def test_a_delayed_delete_of_a_committed_request_leaves_a_step_recorded_again_si
     (again,) = l2.completions.steps_of("x")
 
     gate.set()  # L1's stale delete lands now
-    assert l1.cleaner.finish(timeout=10)
+    assert l1.cleaner.wait_until_done(timeout=10)
     assert l2.completions.steps_of("x") == [again], "the newer version of the row is kept"
     run_election(l2)
     parked = [m for m in l2.parking.list() if m.kind is ParkedKind.LATE_CONTRADICTION]

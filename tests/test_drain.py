@@ -40,7 +40,7 @@ def test_a_commit_whose_rows_were_never_deleted_is_not_applied_again(ns: Namespa
     def die(*_rows: object) -> None:
         raise RuntimeError("the process died right after the commit")
 
-    crashed.cleaner.consumed = die  # type: ignore[method-assign,assignment]
+    crashed.cleaner.delete = die  # type: ignore[method-assign,assignment]
     send(crashed, *deposit("d1", "alice", "10.00"))
     assert status(crashed, "d1") == "committed"
     assert crashed.completions.count() > 0, "the rows outlived their commit"
@@ -111,9 +111,9 @@ def test_the_leader_reads_only_announced_requests_and_skips_rows_being_deleted(
         "t1 has one of two legs: not announced, so never read by the leader"
     assert not found.unconfirmed
     d2 = found.decidable[1]
-    app.cleaner.consumed(d2.consumed)  # queued for deletion: the step row and the marker
+    app.cleaner.delete(d2.consumed)  # queued for deletion: the step row and the marker
     assert [r.request_id for r in ready(app).decidable] == ["d1"]
-    assert app.cleaner.finish(timeout=10)
+    assert app.cleaner.wait_until_done(timeout=10)
     assert app.completions.steps_of("d2") == []
     assert [r.request_id for r in ready(app).decidable] == ["d1"]
     assert len(app.completions.steps_of("t1")) == 1, "the waiting leg stays recorded"
@@ -126,7 +126,7 @@ def test_a_crash_that_left_many_committed_rows_costs_the_next_leader_one_failed_
     def die(*_rows: object) -> None:
         raise RuntimeError("the process died right after the commit")
 
-    crashed.cleaner.consumed = die  # type: ignore[method-assign,assignment]
+    crashed.cleaner.delete = die  # type: ignore[method-assign,assignment]
     record(crashed, *[body for i in range(30) for body in deposit(f"d{i}", "alice", "1.00")])
     with pytest.raises(RuntimeError, match="died"):
         run_election(crashed)

@@ -8,12 +8,12 @@ from decimal import Decimal
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
+from shared.domain.planning import FencedOut
 from shared.election.elector import ElectionCallbacks, LeadershipLost, LeaseState
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import CompletionResult, Role, handle_completion, run_election
 from shared.leadership.term import LeaderTerm
 from shared.storage.clients import CallCounter
-from shared.storage.ledger import FencedOut
 from tests.helpers import (
     Namespace,
     balance,

@@ -10,15 +10,14 @@ from decimal import Decimal
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
-from shared.leadership.pipeline import run_election
-from shared.storage.ledger import (
-    MAX_REASON_CHARS,
+from shared.domain.model import MAX_REASON_CHARS, Outcome, OutcomeStatus
+from shared.domain.planning import (
     MAX_TRANSACTION_OPERATIONS,
     LedgerWriteError,
-    Outcome,
     OutcomeExists,
     plan_transaction,
 )
+from shared.leadership.pipeline import run_election
 from shared.web import api
 from tests.helpers import (
     Namespace,
@@ -146,23 +145,26 @@ def test_a_refusal_that_is_not_already_exists_is_a_write_error_not_a_late_reques
     """A value too large for storage names the outcome row, but it is not 'decided before'."""
     app = ns.app()
     fence, _ = app.ledger.claim_epoch("test/lease", datetime.now(UTC))
-    huge = Outcome("r1", "committed", "", tuple((f"a{i}", Decimal("1.00")) for i in range(3000)))
+    huge = Outcome("r1", OutcomeStatus.COMMITTED, "",
+                   tuple((f"a{i}", Decimal("1.00")) for i in range(3000)))
     with pytest.raises(LedgerWriteError) as refused:
         app.ledger.commit(fence, [huge], {}, datetime.now(UTC))
     assert "PropertyValueTooLarge" in str(refused.value)
     assert "request row 'r1'" in str(refused.value)
     assert app.ledger.read_outcome("r1") is None
     # The same row refused because it exists is the one case that means "decided before".
-    app.ledger.commit(fence, [Outcome("r2", "aborted", "step failed")], {}, datetime.now(UTC))
+    fence = app.ledger.commit(fence, [Outcome("r2", OutcomeStatus.ABORTED, "step failed")], {},
+                              datetime.now(UTC)).fence  # a commit returns the fence's new version
     with pytest.raises(OutcomeExists):
-        app.ledger.commit(fence, [Outcome("r2", "aborted", "again")], {}, datetime.now(UTC))
+        app.ledger.commit(fence, [Outcome("r2", OutcomeStatus.ABORTED, "again")], {},
+                          datetime.now(UTC))
 
 
 def test_the_largest_outcome_rows_fit_a_property_and_a_full_transaction_fits_4_mib(
         ns: Namespace) -> None:
     app = ns.app()
     fence, _ = app.ledger.claim_epoch("test/lease", datetime.now(UTC))
-    widest = [Outcome(long_id("r", i), "rejected", "r" * 50_000, (),
+    widest = [Outcome(long_id("r", i), OutcomeStatus.REJECTED, "r" * 50_000, (),
                       operations=10_000, expected_operations=50,
                       steps=tuple((long_id("op", j), "f" * 32) for j in range(500)))
               for i in range(MAX_TRANSACTION_OPERATIONS - 1)]
@@ -172,6 +174,6 @@ def test_the_largest_outcome_rows_fit_a_property_and_a_full_transaction_fits_4_m
     assert len(stored.step_contents) == 50
     assert not stored.steps_complete
     plan = plan_transaction("ledger", fence, widest, {}, "2026-01-01T00:00:00+00:00")
-    entities = [operation[1] for operation in plan.operations]
+    entities = [write.entity for write in plan.writes]
     assert len(json.dumps(entities).encode()) < 4 * 1024 * 1024
     assert all(len(entity) < 255 for entity in entities)

@@ -67,6 +67,8 @@ from hypothesis.stateful import (
 
 from shared.config.settings import load_config
 from shared.domain.contract import parse_completion
+from shared.domain.model import DecidedOutcome, Outcome
+from shared.domain.planning import AccountChanged, OutcomeExists
 from shared.election.elector import TermEnded
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import (
@@ -79,7 +81,6 @@ from shared.leadership.pipeline import (
 from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import LeaderTerm, ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
-from shared.storage.ledger import AccountChanged, DecidedOutcome, Outcome, OutcomeExists
 from simulator.azurite import Azurite
 from tests.helpers import ManualClock, Namespace
 

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
+from shared.domain.planning import FencedOut
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import run_election
 from shared.leadership.term import LeaderTerm, ReadyView
-from shared.storage.ledger import FencedOut
 from shared.storage.parking import ParkedKind
 from tests.helpers import ManualClock, Namespace, balance, record, send, status, step
 

@@ -10,6 +10,23 @@ from decimal import Decimal
 import pytest
 
 from shared.domain.contract import Operation, StepStatus
+from shared.domain.model import (
+    AccountRow,
+    DecidedOutcome,
+    Fence,
+    Outcome,
+    OutcomeStatus,
+    RecordedStep,
+)
+from shared.domain.planning import (
+    AccountChanged,
+    FencedOut,
+    LedgerWriteError,
+    OutcomeExists,
+    classify_refusal,
+    plan_batches,
+    plan_transaction,
+)
 from shared.domain.rules import (
     Assessment,
     InsufficientFunds,
@@ -18,20 +35,6 @@ from shared.domain.rules import (
     assess,
     contradiction,
     name_some,
-)
-from shared.leadership.term import plan_batches
-from shared.storage.completions import RecordedStep
-from shared.storage.ledger import (
-    AccountChanged,
-    AccountRow,
-    DecidedOutcome,
-    Fence,
-    FencedOut,
-    LedgerWriteError,
-    Outcome,
-    OutcomeExists,
-    classify_refusal,
-    plan_transaction,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -42,12 +45,12 @@ def s(op: str, kind: str = "add", account: str = "alice", amount: str = "1.00",
       expected: int = 2, failed: bool = False, conflict: bool = False, at: float = 0,
       content: str | None = None) -> RecordedStep:
     """A recorded step of request r1."""
-    return RecordedStep(
+    return RecordedStep.model_construct(
         request_id="r1", row_key=op + ("~conflict" if conflict else ""), operation_id=op,
         operation=Operation.ADD_FUNDS if kind == "add" else Operation.WITHDRAW_FUNDS,
         account_id=account, amount=Decimal(amount), expected_operations=expected,
         status=StepStatus.FAILED if failed else StepStatus.SUCCEEDED,
-        content_key=content or f"k-{op}{'-x' if conflict else ''}",
+        stored_key=content or f"k-{op}{'-x' if conflict else ''}",
         recorded_at=T0 + timedelta(seconds=at), conflict=conflict)
 
 
@@ -182,7 +185,7 @@ def test_plan_batches(requests: list[Assessment], sizes: list[int]) -> None:
 def decided(status: str, expected: int = 2, steps: dict[str, str] | None = None,
             complete: bool = True) -> DecidedOutcome:
     contents = steps if steps is not None else {"a": "k-a", "w": "k-w"}
-    return DecidedOutcome(Outcome("r1", status, "", (), len(contents), expected,
+    return DecidedOutcome(Outcome("r1", OutcomeStatus(status), "", (), len(contents), expected,
                                   tuple(sorted(contents.items()))), "", 3, "x", complete)
 
 
@@ -214,27 +217,27 @@ FENCE = Fence(7, "etag-7", "me/lease", "t0")
 
 
 def test_plan_transaction_starts_with_the_fenced_update_then_outcomes_then_accounts() -> None:
-    plan = plan_transaction("ledger", FENCE, [Outcome("r1", "committed", "")], {
+    plan = plan_transaction("ledger", FENCE, [Outcome("r1", OutcomeStatus.COMMITTED, "")], {
         "new": (AccountRow("new", Decimal(0), None), Decimal("1.00")),
         "old": (AccountRow("old", Decimal(5), "etag-old"), Decimal("4.00"))}, "t1")
-    kinds = [op[0] for op in plan.operations]
-    assert kinds == ["update", "create", "create", "update"]
-    assert plan.operations[0][2]["etag"] == "etag-7"
-    assert plan.operations[3][2]["etag"] == "etag-old"
+    kinds = [write.kind for write in plan.writes]
+    assert kinds == ["replace", "create", "create", "replace"]
+    assert plan.writes[0].etag == "etag-7"
+    assert plan.writes[3].etag == "etag-old"
     assert plan.subjects == [("fence", ""), ("request", "r1"), ("account", "new"),
                              ("account", "old")]
-    assert plan.operations[2][1]["balance"] == "1.00"
+    assert plan.writes[2].entity["balance"] == "1.00"
 
 
 def test_plan_transaction_refuses_more_than_a_transaction_holds() -> None:
-    outcomes = [Outcome(f"r{i}", "aborted", "") for i in range(100)]
+    outcomes = [Outcome(f"r{i}", OutcomeStatus.ABORTED, "") for i in range(100)]
     with pytest.raises(ValueError, match="101 operations"):
         plan_transaction("ledger", FENCE, outcomes, {}, "t1")
     with pytest.raises(ValueError, match="at least one outcome"):
         plan_transaction("ledger", FENCE, [], {}, "t1")
 
 
-PLAN = plan_transaction("ledger", FENCE, [Outcome("r1", "committed", "")], {
+PLAN = plan_transaction("ledger", FENCE, [Outcome("r1", OutcomeStatus.COMMITTED, "")], {
     "acct": (AccountRow("acct", Decimal(0), "e"), Decimal("1.00"))}, "t1")
 REFUSALS = [
     ("fence condition", 0, "UpdateConditionNotSatisfied", FencedOut),
@@ -252,21 +255,22 @@ REFUSALS = [
 @pytest.mark.parametrize(("index", "code", "kind"), [r[1:] for r in REFUSALS],
                          ids=[r[0] for r in REFUSALS])
 def test_classify_refusal_by_row_and_code(index: int, code: str, kind: type) -> None:
-    refusal = classify_refusal(PLAN, index, code, 7)
+    subject = PLAN.subjects[index] if index >= 0 else ("?", "")
+    refusal = classify_refusal(subject, code, 7)
     assert type(refusal) is kind
     if kind is LedgerWriteError:
         assert (code or "no code") in str(refusal)
 
 
 def test_outcome_rows_keep_reasons_and_digests_bounded() -> None:
-    long = Outcome("r1", "rejected", "why " * 10_000, (), 500, 50,
+    long = Outcome("r1", OutcomeStatus.REJECTED, "why " * 10_000, (), 500, 50,
                    tuple((f"op{i}", "k" * 32) for i in range(500)))
-    entity = plan_transaction("ledger", FENCE, [long], {}, "t1").operations[1][1]
+    entity = plan_transaction("ledger", FENCE, [long], {}, "t1").writes[1].entity
     assert len(entity["reason"]) == 1_000
     assert entity["reason"].endswith("more characters)")
     assert entity["stepsComplete"] is False
     assert len(entity["steps"]) < 32_000
     short = replace(long, reason="ok", steps=(("a", "k"),))
-    entity = plan_transaction("ledger", FENCE, [short], {}, "t1").operations[1][1]
+    entity = plan_transaction("ledger", FENCE, [short], {}, "t1").writes[1].entity
     assert entity["reason"] == "ok"
     assert entity["stepsComplete"] is True

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from azure.storage.queue import QueueClient
 
-from shared.storage.ledger import DecidedOutcome, Outcome
+from shared.domain.model import DecidedOutcome, Outcome, OutcomeStatus
 from simulator import REPO_ROOT
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
@@ -63,8 +63,8 @@ def test_workload_is_reproducible_and_mixes_the_faults_in() -> None:
 
 def test_the_independent_check_catches_a_wrong_balance() -> None:
     work = generate(accounts=2, transfers=0, malformed=0, seed=1)
-    outcomes = [DecidedOutcome(Outcome(rid, "committed", "", ((f"acct-00{i}", amount),)),
-                               "", 1, "test", True)
+    outcomes = [DecidedOutcome(Outcome(rid, OutcomeStatus.COMMITTED, "",
+                                       ((f"acct-00{i}", amount),)), "", 1, "test", True)
                 for i, (rid, amount) in enumerate(work.deposits.items())]
     right = {f"acct-00{i}": amount for i, amount in enumerate(work.deposits.values())}
     assert check(work, outcomes, right, parked=0, poisoned=0).problems == []

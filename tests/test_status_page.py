@@ -162,7 +162,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         expect(page.locator("#parked")).to_have_text(str(work.malformed))
         expect(page.locator("#parked-kinds")).to_contain_text(f"malformed {work.malformed}")
         expect(page.locator("#poisoned")).to_have_text("2")
-        stored = Counter(row.outcome.status for row in app.ledger.list_outcomes())
+        stored = Counter(row.outcome.status.value for row in app.ledger.list_outcomes())
         assert page_outcomes(page) == {**stored, "total": work.requests}
         assert int(page.locator("#chart").get_attribute("data-total") or -1) == stored[
             "committed"], "every commit of the last minutes is in the chart"

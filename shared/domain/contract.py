@@ -100,7 +100,8 @@ class Completion(BaseModel):
 
     def to_message(self) -> str:
         """The JSON text of this completion, as upstream systems send it."""
-        return completion_message(**self.model_dump(exclude_none=True))
+        return completion_message(**self.model_dump(include=set(Completion.model_fields),
+                                                    exclude_none=True))
 
 
 def _describe(error: ValidationError) -> str:

@@ -29,8 +29,7 @@ from decimal import Decimal
 from enum import StrEnum
 
 from shared.domain.contract import StepStatus
-from shared.storage.completions import RecordedStep
-from shared.storage.ledger import DecidedOutcome
+from shared.domain.model import DecidedOutcome, RecordedStep
 
 NAMED_IN_REASON = 5  # offenders a reason names before it gives a count
 # How long after a request's deadline storage's time must be before it is judged expired: a
@@ -79,7 +78,7 @@ class Assessment:
     @property
     def step_contents(self) -> tuple[tuple[str, str], ...]:
         """(operationId, contentKey) of its first-recorded steps, sorted by operationId."""
-        return tuple(sorted({s.operation_id: s.content_key for s in self.steps
+        return tuple(sorted({s.operation_id: s.content_key() for s in self.steps
                              if not s.conflict}.items()))
 
     @property
@@ -205,7 +204,7 @@ def contradiction(decided: DecidedOutcome, step: RecordedStep) -> str | None:
     outcome = decided.outcome
     known = decided.step_contents.get(step.operation_id)
     where = f"request {outcome.request_id} was {outcome.status} at epoch {decided.epoch}"
-    if step.conflict or (known is not None and known != step.content_key):
+    if step.conflict or (known is not None and known != step.content_key()):
         return (f"late step {step.operation_id} has a content different from the step the "
                 f"request was decided on; {where}")
     if outcome.status != "committed":

@@ -21,11 +21,12 @@ from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from shared.config.settings import AppConfig
+from shared.domain.model import LedgerSnapshot
 from shared.election.elector import ElectionCallbacks, LeaseElector, MonotonicClock
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients
 from shared.storage.completions import CompletionStore
-from shared.storage.ledger import Ledger, LedgerSnapshot
+from shared.storage.ledger import Ledger
 from shared.storage.parking import ParkingLot
 
 

@@ -21,6 +21,7 @@ from enum import StrEnum
 from azure.core.exceptions import AzureError
 
 from shared.domain.contract import Completion, MalformedMessage, parse_completion
+from shared.domain.model import RecordedStep
 from shared.domain.rules import assess
 from shared.election.elector import HeldLease, LeaseState, TermEnded
 from shared.leadership.instance import LedgerApp
@@ -28,7 +29,7 @@ from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import DrainReport, LeaderTerm, ReadyView
 from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
 from shared.observability import telemetry
-from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordedStep, RecordResult
+from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordResult
 from shared.storage.parking import queue_depth
 
 logger = logging.getLogger(__name__)
@@ -226,8 +227,11 @@ class Election:
                 with telemetry.span("ledger.claim"):
                     term = LeaderTerm.begin(app, lease, view)
                 self.result.terms.append(term.report)
-                with telemetry.drain(term.report):
-                    report = term.commit_ready(self.budget_deadline, ready)
+                with telemetry.term() as term_span:
+                    try:
+                        report = term.commit_ready(self.budget_deadline, ready)
+                    finally:
+                        term_span.record(term.report.outcomes)
         except TermEnded as exc:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc,
                            extra=telemetry.log_extra())
@@ -235,7 +239,7 @@ class Election:
             return False
         finally:
             # Consumed rows go before the lease does, so the next leader does not meet them.
-            app.cleaner.finish(timeout=app.config.storage_timeout_seconds)
+            app.cleaner.wait_until_done(timeout=app.config.storage_timeout_seconds)
             lease.release()
             if lease.state is LeaseState.RELEASED:
                 alarm.disarm()  # a lease lost or not released keeps its alarm: it may expire

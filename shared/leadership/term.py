@@ -36,6 +36,24 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import TypeVar
 
+from shared.domain.model import (
+    AccountRow,
+    DecidedOutcome,
+    Fence,
+    LedgerSnapshot,
+    Outcome,
+    OutcomeStatus,
+    RecordedStep,
+    RowRef,
+)
+from shared.domain.planning import (
+    MAX_RECORDED_STEPS,
+    AccountChanged,
+    LedgerWriteError,
+    OutcomeExists,
+    accounts_of,
+    plan_batches,
+)
 from shared.domain.rules import (
     EXPIRY_GRACE,
     Assessment,
@@ -50,19 +68,7 @@ from shared.domain.rules import (
 from shared.election.elector import HeldLease
 from shared.leadership.instance import LedgerApp
 from shared.observability import telemetry
-from shared.storage.completions import ReadyMarker, RecordedStep, RowRef, Tombstone
-from shared.storage.ledger import (
-    MAX_RECORDED_STEPS,
-    MAX_TRANSACTION_OPERATIONS,
-    AccountChanged,
-    AccountRow,
-    DecidedOutcome,
-    Fence,
-    LedgerSnapshot,
-    LedgerWriteError,
-    Outcome,
-    OutcomeExists,
-)
+from shared.storage.completions import ReadyMarker, Tombstone
 from shared.storage.parking import ParkedKind, late_step_id
 from shared.storage.retries import is_transient
 
@@ -137,7 +143,7 @@ class ReadyView:
         """Every request announced as decidable, assessed, oldest last step first."""
         app = self.app
         scan = app.completions.ready(fallback_now=app.wallclock())
-        markers = [m for m in scan.markers if m.steps and not app.cleaner.handled(m.ref)]
+        markers = [m for m in scan.markers if m.steps and not app.cleaner.has_taken(m.ref)]
         me = app.config.instance_id
         self.others_seen = self.others_seen or any(
             s.recorded_by != me for m in markers for s in m.steps)
@@ -151,7 +157,7 @@ class ReadyView:
             and not settled_by(m, assessed[m.request_id], timeout))]
         for marker, rows in zip(confirm, _read_concurrently(
                 lambda m: app.completions.read_request(m.request_id), confirm), strict=True):
-            fresh = [s for s in rows.steps if not app.cleaner.handled(s.ref)]
+            fresh = [s for s in rows.steps if not app.cleaner.has_taken(s.ref)]
             if fresh:
                 assessed[marker.request_id] = assess(
                     marker.request_id, fresh, rows.storage_time + app.time_shift(), timeout)
@@ -185,27 +191,6 @@ def settled_by(marker: ReadyMarker, assessment: Assessment, timeout: timedelta) 
     if marker.read_at is None or not assessment.rows:
         return False
     return marker.read_at >= deadline_of(assessment.rows, timeout) + EXPIRY_GRACE
-
-
-def _accounts(assessment: Assessment) -> set[str]:
-    return {account for account, _ in assessment.legs}
-
-
-def plan_batches(ready: Sequence[Assessment]) -> list[list[Assessment]]:
-    """Group requests into transactions of at most 100 operations (fence + outcomes + accounts)."""
-    batches: list[list[Assessment]] = []
-    batch: list[Assessment] = []
-    accounts: set[str] = set()
-    for assessment in ready:
-        merged = accounts | _accounts(assessment)
-        if batch and 1 + len(batch) + 1 + len(merged) > MAX_TRANSACTION_OPERATIONS:
-            batches.append(batch)
-            batch, merged = [], _accounts(assessment)
-        batch.append(assessment)
-        accounts = merged
-    if batch:
-        batches.append(batch)
-    return batches
 
 
 class LeaderTerm:
@@ -246,7 +231,7 @@ class LeaderTerm:
         try:
             return self._rounds(budget_deadline, ready)
         finally:  # a term ends with its consumed rows gone (or their deletes given up on)
-            self.app.cleaner.finish(timeout=self.app.config.storage_timeout_seconds)
+            self.app.cleaner.wait_until_done(timeout=self.app.config.storage_timeout_seconds)
 
     def _rounds(self, budget_deadline: float, ready: ReadyRound | None) -> DrainReport:
         step_seconds = self.app.config.storage_timeout_seconds
@@ -282,9 +267,9 @@ class LeaderTerm:
         for request in late:
             self._settle_late(request)
         to_commit = [r for r in ready.decidable if r.assessment.verdict is not Verdict.LATE]
-        self._read_accounts({account for r in to_commit for account in _accounts(r.assessment)})
+        self._read_accounts({account for r in to_commit for account in accounts_of(r.assessment)})
         # Requests whose accounts could not be read (storage too slow) wait for the next round.
-        readable = [r for r in to_commit if _accounts(r.assessment) <= self.balances.keys()]
+        readable = [r for r in to_commit if accounts_of(r.assessment) <= self.balances.keys()]
         by_id = {r.request_id: r for r in readable}
         for batch in plan_batches([r.assessment for r in readable]):
             # A term commits at least one batch whatever its budget: otherwise a budget shorter
@@ -294,7 +279,7 @@ class LeaderTerm:
                 return False
             self._commit([by_id[a.request_id] for a in batch])
         # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
-        self.app.cleaner.send_queued()
+        self.app.cleaner.flush()
         return True
 
     # --- reads that survive slow storage ---------------------------------------------------------
@@ -361,16 +346,23 @@ class LeaderTerm:
         for _ in range(len(batch) + MAX_ACCOUNT_RETRIES):
             if not pending:
                 return
-            self._read_accounts(set().union(*(_accounts(r.assessment) for r in pending)))
-            unreadable = [r for r in pending if not _accounts(r.assessment) <= self.balances.keys()]
+            self._read_accounts(set().union(*(accounts_of(r.assessment) for r in pending)))
+            unreadable = [r for r in pending
+                          if not accounts_of(r.assessment) <= self.balances.keys()]
             pending = [r for r in pending if r not in unreadable]
             if not pending:
                 return
             outcomes, new_balances = self._decide([r.assessment for r in pending])
             self.lease.ensure_can_start(step_seconds)
             try:
-                with telemetry.commit_transaction([r.assessment for r in pending], outcomes,
-                                                  self.lease.remaining(), self.app.wallclock()):
+                now = self.app.wallclock()
+                with telemetry.commit_transaction(
+                        [r.request_id for r in pending], [o.status.value for o in outcomes],
+                        [max(0.0, (now - r.assessment.last_recorded_at).total_seconds())
+                         for r in pending],
+                        [(s.traceparent, s.request_id, s.operation_id)
+                         for r in pending for s in r.assessment.steps],
+                        self.lease.remaining()):
                     result = self.app.ledger.commit(self.fence, outcomes, new_balances,
                                                     self.app.wallclock())
             except OutcomeExists as exc:
@@ -387,6 +379,7 @@ class LeaderTerm:
                 logger.warning("%s; reading it again", exc)
                 self.balances.pop(exc.account_id, None)
                 continue
+            self.fence = result.fence
             self._committed(pending, outcomes, result.accounts)
             return
         raise LedgerWriteError(f"account rows kept changing under epoch {self.fence.epoch} "
@@ -409,7 +402,7 @@ class LeaderTerm:
                 self.report.parked_late_steps += self._park_contradictions(
                     request.assessment.late, self._as_decided(outcome))
         # The outcomes are durable: their rows may go now, in the background, batched.
-        self.app.cleaner.consumed((ref for r in batch for ref in r.consumed),
+        self.app.cleaner.delete((ref for r in batch for ref in r.consumed),
                                   [Tombstone(o.request_id, o.status) for o in outcomes])
 
     def _as_decided(self, outcome: Outcome) -> DecidedOutcome:
@@ -427,7 +420,7 @@ class LeaderTerm:
             if outcome is not None:
                 self._settle_late(request, outcome)
             else:  # not decidable yet: the recorder of its last step marks it again
-                self.app.cleaner.consumed([request.marker.ref])
+                self.app.cleaner.delete([request.marker.ref])
 
     def _settle_late(self, late: ReadyRequest, decided: DecidedOutcome | None = None) -> None:
         """Rows of a request that already has an outcome: park what contradicts it, drop the rest.
@@ -445,7 +438,7 @@ class LeaderTerm:
         if parked < len(rows):
             logger.debug("%d late step(s) of request %s, which already ended, dropped",
                          len(rows) - parked, late.request_id)  # counted in the term summary
-        self.app.cleaner.consumed(late.consumed,
+        self.app.cleaner.delete(late.consumed,
                                   [Tombstone(late.request_id, decided.outcome.status)])
         self.app.recently_decided.add([late.request_id])
         self.report.late_requests.append(late.request_id)
@@ -458,8 +451,9 @@ class LeaderTerm:
             why = contradiction(decided, step)
             if why is None:
                 continue
-            self.app.parking.park(late_step_id(step.request_id, step.row_key), step.to_message(),
-                                  why, 0, self.app.config.instance_id, self.app.wallclock(),
+            self.app.parking.park(late_step_id(step.request_id, step.row_key),
+                                  step.to_message().encode(), why, 0,
+                                  self.app.config.instance_id, self.app.wallclock(),
                                   ParkedKind.LATE_CONTRADICTION)
             parked += 1
         return parked
@@ -471,16 +465,17 @@ class LeaderTerm:
         outcomes: list[Outcome] = []
         for assessment in batch:
             if assessment.verdict is not Verdict.COMMIT:
-                outcomes.append(_outcome(assessment, assessment.verdict.value, assessment.reason))
+                outcomes.append(_outcome(assessment, OutcomeStatus(assessment.verdict.value),
+                                         assessment.reason))
                 continue
             try:
                 changed = apply_legs(working, assessment.legs)
             except InsufficientFunds as exc:
-                outcomes.append(_outcome(assessment, Verdict.REJECTED.value, str(exc)))
+                outcomes.append(_outcome(assessment, OutcomeStatus.REJECTED, str(exc)))
                 continue
             working.update(changed)
             touched.update(changed)
-            outcomes.append(_outcome(assessment, "committed", "", assessment.legs))
+            outcomes.append(_outcome(assessment, OutcomeStatus.COMMITTED, "", assessment.legs))
         new_balances = {account: (self.balances[account], working[account])
                         for account in sorted(touched)}
         return outcomes, new_balances
@@ -511,7 +506,7 @@ def _read_concurrently(read: Callable[[_Key], _Row], keys: Sequence[_Key]) -> li
         return list(pool.map(read, keys))
 
 
-def _outcome(assessment: Assessment, status: str, reason: str,
+def _outcome(assessment: Assessment, status: OutcomeStatus, reason: str,
              legs: tuple[tuple[str, Decimal], ...] = ()) -> Outcome:
     return Outcome(assessment.request_id, status, reason, legs, assessment.operations,
                    assessment.expected_operations, assessment.step_contents)

@@ -28,7 +28,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from opentelemetry import metrics, trace
@@ -42,10 +41,6 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
 
-    from shared.domain.rules import Assessment
-    from shared.leadership.term import DrainReport
-    from shared.storage.completions import RecordedStep
-    from shared.storage.ledger import Outcome
 
 logger = logging.getLogger(__name__)
 
@@ -312,17 +307,18 @@ def record_poison_depth(depth: int) -> None:
     annotate(poisonDepth=depth)
 
 
-def _links(steps: Iterable[RecordedStep]) -> list[Link]:
+def _links(traceparents: Iterable[tuple[str, str, str]]) -> list[Link]:
+    """Span links to the spans that recorded steps: (traceparent, requestId, operationId)."""
     links: dict[tuple[int, int], Link] = {}
-    for step in steps:
-        if not step.traceparent:
+    for traceparent, request_id, operation_id in traceparents:
+        if not traceparent:
             continue
         context = trace.get_current_span(
-            _propagator.extract({TRACEPARENT: step.traceparent})).get_span_context()
+            _propagator.extract({TRACEPARENT: traceparent})).get_span_context()
         if context.is_valid:
             links.setdefault((context.trace_id, context.span_id),
-                             Link(context, {"requestId": step.request_id,
-                                            "operationId": step.operation_id}))
+                             Link(context, {"requestId": request_id,
+                                            "operationId": operation_id}))
     return list(links.values())
 
 
@@ -364,46 +360,59 @@ def record_term_started(epoch: int) -> None:
     annotate(epoch=epoch)
 
 
+class TermSpan:
+    """The span of one term: ``record(outcomes)`` before it closes (counts by status)."""
+
+    def __init__(self) -> None:
+        self.outcomes: dict[str, int] = {}
+
+    def record(self, outcomes: Mapping[str, int]) -> None:
+        """How many requests the term decided, by status."""
+        self.outcomes = {str(status): count for status, count in outcomes.items()}
+
+
 @contextmanager
-def drain(report: DrainReport) -> Iterator[Span]:
-    """Span one term's drain; record its duration and how many requests it decided."""
+def term() -> Iterator[TermSpan]:
+    """Span one term's commits (span ``ledger.drain``); record its duration and decisions."""
     started = time.monotonic()
+    recorded = TermSpan()
     with span("ledger.drain") as current:
         try:
-            yield current
+            yield recorded
         finally:
-            decided = sum(report.outcomes.values())
+            decided = sum(recorded.outcomes.values())
             current.set_attributes({"requestsDecided": decided,
-                                    **{f"outcomes.{k}": v for k, v in report.outcomes.items()}})
+                                    **{f"outcomes.{k}": v for k, v in recorded.outcomes.items()}})
             DRAIN_DURATION.record(time.monotonic() - started)
             DRAIN_REQUESTS.record(decided)
 
 
 @contextmanager
-def commit_transaction(batch: Sequence[Assessment], outcomes: Sequence[Outcome],
-                       lease_remaining: float, now: datetime) -> Iterator[Span]:
+def commit_transaction(request_ids: Sequence[str], statuses: Sequence[str],
+                       lags_seconds: Sequence[float], step_spans: Iterable[tuple[str, str, str]],
+                       lease_remaining: float) -> Iterator[Span]:
     """Span one fenced commit transaction, linked to the spans that recorded its steps.
 
-    On success, count the outcomes by status, the batch size, and each request's lag from its
-    last step recorded to ``now``.
+    ``step_spans`` are (traceparent, requestId, operationId) of the steps. On success, count
+    the outcomes by status, the batch size, and each request's lag (``lags_seconds``: from its
+    last step recorded to the commit).
     """
-    ids = [assessment.request_id for assessment in batch]
+    ids = list(request_ids)
     listed = _joined(ids, REQUEST_IDS_MAX_CHARS)  # a batch holds at most ~98 requests
-    lags = [max(0.0, (now - a.last_recorded_at).total_seconds()) for a in batch]
     LEASE_REMAINING.record(lease_remaining)
     attributes: dict[str, AttributeValue | None] = {
-        "requests": len(batch), "requestId": ids[0] if len(ids) == 1 else None,
+        "requests": len(ids), "requestId": ids[0] if len(ids) == 1 else None,
         "requestIds": ",".join(listed), "requestIdsComplete": len(listed) == len(ids),
         "leaseRemainingSeconds": round(lease_remaining, 3),
-        "lagMaxSeconds": round(max(lags, default=0.0), 3)}
+        "lagMaxSeconds": round(max(lags_seconds, default=0.0), 3)}
     with _tracer.start_as_current_span(
-            "ledger.commit", links=_links(s for a in batch for s in a.steps),
+            "ledger.commit", links=_links(step_spans),
             attributes={**fields(), **_clean(attributes)}) as current:
         yield current
-    BATCH_SIZE.record(len(batch))
-    for outcome in outcomes:
-        OUTCOMES.add(1, {"status": outcome.status})
-    for lag in lags:
+    BATCH_SIZE.record(len(ids))
+    for status in statuses:
+        OUTCOMES.add(1, {"status": status})
+    for lag in lags_seconds:
         COMMIT_LAG.record(lag)
 
 

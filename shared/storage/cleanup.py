@@ -31,13 +31,8 @@ from collections import OrderedDict, defaultdict, deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
-from shared.storage.completions import (
-    MAX_BATCH_ROWS,
-    TOMBSTONE_SECONDS,
-    CompletionStore,
-    RowRef,
-    Tombstone,
-)
+from shared.domain.model import RowRef
+from shared.storage.completions import MAX_BATCH_ROWS, TOMBSTONE_SECONDS, CompletionStore, Tombstone
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +54,7 @@ class RowCleaner:
         self._deleted: OrderedDict[RowRef, None] = OrderedDict()
         self._futures: set[Future[None]] = set()
 
-    def consumed(self, refs: Iterable[RowRef], decided: Iterable[Tombstone] = ()) -> None:
+    def delete(self, refs: Iterable[RowRef], decided: Iterable[Tombstone] = ()) -> None:
         """Queue row versions whose request's outcome is durable, and the decided requests'
         tombstones; full partitions go at once."""
         full: list[list[RowRef | Tombstone]] = []
@@ -84,7 +79,7 @@ class RowCleaner:
         for chunk in full:
             self._submit(chunk)
 
-    def send_queued(self) -> None:
+    def flush(self) -> None:
         """Send every partly filled partition's rows now (does not wait), and the deletes of
         tombstones kept ``TOMBSTONE_SECONDS``."""
         with self._lock:
@@ -97,15 +92,15 @@ class RowCleaner:
         for chunk in chunks:
             self._submit(chunk)
 
-    def finish(self, timeout: float) -> bool:
+    def wait_until_done(self, timeout: float) -> bool:
         """Send what is queued and wait up to ``timeout`` s for every delete; True when done."""
-        self.send_queued()
+        self.flush()
         with self._lock:
             futures = set(self._futures)
         _, not_done = wait(futures, timeout=timeout)
         return not not_done
 
-    def handled(self, ref: RowRef) -> bool:
+    def has_taken(self, ref: RowRef) -> bool:
         """True for this very version once handed over here (queued, in flight or deleted)."""
         with self._lock:
             return ref in self._pending or ref in self._deleted

@@ -42,7 +42,6 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any, TypeVar
@@ -57,7 +56,8 @@ from azure.core.exceptions import (
 from azure.core.pipeline import PipelineResponse
 from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
-from shared.domain.contract import Completion, Operation, StepStatus, completion_message
+from shared.domain.contract import Completion, Operation, StepStatus
+from shared.domain.model import RecordedStep, RowRef
 from shared.domain.money import format_money, parse_balance
 from shared.observability import telemetry
 from shared.storage.transactions import submit_transaction
@@ -151,56 +151,6 @@ class RecordResult(StrEnum):
     CONFLICT = "conflict"
 
 
-@dataclass(frozen=True)
-class RowRef:
-    """One version of one row: its keys and the ETag it was read with (for conditional deletes)."""
-
-    partition_key: str
-    row_key: str
-    etag: str
-
-
-@dataclass(frozen=True)
-class RecordedStep:
-    """One completion row as the leader reads it."""
-
-    request_id: str
-    row_key: str
-    operation_id: str
-    operation: Operation
-    account_id: str
-    amount: Decimal
-    expected_operations: int
-    status: StepStatus
-    content_key: str
-    recorded_at: datetime  # storage's Timestamp of the row: the shared clock
-    conflict: bool
-    completed_at: str = ""
-    partition_key: str = ""  # where the row is stored (the bucket; the requestId for old rows)
-    recorded_by: str = ""  # the instance that recorded it
-    traceparent: str = ""  # the span that recorded it (W3C), for the commit span's link
-    etag: str = ""  # the version read: a delete removes this version only
-
-    @property
-    def ref(self) -> RowRef:
-        """This version of the row."""
-        return RowRef(self.partition_key or self.request_id, self.row_key, self.etag)
-
-    def to_message(self) -> bytes:
-        """The step as the v1 message upstream sent (to park it for an operator)."""
-        return completion_message(
-            request_id=self.request_id, operation_id=self.operation_id,
-            operation=self.operation, account_id=self.account_id,
-            amount=format_money(self.amount), expected_operations=self.expected_operations,
-            status=self.status, **({"completed_at": self.completed_at}
-                                   if self.completed_at else {})).encode()
-
-    @property
-    def signed_amount(self) -> Decimal:
-        """The change this step makes to its account's balance when committed."""
-        return self.amount if self.operation is Operation.ADD_FUNDS else -self.amount
-
-
 def _entity(completion: Completion, row_key: str, instance_id: str, now: datetime,
             conflict: bool) -> dict[str, Any]:
     return {
@@ -225,7 +175,8 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
 def _step(row: TableEntity | dict[str, Any], etag: str = "",
           stamp: datetime | None = None) -> RecordedStep:
     metadata = getattr(row, "metadata", {}) or {}
-    return RecordedStep(
+    completed = row.get("completedAt")
+    return RecordedStep.model_construct(
         request_id=row.get("requestId") or row["PartitionKey"],
         row_key=row["RowKey"],
         operation_id=row["operationId"],
@@ -234,10 +185,10 @@ def _step(row: TableEntity | dict[str, Any], etag: str = "",
         amount=parse_balance(row["amount"]),
         expected_operations=int(row["expectedOperations"]),
         status=StepStatus(row["status"]),
-        content_key=row["contentKey"],
+        stored_key=row["contentKey"],
         recorded_at=stamp or _storage_time(row),
         conflict=bool(row.get("conflict", False)),
-        completed_at=str(row.get("completedAt") or ""),
+        completed_at=datetime.fromisoformat(completed) if completed else None,
         partition_key=row["PartitionKey"],
         recorded_by=str(row.get("recordedBy") or ""),
         traceparent=str(row.get(telemetry.TRACEPARENT, "")),
@@ -294,20 +245,22 @@ def _step_json(step: RecordedStep) -> str:
         "p": step.partition_key, "r": step.row_key, "q": step.request_id,
         "o": step.operation_id, "op": step.operation.value, "a": step.account_id,
         "m": format_money(step.amount), "n": step.expected_operations,
-        "st": step.status.value, "k": step.content_key, "t": step.recorded_at.isoformat(),
-        "c": step.conflict, "ca": step.completed_at, "b": step.recorded_by,
-        "tp": step.traceparent, "e": step.etag}, separators=(",", ":"))
+        "st": step.status.value, "k": step.stored_key, "t": step.recorded_at.isoformat(),
+        "c": step.conflict, "ca": step.completed_at.isoformat() if step.completed_at else "",
+        "b": step.recorded_by, "tp": step.traceparent, "e": step.etag}, separators=(",", ":"))
 
 
 def _step_from_json(text: str) -> RecordedStep:
     d = json.loads(text)
-    return RecordedStep(
+    completed = d.get("ca")
+    return RecordedStep.model_construct(
         request_id=d["q"], row_key=d["r"], operation_id=d["o"], operation=Operation(d["op"]),
         account_id=d["a"], amount=parse_balance(d["m"]), expected_operations=int(d["n"]),
-        status=StepStatus(d["st"]), content_key=d["k"],
+        status=StepStatus(d["st"]), stored_key=d["k"],
         recorded_at=datetime.fromisoformat(d["t"]), conflict=bool(d["c"]),
-        completed_at=d.get("ca", ""), partition_key=d["p"], recorded_by=d.get("b", ""),
-        traceparent=d.get("tp", ""), etag=d.get("e", ""))
+        completed_at=datetime.fromisoformat(completed) if completed else None,
+        partition_key=d["p"], recorded_by=d.get("b", ""), traceparent=d.get("tp", ""),
+        etag=d.get("e", ""))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -28,153 +28,40 @@ from azure.core import MatchConditions
 from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
 
-from shared.domain.contract import MAX_EXPECTED_OPERATIONS
-from shared.domain.money import format_money, parse_balance
-from shared.election.elector import TermEnded
+from shared.domain.model import (
+    AccountRow,
+    DecidedOutcome,
+    Fence,
+    LedgerSnapshot,
+    Outcome,
+    OutcomeStatus,
+)
+from shared.domain.money import parse_balance
+from shared.domain.planning import (
+    ACCOUNT_PREFIX,
+    FENCE_ROW,
+    LEDGER_PARTITION,
+    REQUEST_PREFIX,
+    FencedOut,
+    LedgerWriteError,
+    Write,
+    account_key,
+    classify_refusal,
+    fence_entity,
+    plan_transaction,
+    request_key,
+)
 from shared.storage.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
 
-LEDGER_PARTITION = "ledger"
-FENCE_ROW = "fence"
-ACCOUNT_PREFIX = "account:"
-REQUEST_PREFIX = "request:"
-MAX_TRANSACTION_OPERATIONS = 100
-MAX_REASON_CHARS = 1_000  # a table property holds 32K characters; reasons stay far below
-MAX_RECORDED_STEPS = MAX_EXPECTED_OPERATIONS  # step digests kept on an outcome row
-
-# Storage's error codes that mean something to the leader (anything else stops the term).
-CONDITION_NOT_MET = "UpdateConditionNotSatisfied"
-ALREADY_EXISTS = "EntityAlreadyExists"
-NOT_FOUND = "ResourceNotFound"
-
-
-class FencedOut(TermEnded):
-    """A newer leader has claimed a higher epoch: this leader must stop; it committed nothing."""
-
-
-class LedgerWriteError(TermEnded):
-    """Storage refused a ledger transaction for a reason the leader cannot resolve by itself.
-
-    Nothing was written and nothing is deleted: the term stops, the completions stay, and the
-    error (storage's code and the row it names) is logged for an operator.
-    """
-
-
-class OutcomeExists(RuntimeError):
-    """The request already has an outcome: the steps at hand are late deliveries."""
-
-    def __init__(self, request_id: str) -> None:
-        super().__init__(f"request {request_id} already has an outcome")
-        self.request_id = request_id
-
-
-class AccountChanged(RuntimeError):
-    """An account row changed under the leader (an operator edit?): re-read it and retry."""
-
-    def __init__(self, account_id: str) -> None:
-        super().__init__(f"account {account_id} changed since it was read")
-        self.account_id = account_id
-
-
-@dataclass
-class Fence:
-    """The fence row: the current epoch, its holder, and the row's ETag."""
-
-    epoch: int
-    etag: str
-    holder: str
-    claimed_at: str
-    last_commit_at: str = ""
-
 
 @dataclass(frozen=True)
-class LedgerSnapshot:
-    """What a leader knew when its last transaction landed.
-
-    Every ledger write changes the fence's ETag, so while the fence still has ``etag`` nothing
-    was written since and ``balances`` are current: the next term may start from them.
-    """
-
-    epoch: int
-    etag: str
-    last_commit_at: str
-    balances: Mapping[str, AccountRow]
-
-
-@dataclass(frozen=True)
-class AccountRow:
-    """An account's balance and the ETag it was read with (``None``: no row yet, balance 0)."""
-
-    account_id: str
-    balance: Decimal
-    etag: str | None
-
-
-Leg = tuple[str, Decimal]  # (accountId, signed amount)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """The final word on one request, written exactly once."""
-
-    request_id: str
-    status: str  # committed | aborted | rejected | expired
-    reason: str
-    legs: tuple[Leg, ...] = ()  # applied on commit
-    operations: int = 0  # distinct operationIds seen when it was decided
-    expected_operations: int = 0  # what the steps said (0: they disagreed)
-    steps: tuple[tuple[str, str], ...] = ()  # (operationId, contentKey) of the decided steps
-
-
-@dataclass(frozen=True)
-class DecidedOutcome:
-    """An outcome as stored: what was decided, when, and by which epoch."""
-
-    outcome: Outcome
-    decided_at: str
-    epoch: int
-    decided_by: str
-    steps_complete: bool  # False when the row keeps only the first MAX_RECORDED_STEPS digests
-
-    @property
-    def step_contents(self) -> dict[str, str]:
-        """operationId -> contentKey of the steps the outcome was decided on."""
-        return dict(self.outcome.steps)
-
-
-@dataclass
 class CommitResult:
-    """What one fenced transaction wrote."""
+    """What one fenced transaction wrote: the fence's new version and the accounts' rows."""
 
     fence: Fence
     accounts: dict[str, AccountRow] = field(default_factory=dict)
-
-
-def account_key(account_id: str) -> str:
-    """The row key of an account's balance."""
-    return ACCOUNT_PREFIX + account_id
-
-
-def request_key(request_id: str) -> str:
-    """The row key of a request's outcome."""
-    return REQUEST_PREFIX + request_id
-
-
-def bounded(text: str, limit: int = MAX_REASON_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, saying that it was cut."""
-    if len(text) <= limit:
-        return text
-    keep = limit - len(f"... ({len(text)} more characters)")  # the count has no more digits
-    return f"{text[:keep]}... ({len(text) - keep} more characters)"
-
-
-# --- rows <-> entities (pure) ---------------------------------------------------------------
-def fence_entity(partition: str, epoch: int, holder: str, claimed_at: str,
-                 last_commit_at: str) -> dict[str, Any]:
-    """The fence row as stored."""
-    return {"PartitionKey": partition, "RowKey": FENCE_ROW, "epoch": epoch,
-            "holder": holder, "claimedAt": claimed_at, "lastCommitAt": last_commit_at}
 
 
 def _fence(row: TableEntity) -> Fence:
@@ -182,27 +69,11 @@ def _fence(row: TableEntity) -> Fence:
                  str(row.get("claimedAt", "")), str(row.get("lastCommitAt", "")))
 
 
-def outcome_entity(partition: str, outcome: Outcome, fence: Fence,
-                   stamp: str) -> dict[str, Any]:
-    """The outcome row as stored: every property bounded, whatever the request held."""
-    steps = outcome.steps[:MAX_RECORDED_STEPS]
-    return {
-        "PartitionKey": partition, "RowKey": request_key(outcome.request_id),
-        "status": outcome.status, "reason": bounded(outcome.reason), "decidedAt": stamp,
-        "epoch": fence.epoch, "decidedBy": fence.holder,
-        "operations": outcome.operations,
-        "expectedOperations": outcome.expected_operations,
-        "legs": json.dumps([[acct, format_money(amt)] for acct, amt in outcome.legs]),
-        "steps": json.dumps(dict(steps), separators=(",", ":")),
-        "stepsComplete": len(steps) == len(outcome.steps),
-    }
-
-
 def _decided(row: TableEntity) -> DecidedOutcome:
     steps = json.loads(row.get("steps") or "{}")
     outcome = Outcome(
         request_id=str(row["RowKey"]).removeprefix(REQUEST_PREFIX),
-        status=str(row["status"]), reason=str(row.get("reason") or ""),
+        status=OutcomeStatus(str(row["status"])), reason=str(row.get("reason") or ""),
         legs=tuple((str(a), parse_balance(m)) for a, m in json.loads(row.get("legs") or "[]")),
         operations=int(row.get("operations") or 0),
         expected_operations=int(row.get("expectedOperations") or 0),
@@ -213,73 +84,12 @@ def _decided(row: TableEntity) -> DecidedOutcome:
                           bool(row.get("stepsComplete", False)) and "steps" in row)
 
 
-@dataclass(frozen=True)
-class TransactionPlan:
-    """One fenced transaction: its operations and, for each, what it writes (for errors)."""
-
-    operations: list[Any]
-    subjects: list[tuple[str, str]]  # ("fence" | "request" | "account", id)
-
-
-def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
-                     balances: Mapping[str, tuple[AccountRow, Decimal]],
-                     stamp: str) -> TransactionPlan:
-    """The fenced transaction that writes ``outcomes`` and new ``balances`` (pure).
-
-    The first operation updates the fence If-Match its ETag: storage refuses the whole
-    transaction once a newer epoch has written. Outcomes are creates (a request is decided
-    once); accounts are updates If-Match the ETag they were read with, or creates.
-    """
-    if not outcomes:
-        raise ValueError("commit needs at least one outcome")
-    size = 1 + len(outcomes) + len(balances)
-    if size > MAX_TRANSACTION_OPERATIONS:
-        raise ValueError(f"{size} operations exceed a transaction's "
-                         f"{MAX_TRANSACTION_OPERATIONS}; split the batch")
-    fence_row = fence_entity(partition, fence.epoch, fence.holder, fence.claimed_at, stamp)
-    operations: list[Any] = [("update", fence_row, {
-        "mode": UpdateMode.REPLACE, "etag": fence.etag,
-        "match_condition": MatchConditions.IfNotModified})]
-    subjects: list[tuple[str, str]] = [("fence", "")]
-    for outcome in outcomes:
-        operations.append(("create", outcome_entity(partition, outcome, fence, stamp)))
-        subjects.append(("request", outcome.request_id))
-    for account_id, (row, new_balance) in balances.items():
-        entity = {"PartitionKey": partition, "RowKey": account_key(account_id),
-                  "balance": format_money(new_balance), "epoch": fence.epoch,
-                  "updatedAt": stamp}
-        if row.etag is None:
-            operations.append(("create", entity))
-        else:
-            operations.append(("update", entity, {
-                "mode": UpdateMode.REPLACE, "etag": row.etag,
-                "match_condition": MatchConditions.IfNotModified}))
-        subjects.append(("account", account_id))
-    return TransactionPlan(operations, subjects)
-
-
-def classify_refusal(plan: TransactionPlan, index: int, code: str, epoch: int) -> Exception:
-    """What a refused transaction means, from the row storage named and storage's error code.
-
-    Only "already exists" on an outcome row means the request was decided before; only a
-    failed condition on the fence means a newer epoch; a failed condition (or a create that
-    found a row) on an account means it changed under the leader. Anything else is a
-    ``LedgerWriteError``: the term stops and nothing is deleted.
-    """
-    kind, subject = plan.subjects[index] if 0 <= index < len(plan.subjects) else ("?", "")
-    if kind == "fence" and code in (CONDITION_NOT_MET, NOT_FOUND):
-        return FencedOut(f"epoch {epoch} is no longer current (the fence's ETag changed): "
-                         "this attempt wrote nothing. If it was an SDK retry of an attempt "
-                         "that did land, the next leader drops these steps as late")
-    if kind == "request" and code == ALREADY_EXISTS:
-        return OutcomeExists(subject)
-    if kind == "account" and code in (CONDITION_NOT_MET, ALREADY_EXISTS):
-        return AccountChanged(subject)
-    where = f"the {kind} row {subject!r}" if subject else f"the {kind} row"
-    return LedgerWriteError(
-        f"storage refused the commit of epoch {epoch} at {where} with {code or 'no code'}: "
-        "nothing was written and no completion was deleted; the term stops. Fix the cause "
-        "(see docs/design.md, 'Storage limits'); the next leader retries")
+def _operation(write: Write) -> tuple[Any, ...]:
+    """A planned write as the table's transaction operation."""
+    if write.kind == "create":
+        return ("create", write.entity)
+    return ("update", write.entity, {"mode": UpdateMode.REPLACE, "etag": write.etag,
+                                     "match_condition": MatchConditions.IfNotModified})
 
 
 class Ledger:
@@ -396,24 +206,24 @@ class Ledger:
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp)
         try:
-            results = submit_transaction(self.table, plan.operations)  # the fast path
+            results = submit_transaction(self.table, [_operation(w) for w in plan.writes])
         except TableTransactionError as exc:
             error_code = getattr(exc, "error_code", None)  # set by azure-core from the answer
             code = str(getattr(error_code, "value", error_code) or "")
-            refusal = classify_refusal(plan, exc.index, code, fence.epoch)
+            subject = plan.subjects[exc.index] if 0 <= exc.index < len(plan.subjects) \
+                else ("?", "")
+            refusal = classify_refusal(subject, code, fence.epoch)
             if isinstance(refusal, LedgerWriteError):
                 logger.error("%s", refusal)
             raise refusal from exc
-        fence.etag = results[0]["etag"]
-        fence.last_commit_at = stamp
         written: dict[str, AccountRow] = {}
         for (kind, subject), result in zip(plan.subjects, results, strict=True):
             if kind == "account":
                 written[subject] = AccountRow(subject, balances[subject][1], result["etag"])
-        return CommitResult(fence, written)
+        return CommitResult(replace(fence, etag=results[0]["etag"], last_commit_at=stamp), written)
 
 
 def outcome_view(decided: DecidedOutcome) -> dict[str, Any]:
     """The public shape of an outcome (for the read API)."""
-    return {"status": decided.outcome.status, "reason": decided.outcome.reason or None,
+    return {"status": decided.outcome.status.value, "reason": decided.outcome.reason or None,
             "decidedAt": decided.decided_at, "epoch": decided.epoch}

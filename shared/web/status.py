@@ -39,9 +39,10 @@ from azure.core.exceptions import (
     ServiceResponseError,
 )
 
+from shared.domain.model import Fence
+from shared.domain.planning import REQUEST_PREFIX
 from shared.leadership.instance import LedgerApp
 from shared.storage.completions import SPECIAL_PREFIX, is_request_row
-from shared.storage.ledger import REQUEST_PREFIX, Fence
 from shared.storage.parking import queue_depth
 from shared.web.api import Reply, lease_view
 

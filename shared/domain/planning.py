@@ -1,0 +1,193 @@
+"""Pure planners: how ready requests group into transactions, what one fenced transaction
+writes, and what storage's refusal of one means.
+
+Nothing here does I/O. A ``TransactionPlan`` lists plain ``Write`` values (create, or replace
+If-Match an ETag); ``shared.storage.ledger`` turns them into the table's operations. The
+refusals are the app's errors: ``FencedOut`` and ``LedgerWriteError`` end the term,
+``OutcomeExists`` and ``AccountChanged`` are settled by the term and retried.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+from shared.domain.contract import MAX_EXPECTED_OPERATIONS
+from shared.domain.model import AccountRow, Fence, Outcome, bounded
+from shared.domain.money import format_money
+from shared.domain.rules import Assessment
+from shared.errors import Retryable, TermEnded
+
+LEDGER_PARTITION = "ledger"
+FENCE_ROW = "fence"
+ACCOUNT_PREFIX = "account:"
+REQUEST_PREFIX = "request:"
+MAX_TRANSACTION_OPERATIONS = 100
+MAX_RECORDED_STEPS = MAX_EXPECTED_OPERATIONS  # step digests kept on an outcome row
+
+# Storage's documented error codes that mean something to the leader (anything else stops the
+# term). They are data from Azure's REST reference, not an SDK dependency.
+CONDITION_NOT_MET = "UpdateConditionNotSatisfied"
+ALREADY_EXISTS = "EntityAlreadyExists"
+NOT_FOUND = "ResourceNotFound"
+
+
+class FencedOut(TermEnded):
+    """A newer leader has claimed a higher epoch: this leader must stop; it committed nothing."""
+
+
+class LedgerWriteError(TermEnded):
+    """Storage refused a ledger transaction for a reason the leader cannot resolve by itself.
+
+    Nothing was written and nothing is deleted: the term stops, the completions stay, and the
+    error (storage's code and the row it names) is logged for an operator.
+    """
+
+
+class OutcomeExists(Retryable):
+    """The request already has an outcome: the steps at hand are late deliveries."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} already has an outcome")
+        self.request_id = request_id
+
+
+class AccountChanged(Retryable):
+    """An account row changed under the leader (an operator edit?): re-read it and retry."""
+
+    def __init__(self, account_id: str) -> None:
+        super().__init__(f"account {account_id} changed since it was read")
+        self.account_id = account_id
+
+
+def account_key(account_id: str) -> str:
+    """The row key of an account's balance."""
+    return ACCOUNT_PREFIX + account_id
+
+
+def request_key(request_id: str) -> str:
+    """The row key of a request's outcome."""
+    return REQUEST_PREFIX + request_id
+
+
+@dataclass(frozen=True)
+class Write:
+    """One operation of a transaction: create a row, or replace it If-Match ``etag``."""
+
+    kind: Literal["create", "replace"]
+    entity: dict[str, Any]
+    etag: str | None = None
+
+
+Subject = tuple[str, str]  # ("fence" | "request" | "account", id): what an operation writes
+
+
+@dataclass(frozen=True)
+class TransactionPlan:
+    """One fenced transaction: its writes and, for each, what it writes (for errors)."""
+
+    writes: list[Write]
+    subjects: list[Subject] = field(default_factory=list)
+
+
+def fence_entity(partition: str, epoch: int, holder: str, claimed_at: str,
+                 last_commit_at: str) -> dict[str, Any]:
+    """The fence row as stored."""
+    return {"PartitionKey": partition, "RowKey": FENCE_ROW, "epoch": epoch,
+            "holder": holder, "claimedAt": claimed_at, "lastCommitAt": last_commit_at}
+
+
+def outcome_entity(partition: str, outcome: Outcome, fence: Fence,
+                   stamp: str) -> dict[str, Any]:
+    """The outcome row as stored: every property bounded, whatever the request held."""
+    steps = outcome.steps[:MAX_RECORDED_STEPS]
+    return {
+        "PartitionKey": partition, "RowKey": request_key(outcome.request_id),
+        "status": outcome.status.value, "reason": bounded(outcome.reason), "decidedAt": stamp,
+        "epoch": fence.epoch, "decidedBy": fence.holder,
+        "operations": outcome.operations,
+        "expectedOperations": outcome.expected_operations,
+        "legs": json.dumps([[acct, format_money(amt)] for acct, amt in outcome.legs]),
+        "steps": json.dumps(dict(steps), separators=(",", ":")),
+        "stepsComplete": len(steps) == len(outcome.steps),
+    }
+
+
+def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
+                     balances: Mapping[str, tuple[AccountRow, Decimal]],
+                     stamp: str) -> TransactionPlan:
+    """The fenced transaction that writes ``outcomes`` and new ``balances``.
+
+    The first operation replaces the fence If-Match its ETag: storage refuses the whole
+    transaction once a newer epoch has written. Outcomes are creates (a request is decided
+    once); accounts are replaced If-Match the ETag they were read with, or created.
+    """
+    if not outcomes:
+        raise ValueError("commit needs at least one outcome")
+    size = 1 + len(outcomes) + len(balances)
+    if size > MAX_TRANSACTION_OPERATIONS:
+        raise ValueError(f"{size} operations exceed a transaction's "
+                         f"{MAX_TRANSACTION_OPERATIONS}; split the batch")
+    fence_row = fence_entity(partition, fence.epoch, fence.holder, fence.claimed_at, stamp)
+    writes = [Write("replace", fence_row, fence.etag)]
+    subjects: list[Subject] = [("fence", "")]
+    for outcome in outcomes:
+        writes.append(Write("create", outcome_entity(partition, outcome, fence, stamp)))
+        subjects.append(("request", outcome.request_id))
+    for account_id, (row, new_balance) in balances.items():
+        entity = {"PartitionKey": partition, "RowKey": account_key(account_id),
+                  "balance": format_money(new_balance), "epoch": fence.epoch,
+                  "updatedAt": stamp}
+        writes.append(Write("create", entity) if row.etag is None
+                      else Write("replace", entity, row.etag))
+        subjects.append(("account", account_id))
+    return TransactionPlan(writes, subjects)
+
+
+def classify_refusal(subject: Subject, code: str, epoch: int) -> Exception:
+    """What a refused transaction means, from the row storage named and storage's error code.
+
+    Only "already exists" on an outcome row means the request was decided before; only a
+    failed condition on the fence means a newer epoch; a failed condition (or a create that
+    found a row) on an account means it changed under the leader. Anything else is a
+    ``LedgerWriteError``: the term stops and nothing is deleted.
+    """
+    kind, name = subject
+    if kind == "fence" and code in (CONDITION_NOT_MET, NOT_FOUND):
+        return FencedOut(f"epoch {epoch} is no longer current (the fence's ETag changed): "
+                         "this attempt wrote nothing. If it was an SDK retry of an attempt "
+                         "that did land, the next leader drops these steps as late")
+    if kind == "request" and code == ALREADY_EXISTS:
+        return OutcomeExists(name)
+    if kind == "account" and code in (CONDITION_NOT_MET, ALREADY_EXISTS):
+        return AccountChanged(name)
+    where = f"the {kind} row {name!r}" if name else f"the {kind} row"
+    return LedgerWriteError(
+        f"storage refused the commit of epoch {epoch} at {where} with {code or 'no code'}: "
+        "nothing was written and no completion was deleted; the term stops. Fix the cause "
+        "(see docs/design.md, 'Storage limits'); the next leader retries")
+
+
+def accounts_of(assessment: Assessment) -> set[str]:
+    """The accounts a request's commit would touch."""
+    return {account for account, _ in assessment.legs}
+
+
+def plan_batches(ready: Sequence[Assessment]) -> list[list[Assessment]]:
+    """Group requests into transactions of at most 100 operations (fence + outcomes + accounts)."""
+    batches: list[list[Assessment]] = []
+    batch: list[Assessment] = []
+    accounts: set[str] = set()
+    for assessment in ready:
+        merged = accounts | accounts_of(assessment)
+        if batch and 1 + len(batch) + 1 + len(merged) > MAX_TRANSACTION_OPERATIONS:
+            batches.append(batch)
+            batch, merged = [], accounts_of(assessment)
+        batch.append(assessment)
+        accounts = merged
+    if batch:
+        batches.append(batch)
+    return batches
