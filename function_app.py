@@ -7,7 +7,7 @@ import json
 
 import azure.functions as func
 
-from shared.leadership import pipeline
+from shared.leadership import elections, intake, sweeper
 from shared.web import api, status
 from shared.wiring import get_app, validate_environment
 
@@ -20,7 +20,7 @@ app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
                    connection="AzureWebJobsStorage")
 def record_completion(msg: func.QueueMessage) -> None:
     """Record one step's completion, then try to lead and commit what is ready."""
-    pipeline.handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
+    intake.handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
                                dequeue_count=msg.dequeue_count or 1)
 
 
@@ -29,14 +29,14 @@ def record_completion(msg: func.QueueMessage) -> None:
                    connection="AzureWebJobsStorage")
 def wake_up(msg: func.QueueMessage) -> None:
     """A lease alarm came due (its holder stopped renewing?): compete and commit what waits."""
-    pipeline.handle_wakeup(get_app(), msg.get_body())
+    elections.handle_wakeup(get_app(), msg.get_body())
 
 
 @app.function_name("sweep")
 @app.timer_trigger(arg_name="timer", schedule="0 * * * * *", run_on_startup=False)
 def sweep(timer: func.TimerRequest) -> None:
     """Every minute: run the election so that nothing waits for the next message."""
-    pipeline.sweep(get_app())
+    sweeper.sweep(get_app())
 
 
 def _json(reply: api.Reply) -> func.HttpResponse:

@@ -35,7 +35,7 @@ from bench.cells import Names, drop, leader_app, prepare, run_cell
 from bench.drain import record_bodies
 from bench.probe import KINDS
 from bench.workloads import account_name, deposit_body, first_leg_body
-from shared.leadership.pipeline import handle_completion
+from shared.leadership.intake import handle_completion
 from shared.leadership.sweeper import repair_scan
 
 logger = logging.getLogger(__name__)

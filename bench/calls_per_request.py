@@ -27,11 +27,13 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from bench.probe import CallCounter
 from shared.config.settings import load_config
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion, run_election
+from shared.leadership.intake import handle_completion
 from shared.observability import telemetry
-from shared.storage.clients import CallCounter, clients_from_connection_string
+from shared.storage.clients import clients_from_connection_string
 from simulator.azurite import Azurite
 from simulator.workload import generate
 

@@ -41,8 +41,8 @@ from shared.config.settings import load_config
 from shared.domain.money import format_money
 from shared.domain.planning import LEDGER_PARTITION, account_key
 from shared.election.elector import ElectionCallbacks
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import run_election
 from shared.storage.clients import TransportFactory, clients_from_connection_string
 from shared.storage.completions import CompletionStore
 
@@ -289,7 +289,7 @@ def _build(connection_string: str, names: Names, probe: StorageProbe, strategy: 
             connection_string).get_table_client(names.env()["COMPLETIONS_TABLE_NAME"]))
 
         def announced() -> int:  # markers in the ready index (never the waiting step rows)
-            return len(unprobed.ready(fallback_now=apps[0].wallclock()).markers)
+            return len(unprobed.ready(fallback_now=apps[0].clock.now()).markers)
 
         def sweep() -> None:  # what the sweeper's election would do after the last delivery
             deadline = time.monotonic() + 300

@@ -24,7 +24,8 @@ from bench.cells import Names, leader_app, prepare
 from bench.probe import KINDS
 from bench.workloads import account_name, deposit_body
 from shared.domain.contract import parse_completion
-from shared.leadership.pipeline import announce_if_ready, record_completion, run_election
+from shared.leadership.elections import run_election
+from shared.leadership.intake import announce_if_ready, record_completion
 
 RECORDERS = 16  # threads that record a backlog (instances recording at once)
 

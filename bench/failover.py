@@ -30,8 +30,8 @@ from bench.drain import record_backlog
 from bench.strategies import LeaderInstance
 from bench.workloads import deposit_body
 from shared.election.elector import ElectionCallbacks
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import run_election
 from simulator import REPO_ROOT
 
 FAST_LEASE = {"LEASE_SECONDS": "15", "RENEW_INTERVAL_SECONDS": "4",

@@ -34,8 +34,8 @@ from bench.cells import Names, drop, leader_app, prepare
 from bench.drain import record_bodies
 from bench.workloads import account_name, deposit_body
 from shared.election.elector import ElectionCallbacks, LeaseState
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import run_election
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames
 
 logger = logging.getLogger(__name__)

@@ -39,6 +39,24 @@ READY_PARTITION = "'~ready'"  # as it appears in a $filter or a key (shared.stor
 META_PARTITION = "'~meta'"
 
 
+class CallCounter:
+    """A ``request_hook`` that counts storage calls by HTTP method (retries count too)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: Any) -> None:
+        method = request.http_request.method
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+
+    @property
+    def total(self) -> int:
+        """All calls counted so far."""
+        return sum(self.calls.values())
+
+
 @dataclass
 class StorageProbe:
     """A request hook: per-call latency plus counts by kind (thread-safe)."""

@@ -43,7 +43,7 @@ from azure.storage.blob import BlobClient, BlobLeaseClient
 from shared.domain.contract import Operation, parse_completion
 from shared.domain.money import format_money, parse_balance
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion
+from shared.leadership.intake import handle_completion
 from shared.storage.transactions import submit_transaction
 
 STRATEGIES = ("leader", "naive", "single")

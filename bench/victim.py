@@ -11,7 +11,7 @@ import time
 
 from bench.cells import Names, leader_app
 from bench.failover import FAST_LEASE
-from shared.leadership.pipeline import run_election
+from shared.leadership.elections import run_election
 
 
 def main() -> None:

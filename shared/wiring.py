@@ -9,20 +9,13 @@ import threading
 from shared.config.settings import load_config
 from shared.leadership.instance import LedgerApp
 from shared.observability import telemetry
-from shared.storage.clients import RequestHook, TransportFactory, clients_from_settings
+from shared.storage.clients import TransportFactory, clients_from_settings
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _app: LedgerApp | None = None
-_request_hook: RequestHook | None = None
 _transport_factory: TransportFactory | None = None
-
-
-def set_request_hook(hook: RequestHook | None) -> None:
-    """Call ``hook`` on every storage request of the app built next (call counts, faults)."""
-    global _request_hook
-    _request_hook = hook
 
 
 def set_transport_factory(factory: TransportFactory | None) -> None:
@@ -39,7 +32,7 @@ def get_app() -> LedgerApp:
             config = load_config(os.environ)
             telemetry.configure(os.environ)
             clients = clients_from_settings(os.environ, config.storage_timeout_seconds,
-                                            _request_hook, _transport_factory)
+                                            None, _transport_factory)
             app = LedgerApp.create(config, clients)
             app.ensure_resources(queues=False)
             logger.info("instance %s ready (lease %g s, renew every %g s)", config.instance_id,

@@ -219,7 +219,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
       f"{result.total_balance} over {len(balances)} accounts -> "
       f"{'conserved to the cent' if conserved else 'NOT conserved'}\n")
     w(f"Dead letters: {parked} parked (malformed), {poisoned} in {app.config.poison_queue}\n")
-    left = app.completions.scan_rows(fallback_now=app.wallclock()).steps
+    left = app.completions.scan_rows(fallback_now=app.clock.now()).steps
     decided = {d.outcome.request_id for d in outcomes}
     rows = sum(len(steps) for steps in left.values())
     late = sum(len(steps) for request_id, steps in left.items() if request_id in decided)

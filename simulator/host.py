@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +40,11 @@ from shared.wiring import get_app
 from simulator import REPO_ROOT
 from simulator.faults import plan_from_environment
 from simulator.functions import COMPLETIONS_FUNCTION, QueueTrigger, indexed, resolve_setting
+from simulator.hostjson import timespan_seconds
 
 logger = logging.getLogger(__name__)
 
 ERROR_PREVIEW_CHARS = 200  # how much of an error an event line carries to the supervisor
-
-
-def _timespan(text: str) -> float:
-    hours, minutes, seconds = (float(part) for part in text.split(":"))
-    return timedelta(hours=hours, minutes=minutes, seconds=seconds).total_seconds()
 
 
 @dataclass(frozen=True)
@@ -71,8 +66,8 @@ class QueueOptions:
             batch_size=int(queues.get("batchSize", 16)),
             new_batch_threshold=int(queues.get("newBatchThreshold", 8)),
             max_dequeue_count=int(queues.get("maxDequeueCount", 5)),
-            visibility_timeout=_timespan(queues.get("visibilityTimeout", "00:00:00")),
-            max_polling_interval=_timespan(queues.get("maxPollingInterval", "00:01:00")),
+            visibility_timeout=timespan_seconds(queues.get("visibilityTimeout", "00:00:00")),
+            max_polling_interval=timespan_seconds(queues.get("maxPollingInterval", "00:01:00")),
             message_encoding=str(queues.get("messageEncoding", "base64")),
         )
 

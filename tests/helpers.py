@@ -12,17 +12,17 @@ from decimal import Decimal
 from typing import Any
 
 from shared.config.settings import load_config
+from shared.domain.clock import ComposedClock
 from shared.domain.contract import Operation, StepStatus, message_body, parse_completion
 from shared.domain.model import DecidedOutcome
 from shared.election.elector import ElectionCallbacks
+from shared.leadership.elections import ElectionResult, run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import (
+from shared.leadership.intake import (
     CompletionResult,
-    ElectionResult,
     announce_if_ready,
     handle_completion,
     record_completion,
-    run_election,
 )
 from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import ReadyRound, ReadyView
@@ -109,7 +109,7 @@ class Namespace:
                                                  config.storage_timeout_seconds, request_hook)
         kwargs: dict[str, Any] = {"callbacks": callbacks}
         if wallclock is not None:
-            kwargs["wallclock"] = wallclock
+            kwargs["clock"] = ComposedClock(now=wallclock)
         app = LedgerApp.create(config, clients, **kwargs)
         if time_shift is not None:
             app.time_shift = time_shift

@@ -15,7 +15,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from azure.core.pipeline import PipelineRequest
 
-from shared.leadership.pipeline import Role, run_election
+from shared.leadership.elections import Role, run_election
 from shared.leadership.sweeper import repair_scan
 from shared.storage.completions import FULL_SCAN_ROW, META_PARTITION
 from tests.helpers import Namespace, deposit, record, send, status, transfer

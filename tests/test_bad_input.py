@@ -40,8 +40,8 @@ from hypothesis import strategies as st
 
 from shared import wiring as runtime
 from shared.domain.contract import MalformedMessage, parse_completion
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import run_election
 from shared.storage.parking import PARKED_PARTITION
 from simulator.functions import indexed
 from tests.helpers import Namespace

@@ -21,7 +21,7 @@ from operator_cli import cli
 from operator_cli.output import PREVIEW_CHARS
 from operator_cli.storage_errors import explain
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion
+from shared.leadership.intake import handle_completion
 from shared.storage.clients import AZURITE_ACCOUNT, AZURITE_KEY, clients_from_connection_string
 from simulator.azurite import free_port
 from tests.helpers import Namespace, deposit, record, send, step, transfer

@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from shared.domain.model import RowRef
-from shared.leadership.pipeline import run_election
+from shared.leadership.elections import run_election
 from shared.storage.parking import ParkedKind
 from tests.helpers import Namespace, balance, deposit, record, send, status, step, transfer
 

@@ -6,7 +6,6 @@ No storage call is made here: clients are built, never used.
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 from azure.identity import ManagedIdentityCredential
@@ -20,17 +19,10 @@ from shared.config.settings import (
 )
 from shared.storage.clients import clients_from_settings
 from simulator import REPO_ROOT
+from simulator.hostjson import read_host_json, timespan_seconds
 
-
-def host_json() -> dict[str, Any]:
-    document: dict[str, Any] = json.loads((REPO_ROOT / "host.json").read_text())
-    return document
-
-
-def seconds(timespan: str) -> int:
-    """``hh:mm:ss`` (host.json's TimeSpan format) in seconds."""
-    hours, minutes, secs = (int(part) for part in timespan.split(":"))
-    return hours * 3600 + minutes * 60 + secs
+host_json = read_host_json
+seconds = timespan_seconds
 
 
 # --- load_config ---------------------------------------------------------------------------

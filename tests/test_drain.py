@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from bench.probe import StorageProbe
+from bench.probe import CallCounter, StorageProbe
 from shared.election.elector import ElectionCallbacks, LeaseState
-from shared.leadership.pipeline import Role, handle_completion, run_election
-from shared.storage.clients import CallCounter
+from shared.leadership.elections import Role, run_election
+from shared.leadership.intake import handle_completion
 from shared.storage.completions import BUCKETS, bucket_of
 from tests.helpers import Namespace, balance, deposit, ready, record, send, status, transfer
 

@@ -13,7 +13,7 @@ from decimal import Decimal
 
 from shared.domain.rules import EXPIRY_GRACE
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import sweep
+from shared.leadership.sweeper import sweep
 from shared.storage.parking import ParkedKind
 from tests.helpers import (
     Namespace,
@@ -32,7 +32,7 @@ TIMEOUT = "2"
 
 def storage_now(app: LedgerApp) -> datetime:
     """Storage's time (the Date of its answer to a read)."""
-    return app.completions.ready(fallback_now=app.wallclock()).storage_time
+    return app.completions.ready(fallback_now=app.clock.now()).storage_time
 
 
 def wait_past_the_deadline(app: LedgerApp, request_id: str) -> None:

@@ -19,8 +19,9 @@ from azure.core.exceptions import AzureError
 
 from shared.config.settings import load_config
 from shared.election.elector import HeldLease, LeadershipLost, LeaseState
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion, run_election
+from shared.leadership.intake import handle_completion
 from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import LeaderTerm
 from shared.storage.clients import clients_from_connection_string
@@ -140,7 +141,7 @@ def test_a_renewal_whose_response_is_lost_keeps_the_lease_and_the_commit_lands(
     plan.add(Fault.LOSE_RESPONSE, [CallKind.RENEW], times=1)
     lease.renew()
     assert lease.state is LeaseState.LEADING
-    term.commit_ready(budget_deadline=app.clock() + 30)
+    term.commit_ready(budget_deadline=app.clock.monotonic() + 30)
     lease.release()
     assert plan.count(Fault.LOSE_RESPONSE, CallKind.RENEW) == 1
     assert status(clean, "t1") == "committed"

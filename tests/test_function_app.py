@@ -196,7 +196,7 @@ def test_sweeper_commits_work_recorded_without_an_election(env: dict[str, str],
     other = ns.app(instance_id="crashed-before-electing")
     for body in deposit("d1", "carol", "7.77"):
         other.completions.record(parse_completion(body), other.config.instance_id,
-                                 other.wallclock())
+                                 other.clock.now())
     assert request("d1")[1]["status"] == "pending"
     user_function("sweep")(TimerRequest(past_due=False))
     assert request("d1")[1]["status"] == "committed"

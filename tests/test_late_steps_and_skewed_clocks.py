@@ -12,8 +12,9 @@ from decimal import Decimal
 
 import pytest
 
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion, run_election
+from shared.leadership.intake import handle_completion
 from shared.storage.completions import Tombstone
 from shared.storage.parking import ParkedKind
 from shared.web import api

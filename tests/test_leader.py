@@ -8,12 +8,14 @@ from decimal import Decimal
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
+from bench.probe import CallCounter
+from shared.domain.clock import ComposedClock
 from shared.domain.planning import FencedOut
 from shared.election.elector import ElectionCallbacks, LeadershipLost, LeaseState
+from shared.leadership.elections import Role, run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import CompletionResult, Role, handle_completion, run_election
+from shared.leadership.intake import CompletionResult, handle_completion
 from shared.leadership.term import LeaderTerm
-from shared.storage.clients import CallCounter
 from tests.helpers import (
     Namespace,
     balance,
@@ -102,7 +104,7 @@ def test_a_deposed_leader_commits_nothing(ns: Namespace) -> None:
     # Work that the old leader would commit when it resumes:
     record(new, *transfer("t2", "alice", "bob", "50.00"))
     with pytest.raises(FencedOut):
-        stale.commit_ready(budget_deadline=old.clock() + 60)
+        stale.commit_ready(budget_deadline=old.clock.monotonic() + 60)
     assert status(new, "t2") is None, "the stale leader wrote no outcome"
     assert balance(new, "alice") == Decimal("70.00")
     assert balance(new, "bob") == Decimal("30.00")
@@ -119,7 +121,7 @@ def test_a_failed_renewal_stops_the_leader_before_its_next_commit(ns: Namespace)
     stopped: list[LeaseState] = []
     callbacks = ElectionCallbacks(on_stopped_leading=lambda _id, state: stopped.append(state))
     old = ns.app("old", callbacks=callbacks)
-    old.clock = clock
+    old.clock = ComposedClock(monotonic=clock)
     old.elector.clock = clock
     term = _lead(old)
     _external_lease(old).break_lease(lease_break_period=0)
@@ -134,7 +136,7 @@ def test_a_failed_renewal_stops_the_leader_before_its_next_commit(ns: Namespace)
 def test_no_commit_starts_past_the_renew_deadline(ns: Namespace) -> None:
     clock = FakeMonotonic()
     app = ns.app()
-    app.clock = clock
+    app.clock = ComposedClock(monotonic=clock)
     app.elector.clock = clock
     term = _lead(app)
     record(app, *deposit("d1", "alice", "5.00"))
@@ -233,11 +235,11 @@ def test_a_leader_reuses_its_balances_only_while_nobody_else_wrote(ns: Namespace
     send(a, *deposit("d1", "alice", "10.00"))
     assert a.snapshot is not None
     known_etag = a.snapshot.etag
-    fence, continued = a.ledger.claim_epoch("a/test", a.wallclock(), a.snapshot)
+    fence, continued = a.ledger.claim_epoch("a/test", a.clock.now(), a.snapshot)
     assert continued, "nothing was written since a's commit: one-call claim"
     assert fence.etag != known_etag
     send(b, *deposit("d2", "alice", "5.00"))  # b claims and writes: a's snapshot is stale now
-    _, continued = a.ledger.claim_epoch("a/test", a.wallclock(), a.snapshot)
+    _, continued = a.ledger.claim_epoch("a/test", a.clock.now(), a.snapshot)
     assert not continued
     send(a, *transfer("t1", "alice", "bob", "15.00"))  # needs b's 5.00 to be seen
     assert status(a, "t1") == "committed"

@@ -17,7 +17,7 @@ from shared.domain.planning import (
     OutcomeExists,
     plan_transaction,
 )
-from shared.leadership.pipeline import run_election
+from shared.leadership.elections import run_election
 from shared.web import api
 from tests.helpers import (
     Namespace,

@@ -66,19 +66,15 @@ from hypothesis.stateful import (
 )
 
 from shared.config.settings import load_config
+from shared.domain.clock import ComposedClock
 from shared.domain.contract import parse_completion
 from shared.domain.model import DecidedOutcome, Outcome
 from shared.domain.planning import AccountChanged, OutcomeExists
 from shared.election.elector import TermEnded
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import (
-    announce_if_ready,
-    handle_completion,
-    record_completion,
-    run_election,
-    sweep,
-)
-from shared.leadership.sweeper import repair_scan
+from shared.leadership.intake import announce_if_ready, handle_completion, record_completion
+from shared.leadership.sweeper import repair_scan, sweep
 from shared.leadership.term import LeaderTerm, ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from simulator.azurite import Azurite
@@ -377,8 +373,8 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.connection_string, raw_response_hook=faults.table_hook, **options),
         )
         skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # issue 11.1: expiry must not care
-        app = LedgerApp.create(config, clients, clock=self.monotonic,
-                               wallclock=lambda: self.wallclock() + skew)
+        app = LedgerApp.create(config, clients, clock=ComposedClock(
+            monotonic=self.monotonic, now=lambda: self.wallclock() + skew))
         app.time_shift = self.wallclock.shift  # expiry: storage's time, moved by the test
         app.completions.record = faults.within(  # type: ignore[method-assign]
             "record", app.completions.record)

@@ -14,8 +14,8 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 
 from shared.domain.planning import FencedOut
+from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import run_election
 from shared.leadership.term import LeaderTerm, ReadyView
 from shared.storage.parking import ParkedKind
 from tests.helpers import ManualClock, Namespace, balance, record, send, status, step
@@ -57,7 +57,7 @@ def test_a_step_recorded_while_a_paused_leader_holds_its_scan_is_parked_after_it
     term = LeaderTerm.begin(leader, lease)
     send(other, step("r0", "r0-0", "add_funds", "acct-a", "7.00", 1))  # a follower: 409
     assert status(other, "r0") is None
-    term.commit_ready(leader.clock() + 60, ready)
+    term.commit_ready(leader.clock.monotonic() + 60, ready)
     lease.release()
     assert status(leader, "r0") == "committed"
     assert balance(leader, "acct-a") == Decimal("5.00")
@@ -82,7 +82,7 @@ def test_a_deposed_leader_resuming_on_its_old_scan_writes_nothing(ns: Namespace)
     send(new, step("r1", "r1-0", "withdraw_funds", "acct-a", "5.00", 1))
     assert [status(new, r) for r in ("r0", "r1")] == ["committed", "committed"]
     with pytest.raises(FencedOut):
-        term.commit_ready(old.clock() + 60, ready)
+        term.commit_ready(old.clock.monotonic() + 60, ready)
     assert balance(new, "acct-a") == Decimal("0.00")
     assert {d.outcome.request_id: d.epoch for d in new.ledger.list_outcomes()}["r0"] \
         > term.fence.epoch

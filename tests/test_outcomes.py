@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from shared.leadership.pipeline import run_election
+from shared.leadership.elections import run_election
 from shared.storage.completions import RecordResult, Tombstone
 from tests.helpers import (
     ManualClock,

@@ -15,7 +15,7 @@ from azure.storage.queue import QueueClient
 
 from operator_cli import cli
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import handle_completion
+from shared.leadership.intake import handle_completion
 from tests.helpers import Namespace, deposit, send, step
 
 Queued = Callable[[], list[str]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from shared.leadership.pipeline import run_election
+from shared.leadership.elections import run_election
 from simulator.faults import CallKind, Fault
 from tests.helpers import Namespace, balance, deposit, record, status
 from tests.test_faults import faulty_app

@@ -29,6 +29,7 @@ import pytest
 from azure.storage.blob import BlobLeaseClient
 from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwright
 
+from bench.probe import CallCounter
 from shared import wiring as runtime
 from shared.config.settings import load_config
 from shared.election.elector import HeldLease
@@ -37,7 +38,6 @@ from shared.leadership.term import LeaderTerm
 from shared.storage.clients import (
     AZURITE_ACCOUNT,
     AZURITE_KEY,
-    CallCounter,
     azurite_connection_string,
     clients_from_connection_string,
 )
@@ -151,7 +151,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         cluster.stop()
     # A duplicate delivered after its request was decided may wait as a late row until a leader
     # that knows the request settles it: count what is left, so the figures below are exact.
-    left = app.completions.scan_rows(fallback_now=app.wallclock()).steps
+    left = app.completions.scan_rows(fallback_now=app.clock.now()).steps
     late_rows = sum(len(steps) for steps in left.values())
     page = open_page(browser, served)
     try:
@@ -171,7 +171,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         a = ns.app(instance_id="status-a", LEASE_SECONDS="15")
         held_a, term_a = lead(a)
         record(a, *deposit("after-a", "acct-000", "7.00"))
-        term_a.commit_ready(a.clock() + 30)
+        term_a.commit_ready(a.clock.monotonic() + 30)
         assert status(a, "after-a") == "committed"
         expect(page.locator("#holder")).to_have_text("status-a", timeout=WAIT_MS)
         expect(page.locator("#epoch")).to_have_text(str(first_epoch + 1), timeout=WAIT_MS)
@@ -184,7 +184,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         held_b, term_b = lead(b)
         record(b, *transfer("after-b", "acct-000", "acct-001", "2.00"))
         record(b, transfer("pending-c", "acct-001", "acct-002", "1.00")[0])  # one leg of two
-        term_b.commit_ready(b.clock() + 30)
+        term_b.commit_ready(b.clock.monotonic() + 30)
         assert status(b, "after-b") == "committed"
         expect(page.locator("#holder")).to_have_text("status-b", timeout=WAIT_MS)
         expect(page.locator("#epoch")).to_have_text(str(first_epoch + 2), timeout=WAIT_MS)

@@ -21,8 +21,9 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from shared.election.elector import ElectionCallbacks
+from shared.leadership.elections import Role, handle_wakeup, run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import Role, handle_completion, handle_wakeup, run_election
+from shared.leadership.intake import handle_completion
 from tests.helpers import Namespace, balance, deposit, record, status, wait_until
 
 SKIP = 1.0  # every instance runs with the same window (a constant in production: 0.25 s)

@@ -20,9 +20,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from shared.config.settings import ConfigError
-from shared.leadership import pipeline
+from shared.leadership import sweeper
+from shared.leadership.elections import Role
 from shared.leadership.instance import LedgerApp
-from shared.leadership.pipeline import Role, handle_completion
+from shared.leadership.intake import handle_completion
 from shared.observability import telemetry
 from shared.storage.completions import RecordResult
 from simulator import REPO_ROOT
@@ -203,7 +204,7 @@ def test_a_follower_counts_a_refused_attempt_without_a_warning(
 
     # The sweeper commits it: a timer invocation, the poison queue's depth reported.
     leader.raw_queue_client(leader.config.poison_queue).send_message("stuck")
-    pipeline.sweep(leader)
+    sweeper.sweep(leader)
     assert status(leader, "d2") == "committed"
     sweep_root = otel.finished("ledger.invocation")[-1]
     assert sweep_root.attributes is not None
@@ -242,7 +243,7 @@ def test_log_records_carry_the_invocation_fields_and_info_lines_do_not_grow_with
     finally:
         held.release()
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO] == []
-    pipeline.sweep(app)  # one leader commits all 15
+    sweeper.sweep(app)  # one leader commits all 15
     assert balance(app, "frank") == Decimal("15.00")
     info = [r for r in caplog.records if r.levelno >= logging.INFO]
     assert 1 <= len(info) <= 3, [r.getMessage() for r in info]

@@ -9,6 +9,7 @@ deadline come from storage's own timestamps on its rows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -44,3 +45,23 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class ComposedClock:
+    """A clock from parts (tests, the simulator): each part defaults to the system clock's."""
+
+    def __init__(self, monotonic: Callable[[], float] | None = None,
+                 now: Callable[[], datetime] | None = None,
+                 sleep: Callable[[float], None] | None = None) -> None:
+        self._monotonic = monotonic or SYSTEM_CLOCK.monotonic
+        self._now = now or SYSTEM_CLOCK.now
+        self._sleep = sleep or SYSTEM_CLOCK.sleep
+
+    def monotonic(self) -> float:
+        return self._monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(seconds)
+
+    def now(self) -> datetime:
+        return self._now()

@@ -298,7 +298,7 @@ def _why(exc: AzureError) -> str:
 
 # After a refused acquire (409: a leader holds the lease) an instance makes no further attempt
 # for this long: its completions are covered by that leader's final look, which comes this long
-# after its release (``shared.leadership.pipeline.run_election``). It keeps the lease blob's load
+# after its release (``shared.leadership.elections.run_election``). It keeps the lease blob's load
 # at most
 # one attempt per instance per window, whatever the message rate.
 FOLLOWER_SKIP_SECONDS = 0.25

@@ -10,19 +10,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from azure.core.exceptions import ResourceExistsError
 from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from shared.config.settings import AppConfig
+from shared.domain.clock import SYSTEM_CLOCK, Clock
 from shared.domain.model import LedgerSnapshot
-from shared.election.elector import ElectionCallbacks, LeaseElector, MonotonicClock
+from shared.election.elector import ElectionCallbacks, LeaseElector
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients
 from shared.storage.completions import CompletionStore
@@ -55,11 +55,6 @@ class RecentRequests:
             return request_id in self._ids
 
 
-def utc_now() -> datetime:
-    """Wall-clock time, for timestamps and request expiry (never for lease safety)."""
-    return datetime.now(UTC)
-
-
 @dataclass
 class LedgerApp:
     """The assembled app of one instance."""
@@ -70,8 +65,7 @@ class LedgerApp:
     ledger: Ledger
     parking: ParkingLot
     elector: LeaseElector
-    clock: MonotonicClock = time.monotonic
-    wallclock: Callable[[], datetime] = utc_now
+    clock: Clock = SYSTEM_CLOCK  # the one clock: monotonic time and sleep; wall time to show
     # Added to storage's time when the leader judges expiry. Zero in production; tests move it
     # forward to reach REQUEST_TIMEOUT_SECONDS without waiting (it moves "now" only, so a step
     # recorded after a shift already looks that old).
@@ -81,13 +75,12 @@ class LedgerApp:
     cleaner: RowCleaner = field(init=False)  # deletes consumed completion rows, batched
 
     def __post_init__(self) -> None:
-        self.cleaner = RowCleaner(self.completions)
+        self.cleaner = RowCleaner(self.completions, clock=self.clock.monotonic)
 
     @classmethod
     def create(cls, config: AppConfig, clients: StorageClients,
                callbacks: ElectionCallbacks | None = None,
-               clock: MonotonicClock = time.monotonic,
-               wallclock: Callable[[], datetime] = utc_now) -> LedgerApp:
+               clock: Clock = SYSTEM_CLOCK) -> LedgerApp:
         """Wire the stores and the elector to the clients (makes no storage call)."""
         tables = clients.table
         container = clients.blob.get_container_client(config.lease_container)
@@ -98,10 +91,9 @@ class LedgerApp:
             ledger=Ledger(tables.get_table_client(config.ledger_table)),
             parking=ParkingLot(tables.get_table_client(config.parked_table)),
             elector=LeaseElector(container, config.lease_blob, config.election,
-                                 config.instance_id, clock, callbacks,
+                                 config.instance_id, clock.monotonic, callbacks,
                                  call_timeout_seconds=config.storage_timeout_seconds),
             clock=clock,
-            wallclock=wallclock,
         )
 
     def ensure_resources(self, queues: bool = True) -> None:

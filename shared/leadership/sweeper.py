@@ -23,10 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
+from azure.core.exceptions import AzureError
+
 from shared.domain.rules import assess
+from shared.leadership.elections import ElectionResult, run_election
 from shared.leadership.instance import LedgerApp
 from shared.observability import telemetry
 from shared.storage.completions import FULL_SCAN_MAX_ROWS
+from shared.storage.parking import queue_depth
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +60,8 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
         return None
     # Work announced and not committed yet, before this scan announces more: with a minute
     # between scans, announced work that outlives several of them means no leader commits.
-    announced = len(store.ready(fallback_now=app.wallclock()).markers)
-    scan = store.scan_rows(start, max_rows, fallback_now=app.wallclock())
+    announced = len(store.ready(fallback_now=app.clock.now()).markers)
+    scan = store.scan_rows(start, max_rows, fallback_now=app.clock.now())
     now = scan.storage_time + app.time_shift()
     timeout = timedelta(seconds=app.config.request_timeout_seconds)
     assessed = [assess(request_id, steps, now, timeout) for request_id, steps in scan.steps.items()]
@@ -77,3 +81,15 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
         logger.info("full scan: %d row(s) of %d request(s), %d announced (expired or left "
                     "unannounced)", scan.rows, len(assessed), len(decidable))
     return RepairReport(scan.rows, len(assessed), len(decidable), scan.resume_at is None)
+
+
+@telemetry.invocation("timer")
+def sweep(app: LedgerApp) -> ElectionResult:
+    """The timer trigger's job: the poison queue's depth, the rare full scan, the election."""
+    try:
+        telemetry.record_poison_depth(queue_depth(
+            app.raw_queue_client(app.config.poison_queue)))
+    except AzureError as exc:
+        logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
+    repair_scan(app)
+    return run_election(app)

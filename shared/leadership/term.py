@@ -27,7 +27,6 @@ A term is not thrown away for a read that timed out.
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +141,7 @@ class ReadyView:
     def read(self) -> ReadyRound:
         """Every request announced as decidable, assessed, oldest last step first."""
         app = self.app
-        scan = app.completions.ready(fallback_now=app.wallclock())
+        scan = app.completions.ready(fallback_now=app.clock.now())
         markers = [m for m in scan.markers if m.steps and not app.cleaner.has_taken(m.ref)]
         me = app.config.instance_id
         self.others_seen = self.others_seen or any(
@@ -213,7 +212,7 @@ class LeaderTerm:
         lease.ensure_can_start(app.config.storage_timeout_seconds)
         known = app.snapshot
         fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
-                                                  app.wallclock(), known)
+                                                  app.clock.now(), known)
         telemetry.record_term_started(fence.epoch)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
@@ -238,7 +237,7 @@ class LeaderTerm:
         rounds_with_work = 0
         idle_since: float | None = None
         while True:
-            if self.app.clock() >= budget_deadline:
+            if self.app.clock.monotonic() >= budget_deadline:
                 self.report.budget_exhausted = True
                 return self.report
             self.lease.ensure_can_start(step_seconds)
@@ -246,11 +245,11 @@ class LeaderTerm:
                 ready = self._retried(self.view.read)
                 self.report.scans += 1
             if not ready:
-                now = time.monotonic()
+                now = self.app.clock.monotonic()
                 idle_since = now if idle_since is None else idle_since
                 if rounds_with_work < 2 or now - idle_since >= LINGER_SECONDS:
                     return self.report
-                time.sleep(POLL_SECONDS)
+                self.app.clock.sleep(POLL_SECONDS)
                 ready = None
                 continue
             idle_since = None
@@ -274,7 +273,7 @@ class LeaderTerm:
         for batch in plan_batches([r.assessment for r in readable]):
             # A term commits at least one batch whatever its budget: otherwise a budget shorter
             # than a round's reads would end every term before its first commit.
-            if self.report.transactions and self.app.clock() >= budget_deadline:
+            if self.report.transactions and self.app.clock.monotonic() >= budget_deadline:
                 self.report.budget_exhausted = True
                 return False
             self._commit([by_id[a.request_id] for a in batch])
@@ -294,7 +293,7 @@ class LeaderTerm:
                     raise
                 self.report.reads_retried += 1
                 logger.warning("a read failed (%s); trying again", type(exc).__name__)
-                time.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
+                self.app.clock.sleep(READ_BACKOFF_SECONDS * 2 ** attempt)
         raise AssertionError("unreachable")
 
     def _read_many(self, read: Callable[[_Key], _Row],
@@ -311,7 +310,7 @@ class LeaderTerm:
                 break
             if attempt:
                 self.report.reads_retried += len(missing)
-                time.sleep(READ_BACKOFF_SECONDS * 2 ** (attempt - 1))
+                self.app.clock.sleep(READ_BACKOFF_SECONDS * 2 ** (attempt - 1))
             self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
             failed: list[_Key] = []
             for key, result in zip(missing, _read_concurrently(_tolerant(read), missing),
@@ -355,7 +354,7 @@ class LeaderTerm:
             outcomes, new_balances = self._decide([r.assessment for r in pending])
             self.lease.ensure_can_start(step_seconds)
             try:
-                now = self.app.wallclock()
+                now = self.app.clock.now()
                 with telemetry.commit_transaction(
                         [r.request_id for r in pending], [o.status.value for o in outcomes],
                         [max(0.0, (now - r.assessment.last_recorded_at).total_seconds())
@@ -364,7 +363,7 @@ class LeaderTerm:
                          for r in pending for s in r.assessment.steps],
                         self.lease.remaining()):
                     result = self.app.ledger.commit(self.fence, outcomes, new_balances,
-                                                    self.app.wallclock())
+                                                    self.app.clock.now())
             except OutcomeExists as exc:
                 # Such requests rarely come alone (a leader that crashed with deletes queued
                 # leaves many): look up the whole batch's outcomes at once, settle all found.
@@ -453,7 +452,7 @@ class LeaderTerm:
                 continue
             self.app.parking.park(late_step_id(step.request_id, step.row_key),
                                   step.to_message().encode(), why, 0,
-                                  self.app.config.instance_id, self.app.wallclock(),
+                                  self.app.config.instance_id, self.app.clock.now(),
                                   ParkedKind.LATE_CONTRADICTION)
             parked += 1
         return parked

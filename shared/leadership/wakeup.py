@@ -8,7 +8,7 @@ minute's sweeper. So every holder arms an alarm as it acquires: a message on the
 Each renewal postpones it (``update_message`` with the pop receipt the send returned) and the
 release deletes it. A holder that stops renewing therefore leaves an alarm that comes due as its
 lease runs out: the instance that receives it (``handle_wakeup`` in
-``shared/leadership/pipeline.py``)
+``shared/leadership/elections.py``)
 competes for the lease every ``WAKE_POLL_SECONDS`` until it holds it, and commits what waits.
 
 This is a queue message with delayed visibility used as a durable timer: it survives the

@@ -17,7 +17,6 @@ defaults (a 15 s wait before a blob retry), so retries fit inside the lease.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,24 +54,6 @@ def azurite_connection_string(host: str = "127.0.0.1", blob_port: int = 10000,
 
 RequestHook = Callable[[PipelineRequest], None]  # type: ignore[type-arg]
 TransportFactory = Callable[[float], HttpTransport]  # type: ignore[type-arg]
-
-
-class CallCounter:
-    """A ``request_hook`` that counts storage calls by HTTP method (retries count too)."""
-
-    def __init__(self) -> None:
-        self.calls: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def __call__(self, request: PipelineRequest) -> None:  # type: ignore[type-arg]
-        method = request.http_request.method
-        with self._lock:
-            self.calls[method] = self.calls.get(method, 0) + 1
-
-    @property
-    def total(self) -> int:
-        """All calls counted so far."""
-        return sum(self.calls.values())
 
 
 @dataclass(frozen=True)

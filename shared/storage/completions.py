@@ -60,6 +60,7 @@ from shared.domain.contract import Completion, Operation, StepStatus
 from shared.domain.model import RecordedStep, RowRef
 from shared.domain.money import format_money, parse_balance
 from shared.observability import telemetry
+from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
@@ -547,14 +548,16 @@ class CompletionStore:
 
     def count(self, limit: int = 10_000) -> int:
         """How many completion rows wait for the leader (counting stops at ``limit``)."""
-        total = 0
-        for row in self.table.query_entities("PartitionKey lt @special",
-                                             parameters={"special": SPECIAL_PREFIX},
-                                             select=["RowKey"], results_per_page=1000):
-            total += not is_request_row(row["RowKey"])
-            if total >= limit:
-                break
-        return total
+        return len(self.waiting_rows(limit, ["RowKey"]).rows)
+
+    def waiting_rows(self, limit: int, select: list[str]) -> Bounded[dict[str, Any]]:
+        """The step rows waiting for the leader, at most ``limit`` (no request rows, no ready
+        index, no bookkeeping), with the properties in ``select`` (``RowKey`` always)."""
+        rows = self.table.query_entities(
+            "PartitionKey lt @special", parameters={"special": SPECIAL_PREFIX},
+            select=sorted({*select, "RowKey"}), results_per_page=1000)
+        return take_bounded((dict(row) for row in rows if not is_request_row(row["RowKey"])),
+                            limit)
 
     # --- conditional deletes -----------------------------------------------------------------
     @telemetry.traced("ledger.delete")

@@ -51,6 +51,7 @@ from shared.domain.planning import (
     plan_transaction,
     request_key,
 )
+from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.transactions import submit_transaction
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,11 @@ def _decided(row: TableEntity) -> DecidedOutcome:
                           str(row.get("decidedBy", "")),
                           # rows written before step digests were kept have no "steps"
                           bool(row.get("stepsComplete", False)) and "steps" in row)
+
+
+def _prefix_range(prefix: str) -> dict[str, str]:
+    """The RowKey range of the keys that start with ``prefix``: ``low <= key < high``."""
+    return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
 
 
 def _operation(write: Write) -> tuple[Any, ...]:
@@ -180,10 +186,22 @@ class Ledger:
             return None
 
     def _prefixed(self, prefix: str) -> Iterator[TableEntity]:
-        upper = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         return iter(self.table.query_entities(
             "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-            parameters={"pk": self.partition, "low": prefix, "high": upper}))
+            parameters={"pk": self.partition, **_prefix_range(prefix)}))
+
+    def outcome_rows(self, limit: int, select: list[str],
+                     decided_since: str = "") -> Bounded[dict[str, Any]]:
+        """At most ``limit`` outcome rows (decided at or after ``decided_since`` when given),
+        as stored, with the properties in ``select``: for the status page's counts."""
+        query = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high"
+        parameters = {"pk": self.partition, **_prefix_range(REQUEST_PREFIX)}
+        if decided_since:
+            query += " and decidedAt ge @since"
+            parameters["since"] = decided_since
+        rows = self.table.query_entities(query, parameters=parameters, select=select,
+                                         results_per_page=1000)
+        return take_bounded((dict(row) for row in rows), limit)
 
     def list_outcomes(self) -> list[DecidedOutcome]:
         """Every outcome (a scan: for operators, the demo and checks, not the hot path)."""

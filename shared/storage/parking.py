@@ -27,6 +27,7 @@ from azure.data.tables import TableClient, UpdateMode
 from azure.storage.queue import QueueClient
 
 from shared.observability import telemetry
+from shared.storage.bounded import take_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +139,9 @@ class ParkingLot:
         rows = self.table.query_entities("PartitionKey eq @pk", select=["kind"],
                                          parameters={"pk": PARKED_PARTITION})
         try:
-            for seen, row in enumerate(rows, start=1):
+            for row in take_bounded(rows, limit).rows:
                 kind = str(row.get("kind") or ParkedKind.MALFORMED.value)
                 counts[kind] = counts.get(kind, 0) + 1
-                if seen >= limit:
-                    break
         except ResourceNotFoundError:
             pass
         return counts

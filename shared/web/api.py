@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
 from shared.domain.contract import IDENTIFIER_PATTERN
+from shared.domain.model import Fence
 from shared.domain.money import format_money
 from shared.leadership.instance import LedgerApp
 from shared.storage.ledger import outcome_view
@@ -66,6 +68,20 @@ def lease_view(app: LedgerApp) -> dict[str, str]:
     return {"state": str(props.lease.state), "status": str(props.lease.status)}
 
 
+def leader_view(fence: Fence | None, lease: Mapping[str, str]) -> dict[str, Any]:
+    """Who leads, as the read API and the status page both show it.
+
+    ``holder`` is the fence's holder while the lease is held (``None`` otherwise);
+    ``lastHolder`` whoever claimed the current epoch, whatever the lease says now.
+    """
+    last_holder = fence.holder if fence else None
+    return {"holder": last_holder if lease.get("state") == "leased" else None,
+            "lastHolder": last_holder,
+            "epoch": fence.epoch if fence else 0,
+            "lease": dict(lease),
+            "lastCommitAt": (fence.last_commit_at if fence else "") or None}
+
+
 def leader(app: LedgerApp) -> Reply:
     """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
     fence = app.ledger.read_fence()
@@ -73,14 +89,9 @@ def leader(app: LedgerApp) -> Reply:
         lease = lease_view(app)
     except HttpResponseError as exc:
         lease = {"state": "unknown", "error": str(exc.reason)}
-    last_holder = fence.holder if fence else None
     parked = app.parking.count_by_kind()
     return Reply(200, {
-        "holder": last_holder if lease.get("state") == "leased" else None,
-        "lastHolder": last_holder,
-        "epoch": fence.epoch if fence else 0,
-        "lease": lease,
+        **leader_view(fence, lease),
         "pendingCompletions": app.completions.count(),
-        "lastCommitAt": (fence.last_commit_at if fence else "") or None,
         "parkedMessages": {kind.value: parked.get(kind.value, 0) for kind in ParkedKind},
     })

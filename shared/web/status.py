@@ -25,8 +25,7 @@ import functools
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,11 +39,10 @@ from azure.core.exceptions import (
 )
 
 from shared.domain.model import Fence
-from shared.domain.planning import REQUEST_PREFIX
 from shared.leadership.instance import LedgerApp
-from shared.storage.completions import SPECIAL_PREFIX, is_request_row
+from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
-from shared.web.api import Reply, lease_view
+from shared.web.api import Reply, leader_view, lease_view
 
 logger = logging.getLogger(__name__)
 
@@ -95,32 +93,28 @@ def _reason(exc: AzureError) -> str:
 
 def snapshot(app: LedgerApp) -> dict[str, Any]:
     """Everything the status page shows, as JSON-ready values."""
-    now = app.wallclock()
+    now = app.clock.now()
     election = app.config.election
     fence = app.ledger.read_fence()
     lease = lease_view(app)
     leased = lease["state"] == "leased"
     claimed_at = _parse(fence.claimed_at if fence else None)
     last_commit_at = _parse(fence.last_commit_at if fence else None)
-    outcomes = _outcome_rows(app, "", MAX_OUTCOME_ROWS,
-                             ["status", "epoch", "decidedBy", "decidedAt"])
+    outcomes = app.ledger.outcome_rows(MAX_OUTCOME_ROWS,
+                                       ["status", "epoch", "decidedBy", "decidedAt"])
     # Bars on whole BUCKET_SECONDS of the clock, so that they stay put between refreshes; the
     # last one is the bucket now falls in.
     bucket_end = now.timestamp() // BUCKET_SECONDS * BUCKET_SECONDS + BUCKET_SECONDS
     since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
-    recent = _outcome_rows(app, since.isoformat(timespec="microseconds"), MAX_WINDOW_ROWS,
-                           ["status", "decidedAt"])
+    recent = app.ledger.outcome_rows(MAX_WINDOW_ROWS, ["status", "decidedAt"],
+                                     decided_since=since.isoformat(timespec="microseconds"))
     poisoned = queue_depth(app.raw_queue_client(app.config.poison_queue))
     parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
     return {
         "generatedAt": now.isoformat(),
         "leader": {
-            "holder": fence.holder if fence and leased else None,
-            "lastHolder": fence.holder if fence else None,
-            "epoch": fence.epoch if fence else 0,
+            **leader_view(fence, lease),
             "claimedAt": (fence.claimed_at if fence else "") or None,
-            "lastCommitAt": (fence.last_commit_at if fence else "") or None,
-            "lease": lease,
             "leaseSeconds": election.lease_seconds,
             "renewIntervalSeconds": election.renew_interval_seconds,
             "leaseSecondsLeftAtLeast": _lease_left(now, leased, claimed_at, last_commit_at,
@@ -153,41 +147,9 @@ def _lease_left(now: datetime, leased: bool, claimed_at: datetime | None,
     return round(max(0.0, (expires - now).total_seconds()), 1)
 
 
-@dataclass(frozen=True)
-class _Rows:
-    """Rows read by a bounded query, and whether it stopped at its bound."""
-
-    rows: list[dict[str, Any]]
-    truncated: bool
-
-
-def _outcome_rows(app: LedgerApp, decided_since: str, limit: int, select: list[str]) -> _Rows:
-    prefix = REQUEST_PREFIX
-    query = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high"
-    parameters = {"pk": app.ledger.partition, "low": prefix,
-                  "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
-    if decided_since:
-        query += " and decidedAt ge @since"
-        parameters["since"] = decided_since
-    return _bounded(app.ledger.table.query_entities(query, parameters=parameters, select=select,
-                                                    results_per_page=1000), limit)
-
-
-def _bounded(rows: Iterable[Mapping[str, Any]], limit: int) -> _Rows:
-    found: list[dict[str, Any]] = []
-    for row in rows:
-        if len(found) >= limit:
-            return _Rows(found, True)
-        found.append(dict(row))
-    return _Rows(found, False)
-
-
 def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
-    rows = _bounded((row for row in app.completions.table.query_entities(
-        "PartitionKey lt @special", parameters={"special": SPECIAL_PREFIX},
-        select=["PartitionKey", "RowKey", "requestId", "recordedAt"], results_per_page=1000)
-        if not is_request_row(str(row["RowKey"]))),
-        MAX_PENDING_ROWS)  # step rows only: no request rows, ready index or bookkeeping
+    rows = app.completions.waiting_rows(MAX_PENDING_ROWS,
+                                        ["PartitionKey", "RowKey", "requestId", "recordedAt"])
     recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {
@@ -200,7 +162,7 @@ def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
     }
 
 
-def _throughput(recent: _Rows, since: datetime, now: datetime) -> dict[str, Any]:
+def _throughput(recent: Bounded[dict[str, Any]], since: datetime, now: datetime) -> dict[str, Any]:
     count = WINDOW_SECONDS // BUCKET_SECONDS
     decided = [0] * count
     committed = [0] * count

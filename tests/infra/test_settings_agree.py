@@ -24,6 +24,7 @@ from shared.config.settings import (
     load_config,
 )
 from simulator import REPO_ROOT
+from simulator.hostjson import read_host_json, timespan_seconds
 from tests.infra.bicep_model import Scope, app_settings_of, root_scope
 
 SETTING_NAMES = {setting.name for setting in SETTINGS}
@@ -122,13 +123,11 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     assert len(containers) == 2, containers
 
 
-def _host_json() -> dict[str, Any]:
-    return dict(json.loads((REPO_ROOT / "host.json").read_text()))
+_host_json = read_host_json
 
 
 def test_host_json_function_timeout_and_drain_budget() -> None:
-    hours, minutes, seconds = (int(part) for part in _host_json()["functionTimeout"].split(":"))
-    timeout = hours * 3600 + minutes * 60 + seconds
+    timeout = timespan_seconds(_host_json()["functionTimeout"])
     assert timeout == FUNCTION_TIMEOUT_SECONDS
     main = root_scope()
     assert int(main.param(_camel(DRAIN_BUDGET_SECONDS.name))) < timeout

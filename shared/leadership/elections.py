@@ -1,36 +1,24 @@
-"""What each trigger does: record a completion, announce it when ready, and run the election.
+"""The election: one acquire attempt, a term if elected, and the looks after the release.
 
-``handle_completion`` is the queue trigger's whole job; ``run_election`` is shared with the
-timer-triggered sweeper and the wake-up alarm. All take a ``LedgerApp`` and nothing from the
-Functions runtime.
-
-A delivery that leaves its request decidable *announces* it (a marker in the ready index,
-``CompletionStore.mark_ready``) and then competes for the lease; a delivery of a step that still
-waits for others records it and returns. docs/design.md 3.5 says why nothing is stranded.
+``run_election`` is shared by the queue trigger (after it announced a request), the timer's
+sweep and the lease alarm (``handle_wakeup``). Each step has one job: ``_attempt`` asks the
+elector, ``_lead`` runs one term under the lease (alarm armed, epoch claimed, ready requests
+committed, rows handed to the cleaner, lease released), ``_look`` reads the ready index once,
+``_final_look`` waits out the skip windows this invocation's term opened and looks again. Every
+wait and deadline reads the app's one clock.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
 from enum import StrEnum
 
-from azure.core.exceptions import AzureError
-
-from shared.domain.contract import Completion, MalformedMessage, parse_completion
-from shared.domain.model import RecordedStep
-from shared.domain.rules import assess
 from shared.election.elector import HeldLease, LeaseState, TermEnded
 from shared.leadership.instance import LedgerApp
-from shared.leadership.sweeper import repair_scan
 from shared.leadership.term import DrainReport, LeaderTerm, ReadyView
 from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
 from shared.observability import telemetry
-from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordResult
-from shared.storage.parking import queue_depth
 
 logger = logging.getLogger(__name__)
 
@@ -58,89 +46,6 @@ class ElectionResult:
     final_look: bool = False  # it looked once more after the skip window
 
 
-@dataclass
-class CompletionResult:
-    """What one queue message did."""
-
-    recorded: RecordResult | None
-    parked: bool = False
-    announced: bool = False  # its request was decidable: the ready index says so
-    election: ElectionResult | None = None
-
-
-@telemetry.invocation("queue")
-def handle_completion(app: LedgerApp, body: bytes, message_id: str,
-                      dequeue_count: int = 1) -> CompletionResult:
-    """Record one completion message, announce its request if decidable, then try to lead.
-
-    A malformed message is parked and acknowledged (it must not be retried into the poison
-    queue). Storage errors while recording or announcing raise, so the host retries the
-    message (a redelivery is a duplicate that announces again). Once announced, the message's
-    job is done: an error while leading is logged, not raised, because the next leader (or the
-    sweeper) resumes from the ready index.
-    """
-    try:
-        completion = parse_completion(body)
-    except MalformedMessage as exc:
-        parked_id = message_id or hashlib.sha256(body).hexdigest()[:32]
-        app.parking.park(parked_id, body, str(exc), dequeue_count, app.config.instance_id,
-                         app.wallclock())
-        return CompletionResult(recorded=None, parked=True)
-    recorded = record_completion(app, completion)
-    result = CompletionResult(recorded=recorded.result,
-                              announced=announce_if_ready(app, completion, recorded))
-    if not result.announced:
-        return result  # nothing the leader can do yet: no lease attempt
-    try:
-        result.election = run_election(app, handed_over=True)
-    except Exception:
-        logger.exception("leading after recording %s/%s failed; the sweeper or the next leader "
-                         "will resume", completion.request_id, completion.operation_id,
-                         extra=telemetry.log_extra(requestId=completion.request_id))
-    return result
-
-
-def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
-    """Write the step's row (idempotent); the result says whether it was new."""
-    with telemetry.span("ledger.record", requestId=completion.request_id,
-                        operationId=completion.operation_id):
-        recorded = app.completions.record(completion, app.config.instance_id, app.wallclock())
-    telemetry.record_delivery(recorded.result.value, completion.request_id)
-    return recorded
-
-
-def announce_if_ready(app: LedgerApp, completion: Completion, recorded: Recorded) -> bool:
-    """Mark the request ready when its rows decide it (or the step is late); True if so.
-
-    The request's first step knows it is the request's only row (``Recorded.first``); any other
-    delivery reads the request's rows (one key range) to judge. A step of a request decided a
-    moment ago (its tombstone is in the range, or this process decided it) is announced too, so
-    that the leader settles it at once instead of at expiry.
-    """
-    request_id = completion.request_id
-    timeout = timedelta(seconds=app.config.request_timeout_seconds)
-    step = recorded.step
-    if recorded.first and step is not None:  # the request's only row: nothing else to read
-        steps: list[RecordedStep] = [step]
-        read_at: datetime | None = None
-        truncated = late = False
-        now = (recorded.storage_time or step.recorded_at) + app.time_shift()
-    else:
-        # More rows than the request can hold (two per operation it expects) decide it
-        # already (too many steps): the read stops there.
-        most = MAX_ROWS_PER_OPERATION * completion.expected_operations
-        rows = app.completions.read_request(request_id, limit=most, fallback_now=app.wallclock())
-        steps, truncated, late = rows.steps, rows.truncated, rows.decided
-        now = read_at = rows.storage_time + app.time_shift()
-    if not steps:
-        return False  # its rows went meanwhile (the leader settled them)
-    decidable = truncated or assess(request_id, steps, now, timeout).decided
-    if not (decidable or late or request_id in app.recently_decided):
-        return False
-    app.completions.mark_ready(request_id, steps, read_at=read_at, truncated=truncated)
-    return True
-
-
 @telemetry.invocation("election")
 def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
     """One acquire attempt; if elected, commit, release, and look again for work left behind.
@@ -166,10 +71,10 @@ class Election:
     def __init__(self, app: LedgerApp) -> None:
         self.app = app
         self.result = ElectionResult(Role.FOLLOWER)
-        self.budget_deadline = app.clock() + app.config.drain_budget_seconds
-        self.started = time.monotonic()
+        self.budget_deadline = app.clock.monotonic() + app.config.drain_budget_seconds
+        self.started = app.clock.monotonic()
         self.others_seen = False
-        self.released_at: float | None = None  # time.monotonic() of this invocation's release
+        self.released_at: float | None = None  # the clock's monotonic time of the release
         self.final_look_made = True  # nothing owed until this invocation releases a lease
 
     def run(self, handed_over: bool) -> ElectionResult:
@@ -194,7 +99,7 @@ class Election:
             self.result.role = Role.LEADER
             if not self._lead(lease):
                 return
-            if self.app.clock() >= self.budget_deadline:
+            if self.app.clock.monotonic() >= self.budget_deadline:
                 self.result.stopped_by = BUDGET_SPENT
                 return
             if self._look() or self._final_look():
@@ -243,7 +148,7 @@ class Election:
             lease.release()
             if lease.state is LeaseState.RELEASED:
                 alarm.disarm()  # a lease lost or not released keeps its alarm: it may expire
-            self.released_at = time.monotonic()
+            self.released_at = app.clock.monotonic()
             self.others_seen = self.others_seen or view.others_seen
             self.final_look_made = False
         if report is not None:
@@ -273,20 +178,9 @@ class Election:
             return False
         self.final_look_made = True
         self.result.final_look = True
-        time.sleep(max(0.0, self.released_at + self.app.elector.skip_seconds - time.monotonic()))
+        clock = self.app.clock
+        clock.sleep(self.released_at + self.app.elector.skip_seconds - clock.monotonic())
         return self._look()
-
-
-@telemetry.invocation("timer")
-def sweep(app: LedgerApp) -> ElectionResult:
-    """The timer trigger's job: the poison queue's depth, the rare full scan, the election."""
-    try:
-        telemetry.record_poison_depth(queue_depth(
-            app.raw_queue_client(app.config.poison_queue)))
-    except AzureError as exc:
-        logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
-    repair_scan(app)
-    return run_election(app)
 
 
 @telemetry.invocation("wakeup")
@@ -298,13 +192,13 @@ def handle_wakeup(app: LedgerApp, body: bytes) -> ElectionResult:
     to ``WAKE_WAIT_SECONDS``: a holder that stopped renewing loses its lease within that time.
     A holder that is alive commits the work itself (it then holds the lease all along).
     """
-    deadline = time.monotonic() + WAKE_WAIT_SECONDS
+    deadline = app.clock.monotonic() + WAKE_WAIT_SECONDS
     while True:
         result = run_election(app)
         if result.role is Role.LEADER or not ReadyView(app).read():
             return result
-        if time.monotonic() >= deadline:
+        if app.clock.monotonic() >= deadline:
             logger.info("woken by a lease alarm, the lease stayed held for %g s while work "
                         "waited: its holder is alive and commits it", WAKE_WAIT_SECONDS)
             return result
-        time.sleep(WAKE_POLL_SECONDS)
+        app.clock.sleep(WAKE_POLL_SECONDS)
