@@ -25,7 +25,7 @@ from shared.leadership.intake import (
     record_completion,
 )
 from shared.leadership.sweeper import repair_scan
-from shared.leadership.term import ReadyRound, ReadyView
+from shared.leadership.view import ReadyRound, ReadyView
 from shared.storage.clients import RequestHook, clients_from_connection_string
 
 

@@ -75,7 +75,8 @@ from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, handle_completion, record_completion
 from shared.leadership.sweeper import repair_scan, sweep
-from shared.leadership.term import LeaderTerm, ReadyRound, ReadyView
+from shared.leadership.term import LeaderTerm
+from shared.leadership.view import ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from simulator.azurite import Azurite
 from tests.helpers import ManualClock, Namespace

@@ -16,7 +16,8 @@ from azure.storage.blob import BlobLeaseClient
 from shared.domain.planning import FencedOut
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.term import LeaderTerm, ReadyView
+from shared.leadership.term import LeaderTerm
+from shared.leadership.view import ReadyView
 from shared.storage.parking import ParkedKind
 from tests.helpers import ManualClock, Namespace, balance, record, send, status, step
 

@@ -16,7 +16,8 @@ from enum import StrEnum
 
 from shared.election.elector import HeldLease, LeaseState, TermEnded
 from shared.leadership.instance import LedgerApp
-from shared.leadership.term import DrainReport, LeaderTerm, ReadyView
+from shared.leadership.term import DrainReport, LeaderTerm
+from shared.leadership.view import ReadyView
 from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
 from shared.observability import telemetry
 

@@ -29,9 +29,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
 from decimal import Decimal
 from typing import TypeVar
 
@@ -43,7 +41,6 @@ from shared.domain.model import (
     Outcome,
     OutcomeStatus,
     RecordedStep,
-    RowRef,
 )
 from shared.domain.planning import (
     MAX_RECORDED_STEPS,
@@ -54,20 +51,18 @@ from shared.domain.planning import (
     plan_batches,
 )
 from shared.domain.rules import (
-    EXPIRY_GRACE,
     Assessment,
     InsufficientFunds,
     Verdict,
     apply_legs,
-    assess,
     contradiction,
-    deadline_of,
-    depends_on_deadline,
 )
 from shared.election.elector import HeldLease
 from shared.leadership.instance import LedgerApp
+from shared.leadership.reads import Failed, read_concurrently, tolerant
+from shared.leadership.view import ReadyRequest, ReadyRound, ReadyView
 from shared.observability import telemetry
-from shared.storage.completions import ReadyMarker, Tombstone
+from shared.storage.completions import Tombstone
 from shared.storage.parking import ParkedKind, late_step_id
 from shared.storage.retries import is_transient
 
@@ -76,7 +71,6 @@ _Key = TypeVar("_Key")
 _Row = TypeVar("_Row")
 
 MAX_ACCOUNT_RETRIES = 3  # re-reads of accounts changed under the leader, per batch
-ACCOUNT_READERS = 6  # concurrent point reads (the clients' connection pool holds 10)
 LINGER_SECONDS = 0.25  # a leader whose work kept coming holds the lease this long once idle
 POLL_SECONDS = 0.02  # between its reads while it lingers
 READ_PASSES = 3  # tries of the reads a round needs before the round goes on without them
@@ -95,101 +89,6 @@ class DrainReport:
     scans: int = 0
     budget_exhausted: bool = False
     reads_retried: int = 0  # reads that failed transiently and were tried again
-
-
-@dataclass(frozen=True)
-class ReadyRequest:
-    """A request the leader can settle now: the verdict, and the marker that announced it."""
-
-    assessment: Assessment
-    marker: ReadyMarker
-
-    @property
-    def request_id(self) -> str:
-        return self.assessment.request_id
-
-    @property
-    def consumed(self) -> list[RowRef]:
-        """Every row version the decision consumes, and the marker."""
-        return [step.ref for step in self.assessment.rows] + [self.marker.ref]
-
-
-@dataclass
-class ReadyRound:
-    """What one read of the ready index found."""
-
-    decidable: list[ReadyRequest] = field(default_factory=list)  # oldest last step first
-    unconfirmed: list[ReadyRequest] = field(default_factory=list)  # not decidable by its steps
-
-    def __bool__(self) -> bool:
-        return bool(self.decidable or self.unconfirmed)
-
-
-class ReadyView:
-    """The leader's reads of the ready index (one partition of markers per read).
-
-    Markers (and rows) whose delete this process already queued are left out, so a committed
-    request is never proposed twice by the process that committed it. ``others_seen`` says
-    whether a marker carried a step recorded by another instance (docs/design.md 3.5).
-    """
-
-    def __init__(self, app: LedgerApp) -> None:
-        self.app = app
-        self.others_seen = False
-
-    @telemetry.traced("ledger.scan")
-    def read(self) -> ReadyRound:
-        """Every request announced as decidable, assessed, oldest last step first."""
-        app = self.app
-        scan = app.completions.ready(fallback_now=app.clock.now())
-        markers = [m for m in scan.markers if m.steps and not app.cleaner.has_taken(m.ref)]
-        me = app.config.instance_id
-        self.others_seen = self.others_seen or any(
-            s.recorded_by != me for m in markers for s in m.steps)
-        now = scan.storage_time + app.time_shift()
-        timeout = timedelta(seconds=app.config.request_timeout_seconds)
-        assessed = {m.request_id: assess(m.request_id, m.steps, now, timeout) for m in markers}
-        # A verdict reached at or past the deadline is confirmed on the rows as they are now,
-        # unless the marker's steps came from a read made after the deadline had passed.
-        confirm = [m for m in markers if m.truncated or (
-            depends_on_deadline(assessed[m.request_id])
-            and not settled_by(m, assessed[m.request_id], timeout))]
-        for marker, rows in zip(confirm, _read_concurrently(
-                lambda m: app.completions.read_request(m.request_id), confirm), strict=True):
-            fresh = [s for s in rows.steps if not app.cleaner.has_taken(s.ref)]
-            if fresh:
-                assessed[marker.request_id] = assess(
-                    marker.request_id, fresh, rows.storage_time + app.time_shift(), timeout)
-            else:  # its rows are gone: whatever the marker says is late, or was settled
-                assessed[marker.request_id] = Assessment(
-                    marker.request_id, Verdict.PENDING, "no rows left", ())
-        found = ReadyRound()
-        for marker in markers:
-            assessment = assessed[marker.request_id]
-            if marker.request_id in app.recently_decided:
-                # This process decided it: whatever rows are still here are late (or their
-                # delete failed); either way they are settled against the outcome.
-                assessment = Assessment(marker.request_id, Verdict.LATE, "request already ended",
-                                        assessment.rows)
-            item = ReadyRequest(assessment, marker)
-            if assessment.decided:
-                found.decidable.append(item)
-            else:
-                found.unconfirmed.append(item)
-        found.decidable.sort(key=lambda r: (r.assessment.last_recorded_at
-                                            if r.assessment.steps else now, r.request_id))
-        return found
-
-
-def settled_by(marker: ReadyMarker, assessment: Assessment, timeout: timedelta) -> bool:
-    """True when the marker's steps were read (all of them) once the deadline had passed.
-
-    Every row stamped before the deadline is visible ``EXPIRY_GRACE`` after it, so such a read
-    holds every step on time; whatever was recorded later is late and changes nothing.
-    """
-    if marker.read_at is None or not assessment.rows:
-        return False
-    return marker.read_at >= deadline_of(assessment.rows, timeout) + EXPIRY_GRACE
 
 
 class LeaderTerm:
@@ -313,9 +212,9 @@ class LeaderTerm:
                 self.app.clock.sleep(READ_BACKOFF_SECONDS * 2 ** (attempt - 1))
             self.lease.ensure_can_start(self.app.config.storage_timeout_seconds)
             failed: list[_Key] = []
-            for key, result in zip(missing, _read_concurrently(_tolerant(read), missing),
+            for key, result in zip(missing, read_concurrently(tolerant(read), missing),
                                    strict=True):
-                if isinstance(result, _Failed):
+                if isinstance(result, Failed):
                     if not is_transient(result.error):
                         raise result.error
                     failed.append(key)
@@ -478,31 +377,6 @@ class LeaderTerm:
         new_balances = {account: (self.balances[account], working[account])
                         for account in sorted(touched)}
         return outcomes, new_balances
-
-
-@dataclass(frozen=True)
-class _Failed:
-    error: Exception
-
-
-def _tolerant(read: Callable[[_Key], _Row]) -> Callable[[_Key], _Row | _Failed]:
-    def attempt(key: _Key) -> _Row | _Failed:
-        try:
-            return read(key)
-        except Exception as exc:
-            return _Failed(exc)
-    return attempt
-
-
-def _read_concurrently(read: Callable[[_Key], _Row], keys: Sequence[_Key]) -> list[_Row]:
-    """``read(key)`` for every key, in order, ``ACCOUNT_READERS`` point reads at a time."""
-    if not keys:
-        return []
-    if len(keys) == 1:
-        return [read(keys[0])]
-    with ThreadPoolExecutor(min(ACCOUNT_READERS, len(keys)),
-                            thread_name_prefix="ledger-read") as pool:
-        return list(pool.map(read, keys))
 
 
 def _outcome(assessment: Assessment, status: OutcomeStatus, reason: str,
