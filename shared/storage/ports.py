@@ -40,9 +40,15 @@ MAX_BATCH_OPERATIONS = 100  # operations in one entity-group transaction
 MAX_BATCH_BYTES = 4 * 1024 * 1024  # a transaction's payload is less than 4 MiB
 MAX_PROPERTIES = 255  # PartitionKey, RowKey and Timestamp included: 252 of the app's own
 MAX_ENTITY_BYTES = 1024 * 1024  # all of an entity's data, as storage counts it
-MAX_KEY_CHARACTERS = 1024  # PartitionKey and RowKey: strings of up to 1 KiB (1,024 characters)
+# PartitionKey and RowKey: "a string value up to 1 KiB in size", sized as the data model sizes
+# strings (UTF-16): 512 code units. Azurite refuses the 513th; the scalability targets page says
+# "up to 1024 characters", so this is the smaller reading, the safe one.
+MAX_KEY_UNITS = 512
 MAX_PROPERTY_NAME = 255  # characters
-MAX_STRING_CHARACTERS = 32 * 1024  # a string property holds 64 KiB of UTF-16
+# A string property holds 64 KiB of UTF-16 (32 Ki code units), as documented and as Azurite
+# counts. Azure itself was reported to refuse more than 64,000 bytes (Azure/Azurite#2510):
+# the app stays within 32,000 units (shared/storage/parking.py).
+MAX_STRING_CHARACTERS = 32 * 1024
 # Characters a PartitionKey or RowKey must not contain.
 FORBIDDEN_KEY_CHARACTERS = frozenset("/\\#?") | frozenset(
     chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)])

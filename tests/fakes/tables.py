@@ -14,7 +14,7 @@ service data model", "Performing entity group transactions", "Querying tables an
   entity once, a payload under 4 MiB (counted as the ``$batch`` body the adapter sends, about);
 - entities: at most 255 properties (PartitionKey, RowKey and Timestamp included), 1 MiB of data
   as storage counts it, property names of up to 255 characters, strings of up to 32 Ki UTF-16
-  units, keys of up to 1,024 characters without ``/ \\ # ?`` or control characters;
+  units, keys of up to 1 KiB of UTF-16 (512 units) without ``/ \\ # ?`` or control characters;
 - queries: the OData subset the app writes (``eq ne gt ge lt le``, ``and or not``, parentheses,
   string, integer, boolean, double, ``datetime''`` and ``guid''`` literals), ``@name``
   parameters substituted as the SDK substitutes them (whole space-separated words); results in
@@ -49,7 +49,7 @@ from shared.storage.ports import (
     MAX_BATCH_BYTES,
     MAX_BATCH_OPERATIONS,
     MAX_ENTITY_BYTES,
-    MAX_KEY_CHARACTERS,
+    MAX_KEY_UNITS,
     MAX_PROPERTIES,
     MAX_PROPERTY_NAME,
     MAX_STRING_CHARACTERS,
@@ -132,8 +132,8 @@ def _check_value(name: str, value: Any) -> None:
 def _check_key(name: str, value: Any) -> None:
     if not isinstance(value, str):
         raise TypeError(f"{name} must be a str, not {type(value).__name__}")
-    if len(value) > MAX_KEY_CHARACTERS:
-        raise _refused(400, "KeyValueTooLarge", f"the {name} is longer than 1 KiB")
+    if _utf16_units(value) > MAX_KEY_UNITS:
+        raise _refused(400, "KeyValueTooLarge", f"the {name} is larger than 1 KiB (UTF-16)")
     bad = sorted(set(value) & FORBIDDEN_KEY_CHARACTERS)
     if bad:
         raise _refused(400, "OutOfRangeInput", f"the {name} holds a forbidden character "
