@@ -60,8 +60,9 @@ class AzureQueue:
 
     def receive(self, *, max_messages: int = 1,
                 visibility_timeout: int | None = None) -> list[Message]:
-        with translating():
+        with translating():  # one call (one page): storage refuses more than 32, as documented
             received = list(self.client.receive_messages(max_messages=max_messages,
+                                                         messages_per_page=max_messages,
                                                          visibility_timeout=visibility_timeout))
         return [Message(_handle(m), decode(str(m.content)), int(m.dequeue_count or 0))
                 for m in received]

@@ -214,9 +214,9 @@ class MessageQueue(Protocol):
         ...
 
     def update(self, handle: Handle, *, visibility_timeout: int) -> Handle:
-        """Make the message visible again ``visibility_timeout`` seconds from now; returns its
-        new handle. ``NotFound`` when it is gone, ``ConditionFailed`` when ``handle`` is not its
-        latest receipt (someone received it since)."""
+        """Make the message visible again ``visibility_timeout`` seconds from now (its text
+        unchanged); returns its new handle. ``NotFound`` when it is gone, ``ConditionFailed``
+        when ``handle`` is not its latest receipt (someone received it since)."""
         ...
 
     def delete(self, handle: Handle) -> None:
