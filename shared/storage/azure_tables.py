@@ -149,6 +149,8 @@ class AzureTable:
     def query(self, filter: str, *, parameters: Mapping[str, Any] | None = None,
               select: Sequence[str] | None = None, page_size: int | None = None,
               limit: int | None = None) -> Rows:
+        if page_size is not None and page_size < 1:
+            raise ValueError(f"page_size {page_size}: a page holds at least one row")
         hook = _StorageDate()
         options: dict[str, Any] = {"raw_response_hook": hook}
         if parameters:

@@ -141,7 +141,8 @@ class Table(Protocol):
 
         ``@name`` words of the filter are replaced by ``parameters`` (as the SDK does: whole
         space-separated words only, so write ``( PartitionKey eq @pk )``). ``page_size``: rows
-        per call to storage (at most 1,000); ``limit``: stop after that many rows.
+        per call to storage (storage's most, 1,000, when larger or ``None``); ``limit``: stop
+        after that many rows (and read no page past them).
         """
         ...
 
