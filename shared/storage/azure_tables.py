@@ -27,7 +27,7 @@ from azure.data.tables import EdmType, EntityProperty, TableClient, TableEntity,
 
 from shared.errors import BatchRefused
 from shared.storage.errors import translating
-from shared.storage.ports import Mode, Operation, Row, Rows, Written
+from shared.storage.ports import Mode, Operation, Row, Rows, Written, mode_of
 from shared.storage.transactions import submit_transaction
 
 _ETAG_STAMP = re.compile(r"datetime'([^']+)'")
@@ -114,7 +114,7 @@ def _sdk_options(kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown transaction options {sorted(unknown)}")
     sdk: dict[str, Any] = {}
     if "mode" in options:
-        sdk["mode"] = UpdateMode(str(options["mode"]))
+        sdk["mode"] = UpdateMode(mode_of(options["mode"]).value)
     etag = options.get("etag")
     condition = options.get("match_condition")
     condition_name = getattr(condition, "name", condition)
@@ -184,7 +184,7 @@ class AzureTable:
     def upsert(self, entity: Mapping[str, Any], *, mode: Mode = Mode.MERGE) -> Written:
         hook = _StorageDate()
         with translating():
-            meta = self.client.upsert_entity(_entity(entity), mode=UpdateMode(str(mode)),
+            meta = self.client.upsert_entity(_entity(entity), mode=UpdateMode(mode_of(mode).value),
                                              raw_response_hook=hook)
         return _written(meta, hook.latest)
 
@@ -192,7 +192,7 @@ class AzureTable:
                etag: str | None = None) -> Written:
         hook = _StorageDate()
         with translating():
-            meta = self.client.update_entity(_entity(entity), mode=UpdateMode(str(mode)),
+            meta = self.client.update_entity(_entity(entity), mode=UpdateMode(mode_of(mode).value),
                                              raw_response_hook=hook, **_condition(etag))
         return _written(meta, hook.latest)
 

@@ -66,6 +66,11 @@ class Mode(StrEnum):
     REPLACE = "replace"
 
 
+def mode_of(value: Any) -> Mode:
+    """A ``Mode`` from a ``Mode``, the SDK's ``UpdateMode`` (same values) or its value."""
+    return Mode(getattr(value, "value", value))
+
+
 class Row(dict[str, Any]):
     """One entity as read: its properties (keys included when selected), and storage's metadata.
 

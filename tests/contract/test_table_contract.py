@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from azure.core import MatchConditions
+from azure.data.tables import UpdateMode
 
 from shared.errors import (
     AlreadyExists,
@@ -293,6 +295,24 @@ def test_transaction_applies_every_operation(table: Table) -> None:
     assert table.get("p", "kept")["n"] == 2
     with pytest.raises(NotFound):
         table.get("p", "gone")
+
+
+def test_transaction_takes_the_sdks_operation_tuples(table: Table) -> None:
+    old = table.create(entity("a", n=1, keep=1))
+    table.create(entity("b"))
+    results = table.submit([
+        ("update", entity("a", n=2), {"mode": UpdateMode.REPLACE, "etag": old.etag,
+                                      "match_condition": MatchConditions.IfNotModified}),
+        ("delete", entity("b"), {"match_condition": MatchConditions.Unconditionally}),
+        ("upsert", entity("c", n=3), {"mode": UpdateMode.MERGE}),
+    ])
+    assert [r.etag is None for r in results] == [False, True, False]
+    assert plain(table.get("p", "a")) == entity("a", n=2)
+    with pytest.raises(BatchRefused) as caught:
+        table.submit([("update", entity("a", n=3), {"etag": old.etag,
+                                                     "match_condition":
+                                                     MatchConditions.IfNotModified})])
+    assert (caught.value.index, caught.value.status) == (0, 412)
 
 
 def test_transaction_of_nothing(table: Table) -> None:

@@ -58,6 +58,7 @@ from shared.storage.ports import (
     Row,
     Rows,
     Written,
+    mode_of,
 )
 
 _TABLE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{2,62}$")
@@ -547,7 +548,7 @@ def _apply(rows: dict[tuple[str, str], _Stored],
     key = (clean["PartitionKey"], clean["RowKey"])
     current = rows.get(key)
     etag = options.get("etag")
-    mode = Mode(str(options.get("mode") or Mode.MERGE))
+    mode = mode_of(options.get("mode") or Mode.MERGE)
     if kind == "create":
         if current is not None:
             raise _refused(409, "EntityAlreadyExists", "The specified entity already exists.")
