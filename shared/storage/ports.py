@@ -22,7 +22,13 @@ Decisions that differ from the raw REST API, and why:
   to exist (``NotFound``). With one it is ``If-Match`` that ETag (``ConditionFailed``).
 - ``Table.submit`` of no operation returns ``[]`` without calling storage. A batch that storage
   would refuse before applying anything (operations on two partitions, more than 100, the same
-  entity twice, too large) raises ``BatchRefused``; nothing of it was applied.
+  entity twice, too large) raises ``BatchRefused``; nothing of it was applied. Inside a batch a
+  delete of an absent entity does refuse it (404), as storage does.
+- An ``int`` is an ``Edm.Int32`` when it fits, an ``Edm.Int64`` otherwise, and read back as an
+  ``int`` either way.
+
+A caller's own mistakes (an unknown operation or option, a value of another type, a naive
+``datetime``, a ``page_size`` below 1) are ``ValueError``/``TypeError``, never storage errors.
 """
 
 from __future__ import annotations
