@@ -377,7 +377,7 @@ def test_alerts_query_the_apps_telemetry_in_app_insights(main: Scope) -> None:
     rules = alerts.file.of_type("Microsoft.Insights/scheduledQueryRules")
     # Span and metric names as the app code writes them (shared/observability/telemetry.py and its
     # call sites).
-    emitted = "".join(path.read_text() for path in sorted((REPO_ROOT / "shared").glob("*.py")))
+    emitted = "".join(path.read_text() for path in sorted((REPO_ROOT / "shared").rglob("*.py")))
     queries: dict[str, str] = {}
     for symbol, rule in rules.items():
         props = rule["properties"]
