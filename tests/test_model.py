@@ -68,6 +68,7 @@ from hypothesis.stateful import (
 from shared.config.settings import load_config
 from shared.domain.contract import parse_completion
 from shared.election.elector import TermEnded
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.pipeline import (
     announce_if_ready,
@@ -81,7 +82,7 @@ from shared.leadership.term import LeaderTerm, ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from shared.storage.ledger import AccountChanged, DecidedOutcome, Outcome, OutcomeExists
 from simulator.azurite import Azurite
-from tests.helpers import ManualClock, Namespace
+from tests.helpers import ManualClock, Namespace, lease_blob
 
 INSTANCES = 3
 CLOCK_SKEW_SECONDS = (0, -3600, 86_400)  # instance clocks: right, an hour slow, a day fast
@@ -463,7 +464,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def sweep(self, instance: int) -> None:
         try:
             sweep(self.apps[instance])
-        except AzureError as exc:  # the timer invocation fails; the next one tries again
+        except (AzureError, StorageError) as exc:  # the timer invocation fails; the next retries
             if not injected(exc):
                 raise
 
@@ -481,7 +482,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         app = self.apps[instance]
         try:
             lease = app.elector.try_acquire()
-        except AzureError as exc:
+        except StorageError as exc:  # the lease port's translation of an injected fault
             if not injected(exc):
                 raise
             return
@@ -565,7 +566,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _break_lease(self) -> None:
         with contextlib.suppress(HttpResponseError):  # no lease to break
-            BlobLeaseClient(self.apps[0].elector.blob).break_lease(lease_break_period=0)
+            BlobLeaseClient(lease_blob(self.apps[0])).break_lease(lease_break_period=0)
 
     def _advance(self, seconds: int) -> None:
         self.wallclock.advance(seconds)
