@@ -71,6 +71,7 @@ from shared.domain.contract import parse_completion
 from shared.domain.model import DecidedOutcome, Outcome
 from shared.domain.planning import AccountChanged, OutcomeExists
 from shared.election.elector import TermEnded
+from shared.errors import StorageError
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, handle_completion, record_completion
@@ -79,7 +80,7 @@ from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from simulator.azurite import Azurite
-from tests.helpers import ManualClock, Namespace
+from tests.helpers import ManualClock, Namespace, lease_blob
 
 INSTANCES = 3
 CLOCK_SKEW_SECONDS = (0, -3600, 86_400)  # instance clocks: right, an hour slow, a day fast
@@ -461,7 +462,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def sweep(self, instance: int) -> None:
         try:
             sweep(self.apps[instance])
-        except AzureError as exc:  # the timer invocation fails; the next one tries again
+        except (AzureError, StorageError) as exc:  # the timer invocation fails; the next retries
             if not injected(exc):
                 raise
 
@@ -479,7 +480,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         app = self.apps[instance]
         try:
             lease = app.elector.try_acquire()
-        except AzureError as exc:
+        except StorageError as exc:  # the lease port's translation of an injected fault
             if not injected(exc):
                 raise
             return
@@ -563,7 +564,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _break_lease(self) -> None:
         with contextlib.suppress(HttpResponseError):  # no lease to break
-            BlobLeaseClient(self.apps[0].elector.blob).break_lease(lease_break_period=0)
+            BlobLeaseClient(lease_blob(self.apps[0])).break_lease(lease_break_period=0)
 
     def _advance(self, seconds: int) -> None:
         self.wallclock.advance(seconds)

@@ -23,6 +23,7 @@ from shared.config.settings import AppConfig
 from shared.domain.clock import SYSTEM_CLOCK, Clock
 from shared.domain.model import LedgerSnapshot
 from shared.election.elector import ElectionCallbacks, LeaseElector
+from shared.storage.azure_leases import AzureBlobLease
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients
 from shared.storage.completions import CompletionStore
@@ -90,9 +91,10 @@ class LedgerApp:
             completions=CompletionStore(tables.get_table_client(config.completions_table)),
             ledger=Ledger(tables.get_table_client(config.ledger_table)),
             parking=ParkingLot(tables.get_table_client(config.parked_table)),
-            elector=LeaseElector(container, config.lease_blob, config.election,
-                                 config.instance_id, clock.monotonic, callbacks,
-                                 call_timeout_seconds=config.storage_timeout_seconds),
+            elector=LeaseElector(
+                AzureBlobLease(container, config.lease_blob,
+                               call_timeout_seconds=config.storage_timeout_seconds),
+                config.election, config.instance_id, clock, callbacks),
             clock=clock,
         )
 
