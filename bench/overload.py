@@ -16,7 +16,7 @@ until every request is decided. Rate = decided / time from the first election's 
 last commit. Cells alternate (clean, overloaded; then overloaded, clean; ...). Target:
 overloaded / clean >= 0.25 (means over the rounds).
 
-**Long terms.** Each term of the elections (``ElectionResult.terms``, a ``DrainReport``) is
+**Long terms.** Each term of the elections (``ElectionResult.terms``, a ``TermReport``) is
 paired with how long its lease was held, acquire to release (``ElectionCallbacks``; the term's
 epoch names its lease through the fence claim). The figure: how many terms held the lease
 ``LONG_TERM_SECONDS`` (10 s) or more, and whether each of them committed something (target: all).

@@ -16,7 +16,7 @@ from enum import StrEnum
 
 from shared.election.elector import HeldLease, LeaseState, TermEnded
 from shared.leadership.instance import LedgerApp
-from shared.leadership.term import DrainReport, LeaderTerm
+from shared.leadership.term import LeaderTerm, TermReport
 from shared.leadership.view import ReadyView
 from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
 from shared.observability import telemetry
@@ -42,7 +42,7 @@ class ElectionResult:
     """What one ``run_election`` did."""
 
     role: Role
-    terms: list[DrainReport] = field(default_factory=list)
+    terms: list[TermReport] = field(default_factory=list)
     stopped_by: str = ""  # why the last term ended early, if it did
     final_look: bool = False  # it looked once more after the skip window
 
@@ -124,7 +124,7 @@ class Election:
         alarm.arm()
         lease.on_renewed = alarm.postpone
         view = ReadyView(app)
-        report: DrainReport | None = None
+        report: TermReport | None = None
         try:
             ready = view.read()
             if ready:  # otherwise no epoch is claimed and the lease goes straight back

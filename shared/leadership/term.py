@@ -78,7 +78,7 @@ READ_BACKOFF_SECONDS = 0.2  # before the second pass, doubled for the third
 
 
 @dataclass
-class DrainReport:
+class TermReport:
     """What one term did."""
 
     epoch: int
@@ -102,7 +102,7 @@ class LeaderTerm:
         self.fence = fence
         self.balances: dict[str, AccountRow] = dict(balances or {})
         self.view = view or ReadyView(app)
-        self.report = DrainReport(fence.epoch)
+        self.report = TermReport(fence.epoch)
 
     @classmethod
     def begin(cls, app: LedgerApp, lease: HeldLease,
@@ -118,7 +118,7 @@ class LeaderTerm:
         return cls(app, lease, fence, known.balances if continued and known else None, view)
 
     def commit_ready(self, budget_deadline: float,
-                     ready: ReadyRound | None = None) -> DrainReport:
+                     ready: ReadyRound | None = None) -> TermReport:
         """Settle every ready request until none is left or the budget (monotonic) runs out.
 
         ``ready`` is a read of ``self.view`` made just before (it saves one). Once more than
@@ -131,7 +131,7 @@ class LeaderTerm:
         finally:  # a term ends with its consumed rows gone (or their deletes given up on)
             self.app.cleaner.wait_until_done(timeout=self.app.config.storage_timeout_seconds)
 
-    def _rounds(self, budget_deadline: float, ready: ReadyRound | None) -> DrainReport:
+    def _rounds(self, budget_deadline: float, ready: ReadyRound | None) -> TermReport:
         step_seconds = self.app.config.storage_timeout_seconds
         rounds_with_work = 0
         idle_since: float | None = None
