@@ -42,7 +42,8 @@ SLOW_FIRST = (
     "tests/test_chaos.py::test_the_chaos_run_loses_nothing_and_applies_nothing_twice",  # 130
     "tests/test_model.py::test_the_protocol_keeps_the_contract_under_faults",  # 70
     "tests/test_limits.py::test_hundreds_of_conflicting_steps_recorded_behind_",  # 50
-    "tests/infra/",  # 40 in all, one group: checkov and the Bicep parse run once
+    "tests/infra/test_checkov.py",  # 20, one group: checkov runs once
+    "tests/infra/",  # 20 in all, one group: the Bicep files are parsed once
     "tests/test_limits.py::test_more_conflicting_deliveries_of_one_step_add_one_row_only",  # 30
     "tests/test_model.py::test_late_steps_that_contradict_a_commit_are_parked",  # 25
     "tests/test_simulator.py::test_killing_the_leader_mid_drain_",  # 20
@@ -63,7 +64,8 @@ SLOW_FIRST = (
 )
 # Modules whose module-scoped fixtures or caches are costly (checkov, the Bicep parse, Chromium):
 # each runs on one worker only (``--dist loadgroup``, see ``pytest_xdist_make_scheduler``).
-GROUPS = ("tests/infra/", "tests/test_status_page.py")
+# The first prefix that matches names the group.
+GROUPS = ("tests/infra/test_checkov.py", "tests/infra/", "tests/test_status_page.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
