@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,25 +30,45 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _listening(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
+def _bound_ports(log_path: str, offset: int) -> tuple[int, int, int] | None:
+    """Blob, queue and table ports, once the log (from ``offset``) says all three listen."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        found = {m[1]: int(m[2]) for m in _LISTENING.finditer(log.read())}
+    if len(found) < 3:
+        return None
+    return found[b"Blob"], found[b"Queue"], found[b"Table"]
+
+
+# Azurite prints this once a service has bound its port (with the port it got).
+_LISTENING = re.compile(rb"Azurite (Blob|Queue|Table) service is successfully listening at "
+                        rb"http://127\.0\.0\.1:(\d+)")
 
 
 class Azurite:
-    """One Azurite process: blob, queue and table on three free ports of 127.0.0.1.
+    """One Azurite process: blob, queue and table on three loopback ports of 127.0.0.1.
 
-    ``in_memory=False`` keeps data in ``location`` so that a restart (``stop`` then ``start``)
-    finds it again.
+    The first ``start`` asks for port 0, so the kernel hands out three ports nobody holds, and reads
+    the ports Azurite actually bound from its log: concurrent starts (parallel test workers, other
+    runs on the machine) cannot collide, and a port another process holds can never pass for this
+    Azurite. A later ``start`` (after ``stop``) binds the same ports again, so that connection
+    strings taken before stay valid. ``in_memory=False`` keeps data in ``location`` so that such a
+    restart finds it again.
     """
 
     def __init__(self, in_memory: bool = True, location: str | None = None) -> None:
         self.in_memory = in_memory
         self._own_location = location is None
         self.location = location or tempfile.mkdtemp(prefix="azurite-")
-        self.ports = (free_port(), free_port(), free_port())
+        self._ports: tuple[int, int, int] | None = None
         self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ports(self) -> tuple[int, int, int]:
+        """Blob, queue and table ports: known once it has started."""
+        if self._ports is None:
+            raise AzuriteError("Azurite has not started yet: its ports are not known")
+        return self._ports
 
     @property
     def connection_string(self) -> str:
@@ -60,7 +81,7 @@ class Azurite:
         if not AZURITE_BIN.exists():
             raise AzuriteError(f"{AZURITE_BIN} is missing: run 'npm ci' (or ./dev bootstrap) "
                                "in the repo root first")
-        blob, queue, table = self.ports
+        blob, queue, table = self._ports or (0, 0, 0)
         args = [str(AZURITE_BIN), "--silent", "--skipApiVersionCheck", "--disableTelemetry",
                 "--loose",
                 "--blobHost", "127.0.0.1", "--blobPort", str(blob),
@@ -68,19 +89,22 @@ class Azurite:
                 "--tableHost", "127.0.0.1", "--tablePort", str(table)]
         # Azurite refuses --location together with --inMemoryPersistence.
         args += ["--inMemoryPersistence"] if self.in_memory else ["--location", self.location]
-        log = open(os.path.join(self.location, "azurite.log"), "ab")  # noqa: SIM115
+        log_path = os.path.join(self.location, "azurite.log")
+        log = open(log_path, "ab")  # noqa: SIM115
+        offset = log.tell()  # a restart appends: read only this start's lines
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
         deadline = time.monotonic() + timeout
-        while not all(_listening(port) for port in self.ports):
+        while (bound := _bound_ports(log_path, offset)) is None:
             if self.process.poll() is not None:
                 raise AzuriteError(f"Azurite exited with {self.process.returncode}; see "
-                                   f"{self.location}/azurite.log")
+                                   f"{log_path}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise AzuriteError(f"Azurite did not listen on {self.ports} within {timeout} s")
-            time.sleep(0.05)
+                raise AzuriteError(f"Azurite did not listen within {timeout} s; see {log_path}")
+            time.sleep(0.05)  # polls the log; the loop ends on a line, an exit or the deadline
+        self._ports = bound
         return self
 
     def stop(self) -> None:

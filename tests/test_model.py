@@ -25,11 +25,13 @@ At teardown, a quiet sweep (no faults, lease free) decides every request that wa
 one more after the timeout decides everything and leaves no completion row. The second test runs
 the same machine and also requires every step that contradicts a commit to be parked (issue 11.2).
 
-Replay: the seed is printed at the start (``MODEL_SEED=N`` reruns it); hypothesis prints the
-shrunk steps and a ``@reproduce_failure`` blob. ``MODEL_EXAMPLES`` and ``MODEL_STEPS`` make a
-longer run (``MODEL_EXAMPLES=150 MODEL_STEPS=40``: about 10 minutes); ``MODEL_SHRINK_SECONDS``
-bounds shrinking (120). Shrunk counterexamples live on as plain tests in
-``tests/test_model_regressions.py``.
+Seeds: by default (CI, ``./dev test``) the run uses the fixed seed ``FIXED_SEED``, so it is
+the same run every time; ``MODEL_SEED=random`` draws a fresh seed (explore), ``MODEL_SEED=N``
+replays seed N. The seed is printed at the start (shown with a failure, or with ``-s``) with the
+command that replays it; hypothesis also prints the shrunk steps and a ``@reproduce_failure``
+blob. ``MODEL_EXAMPLES`` and ``MODEL_STEPS`` make a longer run (``MODEL_EXAMPLES=150
+MODEL_STEPS=40``: about 10 minutes); ``MODEL_SHRINK_SECONDS`` bounds shrinking (120). Shrunk
+counterexamples live on as plain tests in ``tests/test_model_regressions.py``.
 """
 
 from __future__ import annotations
@@ -708,9 +710,22 @@ MODEL_SETTINGS = settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "20"
                           deadline=None, print_blob=True)
 
 
+FIXED_SEED = 20260101  # CI's seed; MODEL_SEED=random or MODEL_SEED=N chooses another
+
+
+def model_seed() -> int:
+    """``MODEL_SEED``: unset or empty, ``FIXED_SEED``; ``random``, a fresh one; else that number."""
+    wanted = os.environ.get("MODEL_SEED", "").strip()
+    if not wanted:
+        return FIXED_SEED
+    if wanted.lower() == "random":
+        return secrets.randbelow(2**32)
+    return int(wanted)
+
+
 def _run(connection_string: str, check_late_steps_parked: bool, examples: int | None = None,
          ) -> None:
-    chosen = int(os.environ.get("MODEL_SEED") or secrets.randbelow(2**32))
+    chosen = model_seed()
     print(f"model seed {chosen}: rerun with MODEL_SEED={chosen}")  # shown when the test fails
 
     def machine() -> ProtocolMachine:
