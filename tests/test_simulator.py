@@ -47,8 +47,8 @@ def test_demo_with_the_leader_killed_fails_over_to_a_higher_epoch() -> None:
     assert run.returncode == 0, run.stdout + run.stderr
     assert "killed the leader" in run.stdout
     deciding = [int(e) for e in re.findall(r"^  epoch +(\d+) ", run.stdout, flags=re.M)]
-    assert len(deciding) >= 2, "a new leader claimed a higher epoch and decided requests"
-    assert max(deciding) > min(deciding), run.stdout
+    assert max(deciding, default=0) >= 2, (
+        "a new leader claimed a higher epoch and decided requests\n" + run.stdout)
     assert "conserved to the cent" in run.stdout
 
 
