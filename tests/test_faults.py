@@ -19,6 +19,7 @@ from azure.core.exceptions import AzureError
 
 from shared.config.settings import load_config
 from shared.election.elector import HeldLease, LeadershipLost, LeaseState
+from shared.errors import StorageError
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import handle_completion
@@ -53,7 +54,7 @@ def deliver(app: LedgerApp, body: bytes, attempts: int = 5) -> None:
         try:
             handle_completion(app, body, message_id, dequeue_count=count)
             return
-        except AzureError:
+        except (StorageError, AzureError):
             continue
     raise AssertionError(f"message {body!r} failed {attempts} times")
 
@@ -64,7 +65,7 @@ def settle(app: LedgerApp, timeout: float = 60) -> None:
         try:
             run_election(app)
             return app.completions.count() == 0
-        except AzureError:
+        except (StorageError, AzureError):
             return False
     wait_until(quiet, timeout, "the sweeper to decide everything", interval=0.2)
 
@@ -79,8 +80,8 @@ def test_every_storage_call_is_named_by_what_it_does(ns: Namespace) -> None:
     assert lease is not None
     lease.renew()
     lease.release()
-    app.queue_client().send_message("x")
-    list(app.raw_queue_client(app.config.completions_queue).receive_messages())
+    app.queue().send("x")
+    app.queue(raw=True).receive()
     seen = {str(kind) for kind, n in plan.calls.items() if n}
     repair_scan(app, force=True)
     assert {"record", "request_read", "announce", "ready_read", "acquire", "scan",

@@ -71,6 +71,7 @@ from shared.domain.contract import parse_completion
 from shared.domain.model import DecidedOutcome, Outcome
 from shared.domain.planning import AccountChanged, OutcomeExists
 from shared.election.elector import TermEnded
+from shared.errors import StorageError, StorageUnavailable
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, handle_completion, record_completion
@@ -442,7 +443,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         app, body = self.apps[instance], content.body(model.request_id)
         if not elect:
             completion = parse_completion(body)
-            with contextlib.suppress(ServiceResponseError):  # applied: the row is there
+            # A lost response (the adapters raise it as StorageUnavailable): the row is there.
+            with contextlib.suppress(ServiceResponseError, StorageUnavailable):
                 # As a recorder that crashed right after announcing (a lost response on the
                 # row leaves it unannounced: the sweeper's full scan finds it).
                 announce_if_ready(app, completion, record_completion(app, completion))
@@ -452,7 +454,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             try:
                 handle_completion(app, body, message_id, dequeue_count)
                 return
-            except AzureError as exc:
+            except (StorageError, AzureError) as exc:
                 if not injected(exc):
                     raise
         raise AssertionError("a message failed five times in a row with one fault injected")
@@ -461,7 +463,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def sweep(self, instance: int) -> None:
         try:
             sweep(self.apps[instance])
-        except AzureError as exc:  # the timer invocation fails; the next one tries again
+        except (StorageError, AzureError) as exc:  # the timer fails; the next one tries again
             if not injected(exc):
                 raise
 
@@ -479,7 +481,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         app = self.apps[instance]
         try:
             lease = app.elector.try_acquire()
-        except AzureError as exc:
+        except (StorageError, AzureError) as exc:
             if not injected(exc):
                 raise
             return
@@ -491,9 +493,9 @@ class ProtocolMachine(RuleBasedStateMachine):
                 lease.release()
                 return
             term = LeaderTerm.begin(app, lease)
-        except (AzureError, TermEnded) as exc:
+        except (StorageError, AzureError, TermEnded) as exc:
             lease.release()
-            if isinstance(exc, AzureError) and not injected(exc):
+            if isinstance(exc, StorageError | AzureError) and not injected(exc):
                 raise
             return
         self.paused = Paused(instance, term, ready)
@@ -509,7 +511,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             SEEN["paused leader resumed and finished"] += 1
         except TermEnded as exc:
             SEEN[f"paused leader stopped: {type(exc).__name__}"] += 1
-        except AzureError as exc:
+        except (StorageError, AzureError) as exc:
             if not injected(exc):
                 raise
         finally:
