@@ -85,7 +85,8 @@ def measure_drain(connection_string: str, backlog: int, accounts: int, latency_m
     result = DrainResult(backlog, accounts, latency_ms)
     setup = leader_app(connection_string, names, names.probe(0), "setup")
     prepare(setup)
-    holder = BlobLeaseClient(setup.elector.blob)
+    holder = BlobLeaseClient(setup.clients.blob.get_blob_client(setup.config.lease_container,
+                                                                setup.config.lease_blob))
     holder.acquire(lease_duration=60)
     record_backlog(connection_string, names, backlog, accounts)
     holder.release()

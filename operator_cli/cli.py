@@ -42,6 +42,7 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.storage_errors import explain, problem
 from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
+from shared.config.timings import ElectionConfigError
 from shared.domain.contract import (
     MAX_EXPECTED_OPERATIONS,
     MalformedMessage,
@@ -50,7 +51,6 @@ from shared.domain.contract import (
     completion_message,
     parse_completion,
 )
-from shared.election.elector import ElectionConfigError
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.clients import clients_from_settings, ensure_queues

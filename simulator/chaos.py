@@ -367,7 +367,9 @@ class ChaosRun:
     def _break(self, app: LedgerApp) -> None:
         def break_now() -> None:
             try:
-                BlobLeaseClient(app.elector.blob).break_lease(lease_break_period=0)
+                blob = app.clients.blob.get_blob_client(app.config.lease_container,
+                                                        app.config.lease_blob)
+                BlobLeaseClient(blob).break_lease(lease_break_period=0)
             except HttpResponseError as exc:
                 if exc.status_code != 409:  # 409: no lease to break (released meanwhile)
                     raise

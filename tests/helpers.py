@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+from azure.storage.blob import BlobClient
+
 from shared.config.settings import load_config
 from shared.domain.clock import ComposedClock
 from shared.domain.contract import Operation, StepStatus, message_body, parse_completion
@@ -115,6 +117,11 @@ class Namespace:
             app.time_shift = time_shift
         app.ensure_resources()
         return app
+
+
+def lease_blob(app: LedgerApp) -> BlobClient:
+    """The election's lease blob, for a test that plays another holder or an operator."""
+    return app.clients.blob.get_blob_client(app.config.lease_container, app.config.lease_blob)
 
 
 def send(app: LedgerApp, *bodies: bytes) -> list[CompletionResult]:

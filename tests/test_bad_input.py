@@ -45,7 +45,7 @@ from shared.leadership.instance import LedgerApp
 from shared.storage.clients import ensure_queues
 from shared.storage.parking import PARKED_PARTITION
 from simulator.functions import indexed
-from tests.helpers import Namespace
+from tests.helpers import Namespace, lease_blob
 
 # --- an independent oracle of the v1 contract ------------------------------------------------
 REQUIRED = ("requestId", "operationId", "operation", "accountId", "amount",
@@ -553,7 +553,7 @@ def test_steps_that_disagree_are_rejected_with_a_reason_naming_what_disagrees(
         env: LedgerApp, case: Disagreement) -> None:
     """Delivered while another instance leads (so the leader sees them together), then swept."""
     request_id = json.loads(case.bodies[0])["requestId"]
-    other_leader = BlobLeaseClient(env.elector.blob)
+    other_leader = BlobLeaseClient(lease_blob(env))
     other_leader.acquire(lease_duration=60)
     try:
         for body in case.bodies:

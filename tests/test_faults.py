@@ -54,7 +54,7 @@ def deliver(app: LedgerApp, body: bytes, attempts: int = 5) -> None:
         try:
             handle_completion(app, body, message_id, dequeue_count=count)
             return
-        except (StorageError, AzureError):
+        except (AzureError, StorageError):  # the SDK's, or the lease port's translation
             continue
     raise AssertionError(f"message {body!r} failed {attempts} times")
 
@@ -65,7 +65,7 @@ def settle(app: LedgerApp, timeout: float = 60) -> None:
         try:
             run_election(app)
             return app.completions.count() == 0
-        except (StorageError, AzureError):
+        except (AzureError, StorageError):  # the SDK's, or the lease port's translation
             return False
     wait_until(quiet, timeout, "the sweeper to decide everything", interval=0.2)
 
@@ -258,7 +258,7 @@ def _acquire_by(app: LedgerApp, timeout: float) -> tuple[HeldLease, float]:
     while time.monotonic() < deadline:
         try:
             lease = app.elector.try_acquire()
-        except AzureError:
+        except (AzureError, StorageError):  # the SDK's, or the lease port's translation
             lease = None
         if lease is not None:
             return lease, time.monotonic()

@@ -22,6 +22,7 @@ from tests.helpers import (
     decided,
     deposit,
     fence_epoch,
+    lease_blob,
     record,
     send,
     status,
@@ -42,7 +43,7 @@ class FakeMonotonic:
 
 def _external_lease(app: LedgerApp) -> BlobLeaseClient:
     """A lease client on the election blob that is not any instance's (an operator, a test)."""
-    return BlobLeaseClient(app.elector.blob)
+    return BlobLeaseClient(lease_blob(app))
 
 
 def _lead(app: LedgerApp) -> LeaderTerm:

@@ -24,6 +24,7 @@ from tests.helpers import (
     balance,
     decided,
     deposit,
+    lease_blob,
     reason,
     record,
     send,
@@ -43,7 +44,7 @@ def test_hundreds_of_conflicting_steps_recorded_behind_a_lease_end_rejected_with
     """The issue's scenario: 260 distinct 128-character operationIds, each delivered twice with
     different content, recorded while another instance held the lease."""
     app = ns.app()
-    holder = BlobLeaseClient(app.elector.blob)
+    holder = BlobLeaseClient(lease_blob(app))
     holder.acquire(lease_duration=60)
     request_id = long_id("big", 0)
     for i in range(260):
@@ -71,7 +72,7 @@ def test_hundreds_of_conflicting_steps_recorded_behind_a_lease_end_rejected_with
 
 def test_more_conflicting_deliveries_of_one_step_add_one_row_only(ns: Namespace) -> None:
     app = ns.app()
-    holder = BlobLeaseClient(app.elector.blob)
+    holder = BlobLeaseClient(lease_blob(app))
     holder.acquire(lease_duration=60)
     for cents in range(1, 301):
         record(app, step("r1", "r1-a", "add_funds", "alice", f"{cents / 100:.2f}", 1))
@@ -100,7 +101,7 @@ def test_fifty_steps_with_128_character_ids_commit_with_every_leg(ns: Namespace)
 def test_too_many_distinct_steps_are_rejected_at_once_and_later_ones_settle_as_late(
         ns: Namespace) -> None:
     app = ns.app()
-    holder = BlobLeaseClient(app.elector.blob)
+    holder = BlobLeaseClient(lease_blob(app))
     holder.acquire(lease_duration=60)
     for i in range(60):
         record(app, step("r1", long_id("op", i), "add_funds", "alice", "1.00", 50))
@@ -121,7 +122,7 @@ def test_a_full_transaction_of_100_entities_with_the_largest_legs_commits(ns: Na
     targets = [long_id("dst", i) for i in range(33)]
     for i, source in enumerate(sources):
         send(app, *deposit(long_id("dep", i)[:124], source, "1000000000000.00"))
-    holder = BlobLeaseClient(app.elector.blob)
+    holder = BlobLeaseClient(lease_blob(app))
     holder.acquire(lease_duration=60)
     for i in range(33):
         request_id = long_id("tx", i)

@@ -80,7 +80,7 @@ from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from simulator.azurite import Azurite
-from tests.helpers import ManualClock, Namespace
+from tests.helpers import ManualClock, Namespace, lease_blob
 
 INSTANCES = 3
 CLOCK_SKEW_SECONDS = (0, -3600, 86_400)  # instance clocks: right, an hour slow, a day fast
@@ -463,7 +463,7 @@ class ProtocolMachine(RuleBasedStateMachine):
     def sweep(self, instance: int) -> None:
         try:
             sweep(self.apps[instance])
-        except (StorageError, AzureError) as exc:  # the timer fails; the next one tries again
+        except (AzureError, StorageError) as exc:  # the timer invocation fails; the next retries
             if not injected(exc):
                 raise
 
@@ -481,7 +481,7 @@ class ProtocolMachine(RuleBasedStateMachine):
         app = self.apps[instance]
         try:
             lease = app.elector.try_acquire()
-        except (StorageError, AzureError) as exc:
+        except StorageError as exc:  # the lease port's translation of an injected fault
             if not injected(exc):
                 raise
             return
@@ -565,7 +565,7 @@ class ProtocolMachine(RuleBasedStateMachine):
 
     def _break_lease(self) -> None:
         with contextlib.suppress(HttpResponseError):  # no lease to break
-            BlobLeaseClient(self.apps[0].elector.blob).break_lease(lease_break_period=0)
+            BlobLeaseClient(lease_blob(self.apps[0])).break_lease(lease_break_period=0)
 
     def _advance(self, seconds: int) -> None:
         self.wallclock.advance(seconds)

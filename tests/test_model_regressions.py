@@ -19,7 +19,16 @@ from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyView
 from shared.storage.parking import ParkedKind
-from tests.helpers import ManualClock, Namespace, balance, record, send, status, step
+from tests.helpers import (
+    ManualClock,
+    Namespace,
+    balance,
+    lease_blob,
+    record,
+    send,
+    status,
+    step,
+)
 
 
 def _parked_late_steps(app: LedgerApp) -> list[dict[str, Any]]:
@@ -78,7 +87,7 @@ def test_a_deposed_leader_resuming_on_its_old_scan_writes_nothing(ns: Namespace)
     assert lease is not None
     ready = ReadyView(old).read()
     term = LeaderTerm.begin(old, lease)
-    BlobLeaseClient(old.elector.blob).break_lease(lease_break_period=0)
+    BlobLeaseClient(lease_blob(old)).break_lease(lease_break_period=0)
     run_election(new)
     send(new, step("r1", "r1-0", "withdraw_funds", "acct-a", "5.00", 1))
     assert [status(new, r) for r in ("r0", "r1")] == ["committed", "committed"]

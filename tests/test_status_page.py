@@ -50,6 +50,7 @@ from tests.helpers import (
     ManualClock,
     Namespace,
     deposit,
+    lease_blob,
     record,
     send,
     status,
@@ -179,7 +180,7 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         expect(page.locator("#lease-left")).to_contain_text("at least")
 
         # ... then its lease is broken and B claims the next epoch while A still believes.
-        BlobLeaseClient(a.elector.blob).break_lease(lease_break_period=0)
+        BlobLeaseClient(lease_blob(a)).break_lease(lease_break_period=0)
         b = ns.app(instance_id="status-b", LEASE_SECONDS="15")
         held_b, term_b = lead(b)
         record(b, *transfer("after-b", "acct-000", "acct-001", "2.00"))

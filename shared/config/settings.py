@@ -13,7 +13,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.election.elector import ElectionConfigError, LeaderElectionConfig
+from shared.config.timings import LeaderElectionConfig
+from shared.errors import ConfigError as ConfigError  # re-exported: callers import it from here
 
 # The storage connection: a connection string locally, identity-based settings in Azure
 # (AzureWebJobsStorage__blobServiceUri, __queueServiceUri, __tableServiceUri, __credential,
@@ -103,10 +104,6 @@ SETTINGS: tuple[Setting, ...] = (
 FUNCTION_TIMEOUT_SECONDS = 300
 
 
-class ConfigError(ValueError):
-    """An app setting has a value the app cannot run with; the message names the fix."""
-
-
 @dataclass(frozen=True)
 class AppConfig:
     """Validated configuration of one app instance."""
@@ -178,17 +175,15 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         raise ConfigError(f"{LEASE_SECONDS.name}={lease:g}: blob leases last whole seconds; "
                           "set an integer between 15 and 60.")
     storage_timeout = _number(env, STORAGE_TIMEOUT_SECONDS, 1, 60)
-    try:
-        election = LeaderElectionConfig.build(
-            lease_seconds=lease,
-            renew_interval_seconds=_optional_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
-            safety_margin_seconds=_optional_number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30),
-            step_seconds=storage_timeout,
-            setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
-                           LEASE_SAFETY_MARGIN_SECONDS.name, STORAGE_TIMEOUT_SECONDS.name),
-        )
-    except ElectionConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    # Raises ElectionConfigError, a ConfigError that names the setting to change.
+    election = LeaderElectionConfig.build(
+        lease_seconds=lease,
+        renew_interval_seconds=_optional_number(env, RENEW_INTERVAL_SECONDS, 1, 59),
+        safety_margin_seconds=_optional_number(env, LEASE_SAFETY_MARGIN_SECONDS, 1, 30),
+        step_seconds=storage_timeout,
+        setting_names=(LEASE_SECONDS.name, RENEW_INTERVAL_SECONDS.name,
+                       LEASE_SAFETY_MARGIN_SECONDS.name, STORAGE_TIMEOUT_SECONDS.name),
+    )
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),

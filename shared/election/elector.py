@@ -1,8 +1,13 @@
-"""Leader election over an Azure blob lease, in the manner of client-go's ``leaderelection``.
+"""Leader election over a lease, in the manner of client-go's ``leaderelection``.
 
-One ``LeaderElectionConfig`` whose timings are validated up front, a ``LeaseElector`` that makes
-exactly one acquire attempt per call, and a ``HeldLease`` that renews itself and says, from a
-monotonic clock, whether a piece of work may still start.
+One ``LeaderElectionConfig`` whose timings are validated up front (``shared.config.timings``), a
+``LeaseElector`` that makes exactly one acquire attempt per ``attempt`` and says how it went
+(``Attempt``), and a ``HeldLease`` that renews itself and says, from the injected ``Clock``'s
+monotonic time, whether a piece of work may still start.
+
+The elector knows the lease only through the ``LeaseLock`` port (``shared.election.lock``): an
+Azure blob lease in production (``shared.storage.azure_leases.AzureBlobLease``), an in-memory
+one in tests. It imports no Azure SDK; every time it reads or waits is the injected clock's.
 
 What this guarantees, and what it does not:
 
@@ -11,135 +16,74 @@ What this guarantees, and what it does not:
 - It does **not** guarantee that a holder which was paused (GC, SIGSTOP, a slow network) past its
   lease stops acting: it only finds out at its next storage call. That is why every ledger write
   is also fenced by an epoch checked by storage itself (see ``shared/storage/ledger.py``); the
-  lease gives
-  liveness and saves wasted work, the fence gives safety.
+  lease gives liveness and saves wasted work, the fence gives safety.
 - The commit deadline is ``last successful renew *sent* + lease - margin`` on the monotonic clock,
   so a slow renew response cannot extend it.
-- A renewal or release, retries included, ends before the lease would expire
-  (``shared.storage.retries.fit_retries``): a transient error costs a sub-second retry, never a
-  stall
-  past the lease.
+- A renewal or release, retries included, ends before the lease would expire: the elector passes
+  the time left (``within_s``) and the lock fits its retries to it
+  (``shared.storage.retries.fit_retries``); a transient error costs a sub-second retry, never a
+  stall past the lease.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import threading
-import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import cast
 
-from azure.core.exceptions import (
-    AzureError,
-    HttpResponseError,
-    ResourceExistsError,
-    ResourceNotFoundError,
-)
-from azure.storage.blob import BlobLeaseClient, ContainerClient
+from shared.config.timings import ElectionConfigError, LeaderElectionConfig
+from shared.domain.clock import SYSTEM_CLOCK, Clock
+from shared.election.lock import LeaseLock, LeaseStatus
+from shared.errors import ConditionFailed, NotFound, StorageError, TermEnded
 
-from shared.storage.retries import fit_retries, worst_case_seconds
+__all__ = [
+    "FOLLOWER_SKIP_SECONDS",
+    "Attempt",
+    "AttemptOutcome",
+    "ElectionCallbacks",
+    "ElectionConfigError",
+    "HeldLease",
+    "LeaderElectionConfig",
+    "LeadershipLost",
+    "LeaseElector",
+    "LeaseState",
+    "MonotonicClock",
+    "TermEnded",
+    "as_clock",
+]
 
 logger = logging.getLogger(__name__)
 
-MonotonicClock = Callable[[], float]
+MonotonicClock = Callable[[], float]  # the bare monotonic clock callers passed before ``Clock``
 
 
-class ElectionConfigError(ValueError):
-    """The election timings are inconsistent; the message says which setting to change."""
+class _MonotonicOnly:
+    """A ``Clock`` over a bare monotonic function (callers that predate ``Clock``): sleeps and
+    wall time are the system's."""
+
+    def __init__(self, monotonic: MonotonicClock) -> None:
+        self._monotonic = monotonic
+
+    def monotonic(self) -> float:
+        return self._monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        SYSTEM_CLOCK.sleep(seconds)
+
+    def now(self) -> datetime:
+        return SYSTEM_CLOCK.now()
 
 
-@dataclass(frozen=True)
-class LeaderElectionConfig:
-    """Timings of the election. Build it with ``build`` so that they are derived and validated.
-
-    ``lease_seconds > renew_deadline_seconds > renew_interval_seconds`` must hold, as
-    client-go's LeaseDuration > RenewDeadline > RetryPeriod: the leader renews every
-    ``renew_interval_seconds`` and stops leading if it has not renewed for
-    ``renew_deadline_seconds`` (= lease - safety margin).
-    """
-
-    lease_seconds: float = 60
-    renew_interval_seconds: float = 20
-    safety_margin_seconds: float = 10
-
-    @property
-    def renew_deadline_seconds(self) -> float:
-        """How long after the last successful renew was sent the leader may still start work."""
-        return self.lease_seconds - self.safety_margin_seconds
-
-    @staticmethod
-    def derived_renew_interval(lease_seconds: float) -> float:
-        """The renew interval used when none is set: a third of the lease, in whole seconds."""
-        return float(max(1, math.floor(lease_seconds / 3)))
-
-    @staticmethod
-    def derived_safety_margin(lease_seconds: float) -> float:
-        """The safety margin used when none is set: a sixth of the lease, rounded up."""
-        return float(max(1, math.ceil(lease_seconds / 6)))
-
-    @classmethod
-    def build(
-        cls,
-        lease_seconds: float = 60,
-        renew_interval_seconds: float | None = None,
-        safety_margin_seconds: float | None = None,
-        step_seconds: float = 0,
-        setting_names: Sequence[str] = ("lease_seconds", "renew_interval_seconds",
-                                        "safety_margin_seconds", "step_seconds"),
-    ) -> LeaderElectionConfig:
-        """Derive what is not set, validate, and return the config.
-
-        ``None`` derives the renew interval (lease / 3) and the margin (lease / 6, rounded up)
-        from the lease: 60 s gives 20 and 10, 15 s gives 5 and 3. ``step_seconds`` is the longest
-        one storage step may take (the storage timeout): the leader must be able to start one
-        right up to its next renewal, so ``renew interval + step <= lease - margin``. Raises
-        ``ElectionConfigError`` naming the setting to change and the value that would fit.
-        """
-        lease_name, renew_name, margin_name, step_name = setting_names
-        if not 15 <= lease_seconds <= 60:
-            raise ElectionConfigError(
-                f"{lease_name}={lease_seconds:g}: Azure blob leases last 15 to 60 seconds; "
-                f"set {lease_name} between 15 and 60 (default 60)."
-            )
-        margin = (cls.derived_safety_margin(lease_seconds) if safety_margin_seconds is None
-                  else safety_margin_seconds)
-        renew = (cls.derived_renew_interval(lease_seconds) if renew_interval_seconds is None
-                 else renew_interval_seconds)
-        if margin <= 0:
-            raise ElectionConfigError(f"{margin_name} must be greater than 0.")
-        if renew <= 0:
-            raise ElectionConfigError(f"{renew_name} must be greater than 0.")
-        config = cls(lease_seconds, renew, margin)
-        deadline = config.renew_deadline_seconds
-        renew_text = f"{renew:g} s{' derived' if renew_interval_seconds is None else ''}"
-        margin_text = f"{margin:g}{' derived' if safety_margin_seconds is None else ''}"
-        if not deadline > renew:
-            raise ElectionConfigError(
-                f"{lease_name} - {margin_name} ({lease_seconds:g} - {margin_text} = {deadline:g} "
-                f"s) must be greater than {renew_name} ({renew_text}), or the leader cannot renew "
-                f"before it must stop; lower {renew_name} or {margin_name}, or leave them unset "
-                f"to derive them from {lease_name} ({cls._derived_text(lease_seconds)})."
-            )
-        if renew + step_seconds > deadline:
-            fits = deadline - renew
-            raise ElectionConfigError(
-                f"{step_name}={step_seconds:g} does not fit: {renew_name} ({renew_text}) + "
-                f"{step_name} must be at most {lease_name} - {margin_name} ({lease_seconds:g} - "
-                f"{margin_text} = {deadline:g} s), "
-                f"or the leader gives up its lease between two renewals; set {step_name} to at "
-                f"most {fits:g}, lower {renew_name}, or raise {lease_name}."
-            )
-        return config
-
-    @classmethod
-    def _derived_text(cls, lease_seconds: float) -> str:
-        return (f"{lease_seconds:g} s gives {cls.derived_renew_interval(lease_seconds):g} and "
-                f"{cls.derived_safety_margin(lease_seconds):g}")
+def as_clock(clock: Clock | MonotonicClock) -> Clock:
+    """``clock`` as a ``Clock``: a bare monotonic function is wrapped."""
+    if getattr(clock, "monotonic", None) is None:
+        return _MonotonicOnly(cast(MonotonicClock, clock))
+    return cast(Clock, clock)
 
 
 class LeaseState(StrEnum):
@@ -148,15 +92,6 @@ class LeaseState(StrEnum):
     LEADING = "leading"
     RELEASED = "released"
     LOST = "lost"
-
-
-class TermEnded(RuntimeError):
-    """A leadership term must stop now; the next leader resumes from the tables.
-
-    The base of every reason a term ends early (the lease lost, the fence taken by a newer
-    epoch, a ledger write storage refused for a reason the leader cannot resolve). The pipeline
-    catches this one class; nothing a term raised it for was half-written.
-    """
 
 
 class LeadershipLost(TermEnded):
@@ -169,7 +104,8 @@ class ElectionCallbacks:
 
     ``on_started_leading(holder_id)`` after the lease is acquired; ``before_release(holder_id)``
     just before it is given back (the leader has stopped working); ``on_stopped_leading(holder_id,
-    state)`` when it is released or lost; ``on_refused(instance_id)`` after a 409 (another leader).
+    state)`` when it is released or lost; ``on_refused(instance_id)`` after a refusal (another
+    leader).
     """
 
     on_started_leading: Callable[[str], None] = lambda holder_id: None
@@ -183,21 +119,21 @@ class HeldLease:
     """A lease this process holds: renews itself, knows its deadline, releases once.
 
     Renewal happens at the leader's checkpoints (``ensure_can_start``) and, once
-    ``keep_renewing`` is called, also on a background thread every ``renew_interval_seconds``,
-    so that one long storage step does not starve it. A lock serialises the two.
+    ``keep_renewing`` is called, also on a background thread that sleeps (on the clock) until the
+    next renewal is due, so that one long storage step does not starve it. A lock serialises the
+    two.
     """
 
-    lease: BlobLeaseClient
+    lock: LeaseLock
+    lease_id: str  # the id storage knows this holder by (the same after the release)
     config: LeaderElectionConfig
-    clock: MonotonicClock
+    clock: Clock
     last_renew_sent: float
     callbacks: ElectionCallbacks = field(default_factory=ElectionCallbacks)
-    call_timeout_seconds: float = 5  # one try of a lease call (STORAGE_TIMEOUT_SECONDS)
     state: LeaseState = LeaseState.LEADING
     # Called after each successful renewal (the wake-up alarm follows the lease's expiry).
     on_renewed: Callable[[], None] | None = None
-    _id: str = field(default="", repr=False)  # the SDK clears its own copy at release
-    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    _mutex: threading.RLock = field(default_factory=threading.RLock, repr=False)
     _ended: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def keep_renewing(self) -> None:
@@ -206,20 +142,19 @@ class HeldLease:
                          daemon=True).start()
 
     def _renew_loop(self) -> None:
-        while not self._ended.wait(self.config.renew_interval_seconds):
+        while not self._ended.is_set():
+            self.clock.sleep(max(self.next_renewal() - self.clock.monotonic(), _MIN_WAIT_SECONDS))
+            if self._ended.is_set():
+                return
             try:
                 self.renew_if_due()
             except LeadershipLost as exc:
                 logger.warning("background renewal stopped: %s", exc)
                 return
 
-    def __post_init__(self) -> None:
-        self._id = str(self.lease.id)
-
-    @property
-    def lease_id(self) -> str:
-        """The lease id storage knows this holder by (the same after the release)."""
-        return self._id
+    def next_renewal(self) -> float:
+        """Monotonic time at which the next renewal is due."""
+        return self.last_renew_sent + self.config.renew_interval_seconds
 
     def deadline(self) -> float:
         """Monotonic time after which no work may still be running under this lease."""
@@ -227,18 +162,16 @@ class HeldLease:
 
     def remaining(self) -> float:
         """Seconds left before ``deadline``."""
-        return self.deadline() - self.clock()
+        return self.deadline() - self.clock.monotonic()
 
-    def _call_options(self) -> dict[str, Any]:
-        """Retries and per-try timeouts that end a lease call before the lease would expire."""
-        left = self.last_renew_sent + self.config.lease_seconds - self.clock()
-        budget = min(left, worst_case_seconds(self.call_timeout_seconds))
-        return fit_retries(budget, self.call_timeout_seconds)
+    def _time_left(self) -> float:
+        """Seconds before the lease itself would expire: a lease call must end within them."""
+        return self.last_renew_sent + self.config.lease_seconds - self.clock.monotonic()
 
     def ensure_can_start(self, work_seconds: float) -> None:
         """Renew if due, then raise ``LeadershipLost`` unless work of this length ends in time."""
         self.renew_if_due()
-        if self.clock() + work_seconds > self.deadline():
+        if self.clock.monotonic() + work_seconds > self.deadline():
             left = self.remaining()
             self.release()  # best effort: frees it for the next leader before it expires
             raise LeadershipLost(
@@ -248,23 +181,22 @@ class HeldLease:
 
     def renew_if_due(self) -> None:
         """Renew when ``renew_interval_seconds`` have passed; a failed renew stops leadership."""
-        with self._lock:
+        with self._mutex:
             if self.state is not LeaseState.LEADING:
                 raise LeadershipLost(f"lease {self.lease_id} is {self.state.value}")
-            if self.clock() - self.last_renew_sent < self.config.renew_interval_seconds:
+            if self.clock.monotonic() < self.next_renewal():
                 return
             self.renew()
 
     def renew(self) -> None:
         """Renew now; on any failure mark the lease lost and raise ``LeadershipLost``."""
-        with self._lock:
-            sent = self.clock()
+        with self._mutex:
+            sent = self.clock.monotonic()
             try:
-                self.lease.renew(**self._call_options())
-            except AzureError as exc:  # refused (409: lost) or unreachable: both end leadership
+                self.lock.renew(self.lease_id, within_s=self._time_left())
+            except StorageError as exc:  # refused (lost) or unreachable: both end leadership
                 self._stop(LeaseState.LOST)
-                raise LeadershipLost(
-                    f"renewing lease {self.lease_id} failed: {_why(exc)}") from exc
+                raise LeadershipLost(f"renewing lease {self.lease_id} failed: {exc}") from exc
             self.last_renew_sent = sent
             logger.debug("renewed lease %s", self.lease_id)
         if self.on_renewed is not None:
@@ -272,15 +204,15 @@ class HeldLease:
 
     def release(self) -> None:
         """Give the lease back so the next candidate need not wait for it to expire."""
-        with self._lock:
+        with self._mutex:
             if self.state is not LeaseState.LEADING:
                 return
             self.callbacks.before_release(self.lease_id)
             try:
-                self.lease.release(**self._call_options())
-            except AzureError as exc:
+                self.lock.release(self.lease_id, within_s=self._time_left())
+            except StorageError as exc:
                 # Already expired or taken over (or unreachable): it expires by itself.
-                logger.info("lease %s was not released (%s)", self.lease_id, _why(exc))
+                logger.info("lease %s was not released (%s)", self.lease_id, exc)
                 self._stop(LeaseState.LOST)
                 return
             self._stop(LeaseState.RELEASED)
@@ -292,87 +224,127 @@ class HeldLease:
             self.callbacks.on_stopped_leading(self.lease_id, state)
 
 
-def _why(exc: AzureError) -> str:
-    return str(getattr(exc, "reason", None) or type(exc).__name__)
-
+# The renew thread never waits less than this between two looks at the lease (no busy loop).
+_MIN_WAIT_SECONDS = 0.05
 
 # After a refused acquire (409: a leader holds the lease) an instance makes no further attempt
 # for this long: its completions are covered by that leader's final look, which comes this long
 # after its release (``shared.leadership.elections.run_election``). It keeps the lease blob's load
-# at most
-# one attempt per instance per window, whatever the message rate.
+# at most one attempt per instance per window, whatever the message rate.
 FOLLOWER_SKIP_SECONDS = 0.25
 
 
-class LeaseElector:
-    """Makes one acquire attempt per ``try_acquire`` on one blob's lease.
+class AttemptOutcome(StrEnum):
+    """How one acquire attempt went (the values are telemetry's ``result``)."""
 
-    After a refusal it skips attempts (returns ``None`` without a call) for ``skip_seconds``,
-    measured on ``time.monotonic`` from before the refused request was sent.
+    ACQUIRED = "acquired"
+    REFUSED = "refused"  # another holder has the lease: a normal outcome, not an error
+    SKIPPED = "skipped"  # no call made: a leader was seen within the skip window
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The outcome of ``LeaseElector.attempt``: the lease when acquired, else why not."""
+
+    outcome: AttemptOutcome
+    lease: HeldLease | None = None
+
+    @property
+    def acquired(self) -> bool:
+        return self.outcome is AttemptOutcome.ACQUIRED
+
+    @property
+    def skipped(self) -> bool:
+        """No call was made: a leader was seen within the skip window."""
+        return self.outcome is AttemptOutcome.SKIPPED
+
+    @property
+    def refused(self) -> bool:
+        return self.outcome is AttemptOutcome.REFUSED
+
+
+class LeaseElector:
+    """Makes one acquire attempt per ``attempt`` on one lease (``LeaseLock``).
+
+    After a refusal that followed a recording, it skips such attempts (no call) for
+    ``skip_seconds``, measured on the clock from before the refused request was sent.
     """
 
     def __init__(
         self,
-        container: ContainerClient,
-        blob_name: str,
+        lock: LeaseLock,
         config: LeaderElectionConfig,
         instance_id: str,
-        clock: MonotonicClock = time.monotonic,
+        clock: Clock | MonotonicClock = SYSTEM_CLOCK,
         callbacks: ElectionCallbacks | None = None,
-        call_timeout_seconds: float = 5,
     ) -> None:
-        self.container = container
-        self.call_timeout_seconds = call_timeout_seconds
-        self.blob = container.get_blob_client(blob_name)
+        self.lock = lock
         self.config = config
         self.instance_id = instance_id
-        self.clock = clock
+        self._clock = as_clock(clock)
         self.callbacks = callbacks or ElectionCallbacks()
         self.skip_seconds = FOLLOWER_SKIP_SECONDS
         self.skipped = 0  # attempts skipped because a leader was seen within the window
-        self.window_opened_at = float("-inf")  # time.monotonic() of the last refusal that did
+        self.window_opened_at = float("-inf")  # clock time of the last refusal that opened one
         self._leader_seen_until = float("-inf")
 
-    def ensure_blob(self) -> None:
-        """Create the lease blob (and its container) if missing; idempotent."""
-        with contextlib.suppress(ResourceExistsError):
-            self.container.create_container()
-        with contextlib.suppress(ResourceExistsError):  # exists, possibly leased: both fine
-            self.blob.upload_blob(b"", overwrite=False)
+    @property
+    def clock(self) -> Clock:
+        """The clock of every timing decision (the held leases' too)."""
+        return self._clock
 
-    def try_acquire(self, after_recording: bool = False) -> HeldLease | None:
-        """One attempt. ``None`` when another holder has it (a normal outcome, not an error).
+    @clock.setter
+    def clock(self, clock: Clock | MonotonicClock) -> None:
+        self._clock = as_clock(clock)
+
+    def ensure_exists(self) -> None:
+        """Create the lease (its blob and container) if missing; idempotent."""
+        self.lock.ensure_exists()
+
+    ensure_blob = ensure_exists  # the name callers used before the lock port
+
+    def lease_view(self) -> LeaseStatus:
+        """The lease as storage reports it, for the read API and the status page."""
+        return self.lock.state()
+
+    def attempt(self, after_recording: bool = False) -> Attempt:
+        """One attempt: acquired, refused (another holder has it) or skipped (no call made).
 
         ``after_recording``: this attempt follows a row this invocation wrote. Then, within
-        ``skip_seconds`` of an earlier such refusal, ``None`` without asking storage (a leader
-        was active then, and its final look covers the window); and a refusal opens the window.
+        ``skip_seconds`` of an earlier such refusal, it is skipped (a leader was active then, and
+        its final look covers the window); and a refusal opens the window. Storage errors other
+        than a refusal propagate (``StorageError``).
         """
-        seen = time.monotonic()
+        seen = self._clock.monotonic()
         if after_recording and seen < self._leader_seen_until:
             self.skipped += 1
-            return None
-        lease = BlobLeaseClient(self.blob, lease_id=str(uuid.uuid4()))
-        sent = self.clock()
+            return Attempt(AttemptOutcome.SKIPPED)
+        proposed = str(uuid.uuid4())
+        duration = int(self.config.lease_seconds)
+        sent = self._clock.monotonic()
         try:
             try:
-                lease.acquire(lease_duration=int(self.config.lease_seconds))
-            except ResourceNotFoundError:
-                self.ensure_blob()  # first run against this account: make the blob, try once more
-                sent = self.clock()
-                lease.acquire(lease_duration=int(self.config.lease_seconds))
-        except HttpResponseError as exc:
-            if exc.status_code == 409:
-                if after_recording:
-                    self._leader_seen_until = seen + self.skip_seconds
-                    self.window_opened_at = seen
-                logger.debug("%s: lease held by another instance; exiting early", self.instance_id)
-                self.callbacks.on_refused(self.instance_id)
-                return None
-            raise
-        held = HeldLease(lease, self.config, self.clock, last_renew_sent=sent,
-                         callbacks=self.callbacks, call_timeout_seconds=self.call_timeout_seconds)
+                lease_id = self.lock.acquire(duration, proposed)
+            except NotFound:
+                self.lock.ensure_exists()  # first run against this account: make it, try again
+                sent = self._clock.monotonic()
+                lease_id = self.lock.acquire(duration, proposed)
+        except ConditionFailed:
+            if after_recording:
+                self._leader_seen_until = seen + self.skip_seconds
+                self.window_opened_at = seen
+            logger.debug("%s: lease held by another instance; exiting early", self.instance_id)
+            self.callbacks.on_refused(self.instance_id)
+            return Attempt(AttemptOutcome.REFUSED)
+        held = HeldLease(self.lock, lease_id, self.config, self._clock, last_renew_sent=sent,
+                         callbacks=self.callbacks)
         # DEBUG: between terms each message can win a lease that finds nothing ready; the INFO
         # line of a term that claims an epoch says who leads.
         logger.debug("%s acquired lease %s", self.instance_id, held.lease_id)
         self.callbacks.on_started_leading(held.lease_id)
-        return held
+        return Attempt(AttemptOutcome.ACQUIRED, held)
+
+    def try_acquire(self, after_recording: bool = False) -> HeldLease | None:
+        """``attempt(...).lease``: the lease, or ``None`` when refused or skipped (the API before
+        ``Attempt``; a skip shows only as ``skipped`` growing)."""
+        return self.attempt(after_recording).lease

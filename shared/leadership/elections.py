@@ -109,13 +109,11 @@ class Election:
         self.result.stopped_by = ROUNDS_SPENT
 
     def _attempt(self, skippable: bool) -> HeldLease | None:
-        elector = self.app.elector
-        skipped_before = elector.skipped
-        with telemetry.lease_attempt() as attempt:
-            lease = attempt.done(elector.try_acquire(after_recording=skippable))
-            if elector.skipped > skipped_before:
-                attempt.result = "skipped"  # no call made: a leader was seen within the window
-        return lease
+        """One acquire attempt (skipped, without a call, within a window a leader opened)."""
+        with telemetry.lease_attempt() as span:
+            attempt = self.app.elector.attempt(after_recording=skippable)
+            span.result = attempt.outcome.value
+        return attempt.lease
 
     def _lead(self, lease: HeldLease) -> bool:
         """One term under ``lease``; False when it ended early (the invocation then stops)."""

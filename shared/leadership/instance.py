@@ -18,6 +18,7 @@ from shared.config.settings import AppConfig
 from shared.domain.clock import SYSTEM_CLOCK, Clock
 from shared.domain.model import LedgerSnapshot
 from shared.election.elector import ElectionCallbacks, LeaseElector
+from shared.storage.azure_leases import AzureBlobLease
 from shared.storage.azure_queues import AzureQueue
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients, ensure_queues, ensure_tables
@@ -85,9 +86,10 @@ class LedgerApp:
             completions=CompletionStore(clients.open_table(config.completions_table)),
             ledger=Ledger(clients.open_table(config.ledger_table)),
             parking=ParkingLot(clients.open_table(config.parked_table)),
-            elector=LeaseElector(container, config.lease_blob, config.election,
-                                 config.instance_id, clock.monotonic, callbacks,
-                                 call_timeout_seconds=config.storage_timeout_seconds),
+            elector=LeaseElector(
+                AzureBlobLease(container, config.lease_blob,
+                               call_timeout_seconds=config.storage_timeout_seconds),
+                config.election, config.instance_id, clock, callbacks),
             clock=clock,
         )
 

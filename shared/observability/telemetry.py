@@ -325,15 +325,11 @@ def _links(traceparents: Iterable[tuple[str, str, str]]) -> list[Link]:
 # --- leadership ------------------------------------------------------------------------------
 
 class LeaseAttempt:
-    """One acquire attempt in progress: ``done(lease)`` says how it went."""
+    """One acquire attempt in progress: set ``result`` (acquired, refused, skipped) when known;
+    it stays ``error`` when the attempt raised."""
 
     def __init__(self) -> None:
         self.result = "error"
-
-    def done(self, lease: R) -> R:
-        """Note whether ``lease`` (``None``: refused) was acquired; return it."""
-        self.result = "refused" if lease is None else "acquired"
-        return lease
 
 
 @contextmanager

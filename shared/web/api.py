@@ -7,11 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
-
 from shared.domain.contract import IDENTIFIER_PATTERN
 from shared.domain.model import Fence
 from shared.domain.money import format_money
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
@@ -60,12 +59,13 @@ def request(app: LedgerApp, request_id: str) -> Reply:
 
 
 def lease_view(app: LedgerApp) -> dict[str, str]:
-    """The election blob's lease state and status (a blob not made yet is not leased)."""
+    """The election lease's state and status (a blob not made yet is not leased); ``unknown``
+    with the reason when storage did not say."""
     try:
-        props = app.elector.blob.get_blob_properties()
-    except ResourceNotFoundError:
-        return {"state": "available", "status": "unlocked"}
-    return {"state": str(props.lease.state), "status": str(props.lease.status)}
+        status = app.elector.lease_view()
+    except StorageError as exc:
+        return {"state": "unknown", "error": str(exc)}
+    return {"state": status.state, "status": status.status}
 
 
 def leader_view(fence: Fence | None, lease: Mapping[str, str]) -> dict[str, Any]:
@@ -85,10 +85,7 @@ def leader_view(fence: Fence | None, lease: Mapping[str, str]) -> dict[str, Any]
 def leader(app: LedgerApp) -> Reply:
     """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
     fence = app.ledger.read_fence()
-    try:
-        lease = lease_view(app)
-    except HttpResponseError as exc:
-        lease = {"state": "unknown", "error": str(exc.reason)}
+    lease = lease_view(app)  # "unknown", with the reason, when storage did not say
     parked = app.parking.count_by_kind()
     return Reply(200, {
         **leader_view(fence, lease),
