@@ -53,6 +53,7 @@ from shared.domain.contract import (
 )
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.storage.azure_queues import AzureQueue
 from shared.storage.clients import clients_from_settings, ensure_queues
 from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
 from shared.web import api
@@ -218,7 +219,7 @@ def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
             output.data({"queue": app.config.completions_queue, "sent": [],
                          "refused": invalid})
         return EXIT_REFUSED
-    queue = app.queue()
+    queue = _azure_queue(app, app.config.completions_queue)
     if args.create_queue:
         _create_queue(app)
     sent: list[dict[str, Any]] = []
@@ -242,6 +243,12 @@ def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
         for item in sent]))
     output.line(f"sent {len(sent)} message(s) to queue {app.config.completions_queue!r}")
     return EXIT_OK
+
+
+def _azure_queue(app: LedgerApp, name: str, raw: bool = False) -> AzureQueue:
+    """The queue on its Azure adapter (its URL for messages, a peek), as ``app.queue`` makes it."""
+    return app.clients.open_queue(name, raw=raw,
+                                  timeout_seconds=app.config.storage_timeout_seconds)
 
 
 def _create_queue(app: LedgerApp) -> None:
@@ -349,7 +356,7 @@ def _poison_text(text: str) -> str:
 def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """Peek at the poison queue (messages the host gave up on after maxDequeueCount)."""
     try:
-        found = peek_poisoned(app.queue(app.config.poison_queue, raw=True), args.limit)
+        found = peek_poisoned(_azure_queue(app, app.config.poison_queue, raw=True), args.limit)
     except NotFound:
         found = []
     views: list[dict[str, Any]] = [

@@ -19,12 +19,12 @@ from shared.domain.clock import SYSTEM_CLOCK, Clock
 from shared.domain.model import LedgerSnapshot
 from shared.election.elector import ElectionCallbacks, LeaseElector
 from shared.storage.azure_leases import AzureBlobLease
-from shared.storage.azure_queues import AzureQueue
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients, ensure_queues, ensure_tables
 from shared.storage.completions import CompletionStore
 from shared.storage.ledger import Ledger
 from shared.storage.parking import ParkingLot
+from shared.storage.ports import MessageQueue
 
 
 class RecentRequests:
@@ -105,7 +105,7 @@ class LedgerApp:
             ensure_queues(self.clients, (self.config.completions_queue, self.config.poison_queue,
                                          self.config.wakeup_queue))
 
-    def queue(self, name: str | None = None, *, raw: bool = False) -> AzureQueue:
+    def queue(self, name: str | None = None, *, raw: bool = False) -> MessageQueue:
         """The completions queue (or ``name``): text encoded as the host decodes it (base64),
         or, ``raw``, as it is on the wire (moving and peeking at poisoned messages).
 
@@ -115,7 +115,7 @@ class LedgerApp:
                                        timeout_seconds=self.config.storage_timeout_seconds)
 
     @functools.cached_property
-    def wakeup_queue(self) -> AzureQueue:
+    def wakeup_queue(self) -> MessageQueue:
         """The wake-up queue (lease alarms), made once: a term must not open a connection of
         its own."""
         return self.queue(self.config.wakeup_queue)
