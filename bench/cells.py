@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from azure.core.exceptions import AzureError, ResourceExistsError
-from azure.data.tables import TableClient, TableServiceClient
+from azure.core.exceptions import AzureError
+from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
 from azure.storage.queue import QueueServiceClient
 
@@ -43,8 +43,13 @@ from shared.domain.planning import LEDGER_PARTITION, account_key
 from shared.election.elector import ElectionCallbacks
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
-from shared.storage.clients import TransportFactory, clients_from_connection_string
+from shared.storage.clients import (
+    TransportFactory,
+    clients_from_connection_string,
+    ensure_queues,
+)
 from shared.storage.completions import CompletionStore
+from shared.storage.ports import Table
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +123,13 @@ def prepare(app: LedgerApp) -> None:
     """Create what a deployment has before the first delivery: tables, lease blob, and the
     wake-up queue that leaders arm their lease alarms on (nothing in the benchmark reads it)."""
     app.ensure_resources(queues=False)
-    with contextlib.suppress(ResourceExistsError):
-        app.clients.queue.create_queue(app.config.wakeup_queue)
+    ensure_queues(app.clients, [app.config.wakeup_queue])
 
 
-def seed_accounts(table: TableClient, accounts: list[str], balance: str) -> None:
+def seed_accounts(table: Table, accounts: list[str], balance: str) -> None:
     """Give each account a balance row in the ledger partition (before any leader ran)."""
     for start in range(0, len(accounts), 99):
-        table.submit_transaction([
+        table.submit([
             ("create", {"PartitionKey": LEDGER_PARTITION, "RowKey": account_key(account),
                         "balance": balance, "epoch": 0, "updatedAt": ""})
             for account in accounts[start:start + 99]])
@@ -285,8 +289,8 @@ def _build(connection_string: str, names: Names, probe: StorageProbe, strategy: 
                           [account_name(i) for i in range(SPREAD_ACCOUNTS)],
                           format_money(SEED_BALANCE))
         leaders = [LeaderInstance(app, on_commit) for app in apps]
-        unprobed = CompletionStore(TableServiceClient.from_connection_string(
-            connection_string).get_table_client(names.env()["COMPLETIONS_TABLE_NAME"]))
+        unprobed = CompletionStore(clients_from_connection_string(connection_string).open_table(
+            names.env()["COMPLETIONS_TABLE_NAME"]))
 
         def announced() -> int:  # markers in the ready index (never the waiting step rows)
             return len(unprobed.ready(fallback_now=apps[0].clock.now()).markers)

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from azure.core.exceptions import AzureError, ResourceExistsError, ResourceNotFoundError
+from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.storage_errors import explain, problem
@@ -51,8 +51,10 @@ from shared.domain.contract import (
     completion_message,
     parse_completion,
 )
+from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
-from shared.storage.clients import clients_from_settings
+from shared.storage.azure_queues import AzureQueue
+from shared.storage.clients import clients_from_settings, ensure_queues
 from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
 from shared.web import api
 
@@ -217,20 +219,21 @@ def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
             output.data({"queue": app.config.completions_queue, "sent": [],
                          "refused": invalid})
         return EXIT_REFUSED
-    queue = app.queue_client()
+    queue = _azure_queue(app, app.config.completions_queue)
     if args.create_queue:
         _create_queue(app)
     sent: list[dict[str, Any]] = []
     for item, body in zip(checked, bodies, strict=True):
         try:
-            receipt = queue.send_message(body)
-        except ResourceNotFoundError:
+            receipt = queue.send(body)
+        except NotFound:
             raise Refused(f"queue {app.config.completions_queue!r} does not exist at "
-                          f"{queue.url}; check COMPLETIONS_QUEUE_NAME, or pass --create-queue "
-                          f"(local Azurite); {len(sent)} message(s) were sent before") from None
-        item["messageId"] = receipt.id
+                          f"{queue.client.url}; check COMPLETIONS_QUEUE_NAME, or pass "
+                          f"--create-queue (local Azurite); {len(sent)} message(s) were sent "
+                          "before") from None
+        item["messageId"] = receipt.message_id
         sent.append(item)
-        logger.info("sent message %s", receipt.id)
+        logger.info("sent message %s", receipt.message_id)
     if output.as_json:
         output.data({"queue": app.config.completions_queue, "sent": sent})
         return EXIT_OK
@@ -242,9 +245,14 @@ def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
     return EXIT_OK
 
 
+def _azure_queue(app: LedgerApp, name: str, raw: bool = False) -> AzureQueue:
+    """The queue on its Azure adapter (its URL for messages, a peek), as ``app.queue`` makes it."""
+    return app.clients.open_queue(name, raw=raw,
+                                  timeout_seconds=app.config.storage_timeout_seconds)
+
+
 def _create_queue(app: LedgerApp) -> None:
-    with contextlib.suppress(ResourceExistsError):
-        app.clients.queue.create_queue(app.config.completions_queue)
+    ensure_queues(app.clients, [app.config.completions_queue])
 
 
 # --- parked messages ----------------------------------------------------------------------
@@ -262,7 +270,7 @@ def _parked_view(message: ParkedMessage, full: bool) -> dict[str, Any]:
 def _parked_messages(app: LedgerApp, limit: int) -> list[ParkedMessage]:
     try:
         return app.parking.list(limit=limit)
-    except ResourceNotFoundError:  # the table is made on first use: nothing was parked yet
+    except NotFound:  # the table is made on first use: nothing was parked yet
         return []
 
 
@@ -285,7 +293,7 @@ def cmd_parked_list(app: LedgerApp, args: argparse.Namespace, output: Output) ->
 def _get_parked(app: LedgerApp, parked_id: str) -> ParkedMessage:
     try:
         message = app.parking.get(parked_id)
-    except ResourceNotFoundError:
+    except NotFound:
         message = None
     if message is None:
         raise Refused(f"no parked message {parked_id!r}; list them with '{PROG} parked list'")
@@ -320,8 +328,8 @@ def cmd_parked_replay(app: LedgerApp, args: argparse.Namespace, output: Output,
                           f"breaks the v1 contract ({exc}); fix it with --body-file F, or add "
                           "--raw to replay it anyway") from None
     try:
-        app.parking.replay(args.id, app.queue_client(), body)
-    except ResourceNotFoundError:
+        app.parking.replay(args.id, app.queue(), body)
+    except NotFound:
         raise Refused(f"queue {app.config.completions_queue!r} does not exist; check "
                       "COMPLETIONS_QUEUE_NAME") from None
     except UnicodeDecodeError:
@@ -348,8 +356,8 @@ def _poison_text(text: str) -> str:
 def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """Peek at the poison queue (messages the host gave up on after maxDequeueCount)."""
     try:
-        found = peek_poisoned(app.raw_queue_client(app.config.poison_queue), args.limit)
-    except ResourceNotFoundError:
+        found = peek_poisoned(_azure_queue(app, app.config.poison_queue, raw=True), args.limit)
+    except NotFound:
         found = []
     views: list[dict[str, Any]] = [
         {"id": m.message_id, "insertedOn": m.inserted_on, "dequeueCount": m.dequeue_count,
@@ -368,9 +376,9 @@ def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) ->
 def cmd_poison_replay(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """Move poisoned messages back to the completions queue, unchanged."""
     try:
-        moved = replay_poisoned(app.raw_queue_client(app.config.poison_queue),
-                                app.raw_queue_client(app.config.completions_queue), args.limit)
-    except ResourceNotFoundError:
+        moved = replay_poisoned(app.queue(app.config.poison_queue, raw=True),
+                                app.queue(raw=True), args.limit)
+    except NotFound:
         raise Refused(f"queue {app.config.poison_queue!r} or {app.config.completions_queue!r} "
                       "does not exist; check COMPLETIONS_QUEUE_NAME") from None
     if output.as_json:
@@ -386,7 +394,7 @@ def _answer(app: LedgerApp, call: Callable[[], api.Reply]) -> dict[str, Any]:
     """The body of a read-API answer; a 4xx answer becomes this CLI's error."""
     try:
         reply = call()
-    except ResourceNotFoundError as exc:
+    except (NotFound, ResourceNotFoundError) as exc:  # the lease blob's read is the SDK's
         raise Refused(f"{problem(exc)}: the app creates its tables and lease blob on "
                       f"its first run (check the names: tables {app.config.completions_table!r}, "
                       f"{app.config.ledger_table!r})") from None
@@ -618,7 +626,7 @@ def main(argv: Sequence[str] | None = None, *, environ: Mapping[str, str] | None
     except Refused as exc:
         output.error(str(exc))
         return EXIT_REFUSED
-    except AzureError as exc:
+    except (StorageError, AzureError) as exc:
         output.error(explain(exc, app.clients, env))
         return EXIT_REFUSED
 

@@ -12,6 +12,8 @@ The subfamilies say what the caller should do, not where the error came from:
   ``StorageUnavailable`` (transient: timeouts, throttling, 5xx, connection errors; also
   ``Retryable``) and ``StorageRefused`` (a definite answer: not found, exists, condition failed,
   forbidden, bad request) carry the HTTP status and storage's error code when there is one.
+  When storage never answered, ``failure`` says why (``UNREACHABLE``, ``NO_ANSWER``,
+  ``NO_CREDENTIAL``), so that a message for people can say it without naming an endpoint.
 
 This module imports nothing of the app: it is the bottom of every layer.
 """
@@ -39,13 +41,21 @@ class Retryable(LedgerError):
     """A race or transient condition: trying the same thing again may succeed."""
 
 
+# Why storage never answered a call (``StorageError.failure``).
+UNREACHABLE = "unreachable"  # no connection could be made
+NO_ANSWER = "no-answer"  # the connection was dropped, or the answer timed out or was cut short
+NO_CREDENTIAL = "no-credential"  # no token for storage could be had (identity-based access)
+
+
 class StorageError(LedgerError):
     """Storage failed or refused a call (translated from the SDK in ``shared.storage``)."""
 
-    def __init__(self, message: str, *, status: int | None = None, code: str | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, code: str | None = None,
+                 failure: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
+        self.failure = failure  # UNREACHABLE, NO_ANSWER, NO_CREDENTIAL; None when it answered
 
 
 class StorageUnavailable(StorageError, Retryable):

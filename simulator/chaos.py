@@ -46,6 +46,7 @@ from azure.core.exceptions import AzureError, HttpResponseError
 from azure.storage.blob import BlobLeaseClient
 
 from shared.config.settings import SETTINGS, load_config
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.clients import clients_from_connection_string
 from simulator.azurite import Azurite
@@ -179,18 +180,18 @@ class ChaosRun:
                 with self.storage_lock:
                     action()
                 return
-            except AzureError as exc:
+            except (StorageError, AzureError) as exc:  # the lease blob's calls are the SDK's
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{what} kept failing: {exc}") from exc
                 time.sleep(0.5)
 
     def _enqueue(self, app: LedgerApp, messages: list[str], seconds: float) -> None:
-        queue = app.queue_client()
+        queue = app.queue()
         pace = seconds / max(len(messages), 1)
         with ThreadPoolExecutor(max_workers=4) as pool:
             for message in messages:
                 pool.submit(self._retrying, "sending a message",
-                            functools.partial(queue.send_message, message))
+                            functools.partial(queue.send, message))
                 if pace:
                     time.sleep(pace)
 
@@ -283,7 +284,7 @@ class ChaosRun:
     def _count(read: Callable[[], int]) -> int:
         try:
             return read()
-        except AzureError:
+        except StorageError:
             return -1
 
     def _decided(self, app: LedgerApp) -> int:
@@ -292,8 +293,7 @@ class ChaosRun:
     def _quiet(self, app: LedgerApp) -> bool:
         if self._decided(app) < self.work.all_requests:
             return False
-        queued = self._count(lambda: int(
-            app.queue_client().get_queue_properties().approximate_message_count or 0))
+        queued = self._count(lambda: app.queue().approximate_count())
         return queued == 0
 
     def _wait(self, predicate: Callable[[], bool], seconds: float, what: str) -> None:
@@ -414,7 +414,7 @@ class ChaosRun:
     def _committed_since(app: LedgerApp, epoch: int) -> bool:
         try:
             fence = app.ledger.read_fence()
-        except AzureError:
+        except StorageError:
             return False
         return fence is not None and fence.epoch > epoch and bool(fence.last_commit_at) and (
             fence.last_commit_at > fence.claimed_at)
@@ -434,13 +434,13 @@ class ChaosRun:
         fence = app.ledger.read_fence()
         self.figures.epochs = fence.epoch if fence else 0
         parked = [(m.kind.value, m.body, m.error) for m in app.parking.list(limit=100_000)]
-        poison = app.raw_queue_client(app.config.poison_queue)
+        poison = app.queue(app.config.poison_queue, raw=True)
         texts: list[str] = []
-        for message in poison.receive_messages(max_messages=32, visibility_timeout=300):
+        for message in poison.receive(max_messages=32, visibility_timeout=300):
             try:
-                texts.append(base64.b64decode(str(message.content), validate=True).decode())
+                texts.append(base64.b64decode(message.text, validate=True).decode())
             except (binascii.Error, UnicodeDecodeError):
-                texts.append(str(message.content))
+                texts.append(message.text)
         return check_chaos(self.work, decided, app.ledger.list_balances(), parked, texts,
                            app.completions.count())
 

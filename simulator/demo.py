@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from azure.core.exceptions import AzureError
-
 from shared import wiring as runtime
 from shared.config.settings import SETTINGS
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.parking import queue_depth
 from simulator.azurite import Azurite
@@ -87,9 +86,9 @@ def storage(connection_string: str | None) -> Iterator[str]:
 
 
 def _enqueue(app: LedgerApp, work: Workload) -> None:
-    queue = app.queue_client()
+    queue = app.queue()
     with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(queue.send_message, work.messages))
+        list(pool.map(queue.send, work.messages))
 
 
 def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
@@ -116,7 +115,7 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
         log_path = run_log_path()
         cluster = Cluster(env, instances=options.instances, sweep_seconds=options.sweep_seconds,
                           lock_seconds=10 if options.kill_leader else 30, log_path=log_path)
-        queue = app.queue_client()
+        queue = app.queue()
         out.write(f"Starting {options.instances} instances (logs: {log_path}) ...\n")
         out.flush()
         started = time.monotonic()
@@ -136,10 +135,10 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
                         kill_pending = False
                         _kill_leader(cluster, leader, started, out)
                     if decided >= work.requests and not kill_pending and not (
-                            queue.get_queue_properties().approximate_message_count or 0):
+                            queue.approximate_count()):
                         finished = True
                         break
-                except AzureError as exc:
+                except StorageError as exc:
                     logger.info("progress poll failed (%s); polling again", exc)
             progress.show(cluster.count("done") + cluster.count("poisoned"), len(work.messages),
                           len(app.ledger.list_outcomes()), work.requests, started, force=True)
@@ -192,7 +191,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     outcomes = app.ledger.list_outcomes()
     balances = app.ledger.list_balances()
     parked = len(app.parking.list())
-    poisoned = queue_depth(app.raw_queue_client(app.config.poison_queue))
+    poisoned = queue_depth(app.queue(app.config.poison_queue))
     result = check(work, outcomes, balances, parked, poisoned)
     leaders: Counter[tuple[int, str]] = Counter(
         (d.epoch, d.decided_by.split("/")[0] or "?") for d in outcomes)

@@ -27,15 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import AzureError
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
-from azure.storage.queue import QueueClient
-from azure.storage.queue import QueueMessage as StorageQueueMessage
 
 from shared import wiring as runtime
 from shared.config.settings import SETTINGS, load_config
 from shared.election.elector import ElectionCallbacks
+from shared.errors import StorageError
+from shared.storage.ports import Handle, Message, MessageQueue
 from shared.wiring import get_app
 from simulator import REPO_ROOT
 from simulator.faults import plan_from_environment
@@ -81,10 +80,10 @@ def emit(event: str, **fields: Any) -> None:
 class VisibilityKeeper:
     """Keeps a message invisible while its invocation runs, as the host's listener does."""
 
-    def __init__(self, queue: QueueClient, message: StorageQueueMessage, seconds: float) -> None:
+    def __init__(self, queue: MessageQueue, message: Message, seconds: float) -> None:
         self.queue = queue
-        self.message_id = str(message.id)
-        self.pop_receipt = str(message.pop_receipt)
+        self.message_id = message.handle.message_id
+        self.handle = message.handle
         self.seconds = seconds
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -100,13 +99,11 @@ class VisibilityKeeper:
                 if self._stop.is_set():
                     return
                 try:
-                    updated = self.queue.update_message(self.message_id,
-                                                        pop_receipt=self.pop_receipt,
-                                                        visibility_timeout=int(self.seconds))
-                except AzureError as exc:
+                    self.handle = self.queue.update(self.handle,
+                                                    visibility_timeout=int(self.seconds))
+                except StorageError as exc:
                     logger.warning("could not extend message %s: %s", self.message_id, exc)
                     return
-                self.pop_receipt = str(updated.pop_receipt)
 
     def stop(self) -> None:
         with self._lock:
@@ -116,8 +113,8 @@ class VisibilityKeeper:
 class QueueListener:
     """The host's listener on one queue: receives, invokes its function, settles or poisons."""
 
-    def __init__(self, host: InstanceHost, trigger: QueueTrigger, queue: QueueClient,
-                 poison: QueueClient) -> None:
+    def __init__(self, host: InstanceHost, trigger: QueueTrigger, queue: MessageQueue,
+                 poison: MessageQueue) -> None:
         self.host = host
         self.trigger = trigger
         self.queue = queue
@@ -137,9 +134,9 @@ class QueueListener:
                 continue
             wanted = min(32, options.batch_size)
             try:
-                messages = list(self.queue.receive_messages(
-                    max_messages=wanted, visibility_timeout=int(host.lock_seconds)))
-            except AzureError as exc:  # storage unreachable: the host's listener keeps polling
+                messages = self.queue.receive(max_messages=wanted,
+                                              visibility_timeout=int(host.lock_seconds))
+            except StorageError as exc:  # storage unreachable: the host's listener keeps polling
                 logger.warning("instance %d: receiving failed: %s", host.index, exc)
                 emit("receive_failed", error=str(exc)[:200])
                 host.stopping.wait(idle)
@@ -160,15 +157,16 @@ class QueueListener:
         with self.lock:
             self.in_flight.discard(future)
 
-    def _decode(self, message: StorageQueueMessage) -> bytes:
-        content = str(message.content)
+    def _decode(self, message: Message) -> bytes:
+        content = message.text  # as on the wire: the listener's queue is raw
         if self.host.options.message_encoding == "base64":
             return base64.b64decode(content, validate=True)
         return content.encode()
 
-    def _invoke(self, message: StorageQueueMessage) -> None:
+    def _invoke(self, message: Message) -> None:
         options, index = self.host.options, self.host.index
-        count = int(message.dequeue_count or 1)
+        message_id = message.handle.message_id
+        count = message.dequeue_count or 1
         if count > options.max_dequeue_count:
             self._poison(message, "dequeue count above maxDequeueCount")
             return
@@ -180,44 +178,41 @@ class QueueListener:
         keeper = VisibilityKeeper(self.queue, message, self.host.lock_seconds).start()
         try:
             self.trigger.handler(QueueMessage(  # type: ignore[no-untyped-call]
-                id=message.id, body=body, dequeue_count=count, pop_receipt=message.pop_receipt,
-                insertion_time=message.inserted_on, expiration_time=message.expires_on,
-                time_next_visible=message.next_visible_on))
+                id=message_id, body=body, dequeue_count=count,
+                pop_receipt=message.handle.pop_receipt))
         except Exception as exc:  # the host catches everything
             keeper.stop()
             logger.warning("instance %d: invocation of message %s failed (dequeue count %d): "
-                           "%s", index, message.id, count, exc)
-            emit("failed", message=message.id, dequeueCount=count,
+                           "%s", index, message_id, count, exc)
+            emit("failed", message=message_id, dequeueCount=count,
                  error=str(exc)[:ERROR_PREVIEW_CHARS])
             if count >= options.max_dequeue_count:
-                self._poison(message, str(exc), keeper.pop_receipt)
+                self._poison(message, str(exc), keeper.handle)
             else:
-                self._settle(lambda: self.queue.update_message(
-                    message.id, pop_receipt=keeper.pop_receipt,
-                    visibility_timeout=int(options.visibility_timeout)), message.id)
+                self._settle(lambda: self.queue.update(
+                    keeper.handle, visibility_timeout=int(options.visibility_timeout)),
+                    message_id)
             return
         keeper.stop()
-        if self._settle(lambda: self.queue.delete_message(message.id, keeper.pop_receipt),
-                        message.id):
-            emit("done", message=message.id, function=self.trigger.name)
+        if self._settle(lambda: self.queue.delete(keeper.handle), message_id):
+            emit("done", message=message_id, function=self.trigger.name)
 
     def _settle(self, action: Callable[[], object], message_id: str) -> bool:
         """Acknowledge or release a message; a lost pop receipt means it was redelivered."""
         try:
             action()
-        except AzureError as exc:
+        except StorageError as exc:
             logger.warning("instance %d: could not settle message %s: %s", self.host.index,
                            message_id, exc)
             emit("unsettled", message=message_id, error=str(exc)[:ERROR_PREVIEW_CHARS])
             return False
         return True
 
-    def _poison(self, message: StorageQueueMessage, why: str,
-                pop_receipt: str | None = None) -> None:
-        self.poison.send_message(str(message.content))
-        if self._settle(lambda: self.queue.delete_message(
-                message.id, pop_receipt or message.pop_receipt), message.id):
-            emit("poisoned", message=message.id, error=why[:ERROR_PREVIEW_CHARS])
+    def _poison(self, message: Message, why: str, handle: Handle | None = None) -> None:
+        self.poison.send(message.text)  # as it came: both queues are raw
+        message_id = message.handle.message_id
+        if self._settle(lambda: self.queue.delete(handle or message.handle), message_id):
+            emit("poisoned", message=message_id, error=why[:ERROR_PREVIEW_CHARS])
 
 
 class InstanceHost:
@@ -238,8 +233,8 @@ class InstanceHost:
         self.listeners = []
         for trigger in self.functions.queues:
             name = resolve_setting(trigger.queue_name_setting, env, defaults)
-            self.listeners.append(QueueListener(self, trigger, app.raw_queue_client(name),
-                                                app.raw_queue_client(f"{name}-poison")))
+            self.listeners.append(QueueListener(self, trigger, app.queue(name, raw=True),
+                                                app.queue(f"{name}-poison", raw=True)))
         # The completions queue's listener (the one the supervisor and tests look at).
         completions = next(listener for listener in self.listeners
                            if listener.trigger.name == COMPLETIONS_FUNCTION)

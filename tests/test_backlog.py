@@ -90,7 +90,7 @@ def test_at_most_one_full_scan_a_minute_per_deployment_with_the_time_in_storage(
     assert repair_scan(first) is not None
     assert repair_scan(second) is None, "another instance scanned less than a minute ago"
     assert repair_scan(first) is None
-    row = first.completions.table.get_entity(META_PARTITION, FULL_SCAN_ROW)
+    row = first.completions.table.get(META_PARTITION, FULL_SCAN_ROW)
     assert row["lastScanAt"]
 
 

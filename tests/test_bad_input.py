@@ -42,6 +42,7 @@ from shared import wiring as runtime
 from shared.domain.contract import MalformedMessage, parse_completion
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
+from shared.storage.clients import ensure_queues
 from shared.storage.parking import PARKED_PARTITION
 from simulator.functions import indexed
 from tests.helpers import Namespace, lease_blob
@@ -455,19 +456,18 @@ def test_a_body_of_astral_characters_is_parked_whole_and_replays_unchanged(
     assert len(body) <= MAX_BODY
     message_id = uuid.uuid4().hex
     _assert_parked(env, body, message_id, _state(env))  # today: PropertyValueTooLarge, retried
-    row = env.parking.table.get_entity(PARKED_PARTITION, message_id)
+    row = env.parking.table.get(PARKED_PARTITION, message_id)
     columns = [row[f"body{i}"] for i in range(int(row["chunks"]))]
     assert len(columns) > 1
     for column in columns:
         assert _utf16_units(column) <= TABLE_STRING_UNITS
         column.encode("utf-8")  # raises if a column begins or ends with half an emoji
 
-    queue = env.queue_client()
-    queue.create_queue()
-    env.parking.replay(message_id, queue)
+    ensure_queues(env.clients, [env.config.completions_queue])
+    env.parking.replay(message_id, env.queue())
     assert env.parking.get(message_id) is None
-    [replayed] = env.raw_queue_client(env.config.completions_queue).receive_messages()
-    assert base64.b64decode(replayed.content) == body, "replayed byte for byte as received"
+    [replayed] = env.queue(raw=True).receive()
+    assert base64.b64decode(replayed.text) == body, "replayed byte for byte as received"
 
 
 def test_a_long_error_of_astral_characters_is_cut_to_one_property_on_a_whole_character(

@@ -132,16 +132,16 @@ def test_an_instance_keeps_listening_across_a_storage_restart(tmp_path: Path) ->
     with Azurite(in_memory=False, location=str(tmp_path)) as azurite:
         ns = Namespace(azurite.connection_string)
         app = ns.app()
-        queue = app.queue_client()
+        queue = app.queue()
         cluster = Cluster(ns.env(), instances=1, threads=1, sweep_seconds=None).start()
         try:
-            queue.send_message(deposit("d1", "alice", "5.00")[0].decode())
+            queue.send(deposit("d1", "alice", "5.00")[0].decode())
             wait_until(lambda: status(app, "d1") == "committed", 60, "d1 committed")
             azurite.stop()
             wait_until(lambda: cluster.count("receive_failed") >= 1, 30,
                        "the instance to meet the storage outage")
             azurite.start()
-            queue.send_message(deposit("d2", "alice", "7.00")[0].decode())
+            queue.send(deposit("d2", "alice", "7.00")[0].decode())
             wait_until(lambda: status(app, "d2") == "committed", 60,
                        "d2 committed by the same instance after the restart")
             assert cluster.alive() == [0]

@@ -13,13 +13,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from azure.core.exceptions import HttpResponseError
 from azure.identity import CredentialUnavailableError
 from azure.storage.blob import AccountSasPermissions, ResourceTypes, generate_account_sas
 
 from operator_cli import cli
 from operator_cli.output import PREVIEW_CHARS
 from operator_cli.storage_errors import explain
+from shared.errors import StorageRefused
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import handle_completion
 from shared.storage.clients import AZURITE_ACCOUNT, AZURITE_KEY, clients_from_connection_string
@@ -36,7 +36,7 @@ def app(ns: Namespace) -> LedgerApp:
     app = ns.app()
     send(app, *deposit("d1", "alice", "60.05"))
     assert handle_completion(app, MALFORMED, message_id="msg-1", dequeue_count=1).parked
-    app.raw_queue_client(app.config.poison_queue).send_message("gave up on this one")
+    app.queue(app.config.poison_queue, raw=True).send("gave up on this one")
     return app
 
 
@@ -197,9 +197,9 @@ def test_with_identity_settings_the_error_speaks_of_the_signed_in_identity(
     """The same real 403, explained for the identity-based settings (Azure's way)."""
     clients = clients_from_connection_string(sas_connection_string(
         ns, AccountSasPermissions(read=True, list=True)))
-    queue = clients.queue.get_queue_client(ns.env()["COMPLETIONS_QUEUE_NAME"])
-    with pytest.raises(HttpResponseError) as refused:
-        queue.send_message("x")
+    queue = clients.open_queue(ns.env()["COMPLETIONS_QUEUE_NAME"])
+    with pytest.raises(StorageRefused) as refused:
+        queue.send("x")
     identity_env = {"AzureWebJobsStorage__queueServiceUri": clients.queue.url}
     text = explain(refused.value, clients, identity_env)
     assert "The identity the CLI signs in with" in text

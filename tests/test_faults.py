@@ -80,8 +80,8 @@ def test_every_storage_call_is_named_by_what_it_does(ns: Namespace) -> None:
     assert lease is not None
     lease.renew()
     lease.release()
-    app.queue_client().send_message("x")
-    list(app.raw_queue_client(app.config.completions_queue).receive_messages())
+    app.queue().send("x")
+    app.queue(raw=True).receive()
     seen = {str(kind) for kind, n in plan.calls.items() if n}
     repair_scan(app, force=True)
     assert {"record", "request_read", "announce", "ready_read", "acquire", "scan",

@@ -14,14 +14,15 @@ from typing import Any
 
 import azure.functions as func
 import pytest
-from azure.core.exceptions import AzureError
 from azure.data.tables import TableClient
 from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 
 from shared import wiring as runtime
 from shared.domain.contract import parse_completion
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
+from shared.storage.azure_tables import AzureTable
 from shared.storage.clients import azurite_connection_string
 from shared.storage.completions import CompletionStore
 from simulator.azurite import free_port
@@ -209,12 +210,12 @@ def test_a_storage_error_while_recording_raises_for_a_host_retry(
         env: dict[str, str], ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
     broken: LedgerApp = ns.app(STORAGE_TIMEOUT_SECONDS="1")
     dead = free_port()  # nothing listens there
-    broken.completions = CompletionStore(TableClient.from_connection_string(
+    broken.completions = CompletionStore(AzureTable(TableClient.from_connection_string(
         azurite_connection_string(blob_port=dead, queue_port=dead, table_port=dead),
-        broken.config.completions_table, connection_timeout=1, read_timeout=1))
+        broken.config.completions_table, connection_timeout=1, read_timeout=1)))
     monkeypatch.setattr(runtime, "_app", broken)  # the worker's app, as get_app() returns it
     [body] = deposit("d1", "alice", "1.00")
-    with pytest.raises(AzureError):
+    with pytest.raises(StorageError):
         deliver(body, message_id="retry-me")
     assert broken.parking.get("retry-me") is None, "a transient error is not a malformed message"
     assert account("alice")[0] == 404

@@ -254,9 +254,9 @@ def test_a_balance_edited_outside_the_leader_is_read_again_not_overwritten(
     send(app, *deposit("d1", "alice", "10.00"))
     # An operator corrects the row by hand (the fence is untouched, so the leader's snapshot
     # still looks current): the account's own ETag must catch it.
-    row = app.ledger.table.get_entity("ledger", "account:alice")
+    row = app.ledger.table.get("ledger", "account:alice")
     row["balance"] = "100.00"
-    app.ledger.table.update_entity(row)
+    app.ledger.table.update(row)
     send(app, *deposit("d2", "alice", "5.00"))
     assert status(app, "d2") == "committed"
     assert balance(app, "alice") == Decimal("105.00")

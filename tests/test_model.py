@@ -73,7 +73,7 @@ from shared.domain.contract import parse_completion
 from shared.domain.model import DecidedOutcome, Outcome
 from shared.domain.planning import AccountChanged, OutcomeExists
 from shared.election.elector import TermEnded
-from shared.errors import StorageError
+from shared.errors import StorageError, StorageUnavailable
 from shared.leadership.elections import run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, handle_completion, record_completion
@@ -445,7 +445,8 @@ class ProtocolMachine(RuleBasedStateMachine):
         app, body = self.apps[instance], content.body(model.request_id)
         if not elect:
             completion = parse_completion(body)
-            with contextlib.suppress(ServiceResponseError):  # applied: the row is there
+            # A lost response (the adapters raise it as StorageUnavailable): the row is there.
+            with contextlib.suppress(ServiceResponseError, StorageUnavailable):
                 # As a recorder that crashed right after announcing (a lost response on the
                 # row leaves it unannounced: the sweeper's full scan finds it).
                 announce_if_ready(app, completion, record_completion(app, completion))
@@ -455,7 +456,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             try:
                 handle_completion(app, body, message_id, dequeue_count)
                 return
-            except AzureError as exc:
+            except (StorageError, AzureError) as exc:
                 if not injected(exc):
                     raise
         raise AssertionError("a message failed five times in a row with one fault injected")
@@ -494,9 +495,9 @@ class ProtocolMachine(RuleBasedStateMachine):
                 lease.release()
                 return
             term = LeaderTerm.begin(app, lease)
-        except (AzureError, TermEnded) as exc:
+        except (StorageError, AzureError, TermEnded) as exc:
             lease.release()
-            if isinstance(exc, AzureError) and not injected(exc):
+            if isinstance(exc, StorageError | AzureError) and not injected(exc):
                 raise
             return
         self.paused = Paused(instance, term, ready)
@@ -512,7 +513,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             SEEN["paused leader resumed and finished"] += 1
         except TermEnded as exc:
             SEEN[f"paused leader stopped: {type(exc).__name__}"] += 1
-        except AzureError as exc:
+        except (StorageError, AzureError) as exc:
             if not injected(exc):
                 raise
         finally:

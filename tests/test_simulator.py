@@ -83,9 +83,9 @@ def test_instances_commit_from_the_queue_and_poison_what_the_host_cannot_decode(
     env = ns.env()
     raw = QueueClient.from_connection_string(ns.connection_string, env["COMPLETIONS_QUEUE_NAME"])
     raw.send_message("%% not base64 %%")  # the host cannot even decode this one
-    encoded = app.queue_client()
+    encoded = app.queue()
     for body in deposit("d1", "alice", "12.34") + transfer("t1", "alice", "bob", "2.34"):
-        encoded.send_message(body.decode())
+        encoded.send(body.decode())
     cluster = Cluster(env, instances=2, threads=2, sweep_seconds=None).start()
     try:
         wait_until(lambda: status(app, "t1") == "committed", 120, "t1 committed by the instances")
@@ -106,9 +106,9 @@ def test_killing_the_leader_mid_drain_loses_nothing_and_applies_nothing_twice(
     app = ns.app()
     env = ns.env(LEASE_SECONDS="15", RENEW_INTERVAL_SECONDS="5", LEASE_SAFETY_MARGIN_SECONDS="5")
     work = generate(accounts=6, transfers=80, malformed=2, seed=5)
-    queue = app.queue_client()
+    queue = app.queue()
     for message in work.messages:
-        queue.send_message(message)
+        queue.send(message)
     cluster = Cluster(env, instances=3, threads=2, lock_seconds=10, sweep_seconds=2).start()
     try:
         wait_until(lambda: cluster.last_leader is not None, 60, "a first leader")
@@ -119,14 +119,13 @@ def test_killing_the_leader_mid_drain_loses_nothing_and_applies_nothing_twice(
         cluster.start_instance(victim)  # Azure brings a replacement instance up
         wait_until(lambda: len(app.ledger.list_outcomes()) == work.requests, 180,
                    "every request decided after the leader was killed")
-        wait_until(lambda: (queue.get_queue_properties().approximate_message_count or 0) == 0,
+        wait_until(lambda: queue.approximate_count() == 0,
                    60, "the queue drained")
     finally:
         cluster.stop()
-    poison = app.queue_client(app.config.poison_queue)
+    poison = app.queue(app.config.poison_queue)
     result = check(work, app.ledger.list_outcomes(), app.ledger.list_balances(),
-                   parked=len(app.parking.list()),
-                   poisoned=poison.get_queue_properties().approximate_message_count or 0)
+                   parked=len(app.parking.list()), poisoned=poison.approximate_count())
     assert result.problems == []
     assert result.total_balance == result.total_deposited
 

@@ -136,12 +136,12 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         browser: Browser, served: str, ns: Namespace) -> None:
     app = ns.app(LEASE_SECONDS="15")
     work = generate(accounts=5, transfers=30, malformed=2, seed=11)
-    queue = app.queue_client()
+    queue = app.queue()
     for message in work.messages:
-        queue.send_message(message)
-    poison = app.queue_client(app.config.poison_queue)
+        queue.send(message)
+    poison = app.queue(app.config.poison_queue)
     for body in ("gave up on this one", "and this one"):
-        poison.send_message(body)
+        poison.send(body)
     cluster = Cluster(ns.env(LEASE_SECONDS="15"), instances=2, threads=2, sweep_seconds=2)
     cluster.start()
     try:

@@ -11,14 +11,12 @@ let a race happen.
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from decimal import Decimal
 from typing import Any
 
 import pytest
-from azure.storage.queue import QueueClient
 
 from shared.election.elector import ElectionCallbacks
 from shared.leadership.elections import Role, handle_wakeup, run_election
@@ -100,11 +98,11 @@ def test_a_step_announced_in_a_skip_window_is_committed_when_the_last_holder_was
 
 def _take_alarms(app: LedgerApp, stop: threading.Event) -> None:
     """The host's listener on the wake-up queue: each alarm that comes due wakes ``app``."""
-    queue: QueueClient = app.raw_queue_client(app.config.wakeup_queue)
+    queue = app.queue(app.config.wakeup_queue)  # decodes as the host does
     while not stop.is_set():
-        for message in queue.receive_messages(max_messages=1, visibility_timeout=30):
-            handle_wakeup(app, base64.b64decode(str(message.content)))
-            queue.delete_message(message)
+        for message in queue.receive(max_messages=1, visibility_timeout=30):
+            handle_wakeup(app, message.text.encode())
+            queue.delete(message.handle)
         stop.wait(0.1)
 
 

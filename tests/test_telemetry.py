@@ -203,7 +203,7 @@ def test_a_follower_counts_a_refused_attempt_without_a_warning(
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
 
     # The sweeper commits it: a timer invocation, the poison queue's depth reported.
-    leader.raw_queue_client(leader.config.poison_queue).send_message("stuck")
+    leader.queue(leader.config.poison_queue, raw=True).send("stuck")
     sweeper.sweep(leader)
     assert status(leader, "d2") == "committed"
     sweep_root = otel.finished("ledger.invocation")[-1]
@@ -356,10 +356,10 @@ _WITHOUT_TELEMETRY = textwrap.dedent("""
         "meter_provider": type(metrics.get_meter_provider()).__name__,
         "balance": str(balance(app, "henry")),
         "role": result.election.role.value,
-        "pending_rows": [dict(row) for row in app.completions.table.list_entities()
+        "pending_rows": [dict(row) for row in app.completions.table.query("PartitionKey ne ''")
                          if "traceparent" not in row and row.get("requestId") == "n2"] != [],
         "traceparent_in_rows": any("traceparent" in row for row in
-            app.completions.table.list_entities()),
+            app.completions.table.query("PartitionKey ne ''")),
     }))
 """)
 
@@ -381,7 +381,8 @@ def test_completion_rows_name_the_span_that_recorded_them(ns: Namespace,
                                                           otel: Exporters) -> None:
     app = ns.app()
     handle_completion(app, transfer("t9", "ivan", "jo", "1.00")[0], message_id="m1")
-    rows = [row for row in app.completions.table.list_entities() if "operationId" in row]
+    rows = [row for row in app.completions.table.query("PartitionKey ne ''")
+            if "operationId" in row]
     assert len(rows) == 1  # the step's row (beside it: its request's own row)
     record = otel.finished("ledger.record")[-1]
     trace_id, span_id = rows[0]["traceparent"].split("-")[1:3]

@@ -7,17 +7,12 @@ process (``shared/wiring.py``), the simulator one per simulated instance, the te
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
-
-from azure.core.exceptions import ResourceExistsError
-from azure.storage.queue import QueueClient, TextBase64EncodePolicy
 
 from shared.config.settings import AppConfig
 from shared.domain.clock import SYSTEM_CLOCK, Clock
@@ -25,10 +20,11 @@ from shared.domain.model import LedgerSnapshot
 from shared.election.elector import ElectionCallbacks, LeaseElector
 from shared.storage.azure_leases import AzureBlobLease
 from shared.storage.cleanup import RowCleaner
-from shared.storage.clients import StorageClients
+from shared.storage.clients import StorageClients, ensure_queues, ensure_tables
 from shared.storage.completions import CompletionStore
 from shared.storage.ledger import Ledger
 from shared.storage.parking import ParkingLot
+from shared.storage.ports import MessageQueue
 
 
 class RecentRequests:
@@ -83,14 +79,13 @@ class LedgerApp:
                callbacks: ElectionCallbacks | None = None,
                clock: Clock = SYSTEM_CLOCK) -> LedgerApp:
         """Wire the stores and the elector to the clients (makes no storage call)."""
-        tables = clients.table
         container = clients.blob.get_container_client(config.lease_container)
         return cls(
             config=config,
             clients=clients,
-            completions=CompletionStore(tables.get_table_client(config.completions_table)),
-            ledger=Ledger(tables.get_table_client(config.ledger_table)),
-            parking=ParkingLot(tables.get_table_client(config.parked_table)),
+            completions=CompletionStore(clients.open_table(config.completions_table)),
+            ledger=Ledger(clients.open_table(config.ledger_table)),
+            parking=ParkingLot(clients.open_table(config.parked_table)),
             elector=LeaseElector(
                 AzureBlobLease(container, config.lease_blob,
                                call_timeout_seconds=config.storage_timeout_seconds),
@@ -103,34 +98,24 @@ class LedgerApp:
 
         In Azure the Bicep deployment creates them; this is for Azurite and first runs.
         """
-        for name in (self.config.completions_table, self.config.ledger_table,
-                     self.config.parked_table):
-            self.clients.table.create_table_if_not_exists(name)
+        ensure_tables(self.clients, (self.config.completions_table, self.config.ledger_table,
+                                     self.config.parked_table))
         self.elector.ensure_blob()
         if queues:
-            for name in (self.config.completions_queue, self.config.poison_queue,
-                         self.config.wakeup_queue):
-                with contextlib.suppress(ResourceExistsError):
-                    self.clients.queue.create_queue(name)
+            ensure_queues(self.clients, (self.config.completions_queue, self.config.poison_queue,
+                                         self.config.wakeup_queue))
 
-    def raw_queue_client(self, name: str, **policies: Any) -> QueueClient:
-        """A client that sends and receives message text as it is (no base64 policy).
+    def queue(self, name: str | None = None, *, raw: bool = False) -> MessageQueue:
+        """The completions queue (or ``name``): text encoded as the host decodes it (base64),
+        or, ``raw``, as it is on the wire (moving and peeking at poisoned messages).
 
-        It has the queue service client's timeouts, retries and transport.
+        Its client has the queue service client's timeouts, retries and transport.
         """
-        service = self.clients.queue
-        options = {"connection_timeout": self.config.storage_timeout_seconds,
-                   "read_timeout": self.config.storage_timeout_seconds,
-                   **self.clients.queue_options, **policies}
-        return QueueClient(service.url, name, credential=service.credential, **options)
-
-    def queue_client(self, name: str | None = None) -> QueueClient:
-        """A client for the completions queue (or ``name``) that encodes as the host decodes."""
-        return self.raw_queue_client(name or self.config.completions_queue,
-                                     message_encode_policy=TextBase64EncodePolicy())
+        return self.clients.open_queue(name or self.config.completions_queue, raw=raw,
+                                       timeout_seconds=self.config.storage_timeout_seconds)
 
     @functools.cached_property
-    def wakeup_queue(self) -> QueueClient:
-        """The wake-up queue's client (lease alarms), made once: a term must not open a
-        connection of its own."""
-        return self.queue_client(self.config.wakeup_queue)
+    def wakeup_queue(self) -> MessageQueue:
+        """The wake-up queue (lease alarms), made once: a term must not open a connection of
+        its own."""
+        return self.queue(self.config.wakeup_queue)

@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
-from azure.core.exceptions import AzureError
-
 from shared.domain.rules import assess
+from shared.errors import StorageError
 from shared.leadership.elections import ElectionResult, run_election
 from shared.leadership.instance import LedgerApp
 from shared.observability import telemetry
@@ -87,9 +86,8 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
 def sweep(app: LedgerApp) -> ElectionResult:
     """The timer trigger's job: the poison queue's depth, the rare full scan, the election."""
     try:
-        telemetry.record_poison_depth(queue_depth(
-            app.raw_queue_client(app.config.poison_queue)))
-    except AzureError as exc:
+        telemetry.record_poison_depth(queue_depth(app.queue(app.config.poison_queue)))
+    except StorageError as exc:
         logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
     repair_scan(app)
     return run_election(app)

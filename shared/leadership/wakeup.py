@@ -5,7 +5,7 @@ A holder that dies (or is paused) keeps its lease until storage lets it expire, 
 instances handed over to it by exiting early, must not then wait for the next message or the
 minute's sweeper. So every holder arms an alarm as it acquires: a message on the wake-up queue
 (``WAKEUP_QUEUE_NAME``), invisible until ``ALARM_LEAD_SECONDS`` before the lease would expire.
-Each renewal postpones it (``update_message`` with the pop receipt the send returned) and the
+Each renewal postpones it (an update with the handle the send returned) and the
 release deletes it. A holder that stops renewing therefore leaves an alarm that comes due as its
 lease runs out: the instance that receives it (``handle_wakeup`` in
 ``shared/leadership/elections.py``)
@@ -24,8 +24,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from azure.core.exceptions import AzureError
-from azure.storage.queue import QueueClient
+from shared.errors import StorageError
+from shared.storage.ports import Handle, MessageQueue
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,11 @@ def alarm_body(holder: str, instance_id: str, reason: str = "") -> str:
                       separators=(",", ":"))
 
 
-def wake_soon(queue: QueueClient, instance_id: str, reason: str) -> None:
+def wake_soon(queue: MessageQueue, instance_id: str, reason: str) -> None:
     """Wake another instance within a second: this invocation stops with work left over."""
     try:
-        queue.send_message(alarm_body("", instance_id, reason), visibility_timeout=1)
-    except AzureError as exc:
+        queue.send(alarm_body("", instance_id, reason), visibility_timeout=1)
+    except StorageError as exc:
         logger.warning("could not wake another instance (%s); the sweeper is the backstop",
                        type(exc).__name__)
 
@@ -57,12 +57,11 @@ def wake_soon(queue: QueueClient, instance_id: str, reason: str) -> None:
 class LeaseAlarm:
     """The alarm of one held lease: armed at acquire, postponed at renewals, deleted at release."""
 
-    queue: QueueClient  # encodes as the host decodes (base64)
+    queue: MessageQueue  # encodes as the host decodes (base64)
     lease_seconds: float
     holder: str
     instance_id: str
-    message_id: str = ""
-    pop_receipt: str = ""
+    handle: Handle | None = None  # the armed alarm's, as of its latest send or update
 
     @property
     def due_in(self) -> int:
@@ -72,33 +71,33 @@ class LeaseAlarm:
     def arm(self) -> None:
         """Send the alarm, due ``due_in`` seconds from now."""
         try:
-            sent = self.queue.send_message(alarm_body(self.holder, self.instance_id),
-                                           visibility_timeout=self.due_in)
-        except AzureError as exc:
+            self.handle = self.queue.send(alarm_body(self.holder, self.instance_id),
+                                          visibility_timeout=self.due_in)
+        except StorageError as exc:
             logger.warning("could not arm the lease alarm (%s); the sweeper is the backstop",
-                           type(exc).__name__)
-            return
-        self.message_id, self.pop_receipt = str(sent.id), str(sent.pop_receipt)
+                           _kind(exc))
 
     def postpone(self) -> None:
         """After a renewal: due ``due_in`` seconds from now again."""
-        if not self.message_id:
+        if self.handle is None:
             return
         try:
-            updated = self.queue.update_message(self.message_id, self.pop_receipt,
-                                                visibility_timeout=self.due_in)
-        except AzureError as exc:
+            self.handle = self.queue.update(self.handle, visibility_timeout=self.due_in)
+        except StorageError as exc:
             logger.info("could not postpone the lease alarm (%s); it may wake an instance "
-                        "early, which then finds the lease held and goes back", type(exc).__name__)
-            return
-        self.pop_receipt = str(updated.pop_receipt)
+                        "early, which then finds the lease held and goes back", _kind(exc))
 
     def disarm(self) -> None:
         """After the release: delete the alarm (it is not needed once the lease is free)."""
-        if not self.message_id:
+        if self.handle is None:
             return
         try:
-            self.queue.delete_message(self.message_id, self.pop_receipt)
-        except AzureError as exc:  # it came due and was taken already: harmless
-            logger.debug("lease alarm not deleted (%s)", type(exc).__name__)
-        self.message_id = self.pop_receipt = ""
+            self.queue.delete(self.handle)
+        except StorageError as exc:  # it came due and was taken already: harmless
+            logger.debug("lease alarm not deleted (%s)", _kind(exc))
+        self.handle = None
+
+
+def _kind(exc: StorageError) -> str:
+    """The failure's kind for a log line: the SDK's exception name as before, when there is one."""
+    return type(exc.__cause__ or exc).__name__

@@ -3,9 +3,11 @@
 Message text is sent base64-encoded, as ``TextBase64EncodePolicy`` encodes it and as the
 Functions host decodes queue triggers (``LedgerApp.queue_client``), and decoded back when
 received. The adapter does the encoding itself, so the client it wraps must carry no encode or
-decode policy (``LedgerApp.raw_queue_client``); one that does is refused rather than
+decode policy (``StorageClients.queue`` builds it so); one that does is refused rather than
 encoding twice. A received message that is not base64 text (sent by something else) comes back
-as it is. Every call translates the SDK's exceptions (``shared/storage/errors.py``).
+as it is. A ``raw`` queue moves message text as it is on the wire, neither encoded nor decoded
+(moving poisoned messages back unchanged, peeking at them as the host received them). Every
+call translates the SDK's exceptions (``shared/storage/errors.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import binascii
 from azure.storage.queue import QueueClient, QueueMessage
 
 from shared.storage.errors import translating
-from shared.storage.ports import Handle, Message
+from shared.storage.ports import Handle, Message, Peeked
 
 
 def encode(text: str) -> str:
@@ -39,13 +41,20 @@ def _handle(message: QueueMessage) -> Handle:
 class AzureQueue:
     """The ``MessageQueue`` port over one ``QueueClient`` without encode or decode policy."""
 
-    def __init__(self, client: QueueClient) -> None:
+    def __init__(self, client: QueueClient, *, raw: bool = False) -> None:
         for policy in ("_message_encode_policy", "_message_decode_policy"):
             kind = type(getattr(client, policy, None)).__name__
             if kind not in ("NoEncodePolicy", "NoDecodePolicy", "NoneType"):
                 raise ValueError(f"AzureQueue encodes messages itself: give it a client without "
                                  f"{policy.strip('_').replace('_', ' ')} (this one has {kind})")
         self.client = client
+        self.raw = raw
+
+    def _encode(self, text: str) -> str:
+        return text if self.raw else encode(text)
+
+    def _decode(self, content: str) -> str:
+        return content if self.raw else decode(content)
 
     @property
     def name(self) -> str:
@@ -54,7 +63,8 @@ class AzureQueue:
     def send(self, text: str, *, visibility_timeout: int | None = None,
              time_to_live: int | None = None) -> Handle:
         with translating():
-            sent = self.client.send_message(encode(text), visibility_timeout=visibility_timeout,
+            sent = self.client.send_message(self._encode(text),
+                                            visibility_timeout=visibility_timeout,
                                             time_to_live=time_to_live)
         return _handle(sent)
 
@@ -64,7 +74,7 @@ class AzureQueue:
             received = list(self.client.receive_messages(max_messages=max_messages,
                                                          messages_per_page=max_messages,
                                                          visibility_timeout=visibility_timeout))
-        return [Message(_handle(m), decode(str(m.content)), int(m.dequeue_count or 0))
+        return [Message(_handle(m), self._decode(str(m.content)), int(m.dequeue_count or 0))
                 for m in received]
 
     def update(self, handle: Handle, *, visibility_timeout: int) -> Handle:
@@ -80,3 +90,9 @@ class AzureQueue:
     def approximate_count(self) -> int:
         with translating():
             return int(self.client.get_queue_properties().approximate_message_count or 0)
+
+    def peek(self, *, max_messages: int = 1) -> list[Peeked]:
+        with translating():
+            peeked = self.client.peek_messages(max_messages=max_messages)
+        return [Peeked(str(m.id), self._decode(str(m.content)), m.inserted_on,
+                       int(m.dequeue_count or 0)) for m in peeked]

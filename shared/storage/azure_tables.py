@@ -171,6 +171,7 @@ class AzureTable:
                     count += 1
                     if limit is not None and count >= limit:
                         return
+            rows.date = hook.latest  # storage answered with no row (or no more): its Date too
 
         rows = Rows(read())  # read() runs when iterated, with ``rows`` bound
         return rows

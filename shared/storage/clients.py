@@ -6,6 +6,10 @@ Azurite's explicit one). In Azure it is identity-based:
 ``__accountName``), ``__credential=managedidentity`` and
 ``__clientId`` for a user-assigned identity. No account key is ever needed in Azure.
 
+``StorageClients`` also builds the storage ports on its service clients: ``open_table(name)``
+(an ``AzureTable``) and ``open_queue(name)`` (an ``AzureQueue``); ``ensure_tables`` and
+``ensure_queues`` create what is missing. Nothing above ``shared.storage`` touches an SDK client.
+
 ``request_hook`` is called with every HTTP request each client sends, retries included (azure-core's
 ``raw_request_hook``, honoured by the blob, queue and table SDKs alike): the hook for counting
 storage calls (benchmarks). ``transport_factory`` replaces the HTTP transport under the SDKs'
@@ -17,18 +21,23 @@ defaults (a 15 s wait before a blob retry), so retries fit inside the lease.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from azure.core.credentials import TokenCredential
+from azure.core.exceptions import ResourceExistsError
 from azure.core.pipeline import PipelineRequest
 from azure.core.pipeline.transport import HttpTransport
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobServiceClient
-from azure.storage.queue import QueueServiceClient
+from azure.storage.queue import QueueClient, QueueServiceClient
 
 from shared.config.settings import STORAGE_CONNECTION, ConfigError
+from shared.storage.azure_queues import AzureQueue
+from shared.storage.azure_tables import AzureTable
+from shared.storage.errors import translating
 from shared.storage.retries import (
     FIRST_BACKOFF_SECONDS,
     MAX_BACKOFF_SECONDS,
@@ -61,14 +70,50 @@ class StorageClients:
     """The three service clients of one storage account.
 
     ``queue_options`` are the options the queue service client was built with (timeouts,
-    retries, transport; not the request hook, which counts the app's own calls), for the extra
-    queue clients ``LedgerApp.raw_queue_client`` builds.
+    retries, transport; not the request hook, which counts the app's own calls), for the
+    queue clients ``open_queue`` builds.
     """
 
     blob: BlobServiceClient
     queue: QueueServiceClient
     table: TableServiceClient
     queue_options: Mapping[str, Any] = field(default_factory=dict)
+
+    def open_table(self, name: str) -> AzureTable:
+        """The ``Table`` port on table ``name`` (the table service client's pipeline: its
+        timeouts, retries, transport and request hook)."""
+        return AzureTable(self.table.get_table_client(name))
+
+    def open_queue(self, name: str, *, raw: bool = False,
+                   timeout_seconds: float | None = None) -> AzureQueue:
+        """The ``MessageQueue`` port on queue ``name``: text encoded as the Functions host
+        decodes it (base64), or moved as it is when ``raw``.
+
+        Its client is built apart, with the queue service client's timeouts, retries and
+        transport (``queue_options``) but without its request hook. ``timeout_seconds``: the
+        per-try timeouts when ``queue_options`` name none.
+        """
+        options: dict[str, Any] = {}
+        if timeout_seconds is not None:
+            options.update(connection_timeout=timeout_seconds, read_timeout=timeout_seconds)
+        options.update(self.queue_options)
+        client = QueueClient(self.queue.url, name, credential=self.queue.credential, **options)
+        return AzureQueue(client, raw=raw)
+
+
+def ensure_tables(clients: StorageClients, names: Iterable[str]) -> None:
+    """Create the tables that do not exist yet (idempotent)."""
+    with translating():
+        for name in names:
+            clients.table.create_table_if_not_exists(name)
+
+
+def ensure_queues(clients: StorageClients, names: Iterable[str]) -> None:
+    """Create the queues that do not exist yet (idempotent)."""
+    with translating():
+        for name in names:
+            with contextlib.suppress(ResourceExistsError):
+                clients.queue.create_queue(name)
 
 
 class _Options:

@@ -42,26 +42,17 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-from azure.core import MatchConditions
-from azure.core.exceptions import (
-    ResourceExistsError,
-    ResourceModifiedError,
-    ResourceNotFoundError,
-)
-from azure.core.pipeline import PipelineResponse
-from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
-
 from shared.domain.contract import Completion, Operation, StepStatus
 from shared.domain.model import RecordedStep, RowRef
 from shared.domain.money import format_money, parse_balance
+from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
 from shared.observability import telemetry
 from shared.storage.bounded import Bounded, take_bounded
-from shared.storage.transactions import submit_transaction
+from shared.storage.ports import Mode, Row, Rows, Table, Written
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
@@ -173,9 +164,8 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
     }
 
 
-def _step(row: TableEntity | dict[str, Any], etag: str = "",
+def _step(row: Mapping[str, Any], etag: str = "",
           stamp: datetime | None = None) -> RecordedStep:
-    metadata = getattr(row, "metadata", {}) or {}
     completed = row.get("completedAt")
     return RecordedStep.model_construct(
         request_id=row.get("requestId") or row["PartitionKey"],
@@ -193,12 +183,12 @@ def _step(row: TableEntity | dict[str, Any], etag: str = "",
         partition_key=row["PartitionKey"],
         recorded_by=str(row.get("recordedBy") or ""),
         traceparent=str(row.get(telemetry.TRACEPARENT, "")),
-        etag=etag or str(metadata.get("etag") or ""),
+        etag=etag or str(getattr(row, "etag", "") or ""),
     )
 
 
-def _storage_time(row: TableEntity | dict[str, Any]) -> datetime:
-    stamp = (getattr(row, "metadata", {}) or {}).get("timestamp")
+def _storage_time(row: Mapping[str, Any]) -> datetime:
+    stamp = getattr(row, "timestamp", None)  # a Row's: storage's Timestamp
     if isinstance(stamp, datetime):
         return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
     text = row.get("Timestamp")  # a create's returned content carries it as text
@@ -211,7 +201,7 @@ def _storage_time(row: TableEntity | dict[str, Any]) -> datetime:
 _ETAG_STAMP = re.compile(r"datetime'([^']+)'")
 
 
-def _stamp_of(result: Mapping[str, Any], date: datetime | None) -> datetime:
+def _stamp_of(result: Written, date: datetime | None) -> datetime:
     """A created row's Timestamp, from a transaction's answer.
 
     A transaction answers with each row's ETag only. Table storage's ETags (Azure's and
@@ -219,7 +209,9 @@ def _stamp_of(result: Mapping[str, Any], date: datetime | None) -> datetime:
     does not, the answer's ``Date`` (whole seconds) stands in: this time orders commits and
     starts the request's deadline, and every later read of the row brings the exact one.
     """
-    found = _ETAG_STAMP.search(unquote(str(result.get("etag") or "")))
+    if result.timestamp is not None:
+        return result.timestamp
+    found = _ETAG_STAMP.search(unquote(str(result.etag or "")))
     if found:
         with contextlib.suppress(ValueError):
             return _parse_stamp(found.group(1))
@@ -275,14 +267,14 @@ class ReadyMarker:
     read_at: datetime | None = None  # storage's time of a read that returned every row
 
 
-def _marker(row: TableEntity) -> ReadyMarker:
+def _marker(row: Row) -> ReadyMarker:
     steps = sorted((_step_from_json(value) for name, value in row.items()
                     if name.startswith(_STEP_PROPERTY) and isinstance(value, str)
                     and len(name) == len(_STEP_PROPERTY) + 24),
                    key=lambda s: (s.partition_key, s.row_key))
     read_at = row.get("readAt")
     return ReadyMarker(str(row["RowKey"]), tuple(steps),
-                       RowRef(READY_PARTITION, str(row["RowKey"]), str(row.metadata["etag"])),
+                       RowRef(READY_PARTITION, str(row["RowKey"]), str(row.etag)),
                        bool(row.get("truncated", False)),
                        datetime.fromisoformat(read_at) if isinstance(read_at, str) else None)
 
@@ -329,22 +321,10 @@ class Recorded:
     first: bool = False  # it created the request's row too: no other row of the request exists
 
 
-class StorageDate:
-    """A ``raw_response_hook`` that keeps the latest ``Date`` header storage answered with."""
-
-    def __init__(self) -> None:
-        self.latest: datetime | None = None
-
-    def __call__(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
-        header = response.http_response.headers.get("Date")
-        if header:
-            self.latest = parsedate_to_datetime(header)
-
-
 class CompletionStore:
     """Records completions, keeps the ready index, and gives the leader its reads of both."""
 
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: Table) -> None:
         self.table = table
 
     # --- recording ---------------------------------------------------------------------------
@@ -356,29 +336,27 @@ class CompletionStore:
         """
         key = row_key_of(completion.request_id, completion.operation_id)
         entity = _entity(completion, key, instance_id, now, conflict=False)
-        date = StorageDate()
         try:
-            results = submit_transaction(self.table, [
-                ("create", _open_request_row(completion.request_id)), ("create", entity)],
-                raw_response_hook=date)
-        except TableTransactionError:
+            results = self.table.submit([
+                ("create", _open_request_row(completion.request_id)), ("create", entity)])
+        except BatchRefused:
             pass  # the request has a row already (or this step does): record it on its own
         else:
             return Recorded(RecordResult.RECORDED,
-                            _step(entity, etag=str(results[1].get("etag") or ""),
-                                  stamp=_stamp_of(results[1], date.latest)),
-                            date.latest, first=True)
+                            _step(entity, etag=str(results[1].etag or ""),
+                                  stamp=_stamp_of(results[1], results[1].date)),
+                            results[1].date, first=True)
         for _ in range(3):
             try:
-                meta = self.table.create_entity(entity)
-                return Recorded(RecordResult.RECORDED, self._created(entity, meta),
-                                meta.get("date"))
-            except ResourceExistsError:
+                written = self.table.create(entity)
+                return Recorded(RecordResult.RECORDED, self._created(entity, written),
+                                written.date)
+            except AlreadyExists:
                 pass
             try:
-                first = self.table.get_entity(entity["PartitionKey"], key)
+                first = self.table.get(entity["PartitionKey"], key)
                 break
-            except ResourceNotFoundError:
+            except NotFound:
                 continue  # the leader deleted it in between (its request ended): record anew
         else:
             raise RecordingRaced(f"{completion.request_id}/{completion.operation_id} kept "
@@ -388,8 +366,8 @@ class CompletionStore:
                          completion.operation_id)  # counted: ledger.completions.deliveries
             return Recorded(RecordResult.DUPLICATE)
         row_key = key + CONFLICT_SUFFIX
-        with contextlib.suppress(ResourceExistsError):  # a conflict was recorded already
-            self.table.create_entity(_entity(completion, row_key, instance_id, now,
+        with contextlib.suppress(AlreadyExists):  # a conflict was recorded already
+            self.table.create(_entity(completion, row_key, instance_id, now,
                                              conflict=True))
         logger.warning("operationId %s of request %s arrived twice with different content; the "
                        "request will be rejected", completion.operation_id, completion.request_id,
@@ -397,12 +375,10 @@ class CompletionStore:
         return Recorded(RecordResult.CONFLICT)
 
     @staticmethod
-    def _created(entity: dict[str, Any], meta: dict[str, Any]) -> RecordedStep | None:
-        content = meta.get("content")
-        stamp = content.get("Timestamp") if isinstance(content, dict) else None
-        if not isinstance(stamp, str):
-            return None  # storage did not echo the row: the caller reads it back
-        return _step(entity, etag=str(meta.get("etag") or ""), stamp=_parse_stamp(stamp))
+    def _created(entity: dict[str, Any], written: Written) -> RecordedStep | None:
+        if written.timestamp is None:
+            return None  # storage's answer did not say: the caller reads it back
+        return _step(entity, etag=str(written.etag or ""), stamp=written.timestamp)
 
     def steps_of(self, request_id: str, limit: int = MAX_REQUEST_ROWS) -> list[RecordedStep]:
         """The recorded steps of one request (one key range of one partition)."""
@@ -413,11 +389,10 @@ class CompletionStore:
         """The rows of one request, at most ``limit``, and storage's time of the read."""
         low = request_id + KEY_SEPARATOR
         high = request_id + chr(ord(KEY_SEPARATOR) + 1)
-        date = StorageDate()
-        rows = self.table.query_entities(
+        rows = self.table.query(
             "PartitionKey eq @bucket and RowKey ge @low and RowKey lt @high",
             parameters={"bucket": bucket_of(request_id), "low": low, "high": high},
-            results_per_page=min(limit + 1, 1000), raw_response_hook=date)
+            page_size=min(limit + 1, 1000))
         steps: list[RecordedStep] = []
         truncated = decided = False
         for row in rows:
@@ -428,7 +403,7 @@ class CompletionStore:
                 truncated = True
                 break
             steps.append(_step(row))
-        return RequestRows(steps, _date_or(date, fallback_now), truncated, decided)
+        return RequestRows(steps, _date_or(rows, fallback_now), truncated, decided)
 
     # --- the ready index ---------------------------------------------------------------------
     def mark_ready(self, request_id: str, steps: Sequence[RecordedStep],
@@ -447,16 +422,14 @@ class CompletionStore:
             entity["readAt"] = read_at.isoformat()
         if truncated or len(chosen) > MAX_MARKER_STEPS:
             entity["truncated"] = True
-        self.table.upsert_entity(entity, mode=UpdateMode.MERGE)
+        self.table.upsert(entity, mode=Mode.MERGE)
 
     def ready(self, fallback_now: datetime) -> ReadyScan:
         """Every marker (one partition query), and storage's time when it answered."""
-        date = StorageDate()
-        rows = self.table.query_entities("PartitionKey eq @pk",
-                                         parameters={"pk": READY_PARTITION},
-                                         results_per_page=1000, raw_response_hook=date)
+        rows = self.table.query("PartitionKey eq @pk", parameters={"pk": READY_PARTITION},
+                                page_size=1000)
         markers = [_marker(row) for row in rows]
-        return ReadyScan(markers, _date_or(date, fallback_now))
+        return ReadyScan(markers, _date_or(rows, fallback_now))
 
     # --- rare full scans ---------------------------------------------------------------------
     def claim_full_scan(self, shift: timedelta = timedelta(0),
@@ -467,37 +440,32 @@ class CompletionStore:
         scan was made within ``interval`` (or another instance just took this one). The time is
         storage's (the ``Date`` of its answer, moved by ``shift`` in tests) and kept in storage.
         """
-        date = StorageDate()
-        try:
-            row: TableEntity | None = self.table.get_entity(META_PARTITION, FULL_SCAN_ROW,
-                                                            raw_response_hook=date)
-        except ResourceNotFoundError:
-            row = None
-        now = (date.latest or datetime.now(UTC)) + shift
+        # A query of the one key rather than a get: one call too, and its answer's Date is kept.
+        found = self.table.query("PartitionKey eq @pk and RowKey eq @rk",
+                                 parameters={"pk": META_PARTITION, "rk": FULL_SCAN_ROW}, limit=1)
+        row: Row | None = next(found, None)
+        now = (found.date or datetime.now(UTC)) + shift
         entity = {"PartitionKey": META_PARTITION, "RowKey": FULL_SCAN_ROW,
                   "lastScanAt": now.isoformat(),
                   "resumePartition": "" if row is None else str(row.get("resumePartition", "")),
                   "resumeRow": "" if row is None else str(row.get("resumeRow", ""))}
         try:
             if row is None:
-                self.table.create_entity(entity)
+                self.table.create(entity)
             else:
                 last = datetime.fromisoformat(str(row.get("lastScanAt")))
                 if now - last < interval:
                     return None
-                self.table.update_entity(entity, mode=UpdateMode.REPLACE,
-                                         etag=row.metadata["etag"],
-                                         match_condition=MatchConditions.IfNotModified)
-        except (ResourceExistsError, ResourceModifiedError):
+                self.table.update(entity, mode=Mode.REPLACE, etag=row.etag)
+        except (AlreadyExists, ConditionFailed):
             return None  # another instance took it
         return entity["resumePartition"], entity["resumeRow"]
 
     def save_scan_position(self, resume_at: tuple[str, str] | None) -> None:
         """Where the next full scan starts (``None``: from the beginning)."""
         partition, row = resume_at or ("", "")
-        self.table.upsert_entity({"PartitionKey": META_PARTITION, "RowKey": FULL_SCAN_ROW,
-                                  "resumePartition": partition, "resumeRow": row},
-                                 mode=UpdateMode.MERGE)
+        self.table.upsert({"PartitionKey": META_PARTITION, "RowKey": FULL_SCAN_ROW,
+                           "resumePartition": partition, "resumeRow": row}, mode=Mode.MERGE)
 
     def scan_rows(self, start: tuple[str, str] = ("", ""), max_rows: int = FULL_SCAN_MAX_ROWS,
                   fallback_now: datetime | None = None) -> RowScan:
@@ -514,9 +482,7 @@ class CompletionStore:
         else:
             query = "PartitionKey lt @special"
             parameters = {"special": SPECIAL_PREFIX}
-        date = StorageDate()
-        rows = self.table.query_entities(query, parameters=parameters, results_per_page=1000,
-                                         raw_response_hook=date)
+        rows = self.table.query(query, parameters=parameters, page_size=1000)
         grouped: dict[str, list[RecordedStep]] = defaultdict(list)
         count = 0
         last_request = ""
@@ -530,7 +496,7 @@ class CompletionStore:
                     decided.add(request_id)
                 if row.get("state") == DECIDED or request_id not in grouped:
                     request_rows[request_id] = (RowRef(row["PartitionKey"], row["RowKey"],
-                                                       str(row.metadata["etag"])),
+                                                       str(row.etag)),
                                                 _storage_time(row))
                 continue
             step = _step(row)
@@ -540,7 +506,7 @@ class CompletionStore:
             grouped[step.request_id].append(step)
             last_request = step.request_id
             count += 1
-        now = _date_or(date, fallback_now)
+        now = _date_or(rows, fallback_now)
         keep = timedelta(seconds=TOMBSTONE_SECONDS)
         return RowScan(dict(grouped), now, count, resume_at,
                        [ref for ref, stamp in request_rows.values() if now - stamp >= keep],
@@ -553,9 +519,9 @@ class CompletionStore:
     def waiting_rows(self, limit: int, select: list[str]) -> Bounded[dict[str, Any]]:
         """The step rows waiting for the leader, at most ``limit`` (no request rows, no ready
         index, no bookkeeping), with the properties in ``select`` (``RowKey`` always)."""
-        rows = self.table.query_entities(
+        rows = self.table.query(
             "PartitionKey lt @special", parameters={"special": SPECIAL_PREFIX},
-            select=sorted({*select, "RowKey"}), results_per_page=1000)
+            select=sorted({*select, "RowKey"}), page_size=1000)
         return take_bounded((dict(row) for row in rows if not is_request_row(row["RowKey"])),
                             limit)
 
@@ -581,30 +547,30 @@ class CompletionStore:
             operations: list[Any] = [
                 ("delete", {"PartitionKey": partition, "RowKey": rk}, _if_match(rows[rk]))
                 for rk in sorted(rows)]
-            operations += [("upsert", t.entity(), {"mode": UpdateMode.REPLACE})
+            operations += [("upsert", t.entity(), {"mode": Mode.REPLACE})
                            for t in marks.get(partition, [])]
             for chunk in _chunks(operations, MAX_BATCH_ROWS):
                 try:
-                    results = submit_transaction(self.table, chunk)
-                except TableTransactionError:
+                    results = self.table.submit(chunk)
+                except BatchRefused:
                     results = [self._one(partition, operation, rows) for operation in chunk]
-                written += [RowRef(partition, operation[1]["RowKey"], str(result.get("etag")))
+                written += [RowRef(partition, operation[1]["RowKey"], str(result.etag))
                             for operation, result in zip(chunk, results, strict=True)
-                            if operation[0] == "upsert" and result.get("etag")]
+                            if operation[0] == "upsert" and result.etag]
         return written
 
-    def _one(self, partition: str, operation: Any, etags: Mapping[str, str]) -> Mapping[str, Any]:
+    def _one(self, partition: str, operation: Any, etags: Mapping[str, str]) -> Written:
         if operation[0] == "delete":
             self._delete_one(partition, operation[1]["RowKey"], etags[operation[1]["RowKey"]])
-            return {}
-        return dict(self.table.upsert_entity(operation[1], mode=UpdateMode.REPLACE))
+            return Written(None)
+        return self.table.upsert(operation[1], mode=Mode.REPLACE)
 
     def _delete_one(self, partition: str, row_key: str, etag: str) -> None:
-        try:
-            self.table.delete_entity(partition, row_key, **_if_match(etag))
-        except ResourceModifiedError:
+        try:  # a row that is gone already (a previous leader's delete) is not an error
+            self.table.delete(partition, row_key, etag=etag or None)
+        except ConditionFailed:
             logger.debug("row %s/%s changed since it was read; kept", partition, row_key)
-        except ResourceNotFoundError:
+        except NotFound:
             pass  # already gone (a previous leader's delete, or a crash mid-cleanup)
 
 
@@ -615,12 +581,13 @@ class RecordingRaced(RuntimeError):
 def _if_match(etag: str) -> dict[str, Any]:
     if not etag:  # rows read before ETags were kept: unconditional (the old behaviour)
         return {}
-    return {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+    return {"etag": etag}
 
 
-def _date_or(date: StorageDate, fallback: datetime | None) -> datetime:
-    if date.latest is not None:
-        return date.latest
+def _date_or(rows: Rows, fallback: datetime | None) -> datetime:
+    """Storage's ``Date`` of its answer to a query read to the end."""
+    if rows.date is not None:
+        return rows.date
     logger.warning("storage sent no Date header; request expiry uses this instance's clock")
     return fallback or datetime.now(UTC)
 

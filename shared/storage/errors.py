@@ -8,7 +8,9 @@
   ``AlreadyExists`` (a lease conflict: ``ConditionFailed``); 412 (``ResourceModifiedError``) and
   a queue message's stale pop receipt (400 ``PopReceiptMismatch``): ``ConditionFailed``;
 - 408, 429, any 5xx, no status, a connection that failed or broke (``ServiceRequestError``,
-  ``ServiceResponseError``, an answer cut short): ``StorageUnavailable`` (transient);
+  ``ServiceResponseError``, an answer cut short): ``StorageUnavailable`` (transient), with
+  ``failure`` saying why when storage never answered (``UNREACHABLE``: no connection;
+  ``NO_ANSWER``: dropped, timed out or cut short; ``NO_CREDENTIAL``: no token);
 - any other 4xx (a bad request, a forbidden call, a key storage refuses): ``StorageRefused``;
 - any other ``AzureError``: ``StorageError`` (neither transient nor a refusal).
 
@@ -26,6 +28,7 @@ from collections.abc import Iterator
 
 from azure.core.exceptions import (
     AzureError,
+    ClientAuthenticationError,
     DecodeError,
     HttpResponseError,
     ResourceExistsError,
@@ -38,6 +41,9 @@ from azure.core.exceptions import (
 from azure.data.tables import RequestTooLargeError, TableTransactionError
 
 from shared.errors import (
+    NO_ANSWER,
+    NO_CREDENTIAL,
+    UNREACHABLE,
     AlreadyExists,
     BatchRefused,
     ConditionFailed,
@@ -129,9 +135,10 @@ def translate(exc: BaseException) -> StorageError:
     if isinstance(exc, StorageError):
         return exc
     status, code, text = status_of(exc), code_of(exc), describe(exc)
-    if isinstance(exc, (ServiceRequestError, ServiceResponseError, DecodeError,
-                        StreamClosedError)):
-        return StorageUnavailable(text, status=status, code=code)
+    if isinstance(exc, ServiceRequestError):
+        return StorageUnavailable(text, status=status, code=code, failure=UNREACHABLE)
+    if isinstance(exc, (ServiceResponseError, DecodeError, StreamClosedError)):
+        return StorageUnavailable(text, status=status, code=code, failure=NO_ANSWER)
     if status is not None and (status in _TRANSIENT_STATUSES or status >= 500):
         return StorageUnavailable(text, status=status, code=code)
     if isinstance(exc, TableTransactionError):
@@ -146,7 +153,9 @@ def translate(exc: BaseException) -> StorageError:
         return AlreadyExists(text, status=status, code=code)
     if isinstance(exc, HttpResponseError):
         if status is None:
-            return StorageUnavailable(text, status=status, code=code)
+            return StorageUnavailable(text, status=status, code=code,
+                                      failure=NO_CREDENTIAL if isinstance(
+                                          exc, ClientAuthenticationError) else None)
         return StorageRefused(text, status=status, code=code)
     if isinstance(exc, AzureError):
         return StorageError(text, status=status, code=code)

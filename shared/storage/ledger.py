@@ -24,10 +24,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from azure.core import MatchConditions
-from azure.core.exceptions import ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-from azure.data.tables import TableClient, TableEntity, TableTransactionError, UpdateMode
-
 from shared.domain.model import (
     AccountRow,
     DecidedOutcome,
@@ -51,8 +47,9 @@ from shared.domain.planning import (
     plan_transaction,
     request_key,
 )
+from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
 from shared.storage.bounded import Bounded, take_bounded
-from shared.storage.transactions import submit_transaction
+from shared.storage.ports import Mode, Operation, Row, Table
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +62,12 @@ class CommitResult:
     accounts: dict[str, AccountRow] = field(default_factory=dict)
 
 
-def _fence(row: TableEntity) -> Fence:
-    return Fence(int(row["epoch"]), str(row.metadata["etag"]), str(row.get("holder", "")),
+def _fence(row: Row) -> Fence:
+    return Fence(int(row["epoch"]), str(row.etag), str(row.get("holder", "")),
                  str(row.get("claimedAt", "")), str(row.get("lastCommitAt", "")))
 
 
-def _decided(row: TableEntity) -> DecidedOutcome:
+def _decided(row: Row) -> DecidedOutcome:
     steps = json.loads(row.get("steps") or "{}")
     outcome = Outcome(
         request_id=str(row["RowKey"]).removeprefix(REQUEST_PREFIX),
@@ -90,18 +87,17 @@ def _prefix_range(prefix: str) -> dict[str, str]:
     return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
 
 
-def _operation(write: Write) -> tuple[Any, ...]:
+def _operation(write: Write) -> Operation:
     """A planned write as the table's transaction operation."""
     if write.kind == "create":
         return ("create", write.entity)
-    return ("update", write.entity, {"mode": UpdateMode.REPLACE, "etag": write.etag,
-                                     "match_condition": MatchConditions.IfNotModified})
+    return ("update", write.entity, {"mode": Mode.REPLACE, "etag": write.etag})
 
 
 class Ledger:
     """Reads and fenced writes of the ledger partition."""
 
-    def __init__(self, table: TableClient, partition: str = LEDGER_PARTITION) -> None:
+    def __init__(self, table: Table, partition: str = LEDGER_PARTITION) -> None:
         self.table = table
         self.partition = partition
 
@@ -109,8 +105,8 @@ class Ledger:
     def read_fence(self) -> Fence | None:
         """The fence row, or ``None`` before the first leader."""
         try:
-            return _fence(self.table.get_entity(self.partition, FENCE_ROW))
-        except ResourceNotFoundError:
+            return _fence(self.table.get(self.partition, FENCE_ROW))
+        except NotFound:
             return None
 
     def claim_epoch(self, holder: str, now: datetime, known: LedgerSnapshot | None = None,
@@ -127,11 +123,10 @@ class Ledger:
             entity = fence_entity(self.partition, known.epoch + 1, holder, claimed_at,
                                   known.last_commit_at)
             try:
-                meta = self.table.update_entity(entity, mode=UpdateMode.REPLACE, etag=known.etag,
-                                                match_condition=MatchConditions.IfNotModified)
-                return Fence(known.epoch + 1, meta["etag"], holder, claimed_at,
+                written = self.table.update(entity, mode=Mode.REPLACE, etag=known.etag)
+                return Fence(known.epoch + 1, str(written.etag), holder, claimed_at,
                              known.last_commit_at), True
-            except (ResourceModifiedError, ResourceNotFoundError):
+            except (ConditionFailed, NotFound):
                 pass  # someone wrote since: claim the long way
         # 2. Slow path: read the fence, then update it If-Match what was read.
         seen: int | None = None
@@ -141,10 +136,10 @@ class Ledger:
             if current is None:
                 entity = fence_entity(self.partition, 1, holder, claimed_at, last_commit_at="")
                 try:
-                    meta = self.table.create_entity(entity)
-                except ResourceExistsError:
+                    written = self.table.create(entity)
+                except AlreadyExists:
                     continue
-                return Fence(1, meta["etag"], holder, claimed_at), False
+                return Fence(1, str(written.etag), holder, claimed_at), False
             # 2b. Our own claim landed but its response was lost (the holder names our lease).
             if current.holder == holder:
                 return current, False
@@ -158,13 +153,10 @@ class Ledger:
             entity = fence_entity(self.partition, seen + 1, holder, claimed_at,
                                   current.last_commit_at)
             try:
-                meta = self.table.update_entity(
-                    entity, mode=UpdateMode.REPLACE, etag=current.etag,
-                    match_condition=MatchConditions.IfNotModified,
-                )
-            except ResourceModifiedError:
+                written = self.table.update(entity, mode=Mode.REPLACE, etag=current.etag)
+            except ConditionFailed:
                 continue
-            return Fence(seen + 1, meta["etag"], holder, claimed_at,
+            return Fence(seen + 1, str(written.etag), holder, claimed_at,
                          current.last_commit_at), False
         raise FencedOut(f"could not claim an epoch in {attempts} attempts: the fence keeps "
                         "changing, so another leader is active")
@@ -173,20 +165,20 @@ class Ledger:
     def read_account(self, account_id: str) -> AccountRow:
         """One account's balance (0 with no ETag when it has no row yet)."""
         try:
-            row = self.table.get_entity(self.partition, account_key(account_id))
-        except ResourceNotFoundError:
+            row = self.table.get(self.partition, account_key(account_id))
+        except NotFound:
             return AccountRow(account_id, Decimal("0.00"), None)
-        return AccountRow(account_id, parse_balance(row["balance"]), row.metadata["etag"])
+        return AccountRow(account_id, parse_balance(row["balance"]), row.etag)
 
     def read_outcome(self, request_id: str) -> DecidedOutcome | None:
         """A request's outcome, or ``None`` while it has none."""
         try:
-            return _decided(self.table.get_entity(self.partition, request_key(request_id)))
-        except ResourceNotFoundError:
+            return _decided(self.table.get(self.partition, request_key(request_id)))
+        except NotFound:
             return None
 
-    def _prefixed(self, prefix: str) -> Iterator[TableEntity]:
-        return iter(self.table.query_entities(
+    def _prefixed(self, prefix: str) -> Iterator[Row]:
+        return iter(self.table.query(
             "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
             parameters={"pk": self.partition, **_prefix_range(prefix)}))
 
@@ -199,8 +191,7 @@ class Ledger:
         if decided_since:
             query += " and decidedAt ge @since"
             parameters["since"] = decided_since
-        rows = self.table.query_entities(query, parameters=parameters, select=select,
-                                         results_per_page=1000)
+        rows = self.table.query(query, parameters=parameters, select=select, page_size=1000)
         return take_bounded((dict(row) for row in rows), limit)
 
     def list_outcomes(self) -> list[DecidedOutcome]:
@@ -224,21 +215,21 @@ class Ledger:
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp)
         try:
-            results = submit_transaction(self.table, [_operation(w) for w in plan.writes])
-        except TableTransactionError as exc:
-            error_code = getattr(exc, "error_code", None)  # set by azure-core from the answer
-            code = str(getattr(error_code, "value", error_code) or "")
-            subject = plan.subjects[exc.index] if 0 <= exc.index < len(plan.subjects) \
-                else ("?", "")
-            refusal = classify_refusal(subject, code, fence.epoch)
+            results = self.table.submit([_operation(w) for w in plan.writes])
+        except BatchRefused as exc:
+            code = exc.code or ""
+            index = 0 if exc.index is None else exc.index  # the batch as a whole: its first
+            refused = plan.subjects[index] if 0 <= index < len(plan.subjects) else ("?", "")
+            refusal = classify_refusal(refused, code, fence.epoch)
             if isinstance(refusal, LedgerWriteError):
                 logger.error("%s", refusal)
             raise refusal from exc
         written: dict[str, AccountRow] = {}
         for (kind, subject), result in zip(plan.subjects, results, strict=True):
             if kind == "account":
-                written[subject] = AccountRow(subject, balances[subject][1], result["etag"])
-        return CommitResult(replace(fence, etag=results[0]["etag"], last_commit_at=stamp), written)
+                written[subject] = AccountRow(subject, balances[subject][1], result.etag)
+        return CommitResult(replace(fence, etag=str(results[0].etag), last_commit_at=stamp),
+                            written)
 
 
 def outcome_view(decided: DecidedOutcome) -> dict[str, Any]:

@@ -22,12 +22,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from azure.core.exceptions import ResourceNotFoundError
-from azure.data.tables import TableClient, UpdateMode
-from azure.storage.queue import QueueClient
-
+from shared.errors import NotFound
 from shared.observability import telemetry
 from shared.storage.bounded import take_bounded
+from shared.storage.ports import MessageQueue, Mode, PeekableQueue, Table
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +105,7 @@ def _entity_bytes(entity: dict[str, Any]) -> int:
 class ParkingLot:
     """The table of parked messages."""
 
-    def __init__(self, table: TableClient) -> None:
+    def __init__(self, table: Table) -> None:
         self.table = table
 
     def park(self, parked_id: str, body: bytes, error: str, dequeue_count: int,
@@ -125,7 +123,7 @@ class ParkingLot:
             entity[f"body{index}"] = chunk
         if len(entity) + 1 > _PROPERTIES or _entity_bytes(entity) > _ENTITY_BYTES:
             raise ValueError(f"message {parked_id} is too large to park ({len(body)} bytes)")
-        self.table.upsert_entity(entity, mode=UpdateMode.REPLACE)
+        self.table.upsert(entity, mode=Mode.REPLACE)
         telemetry.record_parked(kind.value)
         logger.warning("parked %s message %s: %s", kind.value, parked_id, error,
                        extra=telemetry.log_extra(parkedId=parked_id, parkedKind=kind.value))
@@ -136,20 +134,19 @@ class ParkingLot:
         All zero while the table does not exist yet (it is made on first use).
         """
         counts = {kind.value: 0 for kind in ParkedKind}
-        rows = self.table.query_entities("PartitionKey eq @pk", select=["kind"],
-                                         parameters={"pk": PARKED_PARTITION})
+        rows = self.table.query("PartitionKey eq @pk", select=["kind"],
+                                parameters={"pk": PARKED_PARTITION})
         try:
             for row in take_bounded(rows, limit).rows:
                 kind = str(row.get("kind") or ParkedKind.MALFORMED.value)
                 counts[kind] = counts.get(kind, 0) + 1
-        except ResourceNotFoundError:
+        except NotFound:
             pass
         return counts
 
     def list(self, limit: int = 1000) -> list[ParkedMessage]:
         """Parked messages, oldest first."""
-        rows = self.table.query_entities("PartitionKey eq @pk",
-                                         parameters={"pk": PARKED_PARTITION})
+        rows = self.table.query("PartitionKey eq @pk", parameters={"pk": PARKED_PARTITION})
         found: list[ParkedMessage] = []
         for row in rows:
             found.append(self._message(row))
@@ -160,14 +157,14 @@ class ParkingLot:
     def get(self, parked_id: str) -> ParkedMessage | None:
         """One parked message, or ``None``."""
         try:
-            return self._message(self.table.get_entity(PARKED_PARTITION, parked_id))
-        except ResourceNotFoundError:
+            return self._message(self.table.get(PARKED_PARTITION, parked_id))
+        except NotFound:
             return None
 
-    def replay(self, parked_id: str, queue: QueueClient, body: bytes | None = None) -> None:
+    def replay(self, parked_id: str, queue: MessageQueue, body: bytes | None = None) -> None:
         """Put the message (or a corrected ``body``) back on the queue, then forget it.
 
-        The queue client must encode as the Functions host decodes (``TextBase64EncodePolicy``).
+        The queue must encode as the Functions host decodes (base64: ``AzureQueue``'s default).
         At least once: a crash between the two steps leaves the row to replay again, and the
         pipeline treats a second delivery of the same step as a duplicate.
         """
@@ -175,8 +172,8 @@ class ParkingLot:
         if message is None:
             raise KeyError(f"no parked message {parked_id!r}; list them with "
                            "'./dev cli parked list'")
-        queue.send_message((body if body is not None else message.body).decode("utf-8"))
-        self.table.delete_entity(PARKED_PARTITION, parked_id)
+        queue.send((body if body is not None else message.body).decode("utf-8"))
+        self.table.delete(PARKED_PARTITION, parked_id)
         logger.info("replayed parked message %s", parked_id)
 
     @staticmethod
@@ -201,39 +198,40 @@ class PoisonedMessage:
 QUEUE_BATCH_LIMIT = 32  # the most messages one peek or receive returns (Azure Queue Storage)
 
 
-def queue_depth(queue: QueueClient) -> int:
+def queue_depth(queue: MessageQueue) -> int:
     """The queue's approximate message count; 0 while it does not exist (the host makes the
     poison queue with the first message it poisons)."""
     try:
-        return int(queue.get_queue_properties().approximate_message_count or 0)
-    except ResourceNotFoundError:
+        return queue.approximate_count()
+    except NotFound:
         return 0
 
 
-def peek_poisoned(poison: QueueClient,
+def peek_poisoned(poison: PeekableQueue,
                   limit: int = QUEUE_BATCH_LIMIT) -> list[PoisonedMessage]:
-    """Up to ``QUEUE_BATCH_LIMIT`` messages of the poison queue, without taking them."""
-    return [PoisonedMessage(str(m.id), str(m.content), str(m.inserted_on or ""),
-                            int(m.dequeue_count or 0))
-            for m in poison.peek_messages(max_messages=min(limit, QUEUE_BATCH_LIMIT))]
+    """Up to ``QUEUE_BATCH_LIMIT`` messages of the poison queue, without taking them.
+
+    A raw queue (``open_queue(name, raw=True)``) shows each text as the host received it."""
+    return [PoisonedMessage(m.message_id, m.text, str(m.inserted_on or ""), m.dequeue_count)
+            for m in poison.peek(max_messages=min(limit, QUEUE_BATCH_LIMIT))]
 
 
-def replay_poisoned(poison: QueueClient, target: QueueClient, limit: int) -> int:
+def replay_poisoned(poison: MessageQueue, target: MessageQueue, limit: int) -> int:
     """Move up to ``limit`` poisoned messages back to ``target`` unchanged; return how many.
 
-    Both clients must carry no encode/decode policy: the text moves as it is, already in the
-    host's encoding. At least once: a crash between send and delete replays a message twice,
-    which the pipeline treats as a duplicate delivery.
+    Both queues must be raw (``open_queue(name, raw=True)``): the text moves as it is, already
+    in the host's encoding. At least once: a crash between send and delete replays a message
+    twice, which the pipeline treats as a duplicate delivery.
     """
     moved = 0
     while moved < limit:
-        batch = list(poison.receive_messages(max_messages=min(QUEUE_BATCH_LIMIT, limit - moved),
-                                             visibility_timeout=60))
+        batch = poison.receive(max_messages=min(QUEUE_BATCH_LIMIT, limit - moved),
+                               visibility_timeout=60)
         if not batch:
             break
         for message in batch:
-            target.send_message(message.content)
-            poison.delete_message(message)
+            target.send(message.text)
+            poison.delete(message.handle)
             moved += 1
     logger.info("replayed %d poisoned message(s)", moved)
     return moved

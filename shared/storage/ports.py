@@ -239,3 +239,21 @@ class MessageQueue(Protocol):
     def approximate_count(self) -> int:
         """About how many messages the queue holds, invisible ones included."""
         ...
+
+
+@dataclass(frozen=True)
+class Peeked:
+    """A message looked at without being received (its receipt is not changed)."""
+
+    message_id: str
+    text: str
+    inserted_on: datetime | None
+    dequeue_count: int
+
+
+class PeekableQueue(MessageQueue, Protocol):
+    """A queue whose messages an operator may look at without taking them."""
+
+    def peek(self, *, max_messages: int = 1) -> list[Peeked]:
+        """Up to ``max_messages`` (1 to 32) visible messages, oldest first, left where they are."""
+        ...

@@ -16,6 +16,8 @@ from typing import Any
 from azure.core.exceptions import HttpResponseError, ServiceRequestError, ServiceResponseError
 from azure.storage.blob import ExponentialRetry
 
+from shared.errors import StorageUnavailable
+
 RETRY_TOTAL = 2  # retries after the first try: three tries in all
 FIRST_BACKOFF_SECONDS = 0.2  # then doubled: 0.2 s, 0.4 s
 MAX_BACKOFF_SECONDS = 0.8
@@ -71,7 +73,10 @@ def is_transient(exc: BaseException) -> bool:
 
     These are what the SDK itself retries; when its tries ran out, the caller may try again
     later, within what its lease allows. Anything else (a refusal, a missing row) is an answer.
+    The app's ``StorageUnavailable`` (what the storage adapters raise for them) is transient too.
     """
+    if isinstance(exc, StorageUnavailable):
+        return True
     if isinstance(exc, ServiceRequestError | ServiceResponseError):
         return True
     if isinstance(exc, HttpResponseError):

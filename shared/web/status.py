@@ -30,15 +30,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from azure.core.exceptions import (
-    AzureError,
-    ClientAuthenticationError,
-    HttpResponseError,
-    ServiceRequestError,
-    ServiceResponseError,
-)
-
 from shared.domain.model import Fence
+from shared.errors import NO_ANSWER, NO_CREDENTIAL, UNREACHABLE, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
@@ -66,27 +59,27 @@ def metrics_reply(get_app: Callable[[], LedgerApp]) -> Reply:
     """``GET /api/metrics``: the snapshot, or 503 with the reason when storage cannot answer."""
     try:
         return Reply(200, snapshot(get_app()))
-    except AzureError as exc:
+    except StorageError as exc:
         reason = _reason(exc)
-        logger.warning("status snapshot failed, %s: %s", reason, exc)
+        # The whole error for the operator's log: the SDK's own, endpoint and all.
+        logger.warning("status snapshot failed, %s: %s", reason, exc.__cause__ or exc)
         return Reply(503, {"error": reason, "retryable": True})
 
 
 _CODE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,99}")  # a storage error code, not an address
 
 
-def _reason(exc: AzureError) -> str:
+def _reason(exc: StorageError) -> str:
     """What failed, by category: the SDKs' own text names the endpoint (host, port, account)."""
-    if isinstance(exc, ServiceRequestError):
+    if exc.failure == UNREACHABLE:
         return "storage cannot be reached"
-    if isinstance(exc, ServiceResponseError):
+    if exc.failure == NO_ANSWER:
         return "storage did not answer (the connection was dropped or timed out)"
-    if isinstance(exc, HttpResponseError) and exc.status_code:
-        code = getattr(exc, "error_code", None)
-        code = str(getattr(code, "value", code) or "")  # the SDKs give an enum or a str
+    if exc.status:
+        code = exc.code or ""
         shown = f" {code}" if _CODE.fullmatch(code) else ""
-        return f"storage refused the read ({exc.status_code}{shown})"
-    if isinstance(exc, ClientAuthenticationError):
+        return f"storage refused the read ({exc.status}{shown})"
+    if exc.failure == NO_CREDENTIAL:
         return "the app could not get a token for storage"
     return f"the storage read failed ({type(exc).__name__})"
 
@@ -108,7 +101,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
     recent = app.ledger.outcome_rows(MAX_WINDOW_ROWS, ["status", "decidedAt"],
                                      decided_since=since.isoformat(timespec="microseconds"))
-    poisoned = queue_depth(app.raw_queue_client(app.config.poison_queue))
+    poisoned = queue_depth(app.queue(app.config.poison_queue))
     parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
     return {
         "generatedAt": now.isoformat(),

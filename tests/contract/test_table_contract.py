@@ -257,6 +257,12 @@ def test_query_rows_carry_etag_timestamp_and_storages_date(table: Table) -> None
     assert abs(found.date - written.timestamp) < timedelta(seconds=5)
 
 
+def test_a_query_that_finds_nothing_still_has_storages_date(table: Table) -> None:
+    found = table.query("PartitionKey eq 'nobody'")
+    assert list(found) == []
+    assert found.date is not None, "the app's 'now' comes from an empty answer too"
+
+
 def test_query_select_limit_and_pages(rows: Table) -> None:
     found = list(rows.query("PartitionKey eq 'b1'", select=["RowKey"], page_size=2, limit=3))
     assert [plain(r) for r in found] == [{"RowKey": "r1|a"}, {"RowKey": "r1|b"},
