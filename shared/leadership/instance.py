@@ -53,26 +53,90 @@ class RecentRequests:
 
 
 @dataclass
+class Shard:
+    """One ledger partition and the election that guards it: everything a leader of it holds.
+
+    An app has one today. Sharding (K leases and ledger partitions) gives it one bundle per
+    shard, each complete: its elector, its ledger partition, the completions its requests are
+    recorded in, the cleaner of those rows, and this process's snapshot of its last commit and
+    the requests it decided.
+    """
+
+    name: str
+    elector: LeaseElector
+    ledger: Ledger
+    completions: CompletionStore
+    cleaner: RowCleaner
+    snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
+    recently_decided: RecentRequests = field(default_factory=RecentRequests)
+
+    @classmethod
+    def of(cls, name: str, elector: LeaseElector, ledger: Ledger, completions: CompletionStore,
+           clock: Clock) -> Shard:
+        """A shard with a cleaner of its own for ``completions`` (deletes batched, off the
+        commit path)."""
+        return cls(name, elector, ledger, completions,
+                   RowCleaner(completions, clock=clock.monotonic))
+
+
+@dataclass
 class LedgerApp:
-    """The assembled app of one instance."""
+    """The assembled app of one instance: its configuration, clients, clock and shards.
+
+    ``elector``, ``ledger``, ``completions``, ``cleaner``, ``snapshot`` and ``recently_decided``
+    are those of ``shard``, the one shard there is today.
+    """
 
     config: AppConfig
     clients: StorageClients
-    completions: CompletionStore
-    ledger: Ledger
     parking: ParkingLot
-    elector: LeaseElector
+    shards: tuple[Shard, ...]
     clock: Clock = SYSTEM_CLOCK  # the one clock: monotonic time and sleep; wall time to show
     # Added to storage's time when the leader judges expiry. Zero in production; tests move it
     # forward to reach REQUEST_TIMEOUT_SECONDS without waiting (it moves "now" only, so a step
     # recorded after a shift already looks that old).
     time_shift: Callable[[], timedelta] = lambda: timedelta(0)
-    snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
-    recently_decided: RecentRequests = field(default_factory=RecentRequests)
-    cleaner: RowCleaner = field(init=False)  # deletes consumed completion rows, batched
 
     def __post_init__(self) -> None:
-        self.cleaner = RowCleaner(self.completions, clock=self.clock.monotonic)
+        if len(self.shards) != 1:
+            raise ValueError(f"an app has exactly one shard today, not {len(self.shards)}")
+
+    @property
+    def shard(self) -> Shard:
+        """The app's one shard."""
+        return self.shards[0]
+
+    @property
+    def elector(self) -> LeaseElector:
+        return self.shard.elector
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.shard.ledger
+
+    @property
+    def completions(self) -> CompletionStore:
+        return self.shard.completions
+
+    @completions.setter
+    def completions(self, store: CompletionStore) -> None:
+        self.shard.completions = store
+
+    @property
+    def cleaner(self) -> RowCleaner:
+        return self.shard.cleaner
+
+    @property
+    def snapshot(self) -> LedgerSnapshot | None:
+        return self.shard.snapshot
+
+    @snapshot.setter
+    def snapshot(self, snapshot: LedgerSnapshot | None) -> None:
+        self.shard.snapshot = snapshot
+
+    @property
+    def recently_decided(self) -> RecentRequests:
+        return self.shard.recently_decided
 
     @classmethod
     def create(cls, config: AppConfig, clients: StorageClients,
@@ -80,18 +144,15 @@ class LedgerApp:
                clock: Clock = SYSTEM_CLOCK) -> LedgerApp:
         """Wire the stores and the elector to the clients (makes no storage call)."""
         container = clients.blob.get_container_client(config.lease_container)
-        return cls(
-            config=config,
-            clients=clients,
-            completions=CompletionStore(clients.open_table(config.completions_table)),
-            ledger=Ledger(clients.open_table(config.ledger_table)),
-            parking=ParkingLot(clients.open_table(config.parked_table)),
-            elector=LeaseElector(
-                AzureBlobLease(container, config.lease_blob,
-                               call_timeout_seconds=config.storage_timeout_seconds),
-                config.election, config.instance_id, clock, callbacks),
-            clock=clock,
-        )
+        elector = LeaseElector(
+            AzureBlobLease(container, config.lease_blob,
+                           call_timeout_seconds=config.storage_timeout_seconds),
+            config.election, config.instance_id, clock, callbacks)
+        shard = Shard.of("0", elector, Ledger(clients.open_table(config.ledger_table)),
+                         CompletionStore(clients.open_table(config.completions_table)), clock)
+        return cls(config=config, clients=clients,
+                   parking=ParkingLot(clients.open_table(config.parked_table)),
+                   shards=(shard,), clock=clock)
 
     def ensure_resources(self, queues: bool = True) -> None:
         """Create the tables, the lease blob and (locally) the queues. Idempotent.

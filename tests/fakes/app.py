@@ -25,7 +25,7 @@ from typing import Any
 from shared.config.settings import load_config
 from shared.domain.clock import Clock
 from shared.election.elector import ElectionCallbacks, LeaseElector
-from shared.leadership.instance import LedgerApp
+from shared.leadership.instance import LedgerApp, Shard
 from shared.storage.clients import azurite_connection_string, clients_from_connection_string
 from shared.storage.completions import CompletionStore
 from shared.storage.ledger import Ledger
@@ -111,14 +111,15 @@ def memory_app(clock: Clock | None = None, *, storage: MemoryStorage | None = No
     config = load_config({**NAMES, **settings}, instance_id=instance_id)
     nowhere = azurite_connection_string(blob_port=NOWHERE, queue_port=NOWHERE,
                                         table_port=NOWHERE)
+    shard = Shard.of("0", LeaseElector(storage.lease, config.election, config.instance_id,
+                                       clock, callbacks),
+                     Ledger(storage.tables.table(config.ledger_table)),
+                     CompletionStore(storage.tables.table(config.completions_table)), clock)
     fields: dict[str, Any] = {
         "config": config,
         "clients": clients_from_connection_string(nowhere, 1),
-        "completions": CompletionStore(storage.tables.table(config.completions_table)),
-        "ledger": Ledger(storage.tables.table(config.ledger_table)),
         "parking": ParkingLot(storage.tables.table(config.parked_table)),
-        "elector": LeaseElector(storage.lease, config.election, config.instance_id, clock,
-                                callbacks),
+        "shards": (shard,),
         "clock": clock,
     }
     app = MemoryLedgerApp(**fields)
