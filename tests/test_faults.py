@@ -3,7 +3,7 @@
 For every write the app makes, a response lost *after* storage applied the write leaves the
 ledger exact and the request decided once; 500/503 and timeouts on the lease blob and the ledger
 partition slow the pipeline down without losing or stranding anything; and retries fit the
-lease (issue 11.3): a transient error costs a sub-second retry, hand-over and failover stay
+lease: a transient error costs a sub-second retry, hand-over and failover stay
 within the lease plus a few seconds.
 """
 
@@ -197,7 +197,7 @@ def test_throttling_on_the_lease_blob_and_the_ledger_slows_down_but_loses_nothin
     assert clean.completions.count() == 0
 
 
-# --- issue 11.3: retries that fit the lease ----------------------------------------------------
+# --- retries that fit the lease ----------------------------------------------------------------
 
 @pytest.mark.parametrize(("seconds_left", "retries"), [
     (40, 2), (15, 2), (10, 2), (3, 2), (2, 1), (1.3, 1), (1, 0), (0, 0), (-4, 0)])

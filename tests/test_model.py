@@ -1,4 +1,4 @@
-"""Model-based test of the leader protocol, against a real Azurite (issue 7, section 3).
+"""Model-based test of the leader protocol, against a real Azurite.
 
 A hypothesis ``RuleBasedStateMachine`` plays several instances (``LedgerApp`` objects on one
 storage namespace, their own clocks skewed by up to a day) and the faults between them: steps
@@ -23,7 +23,7 @@ request's outcome must be one of those. After every rule:
 
 At teardown, a quiet sweep (no faults, lease free) decides every request that was decidable, and
 one more after the timeout decides everything and leaves no completion row. The second test runs
-the same machine and also requires every step that contradicts a commit to be parked (issue 11.2).
+the same machine and also requires every step that contradicts a commit to be parked.
 
 Seeds: by default (CI, ``./dev test``) the run uses the fixed seed ``FIXED_SEED``, so it is
 the same run every time; ``MODEL_SEED=random`` draws a fresh seed (explore), ``MODEL_SEED=N``
@@ -41,6 +41,8 @@ import json
 import logging
 import os
 import secrets
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -289,13 +291,25 @@ class Paused:
 
 
 class FakeMonotonic:
-    """The instances' monotonic clock, moved by the test (renewals, lease deadlines)."""
+    """The instances' monotonic clock, moved by the test (renewals, lease deadlines).
+
+    A sleep on the test's thread (a leader's linger, its final look) moves it on at once; the
+    lease's background renewer, on its own thread, waits a few real milliseconds instead, so
+    that it never moves the test's time.
+    """
 
     def __init__(self) -> None:
         self.now = 1000.0
+        self.owner = threading.get_ident()
 
     def __call__(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        if threading.get_ident() == self.owner:
+            self.now += max(seconds, 0.0)
+        else:
+            time.sleep(min(max(seconds, 0.0), 0.005))
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -376,9 +390,10 @@ class ProtocolMachine(RuleBasedStateMachine):
             table=TableServiceClient.from_connection_string(
                 self.connection_string, raw_response_hook=faults.table_hook, **options),
         )
-        skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # issue 11.1: expiry must not care
+        skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # expiry must not care
         app = LedgerApp.create(config, clients, clock=ComposedClock(
-            monotonic=self.monotonic, now=lambda: self.wallclock() + skew))
+            monotonic=self.monotonic, now=lambda: self.wallclock() + skew,
+            sleep=self.monotonic.sleep))
         app.time_shift = self.wallclock.shift  # expiry: storage's time, moved by the test
         app.completions.record = faults.within(  # type: ignore[method-assign]
             "record", app.completions.record)

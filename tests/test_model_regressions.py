@@ -38,8 +38,9 @@ def _parked_late_steps(app: LedgerApp) -> list[dict[str, Any]]:
 
 
 def test_a_second_content_after_a_commit_is_parked_not_dropped(ns: Namespace) -> None:
-    """test_late_steps_that_contradict_a_commit_are_parked, before issue 11.2 was fixed, shrunk
-    to: deliver r0-0 (add 5.00, the only step), which commits; deliver r0-0 again with 6.00.
+    """test_late_steps_that_contradict_a_commit_are_parked, before late contradicting steps
+    were parked, shrunk to: deliver r0-0 (add 5.00, the only step), which commits; deliver r0-0
+    again with 6.00.
     The second content was deleted as a late duplicate: upstream believed 6.00 was added."""
     app = ns.app()
     send(app, step("r0", "r0-0", "add_funds", "acct-a", "5.00", 1))
