@@ -52,7 +52,7 @@ def azurite_clients(azurite: Azurite) -> StorageClients:
     return clients_from_connection_string(azurite.connection_string)
 
 
-@pytest.fixture(params=["memory", "azurite"])
+@pytest.fixture(params=["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
 def backend(request: pytest.FixtureRequest) -> Backend:
     if request.param == "memory":
         clock = FakeClock()

@@ -127,7 +127,8 @@ class AzuriteRig(Rig):
         self.container.delete_container()
 
 
-@pytest.fixture(scope="module", params=["memory", "azurite"])
+@pytest.fixture(scope="module",
+                params=["memory", pytest.param("azurite", marks=pytest.mark.azurite)])
 def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     """One rig per implementation for the whole module (pytest groups the tests by it), so its
     expiring leases count down while the other tests run."""
