@@ -56,7 +56,7 @@ def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
     work, this invocation competes for the lease again.
 
     ``handed_over`` (the queue trigger, right after it announced a request) lets the attempt be
-    skipped within ``elector.skip_seconds`` of an earlier refusal (``LeaseElector.try_acquire``).
+    skipped within ``elector.skip_seconds`` of an earlier refusal (``LeaseElector.attempt``).
     Such a skipping instance announced work before its refusal, so a leader that saw another
     instance's work (or whose own process was refused meanwhile) looks once more,
     ``elector.skip_seconds`` after its release, when every window opened during its term has
