@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from shared.domain.money import MoneyError, parse_amount
+from shared.errors import BadInput
 
 _ISO_DATE_START = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", re.ASCII)  # YYYY-MM-DD, then pydantic
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -43,7 +44,7 @@ class StepStatus(StrEnum):
     FAILED = "failed"
 
 
-class MalformedMessage(ValueError):
+class MalformedMessage(BadInput):
     """A queue message breaks the v1 contract. It is parked, never retried as it is."""
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
+from shared.errors import BadInput
+
 CENT = Decimal("0.01")
 MAX_AMOUNT = Decimal("1000000000000")  # 1e12, the contract's ceiling for one step
 
 
-class MoneyError(ValueError):
+class MoneyError(BadInput):
     """A string is not an amount of money this ledger accepts."""
 
 

@@ -30,6 +30,7 @@ from enum import StrEnum
 
 from shared.domain.contract import StepStatus
 from shared.domain.model import DecidedOutcome, RecordedStep
+from shared.errors import BadInput
 
 NAMED_IN_REASON = 5  # offenders a reason names before it gives a count
 # How long after a request's deadline storage's time must be before it is judged expired: a
@@ -169,7 +170,7 @@ def describe_conflicts(steps: Sequence[RecordedStep], operation_ids: Sequence[st
     return described
 
 
-class InsufficientFunds(ValueError):
+class InsufficientFunds(BadInput):
     """Applying the legs would take an account below zero."""
 
     def __init__(self, account_id: str, balance: Decimal) -> None:

@@ -49,7 +49,7 @@ from urllib.parse import unquote
 from shared.domain.contract import Completion, Operation, StepStatus
 from shared.domain.model import RecordedStep, RowRef
 from shared.domain.money import format_money, parse_balance
-from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
+from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound, Retryable
 from shared.observability import telemetry
 from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.ports import Mode, Row, Rows, Table, Written
@@ -574,7 +574,7 @@ class CompletionStore:
             pass  # already gone (a previous leader's delete, or a crash mid-cleanup)
 
 
-class RecordingRaced(RuntimeError):
+class RecordingRaced(Retryable):
     """A step's row kept appearing and disappearing while it was recorded: retry the message."""
 
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from shared.errors import NotFound
+from shared.errors import BadInput, NotFound
 from shared.observability import telemetry
 from shared.storage.bounded import take_bounded
 from shared.storage.ports import MessageQueue, Mode, PeekableQueue, Table
@@ -170,7 +170,7 @@ class ParkingLot:
         """
         message = self.get(parked_id)
         if message is None:
-            raise KeyError(f"no parked message {parked_id!r}; list them with "
+            raise BadInput(f"no parked message {parked_id!r}; list them with "
                            "'./dev cli parked list'")
         queue.send((body if body is not None else message.body).decode("utf-8"))
         self.table.delete(PARKED_PARTITION, parked_id)
