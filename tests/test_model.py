@@ -41,8 +41,6 @@ import json
 import logging
 import os
 import secrets
-import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -84,6 +82,7 @@ from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyRound, ReadyView
 from shared.storage.clients import StorageClients
 from simulator.azurite import Azurite
+from tests.fakes.app import OwnedClock
 from tests.helpers import ManualClock, Namespace, lease_blob
 
 INSTANCES = 3
@@ -291,25 +290,17 @@ class Paused:
 
 
 class FakeMonotonic:
-    """The instances' monotonic clock, moved by the test (renewals, lease deadlines).
-
-    A sleep on the test's thread (a leader's linger, its final look) moves it on at once; the
-    lease's background renewer, on its own thread, waits a few real milliseconds instead, so
-    that it never moves the test's time.
-    """
+    """The instances' monotonic clock, moved by the test (renewals, lease deadlines), and by
+    the sleeps of the test's own thread (a leader's linger, its final look: ``OwnedClock``)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.owner = threading.get_ident()
 
     def __call__(self) -> float:
         return self.now
 
-    def sleep(self, seconds: float) -> None:
-        if threading.get_ident() == self.owner:
-            self.now += max(seconds, 0.0)
-        else:
-            time.sleep(min(max(seconds, 0.0), 0.005))
+    def advance(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
 
 
 # --- the state machine ------------------------------------------------------------------------
@@ -391,9 +382,9 @@ class ProtocolMachine(RuleBasedStateMachine):
                 self.connection_string, raw_response_hook=faults.table_hook, **options),
         )
         skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # expiry must not care
-        app = LedgerApp.create(config, clients, clock=ComposedClock(
+        app = LedgerApp.create(config, clients, clock=OwnedClock(ComposedClock(
             monotonic=self.monotonic, now=lambda: self.wallclock() + skew,
-            sleep=self.monotonic.sleep))
+            sleep=self.monotonic.advance)))
         app.time_shift = self.wallclock.shift  # expiry: storage's time, moved by the test
         app.completions.record = faults.within(  # type: ignore[method-assign]
             "record", app.completions.record)

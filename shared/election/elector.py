@@ -32,12 +32,11 @@ import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from enum import StrEnum
 from typing import cast
 
 from shared.config.timings import ElectionConfigError, LeaderElectionConfig
-from shared.domain.clock import SYSTEM_CLOCK, Clock
+from shared.domain.clock import SYSTEM_CLOCK, Clock, ComposedClock
 from shared.election.lock import LeaseLock, LeaseStatus
 from shared.errors import ConditionFailed, NotFound, StorageError, TermEnded
 
@@ -62,27 +61,11 @@ logger = logging.getLogger(__name__)
 MonotonicClock = Callable[[], float]  # the bare monotonic clock callers passed before ``Clock``
 
 
-class _MonotonicOnly:
-    """A ``Clock`` over a bare monotonic function (callers that predate ``Clock``): sleeps and
-    wall time are the system's."""
-
-    def __init__(self, monotonic: MonotonicClock) -> None:
-        self._monotonic = monotonic
-
-    def monotonic(self) -> float:
-        return self._monotonic()
-
-    def sleep(self, seconds: float) -> None:
-        SYSTEM_CLOCK.sleep(seconds)
-
-    def now(self) -> datetime:
-        return SYSTEM_CLOCK.now()
-
-
 def as_clock(clock: Clock | MonotonicClock) -> Clock:
-    """``clock`` as a ``Clock``: a bare monotonic function is wrapped."""
+    """``clock`` as a ``Clock``: a bare monotonic function is wrapped (sleeps and wall time are
+    then the system's)."""
     if getattr(clock, "monotonic", None) is None:
-        return _MonotonicOnly(cast(MonotonicClock, clock))
+        return ComposedClock(monotonic=cast(MonotonicClock, clock))
     return cast(Clock, clock)
 
 
