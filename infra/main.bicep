@@ -105,6 +105,11 @@ param requestTimeoutSeconds int = 900
 @minValue(1)
 param storageTimeoutSeconds int = 5
 
+@description('LEDGER_SHARDS: shards of the ledger, each with its own lease, ledger partition and completions table (the app creates the shard tables on first use).')
+@minValue(1)
+@maxValue(64)
+param ledgerShards int = 1
+
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
   '0'
@@ -131,6 +136,7 @@ var appSettings = {
   DRAIN_BUDGET_SECONDS: string(drainBudgetSeconds)
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
+  LEDGER_SHARDS: string(ledgerShards)
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 

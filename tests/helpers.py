@@ -134,7 +134,8 @@ def record(app: LedgerApp, *bodies: bytes) -> None:
     without running any election."""
     for body in bodies:
         completion = parse_completion(body)
-        announce_if_ready(app, completion, record_completion(app, completion))
+        home = app.home_of(completion)
+        announce_if_ready(home, completion, record_completion(home, completion))
 
 
 def sweep_now(app: LedgerApp) -> ElectionResult:

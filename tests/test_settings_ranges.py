@@ -37,7 +37,8 @@ RANGE_ENDS = [(name, end) for name, (low, high) in sorted(RANGES.items()) for en
 
 
 def test_the_readme_documents_a_range_for_every_numeric_setting() -> None:
-    numeric = {s.name for s in SETTINGS if s.name.endswith("_SECONDS")}
+    numeric = {s.name for s in SETTINGS
+               if s.name.endswith("_SECONDS") or s.name == "LEDGER_SHARDS"}
     assert set(RANGES) == numeric
     assert numeric <= SETTING_NAMES
 
@@ -53,6 +54,7 @@ def test_each_end_of_each_documented_range_works_alone(name: str, value: str) ->
         "DRAIN_BUDGET_SECONDS": config.drain_budget_seconds,
         "REQUEST_TIMEOUT_SECONDS": config.request_timeout_seconds,
         "STORAGE_TIMEOUT_SECONDS": config.storage_timeout_seconds,
+        "LEDGER_SHARDS": config.shards,
     }
     assert read[name] == float(value)
     # The invariants the leader relies on (shared/election/elector.py).

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from shared.config.names import MAX_SHARDS, MAX_TABLE_NAME, completions_table_name
 from shared.config.timings import LeaderElectionConfig
 from shared.errors import ConfigError as ConfigError  # re-exported: callers import it from here
 
@@ -78,6 +79,10 @@ REQUEST_TIMEOUT_SECONDS = Setting(
 STORAGE_TIMEOUT_SECONDS = Setting(
     "STORAGE_TIMEOUT_SECONDS", "5", "Per-call network timeout of the ledger and lease clients."
 )
+LEDGER_SHARDS = Setting(
+    "LEDGER_SHARDS", "1",
+    "Shards of the ledger, 1-64: each has its own lease, ledger partition and completions table.",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -97,6 +102,7 @@ SETTINGS: tuple[Setting, ...] = (
     DRAIN_BUDGET_SECONDS,
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
+    LEDGER_SHARDS,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -120,6 +126,7 @@ class AppConfig:
     request_timeout_seconds: float
     storage_timeout_seconds: float
     instance_id: str
+    shards: int = 1  # LEDGER_SHARDS
 
     @property
     def poison_queue(self) -> str:
@@ -185,10 +192,20 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
                        LEASE_SAFETY_MARGIN_SECONDS.name, STORAGE_TIMEOUT_SECONDS.name),
     )
     drain = _number(env, DRAIN_BUDGET_SECONDS, 1, FUNCTION_TIMEOUT_SECONDS - 30)
+    shards = _number(env, LEDGER_SHARDS, 1, MAX_SHARDS)
+    if shards != int(shards):
+        raise ConfigError(f"{LEDGER_SHARDS.name}={shards:g}: set a whole number of shards "
+                          f"between 1 and {MAX_SHARDS}.")
+    completions_table = _text(env, COMPLETIONS_TABLE_NAME)
+    longest = completions_table_name(completions_table, MAX_SHARDS - 1)
+    if int(shards) > 1 and len(longest) > MAX_TABLE_NAME:
+        raise ConfigError(f"{COMPLETIONS_TABLE_NAME.name}={completions_table!r} is too long for "
+                          f"{LEDGER_SHARDS.name}={shards:g}: shard tables are named like "
+                          f"{longest!r}, at most {MAX_TABLE_NAME} characters.")
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
         wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
-        completions_table=_text(env, COMPLETIONS_TABLE_NAME),
+        completions_table=completions_table,
         ledger_table=_text(env, LEDGER_TABLE_NAME),
         parked_table=_text(env, PARKED_TABLE_NAME),
         lease_container=_text(env, LEASE_CONTAINER_NAME),
@@ -198,4 +215,5 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         request_timeout_seconds=_number(env, REQUEST_TIMEOUT_SECONDS, 1, 7 * 24 * 3600),
         storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
+        shards=int(shards),
     )

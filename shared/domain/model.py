@@ -80,6 +80,8 @@ class Outcome:
     operations: int = 0  # distinct operationIds seen when it was decided
     expected_operations: int = 0  # what the steps said (0: they disagreed)
     steps: tuple[tuple[str, str], ...] = ()  # (operationId, contentKey) of the decided steps
+    # Other shards that must apply (or release) it before it is settled: a cross-shard request.
+    shards: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class DecidedOutcome:
     epoch: int
     decided_by: str
     steps_complete: bool  # False when the row keeps only the first MAX_RECORDED_STEPS digests
+    # False while other shards have yet to apply or release a cross-shard decision.
+    settled: bool = True
 
     @property
     def step_contents(self) -> dict[str, str]:
@@ -114,8 +118,9 @@ class AccountRow:
     """An account's balance and the ETag it was read with (``None``: no row yet, balance 0)."""
 
     account_id: str
-    balance: Decimal
+    balance: Decimal  # what the account can spend: money held in escrow is not in it
     etag: str | None
+    reserved: Decimal = Decimal("0.00")  # held in escrow for undecided cross-shard requests
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,24 @@ class OutcomeExists(Retryable):
         self.request_id = request_id
 
 
+class AlreadyRecorded(Retryable):
+    """A create-once row of cross-shard work exists already (a vote, an applied marker, a
+    coordination): the message or request at hand was acted on before."""
+
+    def __init__(self, kind: str, request_id: str) -> None:
+        super().__init__(f"the {kind} row of request {request_id} exists already")
+        self.kind = kind
+        self.request_id = request_id
+
+
+class InboxGone(Retryable):
+    """A message row changed or went since it was read: the message was acted on before."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"a message about request {request_id} changed since it was read")
+        self.request_id = request_id
+
+
 class AccountChanged(Retryable):
     """An account row changed under the leader (an operator edit?): re-read it and retry."""
 
@@ -73,16 +91,23 @@ def request_key(request_id: str) -> str:
     return REQUEST_PREFIX + request_id
 
 
+WriteKind = Literal["create", "replace", "replace_any", "merge", "upsert_merge", "delete"]
+
+
 @dataclass(frozen=True)
 class Write:
-    """One operation of a transaction: create a row, or replace it If-Match ``etag``."""
+    """One operation of a transaction: create a row; replace it If-Match ``etag`` (``replace``)
+    or whatever its version (``replace_any``); merge properties into it (``merge``: it must
+    exist; ``upsert_merge``: made if missing); delete it (If-Match ``etag`` when given)."""
 
-    kind: Literal["create", "replace"]
+    kind: WriteKind
     entity: dict[str, Any]
     etag: str | None = None
 
 
-Subject = tuple[str, str]  # ("fence" | "request" | "account", id): what an operation writes
+# (kind, id): what an operation writes. Kinds: "fence", "request", "account", and the
+# cross-shard rows of shared/domain/exchange.py ("coord", "escrow", "inbox", "vote", "applied").
+Subject = tuple[str, str]
 
 
 @dataclass(frozen=True)
@@ -113,21 +138,37 @@ def outcome_entity(partition: str, outcome: Outcome, fence: Fence,
         "legs": json.dumps([[acct, format_money(amt)] for acct, amt in outcome.legs]),
         "steps": json.dumps(dict(steps), separators=(",", ":")),
         "stepsComplete": len(steps) == len(outcome.steps),
+        # A cross-shard decision is settled once every other shard applied (or released) it.
+        **({"shards": json.dumps(list(outcome.shards)), "settled": False}
+           if outcome.shards else {}),
     }
+
+
+def account_entity(partition: str, account_id: str, balance: Decimal, reserved: Decimal,
+                   fence: Fence, stamp: str) -> dict[str, Any]:
+    """An account's row as stored (``reserved`` only when money is or was held in escrow)."""
+    entity = {"PartitionKey": partition, "RowKey": account_key(account_id),
+              "balance": format_money(balance), "epoch": fence.epoch, "updatedAt": stamp}
+    if reserved:
+        entity["reserved"] = format_money(reserved)
+    return entity
 
 
 def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
                      balances: Mapping[str, tuple[AccountRow, Decimal]],
-                     stamp: str) -> TransactionPlan:
-    """The fenced transaction that writes ``outcomes`` and new ``balances``.
+                     stamp: str, extra: Sequence[tuple[Subject, Write]] = (),
+                     reserved: Mapping[str, Decimal] | None = None) -> TransactionPlan:
+    """The fenced transaction that writes ``outcomes``, new ``balances`` and ``extra`` rows.
 
     The first operation replaces the fence If-Match its ETag: storage refuses the whole
     transaction once a newer epoch has written. Outcomes are creates (a request is decided
-    once); accounts are replaced If-Match the ETag they were read with, or created.
+    once); accounts are replaced If-Match the ETag they were read with, or created, keeping
+    the money they hold in escrow (or ``reserved[account]`` when given). ``extra`` are the
+    cross-shard rows (shared/domain/exchange.py).
     """
-    if not outcomes:
-        raise ValueError("commit needs at least one outcome")
-    size = 1 + len(outcomes) + len(balances)
+    if not outcomes and not extra and not balances:
+        raise ValueError("a transaction needs something to write")
+    size = 1 + len(outcomes) + len(balances) + len(extra)
     if size > MAX_TRANSACTION_OPERATIONS:
         raise ValueError(f"{size} operations exceed a transaction's "
                          f"{MAX_TRANSACTION_OPERATIONS}; split the batch")
@@ -138,12 +179,14 @@ def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
         writes.append(Write("create", outcome_entity(partition, outcome, fence, stamp)))
         subjects.append(("request", outcome.request_id))
     for account_id, (row, new_balance) in balances.items():
-        entity = {"PartitionKey": partition, "RowKey": account_key(account_id),
-                  "balance": format_money(new_balance), "epoch": fence.epoch,
-                  "updatedAt": stamp}
+        held = row.reserved if reserved is None else reserved.get(account_id, row.reserved)
+        entity = account_entity(partition, account_id, new_balance, held, fence, stamp)
         writes.append(Write("create", entity) if row.etag is None
                       else Write("replace", entity, row.etag))
         subjects.append(("account", account_id))
+    for subject, write in extra:
+        writes.append(write)
+        subjects.append(subject)
     return TransactionPlan(writes, subjects)
 
 
@@ -164,6 +207,10 @@ def classify_refusal(subject: Subject, code: str, epoch: int) -> Exception:
         return OutcomeExists(name)
     if kind == "account" and code in (CONDITION_NOT_MET, ALREADY_EXISTS):
         return AccountChanged(name)
+    if kind in ("coord", "coordinated", "vote", "applied") and code == ALREADY_EXISTS:
+        return AlreadyRecorded(kind, name)
+    if kind == "inbox" and code in (CONDITION_NOT_MET, NOT_FOUND):
+        return InboxGone(name)
     where = f"the {kind} row {name!r}" if name else f"the {kind} row"
     return LedgerWriteError(
         f"storage refused the commit of epoch {epoch} at {where} with {code or 'no code'}: "

@@ -14,11 +14,18 @@ import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from shared.domain.exchange import RESEND_SECONDS
 from shared.election.elector import HeldLease, LeaseState, TermEnded
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm, TermReport
 from shared.leadership.view import ReadyView
-from shared.leadership.wakeup import WAKE_POLL_SECONDS, WAKE_WAIT_SECONDS, LeaseAlarm, wake_soon
+from shared.leadership.wakeup import (
+    WAKE_POLL_SECONDS,
+    WAKE_WAIT_SECONDS,
+    LeaseAlarm,
+    shard_of_alarm,
+    wake_soon,
+)
 from shared.observability import telemetry
 
 logger = logging.getLogger(__name__)
@@ -26,6 +33,10 @@ logger = logging.getLogger(__name__)
 # A leader that keeps finding work after releasing goes round at most this many times per
 # invocation; the drain budget bounds it in time as well.
 MAX_TERMS_PER_INVOCATION = 20
+# With shards, an invocation that sent messages to other shards then competes for their leases
+# and acts on them (and on the answers), up to this many elections of other shards.
+MAX_SHARD_VISITS = 64
+IN_FLIGHT_TIMER = "work in flight between shards"
 BUDGET_SPENT = "drain budget exhausted"
 ROUNDS_SPENT = f"{MAX_TERMS_PER_INVOCATION} terms in one invocation"
 
@@ -45,7 +56,14 @@ class ElectionResult:
     terms: list[TermReport] = field(default_factory=list)
     stopped_by: str = ""  # why the last term ended early, if it did
     final_look: bool = False  # it looked once more after the skip window
+    shard: int = 0
+    visits: list[ElectionResult] = field(default_factory=list)  # other shards it then drove
+    in_flight: bool = False  # its shard's coordinations still wait for other shards
 
+    @property
+    def messaged(self) -> set[int]:
+        """The shards its terms sent messages to."""
+        return {shard for term in self.terms for shard in term.messaged}
 
 @telemetry.invocation("election")
 def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
@@ -63,7 +81,30 @@ def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
     closed: whatever the skipping instances announced is in the index by then. It makes that
     final look even when its attempt after the first look was refused (docs/design.md 3.5).
     """
-    return Election(app).run(handed_over)
+    result = Election(app).run(handed_over)
+    if len(app.shards) > 1:
+        drive_shards(app, result)
+    return result
+
+
+def drive_shards(app: LedgerApp, first: ElectionResult) -> None:
+    """Compete for the shards this invocation sent messages to, and act on them, in turn.
+
+    A shard's inbox is part of what its leader reads (``ReadyView``), so a shard whose lease is
+    held by a live leader acts on the message itself: that leader's look after its release
+    sees it. A shard nobody holds is taken here, so that no participant waits for the sweeper.
+    Answers (votes, acks) bring the invocation back to the home shard the same way.
+    """
+    deadline = app.clock.monotonic() + app.config.drain_budget_seconds
+    queue = sorted(first.messaged)
+    while queue and len(first.visits) < MAX_SHARD_VISITS:
+        if app.clock.monotonic() >= deadline:
+            wake_soon(app.wakeup_queue, app.config.instance_id, BUDGET_SPENT, queue[0])
+            return
+        shard = queue.pop(0)
+        visit = Election(app.on(shard)).run(False)
+        first.visits.append(visit)
+        queue += sorted(visit.messaged - set(queue))
 
 
 class Election:
@@ -71,7 +112,7 @@ class Election:
 
     def __init__(self, app: LedgerApp) -> None:
         self.app = app
-        self.result = ElectionResult(Role.FOLLOWER)
+        self.result = ElectionResult(Role.FOLLOWER, shard=app.current)
         self.budget_deadline = app.clock.monotonic() + app.config.drain_budget_seconds
         self.started = app.clock.monotonic()
         self.others_seen = False
@@ -83,8 +124,26 @@ class Election:
         if self.result.stopped_by in (BUDGET_SPENT, ROUNDS_SPENT):
             # Work may be left and nobody else may be coming: another invocation takes over.
             wake_soon(self.app.wakeup_queue,
-                      self.app.config.instance_id, self.result.stopped_by)
+                      self.app.config.instance_id, self.result.stopped_by, self.app.current)
+        elif self.result.in_flight:
+            self._arm_in_flight_timer()
         return self.result
+
+    def _arm_in_flight_timer(self) -> None:
+        """Coordinations still wait for other shards: look again once they may need a resend.
+
+        A durable timer (a wake-up message with delayed visibility), so that a message lost
+        with a crashed participant is sent again even when nothing else wakes this shard. One
+        per shard and process at a time.
+        """
+        shard = self.app.shard
+        now = self.app.clock.monotonic()
+        if now < shard.timer_due:
+            return
+        delay = int(RESEND_SECONDS) + 1
+        shard.timer_due = now + delay
+        wake_soon(self.app.wakeup_queue, self.app.config.instance_id, IN_FLIGHT_TIMER,
+                  self.app.current, delay)
 
     def _run(self, handed_over: bool) -> None:
         skippable = handed_over
@@ -120,13 +179,14 @@ class Election:
         app = self.app
         alarm = LeaseAlarm(app.wakeup_queue,
                            app.config.election.lease_seconds, lease.lease_id,
-                           app.config.instance_id)
+                           app.config.instance_id, shard=app.current)
         alarm.arm()
         lease.on_renewed = alarm.postpone
         view = ReadyView(app)
         report: TermReport | None = None
         try:
             ready = view.read()
+            self.result.in_flight = ready.in_flight
             if ready:  # otherwise no epoch is claimed and the lease goes straight back
                 with telemetry.span("ledger.claim"):
                     term = LeaderTerm.begin(app, lease, view)
@@ -163,7 +223,9 @@ class Election:
     def _look(self) -> bool:
         """Read the ready index once (after a release); True when it announces work."""
         view = ReadyView(self.app)
-        found = bool(view.read())  # late steps to settle count as work
+        ready = view.read()
+        found = bool(ready)  # late steps to settle count as work
+        self.result.in_flight = ready.in_flight
         self.others_seen = self.others_seen or view.others_seen
         return found
 
@@ -191,6 +253,7 @@ def handle_wakeup(app: LedgerApp, body: bytes) -> ElectionResult:
     to ``WAKE_WAIT_SECONDS``: a holder that stopped renewing loses its lease within that time.
     A holder that is alive commits the work itself (it then holds the lease all along).
     """
+    app = app.on(shard_of_alarm(body, len(app.shards)))
     deadline = app.clock.monotonic() + WAKE_WAIT_SECONDS
     while True:
         result = run_election(app)

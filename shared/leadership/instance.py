@@ -7,16 +7,19 @@ process (``shared/wiring.py``), the simulator one per simulated instance, the te
 
 from __future__ import annotations
 
-import functools
+import copy
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from shared.config.names import completions_table_name, lease_blob_name, ledger_partition
 from shared.config.settings import AppConfig
 from shared.domain.clock import SYSTEM_CLOCK, Clock
+from shared.domain.contract import Completion
 from shared.domain.model import LedgerSnapshot
+from shared.domain.sharding import ShardMap
 from shared.election.elector import ElectionCallbacks, LeaseElector
 from shared.storage.azure_leases import AzureBlobLease
 from shared.storage.cleanup import RowCleaner
@@ -56,19 +59,21 @@ class RecentRequests:
 class Shard:
     """One ledger partition and the election that guards it: everything a leader of it holds.
 
-    An app has one today. Sharding (K leases and ledger partitions) gives it one bundle per
-    shard, each complete: its elector, its ledger partition, the completions its requests are
-    recorded in, the cleaner of those rows, and this process's snapshot of its last commit and
-    the requests it decided.
+    An app has one per shard (``LEDGER_SHARDS``), each complete: its elector, its ledger
+    partition, the completions its home requests are recorded in, the cleaner of those rows,
+    and this process's snapshot of its last commit and the requests it decided.
     """
 
-    name: str
+    name: str  # its number, as text
     elector: LeaseElector
     ledger: Ledger
     completions: CompletionStore
     cleaner: RowCleaner
     snapshot: LedgerSnapshot | None = None  # this process's last commit (see LeaderTerm)
     recently_decided: RecentRequests = field(default_factory=RecentRequests)
+    # Coordinations whose messages this process sent again: request id -> monotonic time.
+    resent: dict[str, float] = field(default_factory=dict)
+    timer_due: float = float("-inf")  # until when its in-flight timer is armed (monotonic)
 
     @classmethod
     def of(cls, name: str, elector: LeaseElector, ledger: Ledger, completions: CompletionStore,
@@ -83,8 +88,10 @@ class Shard:
 class LedgerApp:
     """The assembled app of one instance: its configuration, clients, clock and shards.
 
-    ``elector``, ``ledger``, ``completions``, ``cleaner``, ``snapshot`` and ``recently_decided``
-    are those of ``shard``, the one shard there is today.
+    An app object acts for one shard at a time, ``current`` (0 unless it came from ``on``):
+    ``elector``, ``ledger``, ``completions``, ``cleaner``, ``snapshot`` and
+    ``recently_decided`` are that shard's. ``on(k)`` is the same app acting for shard ``k``;
+    it shares everything else (configuration, clients, clock, queues).
     """
 
     config: AppConfig
@@ -96,15 +103,47 @@ class LedgerApp:
     # forward to reach REQUEST_TIMEOUT_SECONDS without waiting (it moves "now" only, so a step
     # recorded after a shift already looks that old).
     time_shift: Callable[[], timedelta] = lambda: timedelta(0)
+    current: int = 0  # the shard this app object acts for
+    # Queue clients opened once and shared by every ``on(k)`` of this app.
+    opened_queues: dict[str, MessageQueue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if len(self.shards) != 1:
-            raise ValueError(f"an app has exactly one shard today, not {len(self.shards)}")
+        if len(self.shards) != self.config.shards:
+            raise ValueError(f"LEDGER_SHARDS={self.config.shards} but the app was given "
+                             f"{len(self.shards)} shard(s)")
+
+    @property
+    def shard_map(self) -> ShardMap:
+        return ShardMap(len(self.shards))
 
     @property
     def shard(self) -> Shard:
-        """The app's one shard."""
-        return self.shards[0]
+        """The shard this app object acts for."""
+        return self.shards[self.current]
+
+    def on(self, shard: int) -> LedgerApp:
+        """This app acting for ``shard`` (itself when it already does)."""
+        if shard == self.current:
+            return self
+        if not 0 <= shard < len(self.shards):
+            raise ValueError(f"no shard {shard}: this ledger has {len(self.shards)}")
+        acting = copy.copy(self)  # shares every attribute (and a subclass's own) but ``current``
+        acting.current = shard
+        return acting
+
+    def each_shard(self) -> list[LedgerApp]:
+        """The app acting for each shard in turn."""
+        return [self.on(k) for k in range(len(self.shards))]
+
+    def home_of(self, completion: Completion) -> LedgerApp:
+        """The app acting for the completion's home shard (where its request is recorded)."""
+        return self.on(self.shard_map.home_of(completion.request_id,
+                                              completion.expected_operations,
+                                              completion.account_id))
+
+    def account_shard(self, account_id: str) -> LedgerApp:
+        """The app acting for the shard that holds the account's balance."""
+        return self.on(self.shard_map.account_shard(account_id))
 
     @property
     def elector(self) -> LeaseElector:
@@ -142,26 +181,33 @@ class LedgerApp:
     def create(cls, config: AppConfig, clients: StorageClients,
                callbacks: ElectionCallbacks | None = None,
                clock: Clock = SYSTEM_CLOCK) -> LedgerApp:
-        """Wire the stores and the elector to the clients (makes no storage call)."""
+        """Wire the stores and the elector of every shard to the clients (no storage call)."""
         container = clients.blob.get_container_client(config.lease_container)
-        elector = LeaseElector(
-            AzureBlobLease(container, config.lease_blob,
-                           call_timeout_seconds=config.storage_timeout_seconds),
-            config.election, config.instance_id, clock, callbacks)
-        shard = Shard.of("0", elector, Ledger(clients.open_table(config.ledger_table)),
-                         CompletionStore(clients.open_table(config.completions_table)), clock)
+        ledger_table = clients.open_table(config.ledger_table)
+        shards = []
+        for k in range(config.shards):
+            elector = LeaseElector(
+                AzureBlobLease(container, lease_blob_name(config.lease_blob, k),
+                               call_timeout_seconds=config.storage_timeout_seconds),
+                config.election, config.instance_id, clock, callbacks)
+            completions = clients.open_table(completions_table_name(config.completions_table, k))
+            shards.append(Shard.of(str(k), elector, Ledger(ledger_table, ledger_partition(k)),
+                                   CompletionStore(completions), clock))
         return cls(config=config, clients=clients,
                    parking=ParkingLot(clients.open_table(config.parked_table)),
-                   shards=(shard,), clock=clock)
+                   shards=tuple(shards), clock=clock)
 
     def ensure_resources(self, queues: bool = True) -> None:
         """Create the tables, the lease blob and (locally) the queues. Idempotent.
 
         In Azure the Bicep deployment creates them; this is for Azurite and first runs.
         """
-        ensure_tables(self.clients, (self.config.completions_table, self.config.ledger_table,
+        shard_tables = [completions_table_name(self.config.completions_table, k)
+                        for k in range(len(self.shards))]
+        ensure_tables(self.clients, (*shard_tables, self.config.ledger_table,
                                      self.config.parked_table))
-        self.elector.ensure_blob()
+        for shard in self.shards:
+            shard.elector.ensure_blob()
         if queues:
             ensure_queues(self.clients, (self.config.completions_queue, self.config.poison_queue,
                                          self.config.wakeup_queue))
@@ -175,8 +221,11 @@ class LedgerApp:
         return self.clients.open_queue(name or self.config.completions_queue, raw=raw,
                                        timeout_seconds=self.config.storage_timeout_seconds)
 
-    @functools.cached_property
+    @property
     def wakeup_queue(self) -> MessageQueue:
         """The wake-up queue (lease alarms), made once: a term must not open a connection of
         its own."""
-        return self.queue(self.config.wakeup_queue)
+        queue = self.opened_queues.get("wakeup")
+        if queue is None:
+            queue = self.opened_queues.setdefault("wakeup", self.queue(self.config.wakeup_queue))
+        return queue

@@ -53,13 +53,14 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
         app.parking.park(parked_id, body, str(exc), dequeue_count, app.config.instance_id,
                          app.clock.now())
         return CompletionResult(recorded=None, parked=True)
-    recorded = record_completion(app, completion)
+    home = app.home_of(completion)  # the shard follows from the ids, never from the queue
+    recorded = record_completion(home, completion)
     result = CompletionResult(recorded=recorded.result,
-                              announced=announce_if_ready(app, completion, recorded))
+                              announced=announce_if_ready(home, completion, recorded))
     if not result.announced:
         return result  # nothing the leader can do yet: no lease attempt
     try:
-        result.election = run_election(app, handed_over=True)
+        result.election = run_election(home, handed_over=True)
     except Exception:
         logger.exception("leading after recording %s/%s failed; the sweeper or the next leader "
                          "will resume", completion.request_id, completion.operation_id,
@@ -68,7 +69,8 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
 
 
 def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
-    """Write the step's row (idempotent); the result says whether it was new."""
+    """Write the step's row (idempotent) in ``app``'s shard, which must be the completion's home
+    (``LedgerApp.home_of``); the result says whether it was new."""
     with telemetry.span("ledger.record", requestId=completion.request_id,
                         operationId=completion.operation_id):
         recorded = app.completions.record(completion, app.config.instance_id, app.clock.now())

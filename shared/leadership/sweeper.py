@@ -84,10 +84,16 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
 
 @telemetry.invocation("timer")
 def sweep(app: LedgerApp) -> ElectionResult:
-    """The timer trigger's job: the poison queue's depth, the rare full scan, the election."""
+    """The timer trigger's job: the poison queue's depth, then for each shard the rare full
+    scan and the election (the first shard's result is returned, the others' in ``visits``)."""
     try:
         telemetry.record_poison_depth(queue_depth(app.queue(app.config.poison_queue)))
     except StorageError as exc:
         logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
-    repair_scan(app)
-    return run_election(app)
+    results = []
+    for shard in app.each_shard():
+        repair_scan(shard)
+        results.append(run_election(shard))
+    first = results[0]
+    first.visits.extend(results[1:])
+    return first

@@ -27,9 +27,7 @@ A term is not thrown away for a read that timed out.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TypeVar
 
@@ -58,11 +56,14 @@ from shared.domain.rules import (
     contradiction,
 )
 from shared.election.elector import HeldLease
+from shared.leadership.exchange import Exchange
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import Failed, read_concurrently, tolerant
+from shared.leadership.report import TermReport as TermReport  # re-exported
 from shared.leadership.view import ReadyRequest, ReadyRound, ReadyView
 from shared.observability import telemetry
 from shared.storage.completions import Tombstone
+from shared.storage.ledger import CommitResult
 from shared.storage.parking import ParkedKind, late_step_id
 from shared.storage.retries import is_transient
 
@@ -75,20 +76,6 @@ LINGER_SECONDS = 0.25  # a leader whose work kept coming holds the lease this lo
 POLL_SECONDS = 0.02  # between its reads while it lingers
 READ_PASSES = 3  # tries of the reads a round needs before the round goes on without them
 READ_BACKOFF_SECONDS = 0.2  # before the second pass, doubled for the third
-
-
-@dataclass
-class TermReport:
-    """What one term did."""
-
-    epoch: int
-    outcomes: Counter[str] = field(default_factory=Counter)
-    late_requests: list[str] = field(default_factory=list)
-    parked_late_steps: int = 0  # late steps that contradicted their request's outcome
-    transactions: int = 0
-    scans: int = 0
-    budget_exhausted: bool = False
-    reads_retried: int = 0  # reads that failed transiently and were tried again
 
 
 class LeaderTerm:
@@ -163,9 +150,12 @@ class LeaderTerm:
             self._resolve_unconfirmed(ready.unconfirmed)
         late = [r for r in ready.decidable if r.assessment.verdict is Verdict.LATE]
         for request in late:
-            self._settle_late(request)
+            self.settle_late(request)
         to_commit = [r for r in ready.decidable if r.assessment.verdict is not Verdict.LATE]
-        self._read_accounts({account for r in to_commit for account in accounts_of(r.assessment)})
+        cross = [r for r in to_commit if self._crosses_shards(r.assessment)]
+        if cross:
+            to_commit = [r for r in to_commit if r not in cross]
+        self.read_accounts({account for r in to_commit for account in accounts_of(r.assessment)})
         # Requests whose accounts could not be read (storage too slow) wait for the next round.
         readable = [r for r in to_commit if accounts_of(r.assessment) <= self.balances.keys()]
         by_id = {r.request_id: r for r in readable}
@@ -176,9 +166,18 @@ class LeaderTerm:
                 self.report.budget_exhausted = True
                 return False
             self._commit([by_id[a.request_id] for a in batch])
+        if cross or ready.flight.inbox or ready.resend:
+            Exchange(self, ready).run(cross)
         # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
         self.app.cleaner.flush()
         return True
+
+    def _crosses_shards(self, assessment: Assessment) -> bool:
+        """A commit whose legs touch another shard's accounts (never with one shard)."""
+        if len(self.app.shards) == 1 or assessment.verdict is not Verdict.COMMIT:
+            return False
+        shard_map, me = self.app.shard_map, self.app.current
+        return any(shard_map.account_shard(account) != me for account, _ in assessment.legs)
 
     # --- reads that survive slow storage ---------------------------------------------------------
     def _retried(self, read: Callable[[], _Row]) -> _Row:
@@ -226,7 +225,7 @@ class LeaderTerm:
                            len(missing))
         return found
 
-    def _read_accounts(self, accounts: Iterable[str]) -> None:
+    def read_accounts(self, accounts: Iterable[str]) -> None:
         """Read the balances not cached yet; what could not be read stays missing."""
         missing = sorted(a for a in set(accounts) if a not in self.balances)
         if missing:
@@ -244,7 +243,7 @@ class LeaderTerm:
         for _ in range(len(batch) + MAX_ACCOUNT_RETRIES):
             if not pending:
                 return
-            self._read_accounts(set().union(*(accounts_of(r.assessment) for r in pending)))
+            self.read_accounts(set().union(*(accounts_of(r.assessment) for r in pending)))
             unreadable = [r for r in pending
                           if not accounts_of(r.assessment) <= self.balances.keys()]
             pending = [r for r in pending if r not in unreadable]
@@ -271,27 +270,31 @@ class LeaderTerm:
                     [next(r for r in pending if r.request_id == exc.request_id)]
                 for late in found:
                     pending.remove(late)
-                    self._settle_late(late, decided.get(late.request_id))
+                    self.settle_late(late, decided.get(late.request_id))
                 continue
             except AccountChanged as exc:
                 logger.warning("%s; reading it again", exc)
                 self.balances.pop(exc.account_id, None)
                 continue
-            self.fence = result.fence
+            self.landed(result)
             self._committed(pending, outcomes, result.accounts)
             return
         raise LedgerWriteError(f"account rows kept changing under epoch {self.fence.epoch} "
                                "while it committed; is something other than the leader writing "
                                "the ledger table? Stop it; the next leader resumes")
 
-    def _committed(self, batch: list[ReadyRequest], outcomes: list[Outcome],
-                   accounts: Mapping[str, AccountRow]) -> None:
-        """After a commit: cache, report, settle the late rows, queue the consumed rows."""
+    def landed(self, result: CommitResult) -> None:
+        """A transaction of this term landed: the new fence, the balances it wrote."""
+        self.fence = result.fence
         self.report.transactions += 1
-        self.balances.update(accounts)
+        self.balances.update(result.accounts)
         # This term's own dict (the next term copies it): current while the fence's ETag is.
         self.app.snapshot = LedgerSnapshot(self.fence.epoch, self.fence.etag,
                                            self.fence.last_commit_at, self.balances)
+
+    def _committed(self, batch: list[ReadyRequest], outcomes: list[Outcome],
+                   accounts: Mapping[str, AccountRow]) -> None:
+        """After a commit: report, settle the late rows, queue the consumed rows."""
         for outcome in outcomes:
             self.report.outcomes[outcome.status] += 1
         self.app.recently_decided.add(outcome.request_id for outcome in outcomes)
@@ -316,11 +319,11 @@ class LeaderTerm:
                 continue  # could not be read now: the marker stays for the next round
             outcome = decided[request.request_id]
             if outcome is not None:
-                self._settle_late(request, outcome)
+                self.settle_late(request, outcome)
             else:  # not decidable yet: the recorder of its last step marks it again
                 self.app.cleaner.delete([request.marker.ref])
 
-    def _settle_late(self, late: ReadyRequest, decided: DecidedOutcome | None = None) -> None:
+    def settle_late(self, late: ReadyRequest, decided: DecidedOutcome | None = None) -> None:
         """Rows of a request that already has an outcome: park what contradicts it, drop the rest.
 
         Parking comes before the delete (and is idempotent), so a crash in between loses

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from shared.domain.exchange import RESEND_SECONDS, Coordination, Flight
 from shared.domain.model import RowRef
 from shared.domain.rules import (
     EXPIRY_GRACE,
@@ -46,13 +47,21 @@ class ReadyRequest:
 
 @dataclass
 class ReadyRound:
-    """What one read of the ready index found."""
+    """What one read of the ready index (and, with shards, of the work in flight) found."""
 
     decidable: list[ReadyRequest] = field(default_factory=list)  # oldest last step first
     unconfirmed: list[ReadyRequest] = field(default_factory=list)  # not decidable by its steps
+    flight: Flight = field(default_factory=Flight)  # with shards: messages, coordinations
+    resend: list[Coordination] = field(default_factory=list)  # no progress for RESEND_SECONDS
+    held: int = 0  # markers of requests being coordinated: settled once they are decided
 
     def __bool__(self) -> bool:
-        return bool(self.decidable or self.unconfirmed)
+        return bool(self.decidable or self.unconfirmed or self.flight.inbox or self.resend)
+
+    @property
+    def in_flight(self) -> bool:
+        """Coordinations of this shard wait for other shards."""
+        return bool(self.flight.coordinations)
 
 
 class ReadyView:
@@ -71,12 +80,29 @@ class ReadyView:
     def read(self) -> ReadyRound:
         """Every request announced as decidable, assessed, oldest last step first."""
         scan = self.app.completions.ready(fallback_now=self.app.clock.now())
+        flight, flight_time = (self.app.ledger.read_flight() if len(self.app.shards) > 1
+                               else (Flight(), None))
         markers = self._markers(scan.markers)
+        held = [m for m in markers if m.request_id in flight.coordinations]
+        markers = [m for m in markers if m.request_id not in flight.coordinations]
         now = scan.storage_time + self.app.time_shift()
         assessed = {m.request_id: assess(m.request_id, m.steps, now, self.timeout)
                     for m in markers}
         assessed.update(self._confirmed(markers, assessed))
-        return self._round(markers, assessed, now)
+        found = self._round(markers, assessed, now)
+        found.flight, found.held = flight, len(held)
+        found.resend = self._due(flight, flight_time or scan.storage_time)
+        return found
+
+    def _due(self, flight: Flight, now: datetime) -> list[Coordination]:
+        """Coordinations without progress for ``RESEND_SECONDS`` (by storage's time), whose
+        messages this process did not send again within as long (by its monotonic clock)."""
+        resent = self.app.shard.resent
+        clock = self.app.clock.monotonic()
+        return [c for c in flight.coordinations.values()
+                if c.updated_at is not None
+                and (now - c.updated_at).total_seconds() >= RESEND_SECONDS
+                and clock - resent.get(c.request_id, float("-inf")) >= RESEND_SECONDS]
 
     @property
     def timeout(self) -> timedelta:

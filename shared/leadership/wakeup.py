@@ -37,17 +37,30 @@ WAKE_WAIT_SECONDS = ALARM_LEAD_SECONDS + 4
 ALARM_TYPE = "lease-alarm"
 
 
-def alarm_body(holder: str, instance_id: str, reason: str = "") -> str:
-    """The alarm's JSON text (what it says is for people; any alarm wakes the same way)."""
+def alarm_body(holder: str, instance_id: str, reason: str = "", shard: int = 0) -> str:
+    """The alarm's JSON text: the shard to wake (0 when absent); the rest is for people."""
     return json.dumps({"version": 1, "type": ALARM_TYPE, "holder": holder,
-                       "armedBy": instance_id, **({"reason": reason} if reason else {})},
+                       "armedBy": instance_id, **({"reason": reason} if reason else {}),
+                       **({"shard": shard} if shard else {})},
                       separators=(",", ":"))
 
 
-def wake_soon(queue: MessageQueue, instance_id: str, reason: str) -> None:
-    """Wake another instance within a second: this invocation stops with work left over."""
+def shard_of_alarm(body: bytes | str, shards: int) -> int:
+    """The shard an alarm wakes (0 for an alarm that names none, or names one out of range)."""
     try:
-        queue.send(alarm_body("", instance_id, reason), visibility_timeout=1)
+        found = json.loads(body).get("shard", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return found if isinstance(found, int) and 0 <= found < shards else 0
+
+
+def wake_soon(queue: MessageQueue, instance_id: str, reason: str, shard: int = 0,
+              delay_seconds: int = 1) -> None:
+    """Wake another instance for ``shard`` in ``delay_seconds``: this invocation stops with
+    work left over (or leaves work in flight that needs a look later)."""
+    try:
+        queue.send(alarm_body("", instance_id, reason, shard),
+                   visibility_timeout=delay_seconds)
     except StorageError as exc:
         logger.warning("could not wake another instance (%s); the sweeper is the backstop",
                        type(exc).__name__)
@@ -62,6 +75,7 @@ class LeaseAlarm:
     holder: str
     instance_id: str
     handle: Handle | None = None  # the armed alarm's, as of its latest send or update
+    shard: int = 0  # whose lease
 
     @property
     def due_in(self) -> int:
@@ -71,7 +85,8 @@ class LeaseAlarm:
     def arm(self) -> None:
         """Send the alarm, due ``due_in`` seconds from now."""
         try:
-            self.handle = self.queue.send(alarm_body(self.holder, self.instance_id),
+            self.handle = self.queue.send(alarm_body(self.holder, self.instance_id,
+                                                     shard=self.shard),
                                           visibility_timeout=self.due_in)
         except StorageError as exc:
             logger.warning("could not arm the lease alarm (%s); the sweeper is the backstop",

@@ -16,6 +16,7 @@ limits"): a reason is cut to ``MAX_REASON_CHARS``, an outcome keeps at most
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -24,6 +25,16 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+from shared.domain.exchange import (
+    COORD_PREFIX,
+    ESCROW_PREFIX,
+    FLIGHT_PREFIX,
+    INBOX_PREFIX,
+    Coordination,
+    Escrow,
+    Flight,
+    ShardMessage,
+)
 from shared.domain.model import (
     AccountRow,
     DecidedOutcome,
@@ -37,9 +48,11 @@ from shared.domain.planning import (
     ACCOUNT_PREFIX,
     FENCE_ROW,
     LEDGER_PARTITION,
+    MAX_TRANSACTION_OPERATIONS,
     REQUEST_PREFIX,
     FencedOut,
     LedgerWriteError,
+    Subject,
     Write,
     account_key,
     classify_refusal,
@@ -69,17 +82,19 @@ def _fence(row: Row) -> Fence:
 
 def _decided(row: Row) -> DecidedOutcome:
     steps = json.loads(row.get("steps") or "{}")
+    shards = tuple(int(k) for k in json.loads(row.get("shards") or "[]"))
     outcome = Outcome(
         request_id=str(row["RowKey"]).removeprefix(REQUEST_PREFIX),
         status=OutcomeStatus(str(row["status"])), reason=str(row.get("reason") or ""),
         legs=tuple((str(a), parse_balance(m)) for a, m in json.loads(row.get("legs") or "[]")),
         operations=int(row.get("operations") or 0),
         expected_operations=int(row.get("expectedOperations") or 0),
-        steps=tuple(sorted(steps.items())))
+        steps=tuple(sorted(steps.items())), shards=shards)
     return DecidedOutcome(outcome, str(row.get("decidedAt", "")), int(row.get("epoch") or 0),
                           str(row.get("decidedBy", "")),
                           # rows written before step digests were kept have no "steps"
-                          bool(row.get("stepsComplete", False)) and "steps" in row)
+                          bool(row.get("stepsComplete", False)) and "steps" in row,
+                          settled=bool(row.get("settled", True)))
 
 
 def _prefix_range(prefix: str) -> dict[str, str]:
@@ -91,7 +106,20 @@ def _operation(write: Write) -> Operation:
     """A planned write as the table's transaction operation."""
     if write.kind == "create":
         return ("create", write.entity)
-    return ("update", write.entity, {"mode": Mode.REPLACE, "etag": write.etag})
+    if write.kind == "replace":
+        return ("update", write.entity, {"mode": Mode.REPLACE, "etag": write.etag})
+    if write.kind == "replace_any":
+        return ("update", write.entity, {"mode": Mode.REPLACE})
+    if write.kind == "merge":
+        return ("update", write.entity, {"mode": Mode.MERGE})
+    if write.kind == "upsert_merge":
+        return ("upsert", write.entity, {"mode": Mode.MERGE})
+    return ("delete", write.entity, {"etag": write.etag} if write.etag else {})
+
+
+def _account(account_id: str, row: Row) -> AccountRow:
+    return AccountRow(account_id, parse_balance(row["balance"]), row.etag,
+                      parse_balance(row.get("reserved") or "0.00"))
 
 
 class Ledger:
@@ -168,7 +196,7 @@ class Ledger:
             row = self.table.get(self.partition, account_key(account_id))
         except NotFound:
             return AccountRow(account_id, Decimal("0.00"), None)
-        return AccountRow(account_id, parse_balance(row["balance"]), row.etag)
+        return _account(account_id, row)
 
     def read_outcome(self, request_id: str) -> DecidedOutcome | None:
         """A request's outcome, or ``None`` while it has none."""
@@ -203,17 +231,73 @@ class Ledger:
         return {row["RowKey"].removeprefix(ACCOUNT_PREFIX): parse_balance(row["balance"])
                 for row in self._prefixed(ACCOUNT_PREFIX)}
 
+    def list_accounts(self) -> dict[str, AccountRow]:
+        """Every account's row, balance and money held in escrow (a scan)."""
+        return {(name := row["RowKey"].removeprefix(ACCOUNT_PREFIX)): _account(name, row)
+                for row in self._prefixed(ACCOUNT_PREFIX)}
+
+    def list_rows(self, prefix: str) -> list[Row]:
+        """Every row whose key starts with ``prefix`` (a scan: checks and operators)."""
+        return list(self._prefixed(prefix))
+
+    # --- work in flight between shards (shared/domain/exchange.py) ---------------------------
+    def read_flight(self) -> tuple[Flight, datetime | None]:
+        """The shard's coordinations, inbox and escrows (one key range), and storage's time."""
+        rows = self.table.query(
+            "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
+            parameters={"pk": self.partition, **_prefix_range(FLIGHT_PREFIX)}, page_size=1000)
+        coordinations: dict[str, Coordination] = {}
+        inbox: list[ShardMessage] = []
+        escrows: dict[str, list[Escrow]] = {}
+        for row in rows:
+            key = str(row["RowKey"])
+            if key.startswith(COORD_PREFIX):
+                stamp = row.timestamp
+                coordination = Coordination.from_row(row, stamp)
+                coordinations[coordination.request_id] = coordination
+            elif key.startswith(INBOX_PREFIX):
+                inbox.append(ShardMessage.from_row(row, str(row.etag)))
+            elif key.startswith(ESCROW_PREFIX):
+                escrow = Escrow.from_row(row)
+                escrows.setdefault(escrow.request_id, []).append(escrow)
+        return Flight(coordinations, tuple(inbox),
+                      {k: tuple(v) for k, v in escrows.items()}), rows.date
+
+    def read_row(self, row_key: str) -> Row | None:
+        """One row of the partition, or ``None``."""
+        try:
+            return self.table.get(self.partition, row_key)
+        except NotFound:
+            return None
+
+    def deliver(self, messages: Sequence[ShardMessage]) -> None:
+        """Put messages in this shard's inbox (create-once: a message sent twice is one row)."""
+        entities = [m.entity(self.partition) for m in messages]
+        for start in range(0, len(entities), MAX_TRANSACTION_OPERATIONS):
+            chunk = entities[start:start + MAX_TRANSACTION_OPERATIONS]
+            unique = {e["RowKey"]: e for e in chunk}
+            try:
+                self.table.submit([("create", e) for e in unique.values()])
+            except BatchRefused:
+                for entity in unique.values():
+                    with contextlib.suppress(AlreadyExists):  # sent before: the same message
+                        self.table.create(entity)
+
     # --- the one write path ----------------------------------------------------------------
     def commit(self, fence: Fence, outcomes: Sequence[Outcome],
-               balances: Mapping[str, tuple[AccountRow, Decimal]], now: datetime) -> CommitResult:
-        """Write outcomes and new balances in one transaction fenced by ``fence``.
+               balances: Mapping[str, tuple[AccountRow, Decimal]], now: datetime,
+               extra: Sequence[tuple[Subject, Write]] = (),
+               reserved: Mapping[str, Decimal] | None = None) -> CommitResult:
+        """Write outcomes, new balances and ``extra`` rows in one transaction fenced by ``fence``.
 
-        ``balances`` maps an account id to (the row as read, its new balance). Raises
-        ``FencedOut``, ``OutcomeExists``, ``AccountChanged`` or ``LedgerWriteError``; in each
-        case nothing was written.
+        ``balances`` maps an account id to (the row as read, its new balance); ``reserved``
+        gives new escrow totals. Raises ``FencedOut``, ``OutcomeExists``, ``AccountChanged``,
+        ``AlreadyRecorded``, ``InboxGone`` or ``LedgerWriteError``; in each case nothing was
+        written.
         """
         stamp = now.isoformat()
-        plan = plan_transaction(self.partition, fence, outcomes, balances, stamp)
+        plan = plan_transaction(self.partition, fence, outcomes, balances, stamp, extra,
+                                reserved)
         try:
             results = self.table.submit([_operation(w) for w in plan.writes])
         except BatchRefused as exc:
@@ -227,7 +311,9 @@ class Ledger:
         written: dict[str, AccountRow] = {}
         for (kind, subject), result in zip(plan.subjects, results, strict=True):
             if kind == "account":
-                written[subject] = AccountRow(subject, balances[subject][1], result.etag)
+                held = balances[subject][0].reserved if reserved is None else \
+                    reserved.get(subject, balances[subject][0].reserved)
+                written[subject] = AccountRow(subject, balances[subject][1], result.etag, held)
         return CommitResult(replace(fence, etag=str(results[0].etag), last_commit_at=stamp),
                             written)
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.domain.contract import IDENTIFIER_PATTERN
+from shared.domain.exchange import coord_key
 from shared.domain.model import Fence
 from shared.domain.money import format_money
 from shared.errors import StorageError
@@ -16,6 +17,7 @@ from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+COMMITTING = "committing"
 
 
 @dataclass(frozen=True)
@@ -36,22 +38,48 @@ def account(app: LedgerApp, account_id: str) -> Reply:
     """``GET /api/accounts/{accountId}``: the committed balance, or 404."""
     if bad := _bad_identifier("accountId", account_id):
         return bad
-    row = app.ledger.read_account(account_id)
+    row = app.account_shard(account_id).ledger.read_account(account_id)
     if row.etag is None:
         return Reply(404, {"error": f"account {account_id} has no committed balance"})
-    return Reply(200, {"accountId": account_id, "balance": format_money(row.balance)})
+    body = {"accountId": account_id, "balance": format_money(row.balance)}
+    if row.reserved:
+        body["reserved"] = format_money(row.reserved)  # held for undecided cross-shard requests
+    return Reply(200, body)
 
 
 def request(app: LedgerApp, request_id: str) -> Reply:
-    """``GET /api/requests/{requestId}``: the outcome, ``pending`` while steps wait, or 404."""
+    """``GET /api/requests/{requestId}``: the outcome; ``pending`` while steps wait;
+    ``committing`` while shards decide or apply it; or 404.
+
+    A request's home shard is that of its id (several steps) or of its account (one step), so
+    with shards both are looked at.
+    """
     if bad := _bad_identifier("requestId", request_id):
         return bad
+    homes = [app.on(app.shard_map.home_of(request_id, 2, ""))]
+    homes += [shard for shard in app.each_shard() if shard.current != homes[0].current]
+    for home in homes if len(app.shards) > 1 else [app]:
+        found = _request_on(home, request_id)
+        if found is not None:
+            return found
+    return Reply(404, {"error": f"request {request_id} is unknown"})
+
+
+def _request_on(app: LedgerApp, request_id: str) -> Reply | None:
+    """The request as ``app``'s shard knows it, or ``None`` when that shard has no trace of it."""
     outcome = app.ledger.read_outcome(request_id)
     if outcome is not None:
+        if not outcome.settled:
+            return Reply(200, {"requestId": request_id, "status": COMMITTING,
+                               "reason": "decided "
+                               f"{outcome.outcome.status.value}; other shards still apply it"})
         return Reply(200, {"requestId": request_id, **outcome_view(outcome)})
+    if len(app.shards) > 1 and app.ledger.read_row(coord_key(request_id)) is not None:
+        return Reply(200, {"requestId": request_id, "status": COMMITTING,
+                           "reason": "complete; the shards it touches are voting"})
     steps = app.completions.steps_of(request_id)
     if not steps:
-        return Reply(404, {"error": f"request {request_id} is unknown"})
+        return None
     arrived = len({s.operation_id for s in steps})
     expected = max(s.expected_operations for s in steps)
     return Reply(200, {"requestId": request_id, "status": "pending",
