@@ -150,8 +150,8 @@ def ready(app: LedgerApp) -> ReadyRound:
 
 
 def balance(app: LedgerApp, account_id: str) -> Decimal:
-    """The committed balance (0 for an account with no row)."""
-    return app.ledger.read_account(account_id).balance
+    """The committed balance (0 for an account with no row), read on the account's shard."""
+    return app.account_shard(account_id).ledger.read_account(account_id).balance
 
 
 def status(app: LedgerApp, request_id: str) -> str | None:
