@@ -20,13 +20,18 @@ from shared.config.names import completions_table_name, lease_blob_name, ledger_
 from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX, VOTE_PREFIX
 from shared.domain.model import OutcomeStatus
 from shared.domain.sharding import ShardMap
-from shared.leadership.elections import run_election
+from shared.domain.planning import FencedOut
+from shared.leadership.elections import Election, run_election
 from shared.leadership.instance import LedgerApp
+from shared.leadership.term import LeaderTerm
+from shared.leadership.view import ReadyView
 from shared.web import api
 from tests.helpers import (
     Namespace,
     balance,
     deposit,
+    ready,
+    record,
     send,
     step,
     transfer,
@@ -303,4 +308,117 @@ def test_lease_breaks_on_every_shard_during_transfers_lose_nothing(ns: Namespace
                 committed[account] += amount
     assert {a: balance(app, a) for a in accounts} == committed
     assert min(committed.values()) >= 0
+    assert in_flight(app) == {} and reserved(app) == {}
+
+
+def elect_only(app: LedgerApp, shard: int) -> None:
+    """One election of ``shard`` alone (the shards it messages are not driven)."""
+    Election(app.on(shard)).run(False)
+
+
+def test_money_held_for_a_vote_shows_as_reserved_and_nowhere_else(ns: Namespace) -> None:
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    record(app, *transfer(rid, alice, bob, "3.00"))
+    elect_only(app, 0)  # the home coordinates: PREPARE to shard 1
+    assert status(app, rid) == "committing"
+    elect_only(app, 1)  # the voter reserves
+    assert api.account(app, alice).body == {"accountId": alice, "balance": "7.00",
+                                            "reserved": "3.00"}
+    assert total(app) + sum(reserved(app).values()) == Decimal("10.00")
+    elect_only(app, 0)  # decides, DECISION to 1 and 2
+    assert app.on(0).ledger.read_outcome(rid) is not None
+    assert status(app, rid) == "committing"  # decided, not applied everywhere yet
+    elect_only(app, 1)
+    elect_only(app, 2)
+    assert status(app, rid) == "committing"  # the home has not heard every ACK yet
+    elect_only(app, 0)
+    assert status(app, rid) == "committed"
+    assert api.account(app, alice).body == {"accountId": alice, "balance": "7.00"}
+    assert in_flight(app) == {}
+
+
+def test_messages_acted_on_twice_change_nothing(ns: Namespace) -> None:
+    """A PREPARE and a DECISION sent again (a lost answer) are answered again, not re-applied."""
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    record(app, *transfer(rid, alice, bob, "4.00"))
+    elect_only(app, 0)
+    prepare = app.on(1).ledger.read_flight()[0].inbox[0]
+    elect_only(app, 1)  # reserved 4.00 and voted
+    app.on(1).ledger.deliver([prepare])  # the PREPARE again
+    elect_only(app, 1)
+    assert app.on(1).ledger.read_account(alice).reserved == Decimal("4.00")  # not 8.00
+    elect_only(app, 0)  # decides (the second VOTE is ignored)
+    decision = next(m for m in app.on(2).ledger.read_flight()[0].inbox)
+    elect_only(app, 2)
+    app.on(2).ledger.deliver([decision])  # the DECISION again
+    elect_only(app, 2)
+    settle(app, [rid])
+    assert (balance(app, alice), balance(app, bob)) == (Decimal("6.00"), Decimal("4.00"))
+    assert in_flight(app) == {} and reserved(app) == {}
+
+
+def test_a_deposed_participant_leader_cannot_apply(ns: Namespace) -> None:
+    """The voter's leader is paused after reading its inbox; a newer leader acts; the old
+    one's transaction is refused by the fence and changes nothing."""
+    old, new = sharded(ns, "old"), sharded(ns, "new")
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(old, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    record(old, *transfer(rid, alice, bob, "10.00"))
+    elect_only(old, 0)
+    voter = old.on(1)
+    lease = voter.elector.try_acquire()
+    assert lease is not None
+    term = LeaderTerm.begin(voter, lease)
+    stale_round = ReadyView(voter).read()  # the PREPARE, read by the old leader
+    BlobLeaseClient(voter.clients.blob.get_blob_client(
+        voter.config.lease_container, lease_blob_name(voter.config.lease_blob, 1))
+    ).break_lease(lease_break_period=0)
+    elect_only(new, 1)  # the new leader reserves and votes
+    with pytest.raises(FencedOut):
+        term.commit_ready(time.monotonic() + 30, stale_round)
+    assert new.on(1).ledger.read_account(alice).reserved == Decimal("10.00")  # once
+    settle(new, [rid])
+    assert (balance(new, alice), balance(new, bob)) == (Decimal("0.00"), Decimal("10.00"))
+    assert in_flight(new) == {}
+
+
+def test_late_steps_of_a_request_in_flight_wait_for_its_decision(ns: Namespace) -> None:
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    legs = transfer(rid, alice, bob, "2.00")
+    record(app, *legs)
+    elect_only(app, 0)  # coordinating: the steps' rows are consumed
+    record(app, legs[0])  # a duplicate arrives while the shards vote
+    elect_only(app, 0)  # held: not decided again, not coordinated twice
+    assert len(app.on(0).ledger.list_rows("coordinated:")) == 1
+    settle(app, [rid])
+    assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
+    wait_until(lambda: run_election(app.on(0)) is not None and not ready(app.on(0)), 10,
+               "the late duplicate to be settled")
+    assert in_flight(app) == {}
+
+
+def test_a_request_sent_again_after_it_settled_is_not_coordinated_twice(ns: Namespace) -> None:
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    legs = transfer(rid, alice, bob, "2.00")
+    send(app, *legs)
+    settle(app, [rid])
+    app.on(0).recently_decided._ids.clear()  # another process: it never saw the request
+    for row in app.on(0).completions.table.query("PartitionKey ne @x", parameters={"x": "~"}):
+        app.on(0).completions.table.delete(row["PartitionKey"], row["RowKey"])  # tombstones gone
+    send(app, *legs)  # upstream sends the whole request again, minutes later
+    settle(app, [rid])
+    assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
     assert in_flight(app) == {} and reserved(app) == {}
