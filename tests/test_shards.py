@@ -7,6 +7,7 @@ account's own shard, request statuses, and the work in flight left in every part
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import random
 import threading
@@ -19,8 +20,8 @@ from azure.storage.blob import BlobLeaseClient
 from shared.config.names import completions_table_name, lease_blob_name, ledger_partition
 from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX, VOTE_PREFIX
 from shared.domain.model import OutcomeStatus
-from shared.domain.sharding import ShardMap
 from shared.domain.planning import FencedOut
+from shared.domain.sharding import ShardMap
 from shared.leadership.elections import Election, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
@@ -107,7 +108,8 @@ def test_names_and_homes_of_four_shards(ns: Namespace) -> None:
                                                         "ledger-3"]
     [alice] = accounts_on(2, 1)
     results = send(app, *deposit("dep-1", alice, "7.25"))
-    assert results[0].election is not None and results[0].election.shard == 2
+    assert results[0].election is not None
+    assert results[0].election.shard == 2
     assert app.on(2).ledger.read_account(alice).balance == Decimal("7.25")
     assert app.on(0).ledger.read_account(alice).etag is None  # nowhere else
     assert status(app, "dep-1") == "committed"
@@ -123,7 +125,8 @@ def test_a_cross_shard_transfer_commits_all_legs_exactly_once(ns: Namespace) -> 
     settle(app, [rid])
     assert status(app, rid) == "committed"
     assert (balance(app, alice), balance(app, bob)) == (Decimal("70.00"), Decimal("30.00"))
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
     # Every shard with a leg has its applied marker; the voter its vote.
     assert [r["RowKey"] for r in app.on(1).ledger.list_rows(APPLIED_PREFIX)] == \
         [f"applied:{rid}"]
@@ -159,10 +162,12 @@ def test_a_three_shard_request_with_one_account_short_is_rejected_with_nothing_a
     send(app, *bodies)
     settle(app, [rid])
     reply = api.request(app, rid).body
-    assert reply["status"] == "rejected" and "insufficient funds" in reply["reason"]
+    assert reply["status"] == "rejected"
+    assert "insufficient funds" in reply["reason"]
     assert (balance(app, a), balance(app, b), balance(app, c)) == \
         (Decimal("50.00"), Decimal("5.00"), Decimal("0.00"))
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
 
 
 def test_a_failed_step_aborts_a_cross_shard_transfer(ns: Namespace) -> None:
@@ -238,7 +243,8 @@ def test_concurrent_cross_shard_transfers_with_duplicates_and_out_of_order_legs(
     assert {a: balance(app, a) for a in accounts} == expected
     assert all(b >= 0 for b in expected.values())
     assert total(app) == Decimal("20.00") * len(accounts)
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
 
 
 def test_two_idle_shards_decide_and_apply_in_seconds_without_the_sweeper(
@@ -279,10 +285,8 @@ def test_lease_breaks_on_every_shard_during_transfers_lose_nothing(ns: Namespace
                  for k in range(SHARDS)]
         while not stop.is_set():
             for blob in blobs:
-                try:
+                with contextlib.suppress(Exception):
                     BlobLeaseClient(blob).break_lease(lease_break_period=0)
-                except Exception:  # noqa: BLE001 - not leased right now
-                    pass
             stop.wait(0.05)
 
     thread = threading.Thread(target=breaker)
@@ -308,7 +312,8 @@ def test_lease_breaks_on_every_shard_during_transfers_lose_nothing(ns: Namespace
                 committed[account] += amount
     assert {a: balance(app, a) for a in accounts} == committed
     assert min(committed.values()) >= 0
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
 
 
 def elect_only(app: LedgerApp, shard: int) -> None:
@@ -360,7 +365,8 @@ def test_messages_acted_on_twice_change_nothing(ns: Namespace) -> None:
     elect_only(app, 2)
     settle(app, [rid])
     assert (balance(app, alice), balance(app, bob)) == (Decimal("6.00"), Decimal("4.00"))
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
 
 
 def test_a_deposed_participant_leader_cannot_apply(ns: Namespace) -> None:
@@ -421,4 +427,5 @@ def test_a_request_sent_again_after_it_settled_is_not_coordinated_twice(ns: Name
     send(app, *legs)  # upstream sends the whole request again, minutes later
     settle(app, [rid])
     assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
-    assert in_flight(app) == {} and reserved(app) == {}
+    assert in_flight(app) == {}
+    assert reserved(app) == {}
