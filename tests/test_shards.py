@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from azure.storage.blob import BlobLeaseClient
@@ -56,7 +57,8 @@ def request_on(shard: int, prefix: str) -> str:
 
 
 def sharded(ns: Namespace, instance_id: str | None = None, **overrides: str) -> LedgerApp:
-    return ns.app(instance_id, LEDGER_SHARDS=str(SHARDS), **overrides)
+    settings: dict[str, Any] = {"LEDGER_SHARDS": str(SHARDS), **overrides}
+    return ns.app(instance_id, **settings)
 
 
 def status(app: LedgerApp, request_id: str) -> str:
