@@ -23,7 +23,8 @@ from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX, VOTE_PREFIX
 from shared.domain.model import OutcomeStatus
 from shared.domain.planning import FencedOut
 from shared.domain.sharding import ShardMap
-from shared.leadership.elections import Election, run_election
+from shared.election.elector import ElectionCallbacks
+from shared.leadership.elections import Election, handle_wakeup, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyView
@@ -431,3 +432,58 @@ def test_a_request_sent_again_after_it_settled_is_not_coordinated_twice(ns: Name
     assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
     assert in_flight(app) == {}
     assert reserved(app) == {}
+
+
+@pytest.mark.slow
+def test_a_participant_whose_holder_stops_acts_by_its_lease_expiry_plus_a_few_seconds(
+        ns: Namespace) -> None:
+    """The voter's leader acquires its shard's lease and stops before it reads anything. No
+    sweeper and no further message: the lease alarm it armed comes due as its lease runs out,
+    and the instance that takes it votes; the answers drive the rest."""
+    acquired: list[float] = []
+    paused, stop = threading.Event(), threading.Event()
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    holder = sharded(ns, "H", LEASE_SECONDS="15")
+    send(holder, *deposit("fund", alice, "10.00"))
+    holder.on(1).elector.callbacks = ElectionCallbacks(
+        on_started_leading=lambda _id: acquired.append(time.monotonic()))
+    ready_of_voter = holder.shards[1].completions.ready
+
+    def stop_forever(*args: Any, **kwargs: Any) -> Any:
+        paused.set()
+        stop.wait(60)  # stopped: no read, no renewal, no release
+        return ready_of_voter(*args, **kwargs)
+
+    holder.shards[1].completions.ready = stop_forever  # type: ignore[method-assign]
+    h_thread = threading.Thread(target=lambda: run_election(holder.on(1)), daemon=True)
+    h_thread.start()
+    assert paused.wait(10), "the voter's holder did not acquire"
+    b = sharded(ns, "B", LEASE_SECONDS="15")
+    rid = request_on(0, "t")
+    send(b, *transfer(rid, alice, bob, "2.50"))  # B coordinates; shard 1's holder is stopped
+    assert status(b, rid) == "committing"
+    woken = sharded(ns, "W", LEASE_SECONDS="15")
+    listener = threading.Thread(target=take_alarms, args=(woken, stop), daemon=True)
+    listener.start()
+    try:
+        expiry = acquired[0] + 15
+        wait_until(lambda: status(b, rid) == "committed",
+                   timeout=expiry + 5.0 - time.monotonic(),
+                   what="the transfer committed by the voter's lease expiry + 5 s", interval=0.1)
+        print(f"committed {time.monotonic() - acquired[0]:.2f} s after the voter's acquire")
+    finally:
+        stop.set()
+        listener.join(10)
+        h_thread.join(10)
+    assert (balance(b, alice), balance(b, bob)) == (Decimal("7.50"), Decimal("2.50"))
+    assert in_flight(b) == {}
+
+
+def take_alarms(app: LedgerApp, stop: threading.Event) -> None:
+    """The host's listener on the wake-up queue: each message that comes due wakes ``app``."""
+    queue = app.queue(app.config.wakeup_queue)  # decodes as the host does
+    while not stop.is_set():
+        for message in queue.receive(max_messages=1, visibility_timeout=30):
+            handle_wakeup(app, message.text.encode())
+            queue.delete(message.handle)
+        stop.wait(0.1)
