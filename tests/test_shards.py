@@ -25,6 +25,7 @@ from shared.domain.planning import FencedOut
 from shared.domain.sharding import ShardMap
 from shared.election.elector import ElectionCallbacks
 from shared.leadership.elections import Election, handle_wakeup, run_election
+from shared.leadership.exchange import deliver
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyView
@@ -358,13 +359,13 @@ def test_messages_acted_on_twice_change_nothing(ns: Namespace) -> None:
     elect_only(app, 0)
     prepare = app.on(1).ledger.read_flight()[0].inbox[0]
     elect_only(app, 1)  # reserved 4.00 and voted
-    app.on(1).ledger.deliver([prepare])  # the PREPARE again
+    deliver(app.on(1), [prepare])  # the PREPARE again
     elect_only(app, 1)
     assert app.on(1).ledger.read_account(alice).reserved == Decimal("4.00")  # not 8.00
     elect_only(app, 0)  # decides (the second VOTE is ignored)
     decision = next(m for m in app.on(2).ledger.read_flight()[0].inbox)
     elect_only(app, 2)
-    app.on(2).ledger.deliver([decision])  # the DECISION again
+    deliver(app.on(2), [decision])  # the DECISION again
     elect_only(app, 2)
     settle(app, [rid])
     assert (balance(app, alice), balance(app, bob)) == (Decimal("6.00"), Decimal("4.00"))
@@ -408,7 +409,7 @@ def test_late_steps_of_a_request_in_flight_wait_for_its_decision(ns: Namespace) 
     elect_only(app, 0)  # coordinating: the steps' rows are consumed
     record(app, legs[0])  # a duplicate arrives while the shards vote
     elect_only(app, 0)  # held: not decided again, not coordinated twice
-    assert len(app.on(0).ledger.list_rows("coordinated:")) == 1
+    assert len(app.on(0).ledger.list_rows("claim:")) == 1
     settle(app, [rid])
     assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
     wait_until(lambda: run_election(app.on(0)) is not None and not ready(app.on(0)), 10,
@@ -487,3 +488,35 @@ def take_alarms(app: LedgerApp, stop: threading.Event) -> None:
             handle_wakeup(app, message.text.encode())
             queue.delete(message.handle)
         stop.wait(0.1)
+
+
+def test_steps_that_disagree_on_their_home_are_decided_by_one_shard_only(ns: Namespace) -> None:
+    """A transfer, and a copy of its add step that says expectedOperations 1: the copy is
+    homed on its account's shard, the transfer on its requestId's. Exactly one of them decides
+    the request (the claim); the other's steps are settled against that outcome and parked."""
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    rid = request_on(0, "t")
+    legs = transfer(rid, alice, bob, "4.00")
+    rogue = step(rid, f"{rid}-a", "add_funds", bob, "4.00", 1)
+    send(app, *legs, rogue)
+    settle(app, [rid])
+    outcomes = [s.ledger.read_outcome(rid) for s in app.each_shard()]
+    assert [o is not None for o in outcomes] == [True, False, False, False]
+    assert (balance(app, alice), balance(app, bob)) == (Decimal("6.00"), Decimal("4.00"))
+    assert app.parking.count_by_kind()["late-contradiction"] == 1  # the copy, with the reason
+    assert in_flight(app) == {}
+
+
+def test_a_one_step_request_with_two_contents_on_two_shards_moves_money_once(
+        ns: Namespace) -> None:
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    rid = request_on(3, "d")
+    send(app, step(rid, "add", "add_funds", alice, "5.00", 1),
+         step(rid, "add", "add_funds", bob, "5.00", 1))  # one operationId, two accounts
+    settle(app, [rid])
+    assert balance(app, alice) + balance(app, bob) == Decimal("5.00")
+    assert sum(s.ledger.read_outcome(rid) is not None for s in app.each_shard()) == 1
+    assert [r["home"] for r in app.on(3).ledger.list_rows("claim:")] in ([1], [2])

@@ -28,8 +28,9 @@ all of its legs or none, exactly once, without a transaction manager:
 the sender writes no fenced row anywhere but in its own partition, and only the receiver's fenced
 leader acts on (and deletes) them, in the same transaction as what they cause. A message sent
 twice is the same row; a message acted on twice is refused by a create-once row (vote, outcome,
-applied marker), after which the receiver sends its answer again. A request is coordinated
-once, ever: the coordination creates the permanent row ``coordinated:{R}`` too. The home sends
+applied marker), after which the receiver sends its answer again. A request is decided once,
+ever: the coordination creates the request's permanent claim ``claim:{R}`` too
+(``shared/domain/planning.py``, "claims"). The home sends
 again whatever a coordination still waits for once it has made no progress for
 ``RESEND_SECONDS``, so a message lost with a crashed sender is sent again.
 
@@ -53,6 +54,7 @@ from shared.domain.planning import (
     MAX_TRANSACTION_OPERATIONS,
     Subject,
     Write,
+    claim_entity,
     request_key,
 )
 
@@ -62,7 +64,7 @@ ESCROW_PREFIX = FLIGHT_PREFIX + "escrow:"
 INBOX_PREFIX = FLIGHT_PREFIX + "inbox:"
 VOTE_PREFIX = "vote:"
 APPLIED_PREFIX = "applied:"
-COORDINATED_PREFIX = "coordinated:"  # permanent: a request is coordinated once, ever
+
 SEPARATOR = "|"  # outside the identifier charset
 RESEND_SECONDS = 5.0  # a coordination without progress this long has its messages sent again
 ZERO = Decimal("0.00")
@@ -92,10 +94,6 @@ def coord_key(request_id: str) -> str:
 
 def escrow_key(request_id: str, account_id: str) -> str:
     return f"{ESCROW_PREFIX}{request_id}{SEPARATOR}{account_id}"
-
-
-def coordinated_key(request_id: str) -> str:
-    return COORDINATED_PREFIX + request_id
 
 
 def vote_key(request_id: str) -> str:
@@ -274,8 +272,8 @@ class ExchangeBatch:
     # --- bookkeeping ---------------------------------------------------------------------------
     @property
     def size(self) -> int:
-        """Operations so far: the fence, the rows, the accounts changed."""
-        return 1 + len(self.rows) + len(self.working)
+        """Operations so far: the fence, the outcomes, the rows, the accounts changed."""
+        return 1 + len(self.outcomes) + len(self.rows) + len(self.working)
 
     def fits(self, upper_bound: int) -> bool:
         return self.size + upper_bound <= MAX_TRANSACTION_OPERATIONS
@@ -376,8 +374,7 @@ class ExchangeBatch:
         self.coordinated.append(request_id)
         # Create-once and kept: the same request coordinated again (its steps sent anew after
         # it settled) is refused here, before it could reserve anything a second time.
-        self._row("coordinated", request_id, {"RowKey": coordinated_key(request_id),
-                                              "home": self.me})
+        self._row("claim", request_id, claim_entity(request_id, self.me))
         if not voters:  # nothing to vote on: decide now
             why = self._debit_now(local)
             if why:

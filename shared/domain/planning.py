@@ -25,6 +25,7 @@ LEDGER_PARTITION = "ledger"
 FENCE_ROW = "fence"
 ACCOUNT_PREFIX = "account:"
 REQUEST_PREFIX = "request:"
+CLAIM_PREFIX = "claim:"
 MAX_TRANSACTION_OPERATIONS = 100
 MAX_RECORDED_STEPS = MAX_EXPECTED_OPERATIONS  # step digests kept on an outcome row
 
@@ -65,6 +66,14 @@ class AlreadyRecorded(Retryable):
         self.request_id = request_id
 
 
+class ClaimedElsewhere(Retryable):
+    """Another shard claimed the request (its steps disagree on where it is decided)."""
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"request {request_id} is claimed by another shard")
+        self.request_id = request_id
+
+
 class InboxGone(Retryable):
     """A message row changed or went since it was read: the message was acted on before."""
 
@@ -89,6 +98,26 @@ def account_key(account_id: str) -> str:
 def request_key(request_id: str) -> str:
     """The row key of a request's outcome."""
     return REQUEST_PREFIX + request_id
+
+
+def claim_key(request_id: str) -> str:
+    """The row key of a request's claim (in the partition of its requestId's shard)."""
+    return CLAIM_PREFIX + request_id
+
+
+def claim_entity(request_id: str, home: int) -> dict[str, Any]:
+    """A request's claim: the one shard that decides it (no partition: the caller's).
+
+    **Claims** (with shards only). A request is decided by its home: a one-step request by its
+    account's shard, any other by its requestId's shard. Steps that disagree (another
+    ``expectedOperations``, or a second content naming another account) could make two
+    shards each believe they are the home. So every decision also claims the request, once,
+    in the partition of its requestId's shard: that shard's own decisions create the claim in
+    the same fenced transaction as the outcome; another shard creates it first (create-once)
+    and decides only if the claim is its own. The steps of a loser are settled against the
+    winner's outcome (parked when they contradict it), as any late step is.
+    """
+    return {"RowKey": claim_key(request_id), "home": home}
 
 
 WriteKind = Literal["create", "replace", "replace_any", "merge", "upsert_merge", "delete"]
@@ -157,18 +186,20 @@ def account_entity(partition: str, account_id: str, balance: Decimal, reserved: 
 def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
                      balances: Mapping[str, tuple[AccountRow, Decimal]],
                      stamp: str, extra: Sequence[tuple[Subject, Write]] = (),
-                     reserved: Mapping[str, Decimal] | None = None) -> TransactionPlan:
+                     reserved: Mapping[str, Decimal] | None = None,
+                     claims: Sequence[tuple[str, int]] = ()) -> TransactionPlan:
     """The fenced transaction that writes ``outcomes``, new ``balances`` and ``extra`` rows.
 
     The first operation replaces the fence If-Match its ETag: storage refuses the whole
     transaction once a newer epoch has written. Outcomes are creates (a request is decided
     once); accounts are replaced If-Match the ETag they were read with, or created, keeping
     the money they hold in escrow (or ``reserved[account]`` when given). ``extra`` are the
-    cross-shard rows (shared/domain/exchange.py).
+    cross-shard rows (shared/domain/exchange.py); ``claims`` (request id, home) the claims of
+    requests decided here whose requestId's shard is this one (``claim_entity``).
     """
     if not outcomes and not extra and not balances:
         raise ValueError("a transaction needs something to write")
-    size = 1 + len(outcomes) + len(balances) + len(extra)
+    size = 1 + len(outcomes) + len(balances) + len(extra) + len(claims)
     if size > MAX_TRANSACTION_OPERATIONS:
         raise ValueError(f"{size} operations exceed a transaction's "
                          f"{MAX_TRANSACTION_OPERATIONS}; split the batch")
@@ -187,6 +218,10 @@ def plan_transaction(partition: str, fence: Fence, outcomes: Sequence[Outcome],
     for subject, write in extra:
         writes.append(write)
         subjects.append(subject)
+    for request_id, home in claims:
+        writes.append(Write("create", {"PartitionKey": partition,
+                                       **claim_entity(request_id, home)}))
+        subjects.append(("claim", request_id))
     return TransactionPlan(writes, subjects)
 
 
@@ -207,8 +242,10 @@ def classify_refusal(subject: Subject, code: str, epoch: int) -> Exception:
         return OutcomeExists(name)
     if kind == "account" and code in (CONDITION_NOT_MET, ALREADY_EXISTS):
         return AccountChanged(name)
-    if kind in ("coord", "coordinated", "vote", "applied") and code == ALREADY_EXISTS:
+    if kind in ("coord", "vote", "applied") and code == ALREADY_EXISTS:
         return AlreadyRecorded(kind, name)
+    if kind == "claim" and code == ALREADY_EXISTS:
+        return ClaimedElsewhere(name)
     if kind == "inbox" and code in (CONDITION_NOT_MET, NOT_FOUND):
         return InboxGone(name)
     where = f"the {kind} row {name!r}" if name else f"the {kind} row"
@@ -223,14 +260,17 @@ def accounts_of(assessment: Assessment) -> set[str]:
     return {account for account, _ in assessment.legs}
 
 
-def plan_batches(ready: Sequence[Assessment]) -> list[list[Assessment]]:
-    """Group requests into transactions of at most 100 operations (fence + outcomes + accounts)."""
+def plan_batches(ready: Sequence[Assessment], claims: bool = False) -> list[list[Assessment]]:
+    """Group requests into transactions of at most 100 operations (fence + outcomes + accounts,
+    and a claim per request with ``claims``)."""
+    per_request = 2 if claims else 1
     batches: list[list[Assessment]] = []
     batch: list[Assessment] = []
     accounts: set[str] = set()
     for assessment in ready:
         merged = accounts | accounts_of(assessment)
-        if batch and 1 + len(batch) + 1 + len(merged) > MAX_TRANSACTION_OPERATIONS:
+        if batch and 1 + per_request * (len(batch) + 1) + len(merged) > \
+                MAX_TRANSACTION_OPERATIONS:
             batches.append(batch)
             batch, merged = [], accounts_of(assessment)
         batch.append(assessment)

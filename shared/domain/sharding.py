@@ -45,13 +45,18 @@ class ShardMap:
         """The shard whose ledger partition holds the account's balance."""
         return self.shard_of_slot(slot_of(account_id)) if self.shards > 1 else 0
 
+    def request_shard(self, request_id: str) -> int:
+        """The shard of the requestId: the home of a request of several steps, and where every
+        request's claim is kept (``shared.domain.planning.claim_entity``)."""
+        return self.shard_of_slot(slot_of(request_id)) if self.shards > 1 else 0
+
     def home_of(self, request_id: str, expected_operations: int, account_id: str) -> int:
         """The shard that records a request's steps and decides it (see the module docstring)."""
         if self.shards == 1:
             return 0
         if expected_operations == 1:
             return self.account_shard(account_id)
-        return self.shard_of_slot(slot_of(request_id))
+        return self.request_shard(request_id)
 
     def legs_by_shard(self, legs: Iterable[tuple[str, Decimal]]
                       ) -> dict[int, tuple[tuple[str, Decimal], ...]]:

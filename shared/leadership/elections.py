@@ -102,7 +102,7 @@ def drive_shards(app: LedgerApp, first: ElectionResult) -> None:
             wake_soon(app.wakeup_queue, app.config.instance_id, BUDGET_SPENT, queue[0])
             return
         shard = queue.pop(0)
-        visit = Election(app.on(shard)).run(False)
+        visit = Election(app.on(shard), deadline).run(False)
         first.visits.append(visit)
         queue += sorted(visit.messaged - set(queue))
 
@@ -110,23 +110,31 @@ def drive_shards(app: LedgerApp, first: ElectionResult) -> None:
 class Election:
     """One invocation's part in the election: terms, looks after release, the final look."""
 
-    def __init__(self, app: LedgerApp) -> None:
+    def __init__(self, app: LedgerApp, deadline: float | None = None) -> None:
+        """``deadline``: the invocation's (monotonic), when it already runs other elections."""
         self.app = app
         self.result = ElectionResult(Role.FOLLOWER, shard=app.current)
-        self.budget_deadline = app.clock.monotonic() + app.config.drain_budget_seconds
+        self.budget_deadline = app.clock.monotonic() + app.config.drain_budget_seconds \
+            if deadline is None else deadline
         self.started = app.clock.monotonic()
         self.others_seen = False
         self.released_at: float | None = None  # the clock's monotonic time of the release
         self.final_look_made = True  # nothing owed until this invocation releases a lease
 
     def run(self, handed_over: bool) -> ElectionResult:
-        self._run(handed_over)
+        try:
+            self._run(handed_over)
+        finally:
+            # Coordinations wait for other shards (even if this election failed after its
+            # transaction landed): look again once they may need their messages sent again.
+            self.result.in_flight = self.app.shard.in_flight
+            if self.result.in_flight and self.result.stopped_by not in (BUDGET_SPENT,
+                                                                        ROUNDS_SPENT):
+                self._arm_in_flight_timer()
         if self.result.stopped_by in (BUDGET_SPENT, ROUNDS_SPENT):
             # Work may be left and nobody else may be coming: another invocation takes over.
             wake_soon(self.app.wakeup_queue,
                       self.app.config.instance_id, self.result.stopped_by, self.app.current)
-        elif self.result.in_flight:
-            self._arm_in_flight_timer()
         return self.result
 
     def _arm_in_flight_timer(self) -> None:
@@ -186,7 +194,6 @@ class Election:
         report: TermReport | None = None
         try:
             ready = view.read()
-            self.result.in_flight = ready.in_flight
             if ready:  # otherwise no epoch is claimed and the lease goes straight back
                 with telemetry.span("ledger.claim"):
                     term = LeaderTerm.begin(app, lease, view)
@@ -225,7 +232,6 @@ class Election:
         view = ReadyView(self.app)
         ready = view.read()
         found = bool(ready)  # late steps to settle count as work
-        self.result.in_flight = ready.in_flight
         self.others_seen = self.others_seen or view.others_seen
         return found
 

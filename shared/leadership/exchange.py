@@ -26,6 +26,7 @@ from typing import Protocol
 
 from shared.domain.exchange import (
     HANDLING_ORDER,
+    RESEND_SECONDS,
     Coordination,
     ExchangeBatch,
     MessageKind,
@@ -37,12 +38,14 @@ from shared.domain.model import AccountRow, DecidedOutcome, Fence, Outcome, Outc
 from shared.domain.planning import (
     AccountChanged,
     AlreadyRecorded,
+    ClaimedElsewhere,
     InboxGone,
     LedgerWriteError,
     OutcomeExists,
 )
 from shared.domain.rules import Assessment
 from shared.election.elector import HeldLease
+from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.report import TermReport
 from shared.leadership.view import ReadyRequest, ReadyRound
@@ -96,13 +99,14 @@ class Exchange:
         self.ready = ready
         self.coordinations: dict[str, Coordination] = dict(ready.flight.coordinations)
 
-    def run(self, cross: Sequence[ReadyRequest]) -> None:
+    def run(self, cross: Sequence[ReadyRequest]) -> bool:
+        """Commit the round's cross-shard work; True when none of it was left for later."""
         order = {kind: i for i, kind in enumerate(HANDLING_ORDER)}
         messages = sorted(self.ready.flight.inbox,
                           key=lambda m: (order[m.kind], m.request_id, m.sender))
         items = [Item(message=m) for m in messages] + [Item(request=r) for r in cross]
         self._resend(self.ready.resend)
-        self._commit_all(items)
+        return self._commit_all(items)
 
     # --- reads ---------------------------------------------------------------------------------
     def _accounts_of(self, item: Item) -> set[str]:
@@ -119,7 +123,7 @@ class Exchange:
         return found
 
     # --- transactions --------------------------------------------------------------------------
-    def _commit_all(self, items: list[Item]) -> None:
+    def _commit_all(self, items: list[Item]) -> bool:
         term = self.term
         pending = list(items)
         refusals = 0
@@ -128,7 +132,7 @@ class Exchange:
             term.read_accounts(set().union(*(self._accounts_of(i) for i in pending)))
             readable = [i for i in pending if self._accounts_of(i) <= term.balances.keys()]
             if not readable:
-                return  # storage too slow to read them: the next round tries again
+                return False  # storage too slow to read them: the next round tries again
             batch, taken = self._plan(readable)
             if not batch:
                 pending = [i for i in pending if i not in taken]
@@ -141,6 +145,8 @@ class Exchange:
                 pending = self._already_recorded(pending, taken, exc)
             except OutcomeExists as exc:
                 pending = self._outcome_exists(pending, taken, exc.request_id)
+            except ClaimedElsewhere as exc:
+                pending = self._outcome_exists(pending, taken, exc.request_id)
             except InboxGone as exc:
                 pending = [i for i in pending
                            if not (i.message is not None and i.request_id == exc.request_id)]
@@ -152,6 +158,7 @@ class Exchange:
             if refusals > MAX_REFUSALS:
                 raise LedgerWriteError(f"cross-shard work of shard {self.app.current} was "
                                        f"refused {refusals} times in one round; the term stops")
+        return True
 
     def _plan(self, items: Sequence[Item]) -> tuple[ExchangeBatch, list[Item]]:
         app = self.app
@@ -191,6 +198,8 @@ class Exchange:
         term, app = self.term, self.app
         term.landed(written)
         self.coordinations = batch.coordinations
+        if batch.coordinated or self.coordinations:
+            app.shard.in_flight = True  # the in-flight timer is armed at the end of the election
         for outcome in batch.outcomes:
             term.report.outcomes[outcome.status] += 1
         for message in batch.handled:
@@ -223,7 +232,7 @@ class Exchange:
     @staticmethod
     def _writes(item: Item, kind: str) -> bool:
         if item.request is not None:
-            return kind in ("coord", "coordinated", "applied")
+            return kind in ("coord", "claim", "applied")
         assert item.message is not None
         return not item.consume_only and {
             MessageKind.PREPARE: ("vote",), MessageKind.DECISION: ("applied",),
@@ -254,12 +263,15 @@ class Exchange:
         if not culprits:
             raise LedgerWriteError(f"request {request_id} already has an outcome, and no "
                                    "request of the transaction writes one")
+        home = self.app.ledger.claimed_by(request_id)
+        home = self.app.current if home is None else home
         for item in culprits:
             assert item.request is not None
-            decided = self.app.ledger.read_outcome(request_id)
+            decided = self.app.on(home).ledger.read_outcome(request_id)
             if decided is not None:
                 self.term.settle_late(item.request, decided)
-            # Undecided: it is being coordinated; its rows wait until it is decided.
+            else:  # being coordinated (or decided elsewhere soon): its rows wait
+                self.app.shard.held.add(request_id)
         return [i for i in pending if i not in culprits]
 
     # --- messages ------------------------------------------------------------------------------
@@ -283,8 +295,20 @@ class Exchange:
         for shard, message in messages:
             by_shard[shard].append(message)
         for shard, found in sorted(by_shard.items()):
-            self.app.on(shard).ledger.deliver(found)
+            try:
+                deliver(self.app.on(shard), found)
+            except StorageError as exc:  # what the transaction decided stands; sent again later
+                logger.warning("could not send %d message(s) to shard %d (%s); the home sends "
+                               "them again after %g s without progress", len(found), shard,
+                               type(exc).__name__, RESEND_SECONDS)
+                continue
             self.term.report.messaged.add(shard)
+
+
+def deliver(receiver: LedgerApp, messages: Sequence[ShardMessage]) -> None:
+    """Put ``messages`` in ``receiver``'s shard's inbox, then raise its mail flag."""
+    receiver.ledger.deliver(messages)
+    receiver.completions.raise_mail_flag()
 
 
 def committed_outcome(assessment: Assessment) -> Outcome:

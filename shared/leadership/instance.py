@@ -74,6 +74,10 @@ class Shard:
     # Coordinations whose messages this process sent again: request id -> monotonic time.
     resent: dict[str, float] = field(default_factory=dict)
     timer_due: float = float("-inf")  # until when its in-flight timer is armed (monotonic)
+    mail_seen: str | None = None  # the mail flag's version when this process emptied the inbox
+    flight_read_at: float = float("-inf")  # when this process last read the work in flight
+    in_flight: bool = False  # its last read found coordinations waiting for other shards
+    held: set[str] = field(default_factory=set)  # requests in flight whose late rows wait
 
     @classmethod
     def of(cls, name: str, elector: LeaseElector, ledger: Ledger, completions: CompletionStore,

@@ -43,6 +43,7 @@ from shared.domain.model import (
 from shared.domain.planning import (
     MAX_RECORDED_STEPS,
     AccountChanged,
+    ClaimedElsewhere,
     LedgerWriteError,
     OutcomeExists,
     accounts_of,
@@ -158,19 +159,66 @@ class LeaderTerm:
         self.read_accounts({account for r in to_commit for account in accounts_of(r.assessment)})
         # Requests whose accounts could not be read (storage too slow) wait for the next round.
         readable = [r for r in to_commit if accounts_of(r.assessment) <= self.balances.keys()]
+        if self.sharded:
+            readable = self._claim_elsewhere(readable)
         by_id = {r.request_id: r for r in readable}
-        for batch in plan_batches([r.assessment for r in readable]):
+        for batch in plan_batches([r.assessment for r in readable], claims=self.sharded):
             # A term commits at least one batch whatever its budget: otherwise a budget shorter
             # than a round's reads would end every term before its first commit.
             if self.report.transactions and self.app.clock.monotonic() >= budget_deadline:
                 self.report.budget_exhausted = True
                 return False
             self._commit([by_id[a.request_id] for a in batch])
+        emptied = True
         if cross or ready.flight.inbox or ready.resend:
-            Exchange(self, ready).run(cross)
+            emptied = Exchange(self, ready).run(cross)
+        if emptied and ready.mail is not None:
+            self.app.shard.mail_seen = ready.mail  # its inbox as of that flag is done
         # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
         self.app.cleaner.flush()
         return True
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.app.shards) > 1
+
+    def _request_shard(self, request_id: str) -> int:
+        return self.app.shard_map.request_shard(request_id)
+
+    def _claim_elsewhere(self, requests: list[ReadyRequest]) -> list[ReadyRequest]:
+        """Claim, in their requestId's shard, the requests this shard decides for its accounts
+        (one-step requests); those another shard claimed first are settled against its outcome.
+        Returns the requests this shard may decide."""
+        me = self.app.current
+        foreign: dict[int, list[str]] = {}
+        for request in requests:
+            shard = self._request_shard(request.request_id)
+            if shard != me:
+                foreign.setdefault(shard, []).append(request.request_id)
+        lost: dict[str, int] = {}
+        for shard, ids in sorted(foreign.items()):
+            lost.update(self.app.on(shard).ledger.claim(ids, me))
+        for request in requests:
+            if request.request_id in lost:
+                self._claimed_by(request, lost[request.request_id])
+        return [r for r in requests if r.request_id not in lost]
+
+    def _claims(self, batch: Iterable[ReadyRequest]) -> list[tuple[str, int]]:
+        """The claims the commit of ``batch`` creates with its outcomes (see ``claim_entity``)."""
+        me = self.app.current
+        return [(r.request_id, me) for r in batch if self.sharded
+                and self._request_shard(r.request_id) == me]
+
+    def _claimed_by(self, request: ReadyRequest, home: int) -> None:
+        """Another shard decides the request: its steps here are settled against that outcome."""
+        logger.warning("request %s is decided by shard %d, not %d: its steps disagree on where "
+                       "(expectedOperations, or the account of a one-step request)",
+                       request.request_id, home, self.app.current)
+        decided = self.app.on(home).ledger.read_outcome(request.request_id)
+        if decided is None:  # claimed, not decided yet: the rows wait for its outcome
+            self.app.shard.held.add(request.request_id)
+            return
+        self.settle_late(request, decided)
 
     def _crosses_shards(self, assessment: Assessment) -> bool:
         """A commit whose legs touch another shard's accounts (never with one shard)."""
@@ -261,7 +309,8 @@ class LeaderTerm:
                          for r in pending for s in r.assessment.steps],
                         self.lease.remaining()):
                     result = self.app.ledger.commit(self.fence, outcomes, new_balances,
-                                                    self.app.clock.now())
+                                                    self.app.clock.now(),
+                                                    claims=self._claims(pending))
             except OutcomeExists as exc:
                 # Such requests rarely come alone (a leader that crashed with deletes queued
                 # leaves many): look up the whole batch's outcomes at once, settle all found.
@@ -271,6 +320,15 @@ class LeaderTerm:
                 for late in found:
                     pending.remove(late)
                     self.settle_late(late, decided.get(late.request_id))
+                continue
+            except ClaimedElsewhere as exc:
+                claimed = next(r for r in pending if r.request_id == exc.request_id)
+                pending.remove(claimed)
+                home = self.app.ledger.claimed_by(exc.request_id)
+                if home is None or home == self.app.current:
+                    raise LedgerWriteError(f"the claim of {exc.request_id} exists and does "
+                                           "not name another shard") from exc
+                self._claimed_by(claimed, home)
                 continue
             except AccountChanged as exc:
                 logger.warning("%s; reading it again", exc)
@@ -331,7 +389,13 @@ class LeaderTerm:
         is queued on ``app.cleaner`` like any consumed row.
         """
         decided = decided or self.app.ledger.read_outcome(late.request_id)
-        if decided is None:  # not decided after all (a cache from an older fence?): keep them
+        if decided is None:
+            if len(self.app.shards) > 1:
+                # Being coordinated across shards: its rows wait, out of the rounds, until it is
+                # decided (the view lets them back once the coordination is gone).
+                self.app.shard.held.add(late.request_id)
+                return
+            # Not decided after all (a cache from an older fence?): keep them
             logger.warning("request %s has no outcome; its steps are kept", late.request_id)
             return
         rows = late.assessment.rows

@@ -54,14 +54,11 @@ class ReadyRound:
     flight: Flight = field(default_factory=Flight)  # with shards: messages, coordinations
     resend: list[Coordination] = field(default_factory=list)  # no progress for RESEND_SECONDS
     held: int = 0  # markers of requests being coordinated: settled once they are decided
-
+    mail: str | None = None  # the mail flag's version when the inbox was read with it
     def __bool__(self) -> bool:
         return bool(self.decidable or self.unconfirmed or self.flight.inbox or self.resend)
 
-    @property
-    def in_flight(self) -> bool:
-        """Coordinations of this shard wait for other shards."""
-        return bool(self.flight.coordinations)
+    in_flight: bool = False  # coordinations of this shard wait for other shards
 
 
 class ReadyView:
@@ -80,20 +77,44 @@ class ReadyView:
     def read(self) -> ReadyRound:
         """Every request announced as decidable, assessed, oldest last step first."""
         scan = self.app.completions.ready(fallback_now=self.app.clock.now())
-        flight, flight_time = (self.app.ledger.read_flight() if len(self.app.shards) > 1
+        flight, flight_time = (self.app.ledger.read_flight() if self._flight_due(scan.mail)
                                else (Flight(), None))
+        shard = self.app.shard
+        if flight_time is not None:  # requests no longer in flight may be settled now
+            shard.held &= flight.coordinations.keys()
+            for request_id in shard.resent.keys() - flight.coordinations.keys():
+                del shard.resent[request_id]
+        waiting = flight.coordinations.keys() | shard.held
         markers = self._markers(scan.markers)
-        held = [m for m in markers if m.request_id in flight.coordinations]
-        markers = [m for m in markers if m.request_id not in flight.coordinations]
+        held = [m for m in markers if m.request_id in waiting]
+        markers = [m for m in markers if m.request_id not in waiting]
         now = scan.storage_time + self.app.time_shift()
         assessed = {m.request_id: assess(m.request_id, m.steps, now, self.timeout)
                     for m in markers}
         assessed.update(self._confirmed(markers, assessed))
         found = self._round(markers, assessed, now)
         found.flight, found.held = flight, len(held)
-        found.resend = self._due(flight, flight_time or scan.storage_time)
+        if flight_time is not None:
+            found.resend = self._due(flight, flight_time)
+            found.mail = scan.mail
+            shard.in_flight = bool(flight.coordinations)
+            shard.flight_read_at = self.app.clock.monotonic()
+        found.in_flight = self.app.shard.in_flight
         return found
 
+    def _flight_due(self, mail: str | None) -> bool:
+        """Whether this read must read the shard's work in flight too (one more query).
+
+        With shards only: when the mail flag changed since this process last emptied the
+        inbox (another shard sent messages: votes and acks come back this way too), and at
+        least every ``RESEND_SECONDS`` anyway (a new leader finds what a crashed one left;
+        coordinations without progress are sent again).
+        """
+        if len(self.app.shards) == 1:
+            return False
+        shard = self.app.shard
+        return (mail is not None and mail != shard.mail_seen) or \
+            self.app.clock.monotonic() - shard.flight_read_at >= RESEND_SECONDS
     def _due(self, flight: Flight, now: datetime) -> list[Coordination]:
         """Coordinations without progress for ``RESEND_SECONDS`` (by storage's time), whose
         messages this process did not send again within as long (by its monotonic clock)."""

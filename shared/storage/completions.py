@@ -65,6 +65,7 @@ MAX_BATCH_ROWS = 100  # rows of one partition per entity-group transaction
 # Partitions of the app's own bookkeeping. "~" sorts after every identifier character, so the
 # step rows (buckets, and requestIds of the earliest layout) are exactly the keys below "~".
 READY_PARTITION = "~ready"
+MAIL_FLAG_ROW = "~mail"  # in READY_PARTITION ("~" is not in a requestId): see raise_mail_flag
 META_PARTITION = "~meta"
 SPECIAL_PREFIX = "~"
 FULL_SCAN_ROW = "fullscan"
@@ -295,6 +296,7 @@ class ReadyScan:
 
     markers: list[ReadyMarker]
     storage_time: datetime
+    mail: str | None = None  # the mail flag's version: other shards sent this shard messages
 
 
 @dataclass(frozen=True)
@@ -428,8 +430,25 @@ class CompletionStore:
         """Every marker (one partition query), and storage's time when it answered."""
         rows = self.table.query("PartitionKey eq @pk", parameters={"pk": READY_PARTITION},
                                 page_size=1000)
-        markers = [_marker(row) for row in rows]
-        return ReadyScan(markers, _date_or(rows, fallback_now))
+        markers: list[ReadyMarker] = []
+        mail: str | None = None
+        for row in rows:
+            if row["RowKey"] == MAIL_FLAG_ROW:
+                mail = str(row.etag)
+            else:
+                markers.append(_marker(row))
+        return ReadyScan(markers, _date_or(rows, fallback_now), mail)
+
+    def raise_mail_flag(self) -> None:
+        """Tell this shard's leader that messages wait in its inbox (shared/domain/exchange.py).
+
+        One row in the ready index, so the leader's one read of the index sees it: every
+        raise changes the row's version, and a leader reads its inbox whenever the version
+        differs from the last one it emptied the inbox at. Senders raise it *after* creating
+        their messages.
+        """
+        self.table.upsert({"PartitionKey": READY_PARTITION, "RowKey": MAIL_FLAG_ROW,
+                           "raisedAt": datetime.now(UTC).isoformat()}, mode=Mode.REPLACE)
 
     # --- rare full scans ---------------------------------------------------------------------
     def claim_full_scan(self, shift: timedelta = timedelta(0),

@@ -46,6 +46,7 @@ from shared.domain.model import (
 from shared.domain.money import parse_balance
 from shared.domain.planning import (
     ACCOUNT_PREFIX,
+    CLAIM_PREFIX,
     FENCE_ROW,
     LEDGER_PARTITION,
     MAX_TRANSACTION_OPERATIONS,
@@ -55,6 +56,8 @@ from shared.domain.planning import (
     Subject,
     Write,
     account_key,
+    claim_entity,
+    claim_key,
     classify_refusal,
     fence_entity,
     plan_transaction,
@@ -263,6 +266,35 @@ class Ledger:
         return Flight(coordinations, tuple(inbox),
                       {k: tuple(v) for k, v in escrows.items()}), rows.date
 
+    def claim(self, request_ids: Sequence[str], home: int) -> dict[str, int]:
+        """Claim requests for shard ``home`` in this partition (create-once, not fenced: see
+        ``claim_entity``). Returns the requests claimed by another shard, with its number."""
+        lost: dict[str, int] = {}
+        entities = [{"PartitionKey": self.partition, **claim_entity(r, home)}
+                    for r in dict.fromkeys(request_ids)]
+        for start in range(0, len(entities), MAX_TRANSACTION_OPERATIONS):
+            chunk = entities[start:start + MAX_TRANSACTION_OPERATIONS]
+            try:
+                self.table.submit([("create", e) for e in chunk])
+                continue
+            except BatchRefused:
+                pass
+            for entity in chunk:
+                request_id = str(entity["RowKey"]).removeprefix(CLAIM_PREFIX)
+                try:
+                    self.table.create(entity)
+                except AlreadyExists:
+                    found = self.read_row(claim_key(request_id))
+                    owner = int(found["home"]) if found is not None else home
+                    if owner != home:
+                        lost[request_id] = owner
+        return lost
+
+    def claimed_by(self, request_id: str) -> int | None:
+        """The shard that claimed the request here, or ``None``."""
+        found = self.read_row(claim_key(request_id))
+        return None if found is None else int(found["home"])
+
     def read_row(self, row_key: str) -> Row | None:
         """One row of the partition, or ``None``."""
         try:
@@ -287,17 +319,18 @@ class Ledger:
     def commit(self, fence: Fence, outcomes: Sequence[Outcome],
                balances: Mapping[str, tuple[AccountRow, Decimal]], now: datetime,
                extra: Sequence[tuple[Subject, Write]] = (),
-               reserved: Mapping[str, Decimal] | None = None) -> CommitResult:
+               reserved: Mapping[str, Decimal] | None = None,
+               claims: Sequence[tuple[str, int]] = ()) -> CommitResult:
         """Write outcomes, new balances and ``extra`` rows in one transaction fenced by ``fence``.
 
         ``balances`` maps an account id to (the row as read, its new balance); ``reserved``
-        gives new escrow totals. Raises ``FencedOut``, ``OutcomeExists``, ``AccountChanged``,
-        ``AlreadyRecorded``, ``InboxGone`` or ``LedgerWriteError``; in each case nothing was
-        written.
+        gives new escrow totals; ``claims`` are created with the outcomes. Raises ``FencedOut``,
+        ``OutcomeExists``, ``AccountChanged``, ``AlreadyRecorded``, ``ClaimedElsewhere``,
+        ``InboxGone`` or ``LedgerWriteError``; in each case nothing was written.
         """
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp, extra,
-                                reserved)
+                                reserved, claims)
         try:
             results = self.table.submit([_operation(w) for w in plan.writes])
         except BatchRefused as exc:

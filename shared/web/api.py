@@ -51,18 +51,25 @@ def request(app: LedgerApp, request_id: str) -> Reply:
     """``GET /api/requests/{requestId}``: the outcome; ``pending`` while steps wait;
     ``committing`` while shards decide or apply it; or 404.
 
-    A request's home shard is that of its id (several steps) or of its account (one step), so
-    with shards both are looked at.
+    With shards, a request is decided by its home: its requestId's shard, which also keeps the
+    claim of a one-step request decided on its account's shard (``claim_entity``). A one-step
+    request still waiting is found on its account's shard, which the id alone does not name:
+    the other shards are looked at last.
     """
     if bad := _bad_identifier("requestId", request_id):
         return bad
-    homes = [app.on(app.shard_map.home_of(request_id, 2, ""))]
-    homes += [shard for shard in app.each_shard() if shard.current != homes[0].current]
-    for home in homes if len(app.shards) > 1 else [app]:
+    if len(app.shards) == 1:
+        found = _request_on(app, request_id)
+    else:
+        home = app.on(app.shard_map.request_shard(request_id))
         found = _request_on(home, request_id)
-        if found is not None:
-            return found
-    return Reply(404, {"error": f"request {request_id} is unknown"})
+        claimed = home.ledger.claimed_by(request_id) if found is None else None
+        if claimed is not None and claimed != home.current:
+            found = _request_on(app.on(claimed), request_id)
+        for other in app.each_shard():
+            if found is None and other.current not in (home.current, claimed):
+                found = _request_on(other, request_id)
+    return found or Reply(404, {"error": f"request {request_id} is unknown"})
 
 
 def _request_on(app: LedgerApp, request_id: str) -> Reply | None:
