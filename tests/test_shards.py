@@ -520,3 +520,43 @@ def test_a_one_step_request_with_two_contents_on_two_shards_moves_money_once(
     assert balance(app, alice) + balance(app, bob) == Decimal("5.00")
     assert sum(s.ledger.read_outcome(rid) is not None for s in app.each_shard()) == 1
     assert [r["home"] for r in app.on(3).ledger.list_rows("claim:")] in ([1], [2])
+
+
+def test_many_cross_shard_requests_at_once_fit_transactions_of_100_operations(
+        ns: Namespace) -> None:
+    """Forty transfers ready at once on each path (one transaction; votes): every transaction
+    stays within 100 operations, so nothing stalls."""
+    app = sharded(ns)
+    [alice, carol], [bob] = accounts_on(1, 2), accounts_on(2, 1)
+    send(app, *deposit("fa", alice, "100.00"), *deposit("fc", carol, "100.00"))
+    voting = list(itertools.islice((f"v{n}" for n in itertools.count()
+                                    if MAP.home_of(f"v{n}", 2, "") == 0), 40))
+    direct = list(itertools.islice((f"o{n}" for n in itertools.count()
+                                    if MAP.home_of(f"o{n}", 2, "") == 1), 40))
+    for rid in voting:
+        record(app, *transfer(rid, alice, bob, "1.00"))
+    for rid in direct:
+        record(app, *transfer(rid, carol, bob, "1.00"))
+    settle(app, voting + direct, timeout=60)
+    assert (balance(app, alice), balance(app, carol), balance(app, bob)) == \
+        (Decimal("60.00"), Decimal("60.00"), Decimal("80.00"))
+    assert in_flight(app) == {}
+
+
+def test_a_request_too_wide_for_one_shard_transaction_is_rejected_with_the_reason(
+        ns: Namespace) -> None:
+    app = sharded(ns)
+    many = accounts_on(1, 48, "w")
+    [bob] = accounts_on(2, 1)
+    for account in many:
+        send(app, *deposit(f"f-{account}", account, "1.00"))
+    rid = request_on(0, "wide")
+    bodies = [step(rid, f"w{i}", "withdraw_funds", a, "1.00", 49) for i, a in enumerate(many)]
+    bodies.append(step(rid, "add", "add_funds", bob, "48.00", 49))
+    record(app, *bodies)
+    settle(app, [rid])
+    reply = api.request(app, rid).body
+    assert reply["status"] == "rejected"
+    assert "would not fit one transaction" in reply["reason"]
+    assert balance(app, bob) == Decimal("0.00")
+    assert {balance(app, a) for a in many} == {Decimal("1.00")}

@@ -68,6 +68,10 @@ APPLIED_PREFIX = "applied:"
 SEPARATOR = "|"  # outside the identifier charset
 RESEND_SECONDS = 5.0  # a coordination without progress this long has its messages sent again
 ZERO = Decimal("0.00")
+# Distinct accounts of one cross-shard request a shard can hold: each shard's transaction of it
+# (the home's coordination and decision, a voter's reservation, a participant's apply) writes at
+# most 2 rows per account (the account, its escrow) and 5 more, within 100 operations.
+MAX_ACCOUNTS_PER_SHARD = (MAX_TRANSACTION_OPERATIONS - 5) // 2
 
 Leg = tuple[str, Decimal]
 
@@ -367,6 +371,8 @@ class ExchangeBatch:
         by_shard: dict[int, list[Leg]] = {}
         for account, amount in outcome.legs:
             by_shard.setdefault(self.home_of_account(account), []).append((account, amount))
+        crowded = [shard for shard, legs in by_shard.items()
+                   if len({account for account, _ in legs}) > MAX_ACCOUNTS_PER_SHARD]
         local = tuple(by_shard.pop(self.me, ()))
         remote = {shard: tuple(legs) for shard, legs in sorted(by_shard.items())}
         voters = tuple(shard for shard, legs in remote.items() if debits_of(legs))
@@ -375,6 +381,11 @@ class ExchangeBatch:
         # Create-once and kept: the same request coordinated again (its steps sent anew after
         # it settled) is refused here, before it could reserve anything a second time.
         self._row("claim", request_id, claim_entity(request_id, self.me))
+        if crowded:
+            return self._decide_alone(replace(
+                outcome, status=OutcomeStatus.REJECTED, legs=(), shards=(),
+                reason=f"more than {MAX_ACCOUNTS_PER_SHARD} of its accounts live on shard "
+                       f"{crowded[0]}: its part there would not fit one transaction"))
         if not voters:  # nothing to vote on: decide now
             why = self._debit_now(local)
             if why:
