@@ -196,8 +196,9 @@ class LeaderTerm:
             if shard != me:
                 foreign.setdefault(shard, []).append(request.request_id)
         lost: dict[str, int] = {}
-        for shard, ids in sorted(foreign.items()):
-            lost.update(self.app.on(shard).ledger.claim(ids, me))
+        for found in read_concurrently(lambda item: self.app.on(item[0]).ledger.claim(item[1], me),
+                                       sorted(foreign.items())):
+            lost.update(found)
         for request in requests:
             if request.request_id in lost:
                 self._claimed_by(request, lost[request.request_id])
