@@ -242,7 +242,7 @@ def classify_refusal(subject: Subject, code: str, epoch: int) -> Exception:
         return OutcomeExists(name)
     if kind == "account" and code in (CONDITION_NOT_MET, ALREADY_EXISTS):
         return AccountChanged(name)
-    if kind in ("coord", "vote", "applied") and code == ALREADY_EXISTS:
+    if kind in ("coord", "vote", "applied", "escrow") and code == ALREADY_EXISTS:
         return AlreadyRecorded(kind, name)
     if kind == "claim" and code == ALREADY_EXISTS:
         return ClaimedElsewhere(name)

@@ -81,21 +81,22 @@ def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
     closed: whatever the skipping instances announced is in the index by then. It makes that
     final look even when its attempt after the first look was refused (docs/design.md 3.5).
     """
-    result = Election(app).run(handed_over)
+    election = Election(app)
+    result = election.run(handed_over)
     if len(app.shards) > 1:
-        drive_shards(app, result)
+        drive_shards(app, result, election.budget_deadline)
     return result
 
 
-def drive_shards(app: LedgerApp, first: ElectionResult) -> None:
+def drive_shards(app: LedgerApp, first: ElectionResult, deadline: float) -> None:
     """Compete for the shards this invocation sent messages to, and act on them, in turn.
 
     A shard's inbox is part of what its leader reads (``ReadyView``), so a shard whose lease is
     held by a live leader acts on the message itself: that leader's look after its release
     sees it. A shard nobody holds is taken here, so that no participant waits for the sweeper.
-    Answers (votes, acks) bring the invocation back to the home shard the same way.
+    Answers (votes, acks) bring the invocation back to the home shard the same way. Every
+    visit shares ``deadline``, the invocation's one drain budget (monotonic).
     """
-    deadline = app.clock.monotonic() + app.config.drain_budget_seconds
     queue = sorted(first.messaged)
     while queue and len(first.visits) < MAX_SHARD_VISITS:
         if app.clock.monotonic() >= deadline:

@@ -137,6 +137,10 @@ class Exchange:
             if not batch:
                 pending = [i for i in pending if i not in taken]
                 continue
+            if batch.coordinated or batch.coordinations:
+                # Before the write: a transaction that lands while its answer is lost (an
+                # error here) still leaves coordinations in flight, and the timer must be armed.
+                self.app.shard.in_flight = True
             try:
                 written = self._write(batch)
             except AccountChanged as exc:
@@ -232,12 +236,13 @@ class Exchange:
     @staticmethod
     def _writes(item: Item, kind: str) -> bool:
         if item.request is not None:
-            return kind in ("coord", "claim", "applied")
+            return kind in ("coord", "claim", "applied", "escrow")
         assert item.message is not None
-        return not item.consume_only and {
-            MessageKind.PREPARE: ("vote",), MessageKind.DECISION: ("applied",),
-            MessageKind.VOTE: ("applied",), MessageKind.ACK: ()}[item.message.kind].__contains__(
-                kind)
+        # A voter's escrow rows come before its vote row: a PREPARE acted on before is refused
+        # at whichever of them storage names.
+        creates = {MessageKind.PREPARE: ("vote", "escrow"), MessageKind.DECISION: ("applied",),
+                   MessageKind.VOTE: ("applied",), MessageKind.ACK: ()}
+        return not item.consume_only and kind in creates[item.message.kind]
 
     def _answer_again(self, message: ShardMessage) -> None:
         """Send again the answer the shard gave ``message`` the first time."""

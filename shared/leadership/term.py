@@ -327,8 +327,10 @@ class LeaderTerm:
                 pending.remove(claimed)
                 home = self.app.ledger.claimed_by(exc.request_id)
                 if home is None or home == self.app.current:
-                    raise LedgerWriteError(f"the claim of {exc.request_id} exists and does "
-                                           "not name another shard") from exc
+                    # This shard claimed it: it is being coordinated (a round that did not
+                    # read the work in flight). Its rows wait until it is decided.
+                    self.app.shard.held.add(exc.request_id)
+                    continue
                 self._claimed_by(claimed, home)
                 continue
             except AccountChanged as exc:

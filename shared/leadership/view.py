@@ -97,6 +97,8 @@ class ReadyView:
         if flight_time is not None:
             found.resend = self._due(flight, flight_time)
             found.mail = scan.mail
+            if not flight.inbox:  # nothing waits: whatever the flag announced was acted on
+                shard.mail_seen = scan.mail
             shard.in_flight = bool(flight.coordinations)
             shard.flight_read_at = self.app.clock.monotonic()
         found.in_flight = self.app.shard.in_flight
