@@ -174,8 +174,9 @@ class LeaderTerm:
             emptied = Exchange(self, ready).run(cross)
         if emptied and ready.mail is not None:
             self.app.shard.mail_seen = ready.mail  # its inbox as of that flag is done
-        # Partly filled buckets go now rather than wait for more: fewer rows outlive a crash.
-        self.app.cleaner.flush()
+        # The markers go now (the next read would meet them again); step rows once a
+        # partition is half full, the rest when the term ends (``wait_until_done``).
+        self.app.cleaner.flush(everything=False)
         return True
 
     @property

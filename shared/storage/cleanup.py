@@ -32,11 +32,18 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from shared.domain.model import RowRef
-from shared.storage.completions import MAX_BATCH_ROWS, TOMBSTONE_SECONDS, CompletionStore, Tombstone
+from shared.storage.completions import (
+    MAX_BATCH_ROWS,
+    READY_PARTITION,
+    TOMBSTONE_SECONDS,
+    CompletionStore,
+    Tombstone,
+)
 
 logger = logging.getLogger(__name__)
 
 REMEMBERED = 100_000
+PARTIAL_ROWS = MAX_BATCH_ROWS // 2  # a step-row partition goes after a round once this full
 
 
 class RowCleaner:
@@ -79,22 +86,35 @@ class RowCleaner:
         for chunk in full:
             self._submit(chunk)
 
-    def flush(self) -> None:
-        """Send every partly filled partition's rows now (does not wait), and the deletes of
-        tombstones kept ``TOMBSTONE_SECONDS``."""
+    def flush(self, everything: bool = True) -> None:
+        """Send queued rows now (does not wait), and the deletes of tombstones kept
+        ``TOMBSTONE_SECONDS``.
+
+        ``everything=False`` (after each round of a term) sends the ready index's markers
+        first, and of the step rows only partitions holding ``PARTIAL_ROWS``: the markers
+        are what the leader's next read would read again, while a step-row partition sent
+        partly filled each round costs a call for a few rows. The term's end sends the rest
+        (``wait_until_done``).
+        """
         with self._lock:
             now = self.clock()
             while self._tombstones and now - self._tombstones[0][0] >= TOMBSTONE_SECONDS:
                 _, ref = self._tombstones.popleft()
                 self._waiting[ref.partition_key].append(ref)
-            chunks = [rows[:] for rows in self._waiting.values() if rows]
-            self._waiting.clear()
+            ready = sorted(self._waiting, key=lambda partition: partition != READY_PARTITION)
+            chunks = []
+            for partition in ready:
+                rows = self._waiting[partition]
+                if rows and (everything or partition == READY_PARTITION
+                             or len(rows) >= PARTIAL_ROWS):
+                    chunks.append(rows[:])
+                    rows.clear()
         for chunk in chunks:
             self._submit(chunk)
 
     def wait_until_done(self, timeout: float) -> bool:
         """Send what is queued and wait up to ``timeout`` s for every delete; True when done."""
-        self.flush()
+        self.flush(everything=True)
         with self._lock:
             futures = set(self._futures)
         _, not_done = wait(futures, timeout=timeout)
