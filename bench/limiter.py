@@ -187,9 +187,9 @@ class PartitionLimiter:
             index = (index + 1) % self.buckets
         raise RuntimeError(f"more than {self.buckets} partitions: make the limiter bigger")
 
-    def take(self, table: str, partition: str, tokens: int) -> float:
-        """Consume ``tokens`` from the partition's bucket; wait while it is in debt. Returns the
-        seconds waited."""
+    def take(self, table: str, partition: str, tokens: int, wait: bool = True) -> float:
+        """Consume ``tokens`` from the partition's bucket; wait while it is in debt (unless not
+        ``wait``: the bucket is charged all the same). Returns the seconds to wait."""
         if self.rate <= 0:
             return 0.0
         digest = self._digest(table, partition)
@@ -202,12 +202,12 @@ class PartitionLimiter:
             held -= tokens
             self._tokens[slot] = held
             self._refilled[slot] = now
-        wait = -held / self.rate if held < 0 else 0.0
-        if wait > 0:
-            time.sleep(wait)
+        delay = -held / self.rate if held < 0 else 0.0
+        if delay > 0 and wait:
+            time.sleep(delay)
         with self._local:
-            self.throttling.add(partition_kind(table, partition), tokens, wait)
-        return wait
+            self.throttling.add(partition_kind(table, partition), tokens, delay)
+        return delay
 
     def limits(self, url: str) -> bool:
         """Whether requests to ``url`` go through the buckets (the table endpoint only)."""

@@ -103,7 +103,10 @@ class CpuMeter:
     """CPU seconds of Azurite and of the benchmark over a window (``start``, then ``stop``)."""
 
     def __init__(self, connection_string: str) -> None:
-        self.azurite = azurite_process(connection_string)
+        self.azurite = _AZURITES.get(connection_string)
+        if self.azurite is None:
+            self.azurite = _AZURITES.setdefault(connection_string,
+                                                azurite_process(connection_string))
         self._azurite0 = 0.0
         self._bench0 = 0.0
         self._wall0 = 0.0
@@ -136,6 +139,9 @@ class CpuMeter:
                         "azurite_cores": round(azurite / wall, 2) if wall else 0.0,
                         "bench_cores": round(bench / wall, 2) if wall else 0.0}
         return self.figures
+
+
+_AZURITES: dict[str, Any] = {}  # connection string -> its Azurite's process (found once)
 
 
 def azurite_process(connection_string: str) -> Any:
