@@ -29,7 +29,7 @@ from bench.drain import measure_drain
 from bench.failover import measure_failover
 from bench.overload import measure_overload
 from bench.report import write
-from bench.shards import measure_shards
+from bench.shards import measure_shards, scaling_series
 from bench.strategies import STRATEGIES
 from bench.workloads import WORKLOADS
 from simulator.azurite import Azurite
@@ -91,7 +91,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="sharding benchmark: LEDGER_SHARDS values (default 1 2 4 8; "
                              "--quick 1 4)")
     parser.add_argument("--shard-requests", type=int, default=None,
-                        help="sharding benchmark: requests per cell (default 4,000; --quick 300)")
+                        help="sharding benchmark: requests per cell (default 1,500; --quick 300)")
     parser.add_argument("--shard-instances", type=int, default=2,
                         help="sharding benchmark: instances per shard (default 2)")
     parser.add_argument("--shard-processes", type=int, default=4,
@@ -101,6 +101,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--scaled-rate", type=float, default=None,
                         help="sharding benchmark: also deposits at this partition limit, a "
                              "scaled-down model the machine can saturate (default 50; 0: none)")
+    parser.add_argument("--scaled-requests", type=int, default=None,
+                        help="sharding benchmark: requests per cell of the scaled-down series "
+                             "(default 600)")
+    parser.add_argument("--fixed-instances", type=int, default=None,
+                        help="sharding benchmark: also deposits with this many instances at "
+                             "every K (default 16; --quick 0: none)")
     parser.add_argument("--cross-shards", type=int, default=4,
                         help="sharding benchmark: K of the cross- against same-shard cells")
     parser.add_argument("--hot-instances", type=int, default=16,
@@ -126,10 +132,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.overload_accounts = max(1, min(100, args.overload_deposits // 3))
     args.rounds = args.rounds or (1 if quick else 2)
     args.shards = args.shards or ([1, 4] if quick else [1, 2, 4, 8])
-    args.shard_requests = args.shard_requests or (300 if quick else 4000)
+    args.shard_requests = args.shard_requests or (300 if quick else 1500)
     args.hot_requests = args.hot_requests or (600 if quick else 6000)
     if args.scaled_rate is None:
         args.scaled_rate = 0.0 if quick else 50.0
+    args.scaled_requests = args.scaled_requests or 600
+    if args.fixed_instances is None:
+        args.fixed_instances = 0 if quick else 16
     for part in PARTS:  # --only X: every other part is off (shards includes its hot account)
         if args.only is not None and part not in args.only and not (
                 part == "hot" and "shards" in args.only):
@@ -211,13 +220,15 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
         result["overload"] = overload.as_dict()
     if not (args.no_shards and args.no_hot):
         shards = measure_shards(
-            connection_string, args.shards, args.shard_requests,
-            per_shard_instances=args.shard_instances, processes=args.shard_processes,
-            cross_at=args.cross_shards if args.cross_shards in args.shards else None,
+            connection_string, args.shards,
+            [] if args.no_shards else scaling_series(
+                args.shard_requests, args.partition_rate, args.shard_instances,
+                args.scaled_rate, args.scaled_requests, args.fixed_instances),
+            processes=args.shard_processes,
+            cross_at=args.cross_shards, cross_requests=0 if args.no_shards else (
+                args.shard_requests if args.cross_shards >= 2 else 0),
             hot_instances=args.hot_instances, hot_requests=args.hot_requests,
-            rounds=args.rounds, partition_rate=args.partition_rate,
-            scaled_rate=args.scaled_rate or None, scaling=not args.no_shards,
-            hot=not args.no_hot)
+            rounds=args.rounds, partition_rate=args.partition_rate, hot=not args.no_hot)
         log.warning("shards: speed-up %s; cross/same %s; hot/intake %s", shards.speedup,
                     shards.cross_ratio, shards.hot_ratio)
         result["shards"] = shards.as_dict()

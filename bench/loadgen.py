@@ -68,7 +68,7 @@ class LoadSpec:
     intake_only: bool = False  # record + announce only: the intake floor
     rate: float | None = None  # deliveries/s offered; None: all at once (a backlog)
     overrides: tuple[tuple[str, str], ...] = ()  # more app settings
-    profile_to: str = ""  # profile each instance of the first process to {profile_to}-{id}.txt
+    profile_to: str = ""  # profile each instance (pyinstrument) to {profile_to}-{id}.txt
 
     def settings(self) -> dict[str, str]:
         return {"LEDGER_SHARDS": str(self.shards), **dict(self.overrides)}
@@ -219,7 +219,7 @@ def _worker(index: int, spec: LoadSpec, bodies: Sequence[bytes], instance_ids: l
 
         def run(app: LedgerApp) -> None:
             profiler = None
-            if spec.profile_to and index == 0:  # each instance of the first process, apart
+            if spec.profile_to:  # each instance apart
                 from pyinstrument import Profiler
 
                 profiler = Profiler(interval=0.001)

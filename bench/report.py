@@ -161,7 +161,8 @@ def _shards(r: dict[str, Any]) -> list[str]:
         final = f"{c['announced']} announced" if c["kind"] == "intake" else \
             f"{c['committed']}/{c['requests']}"
         lines.append(
-            f"| {c['kind']} | {c['shards']} | {c['partition_rate']:,.0f} | {c['instances']} | "
+            f"| {c.get('series') or c['kind']} | {c['shards']} | {c['partition_rate']:,.0f} | "
+            f"{c['instances']} | "
             f"{c['processes']} | {final} | {c['crossed']} | **{c['rate']:.0f}** | "
             f"{load.get('recorded_rate', 0.0):.0f} | {c['tail_s']:.1f} | "
             f"{cpu.get('azurite_cores', 0.0):.2f} / {cpu.get('bench_cores', 0.0):.2f} | "
@@ -171,7 +172,7 @@ def _shards(r: dict[str, Any]) -> list[str]:
         speed = r.get("speedup", {}).get(name, {})
         figures = ", ".join(f"K={k}: {rate:.0f}/s ({speed.get(k, 0.0):.2f}x)"
                             for k, rate in rates.items())
-        lines.append(f"- {name}: {figures}")
+        lines.append(f"- {name}, committed requests/s (x K=1): {figures}")
     deposits = r.get("speedup", {}).get("deposits", {}).get("4")
     if deposits is not None:
         lines.append(f"- deposits, K=4 / K=1: **{deposits:.2f}x** (target >= 3.2x: "

@@ -233,6 +233,7 @@ class ShardCell:
     rate: float = 0.0  # committed requests/s (intake: recorded deliveries/s)
     tail_s: float = 0.0  # last delivery handled -> everything final
     tail_rounds: int = 0  # rounds of elections on every shard in the tail
+    series: str = ""  # the line of the figure it belongs to (its kind unless told)
     tail_throttling: dict[str, dict[str, float]] = field(default_factory=dict)
     load: dict[str, Any] = field(default_factory=dict)  # bench.loadgen.LoadResult
     cpu: dict[str, float] = field(default_factory=dict)  # bench.loadgen.CpuMeter
@@ -263,7 +264,8 @@ def run_shard_cell(connection_string: str, kind: str, shards: int, requests: int
                    profile_to: str = "") -> ShardCell:
     """Measure one cell (see the module docstring)."""
     processes = max(1, min(processes, instances))
-    cell = ShardCell(kind, shards, requests, instances, processes, latency_ms, partition_rate)
+    cell = ShardCell(kind, shards, requests, instances, processes, latency_ms, partition_rate,
+                     series=kind)
     names = Names()
     spec = LoadSpec(connection_string, names, shards, latency_ms, processes, instances,
                     intake_only=kind == "intake", profile_to=profile_to)
@@ -302,16 +304,30 @@ def run_shard_cell(connection_string: str, kind: str, shards: int, requests: int
     return cell
 
 
+@dataclass(frozen=True)
+class Series:
+    """One line of the scaling figure: a kind of request at every K, measured alike."""
+
+    name: str
+    kind: str
+    partition_rate: float
+    requests: int
+    per_shard: int = 2  # instances per shard (instances = per_shard * K) ...
+    instances: int = 0  # ... unless a fixed number of instances is given
+
+    def instances_at(self, shards: int) -> int:
+        return self.instances or self.per_shard * shards
+
+
 @dataclass
 class ShardsResult:
     """The whole sharding benchmark."""
 
     latency_ms: float
     partition_rate: float
-    scaled_rate: float | None = None  # the partition limit of the scaled-down series
+    series: list[dict[str, Any]] = field(default_factory=list)
     cells: list[dict[str, Any]] = field(default_factory=list)
-    # series ("deposits", "transfers", "deposits@50"...) -> K -> mean committed requests/s
-    scaling: dict[str, dict[str, float]] = field(default_factory=dict)
+    scaling: dict[str, dict[str, float]] = field(default_factory=dict)  # series -> K -> req/s
     speedup: dict[str, dict[str, float]] = field(default_factory=dict)  # series -> K -> x K=1
     cross_ratio: float | None = None  # cross / same, committed requests/s
     cross_shards: int | None = None
@@ -322,15 +338,9 @@ class ShardsResult:
         return asdict(self)
 
 
-def series_of(kind: str, partition_rate: float, limit: float) -> str:
-    """A scaling series' name: the kind, and the partition limit when it is not Azure's."""
-    return kind if partition_rate == limit else f"{kind}@{partition_rate:g}"
-
-
-def _mean(cells: list[ShardCell], kind: str, shards: int | None = None,
-          partition_rate: float | None = None) -> float | None:
-    rates = [c.rate for c in cells if c.kind == kind and (shards is None or c.shards == shards)
-             and (partition_rate is None or c.partition_rate == partition_rate)]
+def _mean(cells: list[ShardCell], series: str, shards: int | None = None) -> float | None:
+    rates = [c.rate for c in cells if c.series == series
+             and (shards is None or c.shards == shards)]
     return statistics.fmean(rates) if rates else None
 
 
@@ -338,64 +348,76 @@ def _log(cell: ShardCell) -> None:
     load = cell.load
     logger.warning("%s K=%d x%d in %d processes, %g entities/s per partition: %d/%d final, "
                    "%.0f/s (%d crossed), intake %.0f deliveries/s, tail %.1f s, CPU azurite "
-                   "%.2f bench %.2f cores", cell.kind, cell.shards, cell.instances,
+                   "%.2f bench %.2f cores", cell.series, cell.shards, cell.instances,
                    cell.processes, cell.partition_rate, cell.committed, cell.requests, cell.rate,
                    cell.crossed, load.get("recorded_rate", 0.0), cell.tail_s,
                    cell.cpu.get("azurite_cores", 0.0), cell.cpu.get("bench_cores", 0.0))
 
 
-def measure_shards(connection_string: str, shard_counts: list[int], requests: int,
-                   per_shard_instances: int = 2, processes: int = 4,
-                   kinds: Iterable[str] = ("deposits", "transfers"), cross_at: int | None = 4,
-                   hot_instances: int = 16, hot_requests: int | None = None, rounds: int = 1,
-                   latency_ms: float = LATENCY_MS,
-                   partition_rate: float = AZURE_PARTITION_RATE,
-                   scaled_rate: float | None = None,
-                   scaling: bool = True, hot: bool = True) -> ShardsResult:
-    """Scaling with K (``kinds`` at Azure's limit; deposits again at ``scaled_rate`` when
-    given), cross- against same-shard transfers at ``cross_at`` shards, the hot account against
-    the intake floor. The cells of one comparison alternate, ``rounds`` times, the order turned
-    each round, so that drift on a shared machine falls on all of them alike."""
-    result = ShardsResult(latency_ms, partition_rate, scaled_rate)
+def scaling_series(requests: int, partition_rate: float = AZURE_PARTITION_RATE,
+                   per_shard: int = 2, scaled_rate: float = 0.0, scaled_requests: int = 0,
+                   fixed_instances: int = 0) -> list[Series]:
+    """The default lines: deposits and transfers with ``per_shard`` instances per shard at
+    Azure's limit; deposits at a scaled-down limit (the partition bound, not the machine, binds
+    at K = 1 there); deposits with one fixed number of instances at every K."""
+    made = [Series("deposits", "deposits", partition_rate, requests, per_shard),
+            Series("transfers", "transfers", partition_rate, requests, per_shard)]
+    if scaled_rate:
+        made.append(Series(f"deposits@{scaled_rate:g}", "deposits", scaled_rate,
+                           scaled_requests or requests, per_shard))
+    if fixed_instances:
+        made.append(Series(f"deposits x{fixed_instances}", "deposits", partition_rate,
+                           requests, instances=fixed_instances))
+    return made
+
+
+def measure_shards(connection_string: str, shard_counts: list[int],
+                   series: list[Series], processes: int = 4, cross_at: int | None = 4,
+                   cross_requests: int = 0, hot_instances: int = 16, hot_requests: int = 0,
+                   rounds: int = 1, latency_ms: float = LATENCY_MS,
+                   partition_rate: float = AZURE_PARTITION_RATE, hot: bool = True
+                   ) -> ShardsResult:
+    """Each series at every K, cross- against same-shard transfers at ``cross_at`` shards
+    (with ``2 * cross_at`` instances), the hot account against the intake floor (``hot``).
+    The cells of one comparison alternate, ``rounds`` times, the order turned each round, so
+    that drift on a shared machine falls on all of them alike."""
+    result = ShardsResult(latency_ms, partition_rate, [asdict(s) for s in series])
     result.machine_load.append(os.getloadavg()[0])
     cells: list[ShardCell] = []
 
-    def run(kind: str, shards: int, count: int, instances: int, rate: float) -> None:
+    def run(name: str, kind: str, shards: int, count: int, instances: int,
+            rate: float) -> None:
         cell = run_shard_cell(connection_string, kind, shards, count, instances, processes,
                               latency_ms, rate)
+        cell.series = name
         _log(cell)
         cells.append(cell)
 
-    if scaling:
-        series = [(kind, partition_rate) for kind in kinds]
-        if scaled_rate:
-            series.append(("deposits", scaled_rate))
+    for round_ in range(rounds if series else 0):
+        order = shard_counts if round_ % 2 == 0 else list(reversed(shard_counts))
+        for shards in order:
+            for line in series:
+                run(line.name, line.kind, shards, line.requests, line.instances_at(shards),
+                    line.partition_rate)
+    for line in series:
+        base = _mean(cells, line.name, 1)
+        result.scaling[line.name] = {str(k): round(_mean(cells, line.name, k) or 0.0, 1)
+                                     for k in shard_counts}
+        if base:
+            result.speedup[line.name] = {
+                str(k): round((_mean(cells, line.name, k) or 0.0) / base, 2)
+                for k in shard_counts}
+    if cross_at is not None and cross_at >= 2 and cross_requests:
         for round_ in range(rounds):
-            order = shard_counts if round_ % 2 == 0 else list(reversed(shard_counts))
-            for shards in order:
-                for kind, rate in series:
-                    run(kind, shards, requests, per_shard_instances * shards, rate)
-        for kind, rate in series:
-            name = series_of(kind, rate, partition_rate)
-            base = _mean(cells, kind, 1, rate)
-            result.scaling[name] = {str(k): round(_mean(cells, kind, k, rate) or 0.0, 1)
-                                    for k in shard_counts}
-            if base:
-                result.speedup[name] = {
-                    str(k): round((_mean(cells, kind, k, rate) or 0.0) / base, 2)
-                    for k in shard_counts}
-        if cross_at is not None and cross_at >= 2:
-            for round_ in range(rounds):
-                for kind in (("same", "cross") if round_ % 2 == 0 else ("cross", "same")):
-                    run(kind, cross_at, requests, per_shard_instances * cross_at,
-                        partition_rate)
-            same, cross = _mean(cells, "same"), _mean(cells, "cross")
-            result.cross_shards = cross_at
-            result.cross_ratio = round(cross / same, 2) if same and cross else None
-    if hot:
+            for kind in (("same", "cross") if round_ % 2 == 0 else ("cross", "same")):
+                run(kind, kind, cross_at, cross_requests, 2 * cross_at, partition_rate)
+        same, cross = _mean(cells, "same"), _mean(cells, "cross")
+        result.cross_shards = cross_at
+        result.cross_ratio = round(cross / same, 2) if same and cross else None
+    if hot and hot_requests:
         for round_ in range(rounds):
             for kind in (("intake", "hot") if round_ % 2 == 0 else ("hot", "intake")):
-                run(kind, 1, hot_requests or requests, hot_instances, partition_rate)
+                run(kind, kind, 1, hot_requests, hot_instances, partition_rate)
         intake, led = _mean(cells, "intake"), _mean(cells, "hot")
         result.hot_ratio = round(led / intake, 2) if intake and led else None
     result.cells = [c.as_dict() for c in cells]
