@@ -71,6 +71,7 @@ class Charge:
     partition: str
     tokens: int = 1
     after: bool = False
+    label: str = ""  # how reports name it, when not by its partition (a read of work in flight)
 
 
 def charge_of(method: str, url: str, body: bytes | str | None) -> Charge | None:
@@ -98,9 +99,10 @@ def charge_of(method: str, url: str, body: bytes | str | None) -> Charge | None:
     if found is not None:  # a point operation on one entity
         return Charge(table, found.group(1).replace("''", "'"))
     if method.upper() == "GET" or paren:  # a query: charged by what it returns
-        where = _KEY_IN_FILTER.search(unquote(urlsplit(url).query).replace("+", " "))
+        query = unquote(urlsplit(url).query).replace("+", " ")
+        where = _KEY_IN_FILTER.search(query)
         return Charge(table, where.group(1).replace("''", "'") if where else WHOLE_TABLE,
-                      after=True)
+                      after=True, label="flight" if "'flight:'" in query else "")
     in_body = _KEY_IN_BODY.search(raw)  # an insert: the entity is the body
     return Charge(table, in_body.group(1).decode("utf-8", "replace") if in_body else WHOLE_TABLE)
 
@@ -112,7 +114,9 @@ def entities_in(answer: bytes) -> int:
 
 @dataclass
 class Throttling:
-    """What the limiter did in one process: tokens taken and seconds waited, by partition kind."""
+    """What the limiter did in one process: tokens taken and seconds waited, by partition kind
+    (``ledger``, ``ready`` index, ``steps`` rows, ``meta``, ``other``; the ledger partition's
+    reads of its work in flight between shards apart, as ``flight``)."""
 
     tokens: Counter[str] = field(default_factory=Counter)
     waited_s: dict[str, float] = field(default_factory=dict)
@@ -187,7 +191,8 @@ class PartitionLimiter:
             index = (index + 1) % self.buckets
         raise RuntimeError(f"more than {self.buckets} partitions: make the limiter bigger")
 
-    def take(self, table: str, partition: str, tokens: int, wait: bool = True) -> float:
+    def take(self, table: str, partition: str, tokens: int, wait: bool = True,
+             label: str = "") -> float:
         """Consume ``tokens`` from the partition's bucket; wait while it is in debt (unless not
         ``wait``: the bucket is charged all the same). Returns the seconds to wait."""
         if self.rate <= 0:
@@ -206,7 +211,7 @@ class PartitionLimiter:
         if delay > 0 and wait:
             time.sleep(delay)
         with self._local:
-            self.throttling.add(partition_kind(table, partition), tokens, delay)
+            self.throttling.add(label or partition_kind(table, partition), tokens, delay)
         return delay
 
     def limits(self, url: str) -> bool:
@@ -247,10 +252,10 @@ class ThrottledAdapter(HTTPAdapter):
         body = request.body if isinstance(request.body, bytes | str) else None
         charge = charge_of(str(request.method), url, body) if self.limiter.limits(url) else None
         if charge is not None and not charge.after:
-            self.limiter.take(charge.table, charge.partition, charge.tokens)
+            self.limiter.take(charge.table, charge.partition, charge.tokens, label=charge.label)
         response = super().send(request, stream=stream, timeout=timeout, verify=verify,
                                 cert=cert, proxies=proxies)
         if charge is not None and charge.after:
             tokens = entities_in(response.content) if not stream else 1
-            self.limiter.take(charge.table, charge.partition, tokens)
+            self.limiter.take(charge.table, charge.partition, tokens, label=charge.label)
         return response
