@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
                 args.scaled_rate, args.scaled_requests, args.fixed_instances),
             processes=args.shard_processes,
             cross_at=args.cross_shards, cross_requests=0 if args.no_shards else (
-                args.shard_requests if args.cross_shards >= 2 else 0),
+                max(1, args.shard_requests // 2) if args.cross_shards >= 2 else 0),
             hot_instances=args.hot_instances, hot_requests=args.hot_requests,
             rounds=args.rounds, partition_rate=args.partition_rate, hot=not args.no_hot)
         log.warning("shards: speed-up %s; cross/same %s; hot/intake %s", shards.speedup,

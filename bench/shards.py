@@ -357,11 +357,12 @@ def _log(cell: ShardCell) -> None:
 def scaling_series(requests: int, partition_rate: float = AZURE_PARTITION_RATE,
                    per_shard: int = 2, scaled_rate: float = 0.0, scaled_requests: int = 0,
                    fixed_instances: int = 0) -> list[Series]:
-    """The default lines: deposits and transfers with ``per_shard`` instances per shard at
-    Azure's limit; deposits at a scaled-down limit (the partition bound, not the machine, binds
-    at K = 1 there); deposits with one fixed number of instances at every K."""
+    """The default lines: deposits and (half as many) transfers with ``per_shard`` instances
+    per shard at Azure's limit; deposits at a scaled-down limit (the partition bound, not the
+    machine, binds at K = 1 there); deposits with one fixed number of instances at every K."""
     made = [Series("deposits", "deposits", partition_rate, requests, per_shard),
-            Series("transfers", "transfers", partition_rate, requests, per_shard)]
+            # a transfer is two deliveries: as many deliveries as the deposits
+            Series("transfers", "transfers", partition_rate, max(1, requests // 2), per_shard)]
     if scaled_rate:
         made.append(Series(f"deposits@{scaled_rate:g}", "deposits", scaled_rate,
                            scaled_requests or requests, per_shard))

@@ -137,7 +137,7 @@ def test_the_probe_classifies_storage_requests_by_kind() -> None:
 def test_a_tiny_sharding_run_settles_every_request_across_processes_and_reports_it(
         azurite: Azurite, tmp_path: Path) -> None:
     code = main(["--quick", "--only", "shards", "--shards", "2", "--cross-shards", "2",
-                 "--shard-requests", "8", "--hot-requests", "12", "--hot-instances", "3",
+                 "--shard-requests", "12", "--hot-requests", "12", "--hot-instances", "3",
                  "--shard-processes", "2", "--scaled-rate", "0",
                  "--connection-string", azurite.connection_string, "--out", str(tmp_path),
                  "--name", "shards"])
@@ -155,7 +155,9 @@ def test_a_tiny_sharding_run_settles_every_request_across_processes_and_reports_
         assert cell["load"]["handled"] == cell["load"]["deliveries"], cell
         assert cell["load"]["failures"] == 0, cell
         assert cell["cpu"]["bench_cpu_s"] > 0, cell
-    assert cells["cross"]["crossed"] == 8, "every cross-shard transfer crossed"
+    assert [cells[k]["requests"] for k in ("deposits", "transfers", "same", "cross")] == [
+        12, 6, 6, 6], "as many deliveries in each: a transfer is two"
+    assert cells["cross"]["crossed"] == 6, "every cross-shard transfer crossed"
     assert cells["same"]["crossed"] == 0, "no same-shard transfer crossed"
     assert cells["deposits"]["crossed"] == 0, "a deposit is homed on its account's shard"
     # the generator ran in two processes, and both delivered
@@ -172,7 +174,7 @@ def test_a_tiny_sharding_run_settles_every_request_across_processes_and_reports_
     assert shards["hot_ratio"] is not None
     table = (tmp_path / "shards.md").read_text()
     assert "## Shards" in table
-    assert "| cross | 2 | 2,000 | 4 | 2 | 8/8 | 8 |" in table
+    assert "| cross | 2 | 2,000 | 4 | 2 | 6/6 | 6 |" in table
 
 
 def test_the_partition_limiter_charges_each_request_to_its_partition() -> None:
