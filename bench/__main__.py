@@ -3,7 +3,7 @@ private Azurite; writes JSON, Markdown and a PNG under ``bench/results/``.
 
     ./dev bench                 # everything (~30 min on 2 cores)
     ./dev bench --quick         # a small run (a few minutes), what the smoke test runs, smaller
-    ./dev bench --profile       # also profile the drain (pyinstrument), text under results/
+    ./dev bench --profile       # also profile the drain and the hot leader (pyinstrument)
     ./dev bench --only waiting  # just the backlog benchmark (--waiting N requests waiting)
     ./dev bench --only overload # just the overload benchmark
     ./dev bench --only shards   # the sharding benchmark: K = 1, 2, 4, 8, cross-shard, hot account
@@ -29,7 +29,7 @@ from bench.drain import measure_drain
 from bench.failover import measure_failover
 from bench.overload import measure_overload
 from bench.report import write
-from bench.shards import measure_shards, scaling_series
+from bench.shards import measure_shards, run_shard_cell, scaling_series
 from bench.strategies import STRATEGIES
 from bench.workloads import WORKLOADS
 from simulator.azurite import Azurite
@@ -114,7 +114,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--hot-requests", type=int, default=None,
                         help="hot account: deposits per cell (default 6,000; --quick 600)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile a 1,000-request drain at each latency (pyinstrument)")
+                        help="profile a 1,000-request drain at each latency, and the leader of "
+                             "one more hot-account cell (pyinstrument)")
     parser.add_argument("--connection-string", default=None,
                         help="an Azurite to use instead of starting a private one")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -232,6 +233,16 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
         log.warning("shards: speed-up %s; cross/same %s; hot/intake %s", shards.speedup,
                     shards.cross_ratio, shards.hot_ratio)
         result["shards"] = shards.as_dict()
+        if args.profile and not args.no_hot:  # where the hot account's leader spends its time
+            stem = args.out / f"profile-{name}-hot"
+            args.out.mkdir(parents=True, exist_ok=True)
+            profiled = run_shard_cell(connection_string, "hot", 1, args.hot_requests,
+                                      args.hot_instances, args.shard_processes,
+                                      partition_rate=args.partition_rate,
+                                      profile_to=str(stem))
+            result["shards"]["hot_profile"] = {
+                "rate": profiled.rate, "files": sorted(
+                    str(p) for p in args.out.glob(f"{stem.name}-*.txt"))}
     return result
 
 

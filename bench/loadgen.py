@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 REDELIVERIES = 5  # a delivery that raises is tried again this many times
 READY_TIMEOUT_S = 300.0  # the processes must have built their instances by then
+PROFILE_INTERVAL_S = 0.002  # pyinstrument's sampling interval when profiling the instances
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ class LoadSpec:
     intake_only: bool = False  # record + announce only: the intake floor
     rate: float | None = None  # deliveries/s offered; None: all at once (a backlog)
     overrides: tuple[tuple[str, str], ...] = ()  # more app settings
-    profile_to: str = ""  # profile each instance (pyinstrument) to {profile_to}-{id}.txt
+    profile_to: str = ""  # profile the instances that led (pyinstrument): {profile_to}-{id}.txt
 
     def settings(self) -> dict[str, str]:
         return {"LEDGER_SHARDS": str(self.shards), **dict(self.overrides)}
@@ -219,27 +220,31 @@ def _worker(index: int, spec: LoadSpec, bodies: Sequence[bytes], instance_ids: l
 
         def run(app: LedgerApp) -> None:
             profiler = None
-            if spec.profile_to:  # each instance apart
+            if spec.profile_to:  # each instance apart; the leaders' profiles are kept
                 from pyinstrument import Profiler
 
-                profiler = Profiler(interval=0.001)
+                profiler = Profiler(interval=PROFILE_INTERVAL_S)
                 profiler.start()
+            led = 0
             try:
-                deliver_all(app)
+                led = deliver_all(app)
             finally:
                 if profiler is not None:
                     profiler.stop()
-                    path = f"{spec.profile_to}-{app.config.instance_id}.txt"
-                    with open(path, "w") as out:
-                        out.write(profiler.output_text(unicode=False, color=False))
+                    if led:
+                        path = f"{spec.profile_to}-{app.config.instance_id}.txt"
+                        with open(path, "w") as out:
+                            out.write(profiler.output_text(unicode=False, color=False))
 
-        def deliver_all(app: LedgerApp) -> None:
+        def deliver_all(app: LedgerApp) -> int:
+            """Deliver until the queue is empty; how many of its deliveries led."""
+            leading = 0
             while True:
                 with counter.get_lock():
                     n = counter.value
                     counter.value = n + 1
                 if n >= len(bodies):
-                    return
+                    return leading
                 if spec.rate:
                     delay = began + n / spec.rate - time.time()
                     if delay > 0:
@@ -256,6 +261,7 @@ def _worker(index: int, spec: LoadSpec, bodies: Sequence[bytes], instance_ids: l
                         logger.warning("delivery %d failed: %r", n, exc)
                 done = time.time()
                 led, terms = _count_terms(election)
+                leading += led
                 with lock:
                     stats["handled"] += failures <= REDELIVERIES
                     stats["failures"] += failures
