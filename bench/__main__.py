@@ -1,7 +1,7 @@
 """The benchmark, one command: strategies side by side, the leader's drain, failover, on one
 private Azurite; writes JSON, Markdown and a PNG under ``bench/results/``.
 
-    ./dev bench                 # everything (~30 min on 2 cores)
+    ./dev bench                 # everything (~60 min on 2 cores)
     ./dev bench --quick         # a small run (a few minutes), what the smoke test runs, smaller
     ./dev bench --profile       # also profile the drain and the hot leader (pyinstrument)
     ./dev bench --only waiting  # just the backlog benchmark (--waiting N requests waiting)
