@@ -1,11 +1,13 @@
 """The benchmark, one command: strategies side by side, the leader's drain, failover, on one
 private Azurite; writes JSON, Markdown and a PNG under ``bench/results/``.
 
-    ./dev bench                 # everything (~30 min on 2 cores)
+    ./dev bench                 # everything (~60 min on 2 cores)
     ./dev bench --quick         # a small run (a few minutes), what the smoke test runs, smaller
-    ./dev bench --profile       # also profile the drain (pyinstrument), text under results/
+    ./dev bench --profile       # also profile the drain and the hot leader (pyinstrument)
     ./dev bench --only waiting  # just the backlog benchmark (--waiting N requests waiting)
     ./dev bench --only overload # just the overload benchmark
+    ./dev bench --only shards   # the sharding benchmark: K = 1, 2, 4, 8, cross-shard, hot account
+    ./dev bench --only hot      # only its hot account against the intake floor
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from bench.drain import measure_drain
 from bench.failover import measure_failover
 from bench.overload import measure_overload
 from bench.report import write
+from bench.shards import measure_shards, run_shard_cell, scaling_series
 from bench.strategies import STRATEGIES
 from bench.workloads import WORKLOADS
 from simulator.azurite import Azurite
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PARTS = ("cells", "drain", "failover", "waiting", "overload")
+PARTS = ("cells", "drain", "failover", "waiting", "overload", "shards", "hot")
 
 
 def machine() -> str:
@@ -80,8 +83,39 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--no-waiting", action="store_true", help="skip the backlog benchmark")
     parser.add_argument("--no-overload", action="store_true",
                         help="skip the overload benchmark")
+    parser.add_argument("--no-shards", action="store_true",
+                        help="skip the sharding benchmark's scaling and cross-shard cells")
+    parser.add_argument("--no-hot", action="store_true",
+                        help="skip the sharding benchmark's hot account against the intake")
+    parser.add_argument("--shards", nargs="+", type=int, default=None,
+                        help="sharding benchmark: LEDGER_SHARDS values (default 1 2 4 8; "
+                             "--quick 1 4)")
+    parser.add_argument("--shard-requests", type=int, default=None,
+                        help="sharding benchmark: requests per cell (default 1,500; --quick 300)")
+    parser.add_argument("--shard-instances", type=int, default=2,
+                        help="sharding benchmark: instances per shard (default 2)")
+    parser.add_argument("--shard-processes", type=int, default=4,
+                        help="sharding benchmark: load generator processes (default 4)")
+    parser.add_argument("--partition-rate", type=float, default=2000.0,
+                        help="sharding benchmark: entities/s per table partition (Azure: 2,000)")
+    parser.add_argument("--scaled-rate", type=float, default=None,
+                        help="sharding benchmark: also deposits at this partition limit, a "
+                             "scaled-down model the machine can saturate (default 50; 0: none)")
+    parser.add_argument("--scaled-requests", type=int, default=None,
+                        help="sharding benchmark: requests per cell of the scaled-down series "
+                             "(default 600)")
+    parser.add_argument("--fixed-instances", type=int, default=None,
+                        help="sharding benchmark: also deposits with this many instances at "
+                             "every K (default 16; --quick 0: none)")
+    parser.add_argument("--cross-shards", type=int, default=4,
+                        help="sharding benchmark: K of the cross- against same-shard cells")
+    parser.add_argument("--hot-instances", type=int, default=16,
+                        help="hot account against the intake floor: instances (default 16)")
+    parser.add_argument("--hot-requests", type=int, default=None,
+                        help="hot account: deposits per cell (default 6,000; --quick 600)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile a 1,000-request drain at each latency (pyinstrument)")
+                        help="profile a 1,000-request drain at each latency, and the leader of "
+                             "one more hot-account cell (pyinstrument)")
     parser.add_argument("--connection-string", default=None,
                         help="an Azurite to use instead of starting a private one")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -98,8 +132,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.overload_deposits = args.overload_deposits or (60 if quick else 400)
     args.overload_accounts = max(1, min(100, args.overload_deposits // 3))
     args.rounds = args.rounds or (1 if quick else 2)
-    for part in PARTS:  # --only X: every other part is off
-        if args.only is not None and part not in args.only:
+    args.shards = args.shards or ([1, 4] if quick else [1, 2, 4, 8])
+    args.shard_requests = args.shard_requests or (300 if quick else 1500)
+    args.hot_requests = args.hot_requests or (600 if quick else 6000)
+    if args.scaled_rate is None:
+        args.scaled_rate = 0.0 if quick else 50.0
+    args.scaled_requests = args.scaled_requests or 600
+    if args.fixed_instances is None:
+        args.fixed_instances = 0 if quick else 16
+    for part in PARTS:  # --only X: every other part is off (shards includes its hot account)
+        if args.only is not None and part not in args.only and not (
+                part == "hot" and "shards" in args.only):
             setattr(args, f"no_{part}", True)
     args.no_waiting = args.no_waiting or args.waiting <= 0
     return args
@@ -111,7 +154,7 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
     result: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
                               "command": command, "machine": machine(), "quick": args.quick,
                               "cells": [], "drain": [], "failover": [], "paced": [],
-                              "backlog": None, "overload": None}
+                              "backlog": None, "overload": None, "shards": None}
     log = logging.getLogger("bench")
     if not args.no_drain:
         for latency in args.latency_ms:
@@ -176,6 +219,30 @@ def run(args: argparse.Namespace, connection_string: str, command: str,
         log.warning("overload: overloaded/clean %s; %d term(s) of 10 s or more, %d idle",
                     overload.ratio, overload.long_terms, overload.long_terms_idle)
         result["overload"] = overload.as_dict()
+    if not (args.no_shards and args.no_hot):
+        shards = measure_shards(
+            connection_string, args.shards,
+            [] if args.no_shards else scaling_series(
+                args.shard_requests, args.partition_rate, args.shard_instances,
+                args.scaled_rate, args.scaled_requests, args.fixed_instances),
+            processes=args.shard_processes,
+            cross_at=args.cross_shards, cross_requests=0 if args.no_shards else (
+                max(1, args.shard_requests // 2) if args.cross_shards >= 2 else 0),
+            hot_instances=args.hot_instances, hot_requests=args.hot_requests,
+            rounds=args.rounds, partition_rate=args.partition_rate, hot=not args.no_hot)
+        log.warning("shards: speed-up %s; cross/same %s; hot/intake %s", shards.speedup,
+                    shards.cross_ratio, shards.hot_ratio)
+        result["shards"] = shards.as_dict()
+        if args.profile and not args.no_hot:  # where the hot account's leader spends its time
+            stem = args.out / f"profile-{name}-hot"
+            args.out.mkdir(parents=True, exist_ok=True)
+            profiled = run_shard_cell(connection_string, "hot", 1, args.hot_requests,
+                                      args.hot_instances, args.shard_processes,
+                                      partition_rate=args.partition_rate,
+                                      profile_to=str(stem))
+            result["shards"]["hot_profile"] = {
+                "rate": profiled.rate, "files": sorted(
+                    str(p) for p in args.out.glob(f"{stem.name}-*.txt"))}
     return result
 
 

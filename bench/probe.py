@@ -7,7 +7,9 @@ One ``StorageProbe`` is installed as the ``raw_request_hook`` of every client a 
 - sleeps ``latency_ms`` before each request goes out: an Azure-like round trip added to
   Azurite's loopback one, the same for every strategy;
 - classifies the request from its method, URL (its ``$filter`` too) and, for ``$batch``, its
-  body into one kind (the same split as ``simulator.faults.classify``, coarser):
+  body into one kind (the same split as ``simulator.faults.classify``, coarser; every shard's
+  completions table, ``{name}shard{k}``, is a completions table, and a shard's reads of its work
+  in flight between shards are ledger reads):
 
   - ``record``: what a recorder does with its request's rows: the transaction that creates a
     request's first step with its request row, a step's insert alone, point reads of a step,
@@ -27,12 +29,15 @@ One ``StorageProbe`` is installed as the ``raw_request_hook`` of every client a 
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
+
+from shared.config.names import TABLE_SUFFIX as SHARD_SUFFIX  # shard k's table: {name}shard{k}
 
 KINDS = ("record", "ready", "lease", "alarm", "scan", "read", "commit", "delete", "other")
 READY_PARTITION = "'~ready'"  # as it appears in a $filter or a key (shared.storage.completions)
@@ -68,6 +73,11 @@ class StorageProbe:
     wakeup_queue: str = ""  # the queue of the lease alarms
     counts: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _in_batch: re.Pattern[str] = field(init=False, repr=False)  # a completions table's URL
+
+    def __post_init__(self) -> None:
+        self._in_batch = re.compile(f"/{re.escape(self.completions_table)}"
+                                    f"(?:{SHARD_SUFFIX}[0-9]+)?[ (]")
 
     def __call__(self, request: Any) -> None:
         kind = self.classify(request.http_request)
@@ -96,16 +106,22 @@ class StorageProbe:
         if segment == "$batch":
             return self._batch(_body_text(http_request))
         table, _, key = segment.partition("(")
-        if table == self.completions_table:
+        if self._is_completions(table):
             return self._completions(method, key, parse_qs(url.query).get("$filter", [""])[0])
         if table in self.data_tables:
             return "read" if method == "GET" else "commit"
         return "other"
 
+    def _is_completions(self, table: str) -> bool:
+        """The completions table of shard 0 or of any other shard (``{name}shard{k}``)."""
+        return table == self.completions_table or (
+            table.startswith(self.completions_table + SHARD_SUFFIX)
+            and table[len(self.completions_table) + len(SHARD_SUFFIX):].isdigit())
+
     def _batch(self, body: str) -> str:
         if "DELETE " in body:
             return "delete"
-        if self.completions_table + "(" in body or f"/{self.completions_table} " in body:
+        if self._in_batch.search(body):
             return "record"
         return "commit"
 

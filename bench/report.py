@@ -37,6 +37,8 @@ def markdown(run: dict[str, Any]) -> str:
         lines += _backlog(run["backlog"])
     if run.get("overload"):
         lines += _overload(run["overload"])
+    if run.get("shards"):
+        lines += _shards(run["shards"])
     if not run["cells"]:
         return "\n".join(lines) + "\n"
     lines += ["## Strategies side by side", "",
@@ -115,6 +117,72 @@ def _overload(o: dict[str, Any]) -> list[str]:
               f"- terms that held the lease {o['long_term_seconds']:g} s or more: "
               f"{o['long_terms']}, of which committed nothing: **{o['long_terms_idle']}** "
               "(target 0)"]
+    return [*lines, ""]
+
+
+def _waits(throttling: dict[str, dict[str, float]]) -> str:
+    """Seconds requests waited for their partition's tokens, by partition kind."""
+    waited = throttling.get("waited_s", {})
+    return ", ".join(f"{kind} {seconds:.1f}" for kind, seconds in sorted(waited.items())) or "0"
+
+
+def _tokens(cell: dict[str, Any]) -> str:
+    """Tokens taken per request from each kind of partition (ledger, ready index, steps)."""
+    tokens = cell["load"].get("throttling", {}).get("tokens", {})
+    if not cell["requests"]:
+        return ""
+    return ", ".join(f"{kind} {count / cell['requests']:.1f}"
+                     for kind, count in sorted(tokens.items()))
+
+
+def _met(value: float | None, target: float) -> str:
+    if value is None:
+        return "not measured"
+    return "**met**" if value >= target else "**not met**"
+
+
+def _shards(r: dict[str, Any]) -> list[str]:
+    """The sharding benchmark: scaling with K, cross against same shard, hot against intake."""
+    machine = " -> ".join(f"{x:.1f}" for x in r["machine_load"])
+    lines = ["## Shards", "",
+             f"{r['latency_ms']:g} ms per call; table partitions limited to "
+             f"{r['partition_rate']:,.0f} entities/s each (bench/limiter.py); the multi-process "
+             "load generator (bench/loadgen.py). Rate: requests that read final (committed and "
+             "settled) per second, from the start to the last of them. Intake: deliveries "
+             "handled per second. CPU: cores used over the cell (Azurite / the benchmark's "
+             f"processes). Machine load (1 min) {machine}.",
+             "",
+             "| cell | K | partition limit/s | instances | processes | final/requests | crossed | "
+             "rate/s | intake deliveries/s | tail s | CPU Azurite / bench | waited s | "
+             "tokens per request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
+    for c in r["cells"]:
+        load, cpu = c["load"], c["cpu"]
+        final = f"{c['announced']} announced" if c["kind"] == "intake" else \
+            f"{c['committed']}/{c['requests']}"
+        lines.append(
+            f"| {c.get('series') or c['kind']} | {c['shards']} | {c['partition_rate']:,.0f} | "
+            f"{c['instances']} | "
+            f"{c['processes']} | {final} | {c['crossed']} | **{c['rate']:.0f}** | "
+            f"{load.get('recorded_rate', 0.0):.0f} | {c['tail_s']:.1f} | "
+            f"{cpu.get('azurite_cores', 0.0):.2f} / {cpu.get('bench_cores', 0.0):.2f} | "
+            f"{_waits(load.get('throttling', {}))} | {_tokens(c)} |")
+    lines.append("")
+    for name, rates in r.get("scaling", {}).items():
+        speed = r.get("speedup", {}).get(name, {})
+        figures = ", ".join(f"K={k}: {rate:.0f}/s ({speed.get(k, 0.0):.2f}x)"
+                            for k, rate in rates.items())
+        lines.append(f"- {name}, committed requests/s (x K=1): {figures}")
+    deposits = r.get("speedup", {}).get("deposits", {}).get("4")
+    if deposits is not None:
+        lines.append(f"- deposits, K=4 / K=1: **{deposits:.2f}x** (target >= 3.2x: "
+                     f"{_met(deposits, 3.2)})")
+    if r.get("cross_ratio") is not None:
+        lines.append(f"- cross-shard / same-shard transfers at K={r['cross_shards']}: "
+                     f"**{r['cross_ratio']:.2f}** (target >= 0.4: {_met(r['cross_ratio'], 0.4)})")
+    if r.get("hot_ratio") is not None:
+        lines.append(f"- hot account: committed / intake floor: **{r['hot_ratio']:.2f}** "
+                     f"(target >= 0.7: {_met(r['hot_ratio'], 0.7)})")
     return [*lines, ""]
 
 

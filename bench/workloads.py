@@ -33,6 +33,12 @@ def _step(request_id: str, operation_id: str, operation: str, account: str, amou
                        "expectedOperations": expected, "status": "succeeded"}).encode()
 
 
+def step_body(request_id: str, operation_id: str, operation: str, account: str, amount: str,
+              expected: int) -> bytes:
+    """One step's message (``operation``: ``add_funds`` or ``withdraw_funds``)."""
+    return _step(request_id, operation_id, operation, account, amount, expected)
+
+
 def deposit_body(request_id: str, account: str, amount: str) -> bytes:
     """The one message of a single-step deposit."""
     return _step(request_id, f"{request_id}-add", "add_funds", account, amount, 1)
