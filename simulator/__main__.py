@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="feed the requests over this many minutes (0: all at once)")
     chaos.add_argument("--instances", type=int, default=CHAOS.instances,
                        help="instance processes to run")
+    chaos.add_argument("--shards", type=int, default=CHAOS.shards,
+                       help="LEDGER_SHARDS of every instance (1-64)")
     chaos.add_argument("--accounts", type=int, default=CHAOS.accounts,
                        help="funded accounts the requests move money between")
     chaos.add_argument("--requests", type=int, default=None,
@@ -82,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--leader-kills", type=int, default=None,
                        help=f"SIGKILLs of the leader mid-drain ({CHAOS.leader_kills} per 4 "
                             "minutes fed)")
+    chaos.add_argument("--step-kills", type=int, default=None,
+                       help=f"leaders killed right before or after a cross-shard protocol step "
+                            f"({CHAOS.step_kills} per 4 minutes: every step, before and after)")
     chaos.add_argument("--random-kills", type=int, default=None,
                        help=f"SIGKILLs of random instances ({CHAOS.random_kills} per 4 minutes)")
     chaos.add_argument("--breaks", type=int, default=None,
@@ -118,9 +123,10 @@ def _chaos_options(args: argparse.Namespace) -> ChaosOptions:
         return given if given is not None else round(default * scale)
 
     return ChaosOptions(
-        seed=seed, instances=args.instances, accounts=args.accounts,
+        seed=seed, instances=args.instances, accounts=args.accounts, shards=args.shards,
         requests=args.requests or max(2000, int(700 * args.minutes)), minutes=args.minutes,
         leader_kills=count(args.leader_kills, CHAOS.leader_kills),
+        step_kills=count(args.step_kills, CHAOS.step_kills),
         random_kills=count(args.random_kills, CHAOS.random_kills),
         breaks=count(args.breaks, CHAOS.breaks), pauses=count(args.pauses, CHAOS.pauses),
         storage_restarts=count(args.storage_restarts, CHAOS.storage_restarts),
