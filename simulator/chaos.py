@@ -69,9 +69,6 @@ from simulator.cluster import Cluster
 from simulator.faults import FAULTS_ENV, WRITE_KINDS, Step, When
 from simulator.workload import ChaosCheck, ChaosWorkload, check_chaos, generate_chaos
 
-# Every protocol step, before and after its request: the crash orders of a run, in turn.
-STEP_KILLS = [(step, when) for step in Step for when in When]
-
 
 @dataclass
 class ChaosOptions:
@@ -128,6 +125,7 @@ class ChaosFigures:
     pauses_resumed_after_another_commit: int = 0
     storage_restarts: int = 0
     unexpected_exits: int = 0  # instances that died without a kill or a crash order
+    failed_starts: int = 0  # instances whose set-up failed (storage down), started again
     fenced_out: int = 0  # terms whose write the fence refused (instance logs)
     leadership_lost: int = 0  # terms stopped by a lost lease or a passed renew deadline
     leases_won: int = 0
@@ -167,8 +165,12 @@ def plan_schedule(options: ChaosOptions) -> list[tuple[float, str]]:
     events = [(round(rng.uniform(0.05, 0.85), 3), action)
               for action, count in counts.items() for _ in range(count)]
     if options.shards > 1 and options.step_kills:  # protocol steps exist only across shards
-        order = list(STEP_KILLS)
-        rng.shuffle(order)
+        # Every step once (before or after, drawn), then every step the other way round.
+        steps = list(Step)
+        rng.shuffle(steps)
+        first = [(step, rng.choice(list(When))) for step in steps]
+        order = first + [(step, When.AFTER if when is When.BEFORE else When.BEFORE)
+                         for step, when in first]
         events += [(round(rng.uniform(0.05, 0.85), 3),
                     "kill_at:{}:{}".format(*order[i % len(order)]))
                    for i in range(options.step_kills)]
@@ -406,9 +408,13 @@ class ChaosRun:
 
     def _reap(self, cluster: Cluster) -> None:
         """Start again instances that died on their own (crash orders, or a real crash)."""
-        for index, code in cluster.restart_exited():
+        for index, code, had_started in cluster.restart_exited():
             if index in self.claimed:
                 self.claimed.discard(index)
+                continue
+            if not had_started:  # its set-up failed (storage down?): the host starts it again
+                self.figures.failed_starts += 1
+                self.say(f"instance i{index} failed to start (code {code}); started again")
                 continue
             self.figures.unexpected_exits += 1
             self.say(f"instance i{index} exited on its own (code {code}); started again")
@@ -671,6 +677,9 @@ def report(figures: ChaosFigures, out: TextIO) -> None:
     if figures.step_kills:
         w("leaders killed at a protocol step: "
           + ", ".join(f"{k} {v}" for k, v in sorted(figures.step_kills.items())) + "\n")
+    if figures.failed_starts or figures.unexpected_exits:
+        w(f"instances started again: {figures.failed_starts} whose set-up failed (storage "
+          f"down), {figures.unexpected_exits} that exited on their own\n")
     w(f"leases won {figures.leases_won}, takeovers {figures.takeovers}, epochs "
       f"{figures.epochs}; terms ended by the fence (FencedOut) {figures.fenced_out}, by a lost "
       f"lease or its deadline (LeadershipLost) {figures.leadership_lost}\n")

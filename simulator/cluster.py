@@ -48,6 +48,7 @@ class Cluster:
         self.last_leaders: dict[int, int] = {}
         self.current_leaders: dict[int, tuple[int, float]] = {}
         self.stopped: set[int] = set()  # instances the supervisor stopped or killed itself
+        self.up: set[int] = set()  # instances whose process said 'started' (set up, listening)
         self.faults: Counter[str] = Counter()  # injected faults reported by instances at exit
         self._lock = threading.Lock()
         self._log: IO[str] | None = None
@@ -77,6 +78,7 @@ class Cluster:
                                    stdin=subprocess.DEVNULL, text=True)
         self.processes[index] = process
         self.stopped.discard(index)
+        self.up.discard(index)
         threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
 
     def _read_events(self, process: subprocess.Popen[str]) -> None:
@@ -88,6 +90,9 @@ class Cluster:
                 continue
             with self._lock:
                 self.events[event.get("event", "?")] += 1
+                if event.get("event") == "started" and process is self.processes.get(
+                        int(event["index"])):
+                    self.up.add(int(event["index"]))
                 if event.get("event") == "leading":
                     index, shard = int(event["index"]), int(event.get("shard", 0))
                     previous = self.last_leaders.get(shard)
@@ -138,17 +143,20 @@ class Cluster:
             for shard in [s for s, (i, _) in self.current_leaders.items() if i == index]:
                 del self.current_leaders[shard]
 
-    def restart_exited(self) -> list[tuple[int, int]]:
+    def restart_exited(self) -> list[tuple[int, int, bool]]:
         """Start again every instance that exited without the supervisor asking it to
-        (as Azure replaces a crashed worker); (index, exit code) of each."""
+        (as Azure replaces a crashed worker); (index, exit code, whether it had started: an
+        instance whose set-up failed, say storage down, never did) of each."""
         restarted = []
         for index, process in sorted(self.processes.items()):
             code = process.poll()
             if code is None or index in self.stopped:
                 continue
+            with self._lock:
+                had_started = index in self.up
             self._forget(index)
             self.start_instance(index)
-            restarted.append((index, code))
+            restarted.append((index, code, had_started))
         return restarted
 
     def kill(self, index: int, restart: bool = True) -> None:

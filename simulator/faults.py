@@ -410,6 +410,7 @@ class FaultPlan:
     rules: list[Rule] = field(default_factory=list)
     seed: int = 0
     crash: CrashSwitch | None = None  # crash orders at protocol steps (chaos runs)
+    steps: Counter[str] = field(default_factory=Counter)  # protocol steps seen, by request
     calls: Counter[str] = field(default_factory=Counter)
     injected: Counter[str] = field(default_factory=Counter)  # "kind:fault" -> count
     enabled: bool = True
@@ -467,6 +468,10 @@ class FaultPlan:
                                                                       rule.seconds)
         return decision
 
+    def count_steps(self, steps: Iterable[Step]) -> None:
+        with self._lock:
+            self.steps.update(str(step) for step in steps)
+
     def count(self, fault: Fault | str, kind: CallKind | str | None = None) -> int:
         """How many times ``fault`` was injected (on ``kind``, or on any kind)."""
         with self._lock:
@@ -511,9 +516,10 @@ class FaultAdapter(HTTPAdapter):
         crash = self.plan.crash
         writes: list[LedgerWrite] = []
         steps: frozenset[Step] = frozenset()
-        if crash is not None and kind in (CallKind.COMMIT, CallKind.DELIVER):
+        if kind in (CallKind.COMMIT, CallKind.DELIVER):
             writes = ledger_writes(str(request.method), str(request.url), body, self.plan.names)
             steps = protocol_steps(writes)
+            self.plan.count_steps(steps)
         if crash is not None and steps:
             crash.check(steps, When.BEFORE, writes, body)
         decision = self.plan.decide(kind)
