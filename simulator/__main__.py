@@ -65,10 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     chaos = commands.add_parser("chaos", formatter_class=formatter,
                                 help="the chaos run: a workload under injected faults, checked",
-                                description="A generated workload through N instances while "
-                                            "instances are killed and paused, the lease is "
-                                            "broken, storage restarts and storage calls fail; "
-                                            "then an independent check (docs/reliability.md).")
+                                description="A generated workload through N instances and K "
+                                            "ledger shards while instances are killed and "
+                                            "paused (leaders also at each step of the "
+                                            "cross-shard protocol), leases are broken, storage "
+                                            "restarts and storage calls fail; then independent "
+                                            "checks (docs/reliability.md).")
     chaos.add_argument("--seed", type=int, default=None,
                        help="replay a run (default: a new random seed, printed first)")
     chaos.add_argument("--minutes", type=float, default=CHAOS.minutes,

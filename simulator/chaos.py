@@ -196,12 +196,10 @@ class ChaosRun:
     def __init__(self, options: ChaosOptions, out: TextIO) -> None:
         self.options = options
         self.out = out
-        sharded = options.shards > 1
         self.work: ChaosWorkload = generate_chaos(
             options.seed, options.accounts, options.requests, shards=options.shards,
             duplicate_spread=options.duplicate_spread, deposit_ratio=options.deposit_ratio,
-            tight_accounts=options.tight_accounts if options.overdraft_ratio else 0,
-            overdraft_ratio=options.overdraft_ratio if sharded or options.tight_accounts else 0)
+            tight_accounts=options.tight_accounts, overdraft_ratio=options.overdraft_ratio)
         self.schedule = plan_schedule(options)
         self.figures = ChaosFigures(
             options.seed, options.instances, self.work.all_requests,
@@ -653,9 +651,10 @@ class ChaosRun:
 def replay_command(options: ChaosOptions) -> str:
     """The command that runs these options again (same seed: same workload and schedule)."""
     o = options
+    step_kills = f"--step-kills {o.step_kills} " if o.shards > 1 else ""
     return (f"./dev chaos --seed {o.seed} --shards {o.shards} --instances {o.instances} "
             f"--requests {o.requests} --minutes {o.minutes:g} --leader-kills {o.leader_kills} "
-            f"--step-kills {o.step_kills} --random-kills "
+            f"{step_kills}--random-kills "
             f"{o.random_kills} --breaks {o.breaks} --pauses {o.pauses} --storage-restarts "
             f"{o.storage_restarts}" + (" --wait-for-expiry" if o.wait_for_expiry else ""))
 

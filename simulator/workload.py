@@ -196,7 +196,7 @@ class ChaosWorkload:
 
     Withdrawals from each ordinary account never exceed what its deposit put there, whatever
     the order the requests commit in, so their outcomes and balances follow from the workload
-    alone. The *tight* accounts (``tight-*``, optional) are funded for a fraction of the
+    alone. The *tight* accounts (``tight-*``, optional) are funded for half of the
     withdrawals from them: which of those commit depends on the order, so those requests are
     ``may_reject`` and only conservation and consistency can be checked for them.
     """
@@ -284,8 +284,9 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
 
     With ``shards`` > 1, every request of 3-5 legs spans at least three shards. Optionally, a
     fraction ``deposit_ratio`` of the requests are one-step deposits, and ``overdraft_ratio``
-    are withdrawals from ``tight_accounts`` accounts funded for a fraction of what is withdrawn
-    from them (two legs, or three legs across three shards): some of those must be refused.
+    are withdrawals from ``tight_accounts`` accounts funded for half of what is withdrawn from
+    them (two legs, or three legs across three shards): whatever the order, some of those
+    must be refused, and which ones depends on the order.
     """
     rng = random.Random(seed)
     work = ChaosWorkload(seed)
@@ -299,11 +300,6 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
         work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
                                            Operation.ADD_FUNDS, name, amount, 1))
     tight = _tight_names(tight_accounts, shard_map)
-    for name in tight:
-        amount = _money(rng, 100, 200)
-        work.funding[name] = amount
-        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
-                                           Operation.ADD_FUNDS, name, amount, 1))
     extras = deposit_ratio > 0 or (overdraft_ratio > 0 and bool(tight))
     steps: list[str] = []
     for i in range(requests):
@@ -343,6 +339,13 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
                                abs(signed), len(legs),
                                StepStatus.FAILED if index == failing_leg
                                else StepStatus.SUCCEEDED))
+    for name in tight:  # funded for half of what is withdrawn: at least one is refused
+        withdrawn = sum((-m for r in work.requests.values() if not r.failed
+                         for a, m in r.legs if a == name), Decimal("0.00"))
+        amount = max(Decimal("1.00"), (withdrawn / 2).quantize(Decimal("0.01")))
+        work.funding[name] = amount
+        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
+                                           Operation.ADD_FUNDS, name, amount, 1))
     ordered: list[str] = []
     for start in range(0, len(steps), window):
         block = steps[start:start + window]

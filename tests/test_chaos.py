@@ -68,12 +68,13 @@ from tests.helpers import (
 # 2-core CI machine; `./dev chaos` runs 16 instances and 2,000 requests by default.
 TEST_RUN = ChaosOptions(seed=2026, instances=12, requests=1200, shards=1, leader_kills=5,
                         random_kills=2, breaks=5, pauses=1, storage_restarts=1, timeout=240)
-# The K = 4 run: 250 requests through 6 instances, each protocol step killed once, every
-# shard's lease broken once; sized to finish in about a minute on a 2-core machine (late
-# duplicates close behind their originals and a 30 s request timeout keep the tail short).
-SHARDED_RUN = ChaosOptions(seed=2027, instances=6, requests=250, shards=4, leader_kills=1,
-                           random_kills=1, step_kills=6, breaks=4, pauses=1, storage_restarts=1,
-                           request_timeout=30, duplicate_spread=60, timeout=150)
+# The K = 4 run: 200 requests through 6 instances, a leader killed at each protocol step,
+# every shard's lease broken once, a leader paused, storage restarted; sized to finish in about
+# a minute on a 2-core machine (late duplicates close behind their originals and a 30 s
+# request timeout keep the tail short). Kills mid-drain and at random are the run above's.
+SHARDED_RUN = ChaosOptions(seed=2027, instances=6, requests=200, shards=4, leader_kills=0,
+                           random_kills=0, step_kills=6, breaks=4, pauses=1, storage_restarts=1,
+                           request_timeout=30, duplicate_spread=60, timeout=120)
 
 
 @pytest.mark.slow
@@ -119,7 +120,7 @@ def test_the_chaos_run_loses_nothing_and_applies_nothing_twice_across_four_shard
     # Order-dependent outcomes happened: some withdrawals from the thin accounts were refused.
     assert figures.verdict.outcomes["rejected"] >= 1, text
     assert figures.verdict.outcomes["committed"] >= 200, text
-    assert time.monotonic() - started < 150, text
+    assert time.monotonic() - started < 120, text
 
 
 def test_the_schedule_and_the_faults_replay_from_the_seed() -> None:
