@@ -97,10 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"leaders SIGSTOPped past their lease ({CHAOS.pauses} per 4 minutes)")
     chaos.add_argument("--storage-restarts", type=int, default=None,
                        help=f"Azurite stops and restarts ({CHAOS.storage_restarts} per 4 minutes)")
+    chaos.add_argument("--request-timeout", type=int, default=CHAOS.request_timeout,
+                       help="REQUEST_TIMEOUT_SECONDS of the instances: late duplicates are "
+                            "settled by then")
+    chaos.add_argument("--duplicate-spread", type=int, default=CHAOS.duplicate_spread,
+                       help="a duplicate step arrives up to this many messages after its original")
     chaos.add_argument("--wait-for-expiry", action="store_true",
                        help="let a killed or paused leader's lease expire instead of breaking it")
     chaos.add_argument("--timeout", type=float, default=None,
-                       help="give up after this many seconds (default 900 + 90 per minute fed)")
+                       help="give up after this many seconds, the whole run (default 900 + 90 "
+                            "per minute fed)")
 
     # Internal: the demo starts its instances with this; no help= keeps it out of --help.
     instance = commands.add_parser("instance", formatter_class=formatter)
@@ -132,7 +138,8 @@ def _chaos_options(args: argparse.Namespace) -> ChaosOptions:
         random_kills=count(args.random_kills, CHAOS.random_kills),
         breaks=count(args.breaks, CHAOS.breaks), pauses=count(args.pauses, CHAOS.pauses),
         storage_restarts=count(args.storage_restarts, CHAOS.storage_restarts),
-        wait_for_expiry=args.wait_for_expiry,
+        wait_for_expiry=args.wait_for_expiry, request_timeout=args.request_timeout,
+        duplicate_spread=args.duplicate_spread,
         timeout=args.timeout or 900 + args.minutes * 90)
 
 

@@ -94,7 +94,7 @@ class ChaosOptions:
     request_timeout: int = 60  # REQUEST_TIMEOUT_SECONDS: late duplicates are settled by then
     threads: int = 2
     sweep_seconds: float = 3  # every instance sweeps (the timer's failover, see Cluster)
-    timeout: float = 900  # give up after this long
+    timeout: float = 900  # give up after this long (the whole run, the last check aside)
     deposit_ratio: float = 0.05  # one-step deposits among the requests under chaos
     tight_accounts: int = 4  # accounts funded for a fraction of the withdrawals from them ...
     overdraft_ratio: float = 0.06  # ... and the share of requests that withdraw from them
@@ -211,6 +211,7 @@ class ChaosRun:
         self.fed = threading.Event()
         self.stop_checking = threading.Event()
         self.started = time.monotonic()
+        self.deadline = self.started + options.timeout  # every wait of the run ends by then
         self.crash_dir = ""
         self.orders = 0
         self.claimed: set[int] = set()  # instances that died on a crash order (not unexpected)
@@ -396,12 +397,14 @@ class ChaosRun:
 
     def _wait(self, predicate: Callable[[], bool], seconds: float, what: str,
               cluster: Cluster | None = None) -> None:
-        deadline = time.monotonic() + seconds
+        """Until ``predicate``, for at most ``seconds`` and never past the run's deadline."""
+        deadline = min(time.monotonic() + seconds, self.deadline)
         while not predicate():
             if cluster is not None:
                 self._reap(cluster)
             if time.monotonic() > deadline:
-                raise TimeoutError(f"timed out after {seconds:g} s waiting for {what}")
+                raise TimeoutError(f"timed out after {time.monotonic() - self.started:.0f} s "
+                                   f"of the run waiting for {what}")
             time.sleep(0.5)
 
     def _reap(self, cluster: Cluster) -> None:
@@ -441,8 +444,7 @@ class ChaosRun:
         pending = list(self.schedule)
         last_report = 0.0
         progress = 0.0
-        deadline = time.monotonic() + self.options.timeout
-        while pending and time.monotonic() < deadline:
+        while pending and time.monotonic() < self.deadline:
             self._reap(cluster)
             decided = self._decided()
             if decided >= 0:
@@ -651,12 +653,19 @@ class ChaosRun:
 def replay_command(options: ChaosOptions) -> str:
     """The command that runs these options again (same seed: same workload and schedule)."""
     o = options
+    defaults = ChaosOptions()
     step_kills = f"--step-kills {o.step_kills} " if o.shards > 1 else ""
     return (f"./dev chaos --seed {o.seed} --shards {o.shards} --instances {o.instances} "
             f"--requests {o.requests} --minutes {o.minutes:g} --leader-kills {o.leader_kills} "
             f"{step_kills}--random-kills "
             f"{o.random_kills} --breaks {o.breaks} --pauses {o.pauses} --storage-restarts "
-            f"{o.storage_restarts}" + (" --wait-for-expiry" if o.wait_for_expiry else ""))
+            f"{o.storage_restarts}" + (" --wait-for-expiry" if o.wait_for_expiry else "")
+            + (f" --request-timeout {o.request_timeout}"
+               if o.request_timeout != defaults.request_timeout else "")
+            + (f" --duplicate-spread {o.duplicate_spread}"
+               if o.duplicate_spread != defaults.duplicate_spread else "")
+            + (f" --timeout {o.timeout:g}" if o.timeout != defaults.timeout + 90 * o.minutes
+               else ""))
 
 
 def report(figures: ChaosFigures, out: TextIO) -> None:
