@@ -215,6 +215,7 @@ class ChaosRun:
         self.crash_dir = ""
         self.orders = 0
         self.claimed: set[int] = set()  # instances that died on a crash order (not unexpected)
+        self.claims_seen: set[str] = set()  # claim files accounted for
         self.reader: LedgerReader | None = None
 
     # --- output ----------------------------------------------------------------------------
@@ -410,7 +411,7 @@ class ChaosRun:
     def _reap(self, cluster: Cluster) -> None:
         """Start again instances that died on their own (crash orders, or a real crash)."""
         for index, code, had_started in cluster.restart_exited():
-            if index in self.claimed:
+            if index in self.claimed or self._claims_of(index):
                 self.claimed.discard(index)
                 continue
             if not had_started:  # its set-up failed (storage down?): the host starts it again
@@ -528,10 +529,12 @@ class ChaosRun:
             self.say(f"crash order {step} {when}: no leader reached it within 60 s")
             return
         index = int(claim["index"])
-        self.claimed.add(index)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            cluster.processes[index].wait(timeout=10)
-        self._reap(cluster)
+        if claim_path.name not in self.claims_seen:  # else: reaped and started again already
+            self.claims_seen.add(claim_path.name)
+            self.claimed.add(index)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cluster.processes[index].wait(timeout=10)
+            self._reap(cluster)
         self.figures.kills += 1
         self.figures.leader_kills += 1
         self.figures.step_kills[f"{step}/{when}"] += 1
@@ -543,6 +546,19 @@ class ChaosRun:
                  f"({rows}); replacement started"
                  + ("" if self.options.wait_for_expiry or shard is None
                     else ", its lease broken (as if it expired)"))
+
+    def _claims_of(self, index: int) -> list[str]:
+        """Crash orders that instance ``index`` claimed and the supervisor has not yet seen
+        through (it died on one: no unexpected exit), marked seen."""
+        found = []
+        for path in sorted(Path(self.crash_dir).glob("claim-*.json")):
+            if path.name in self.claims_seen:
+                continue
+            claim = self._read_claim(path)
+            if claim is not None and int(claim["index"]) == index:
+                found.append(path.name)
+        self.claims_seen.update(found)
+        return found
 
     @staticmethod
     def _read_claim(path: Path) -> dict[str, Any] | None:
