@@ -69,6 +69,8 @@ from simulator.cluster import Cluster
 from simulator.faults import FAULTS_ENV, WRITE_KINDS, Step, When
 from simulator.workload import ChaosCheck, ChaosWorkload, check_chaos, generate_chaos
 
+CLAIM_SECONDS = 30  # how long a crash order waits for a leader to reach its step
+
 
 @dataclass
 class ChaosOptions:
@@ -171,7 +173,8 @@ def plan_schedule(options: ChaosOptions) -> list[tuple[float, str]]:
         first = [(step, rng.choice(list(When))) for step in steps]
         order = first + [(step, When.AFTER if when is When.BEFORE else When.BEFORE)
                          for step, when in first]
-        events += [(round(rng.uniform(0.05, 0.85), 3),
+        # Earlier than the others: once every request is in, no step coordinates any more.
+        events += [(round(rng.uniform(0.05, 0.6), 3),
                     "kill_at:{}:{}".format(*order[i % len(order)]))
                    for i in range(options.step_kills)]
     return sorted(events)
@@ -518,15 +521,16 @@ class ChaosRun:
         staged = folder / "order.tmp"
         staged.write_text(json.dumps({"id": order_id, "step": step.value, "when": when.value}))
         os.replace(staged, folder / "order.json")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + CLAIM_SECONDS
         while not claim_path.exists() and time.monotonic() < deadline:
             self._reap(cluster)
             time.sleep(0.05)
         (folder / "order.json").unlink(missing_ok=True)
         claim = self._read_claim(claim_path)
         if claim is None:
-            self.figures.notes.append(f"no leader reached step {step}/{when} within 60 s")
-            self.say(f"crash order {step} {when}: no leader reached it within 60 s")
+            self.figures.notes.append(f"no leader reached step {step}/{when} within "
+                                      f"{CLAIM_SECONDS} s")
+            self.say(f"crash order {step} {when}: no leader reached it within {CLAIM_SECONDS} s")
             return
         index = int(claim["index"])
         if claim_path.name not in self.claims_seen:  # else: reaped and started again already
