@@ -65,16 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     chaos = commands.add_parser("chaos", formatter_class=formatter,
                                 help="the chaos run: a workload under injected faults, checked",
-                                description="A generated workload through N instances while "
-                                            "instances are killed and paused, the lease is "
-                                            "broken, storage restarts and storage calls fail; "
-                                            "then an independent check (docs/reliability.md).")
+                                description="A generated workload through N instances and K "
+                                            "ledger shards while instances are killed and "
+                                            "paused (leaders also at each step of the "
+                                            "cross-shard protocol), leases are broken, storage "
+                                            "restarts and storage calls fail; then independent "
+                                            "checks (docs/reliability.md).")
     chaos.add_argument("--seed", type=int, default=None,
                        help="replay a run (default: a new random seed, printed first)")
     chaos.add_argument("--minutes", type=float, default=CHAOS.minutes,
                        help="feed the requests over this many minutes (0: all at once)")
     chaos.add_argument("--instances", type=int, default=CHAOS.instances,
                        help="instance processes to run")
+    chaos.add_argument("--shards", type=int, default=CHAOS.shards,
+                       help="LEDGER_SHARDS of every instance (1-64)")
     chaos.add_argument("--accounts", type=int, default=CHAOS.accounts,
                        help="funded accounts the requests move money between")
     chaos.add_argument("--requests", type=int, default=None,
@@ -82,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     chaos.add_argument("--leader-kills", type=int, default=None,
                        help=f"SIGKILLs of the leader mid-drain ({CHAOS.leader_kills} per 4 "
                             "minutes fed)")
+    chaos.add_argument("--step-kills", type=int, default=None,
+                       help=f"leaders killed right before or after a cross-shard protocol step "
+                            f"({CHAOS.step_kills} per 4 minutes: every step, before and after)")
     chaos.add_argument("--random-kills", type=int, default=None,
                        help=f"SIGKILLs of random instances ({CHAOS.random_kills} per 4 minutes)")
     chaos.add_argument("--breaks", type=int, default=None,
@@ -90,10 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"leaders SIGSTOPped past their lease ({CHAOS.pauses} per 4 minutes)")
     chaos.add_argument("--storage-restarts", type=int, default=None,
                        help=f"Azurite stops and restarts ({CHAOS.storage_restarts} per 4 minutes)")
+    chaos.add_argument("--request-timeout", type=int, default=CHAOS.request_timeout,
+                       help="REQUEST_TIMEOUT_SECONDS of the instances: late duplicates are "
+                            "settled by then")
+    chaos.add_argument("--duplicate-spread", type=int, default=CHAOS.duplicate_spread,
+                       help="a duplicate step arrives up to this many messages after its original")
     chaos.add_argument("--wait-for-expiry", action="store_true",
                        help="let a killed or paused leader's lease expire instead of breaking it")
     chaos.add_argument("--timeout", type=float, default=None,
-                       help="give up after this many seconds (default 900 + 90 per minute fed)")
+                       help="give up after this many seconds, the whole run (default 900 + 90 "
+                            "per minute fed)")
 
     # Internal: the demo starts its instances with this; no help= keeps it out of --help.
     instance = commands.add_parser("instance", formatter_class=formatter)
@@ -118,13 +131,15 @@ def _chaos_options(args: argparse.Namespace) -> ChaosOptions:
         return given if given is not None else round(default * scale)
 
     return ChaosOptions(
-        seed=seed, instances=args.instances, accounts=args.accounts,
+        seed=seed, instances=args.instances, accounts=args.accounts, shards=args.shards,
         requests=args.requests or max(2000, int(700 * args.minutes)), minutes=args.minutes,
         leader_kills=count(args.leader_kills, CHAOS.leader_kills),
+        step_kills=count(args.step_kills, CHAOS.step_kills),
         random_kills=count(args.random_kills, CHAOS.random_kills),
         breaks=count(args.breaks, CHAOS.breaks), pauses=count(args.pauses, CHAOS.pauses),
         storage_restarts=count(args.storage_restarts, CHAOS.storage_restarts),
-        wait_for_expiry=args.wait_for_expiry,
+        wait_for_expiry=args.wait_for_expiry, request_timeout=args.request_timeout,
+        duplicate_spread=args.duplicate_spread,
         timeout=args.timeout or 900 + args.minutes * 90)
 
 

@@ -2,7 +2,9 @@
 
 Each instance is a separate Python process (``python -m simulator instance``) so that it can be
 killed (SIGKILL) or paused (SIGSTOP) like a real scaled-out instance. The supervisor collects
-their JSON event lines and keeps counts.
+their JSON event lines and keeps counts, and which instance holds each shard's lease (an event
+names its shard; one without a shard is shard 0's). An instance that dies on its own (a crash
+order of ``simulator/faults.py``) is started again by ``restart_exited``, as Azure would.
 """
 
 from __future__ import annotations
@@ -39,9 +41,14 @@ class Cluster:
         self.events: Counter[str] = Counter()
         self.errors: list[str] = []
         self.last_leader: int | None = None  # index of the instance that most recently led
-        self.current_leader: int | None = None  # holds the lease now (leading, not yet stopped)
+        self.current_leader: int | None = None  # holds a lease now (leading, not yet stopped)
         self.leading_since = 0.0  # monotonic time of the current leader's 'leading' event
-        self.leader_changes = 0  # leases won by another instance than the previous winner
+        self.leader_changes = 0  # leases won by another instance than the shard's previous one
+        # Per shard: the instance that led it last, and the one holding its lease now (since).
+        self.last_leaders: dict[int, int] = {}
+        self.current_leaders: dict[int, tuple[int, float]] = {}
+        self.stopped: set[int] = set()  # instances the supervisor stopped or killed itself
+        self.up: set[int] = set()  # instances whose process said 'started' (set up, listening)
         self.faults: Counter[str] = Counter()  # injected faults reported by instances at exit
         self._lock = threading.Lock()
         self._log: IO[str] | None = None
@@ -70,6 +77,8 @@ class Cluster:
                                    stderr=self._log or subprocess.DEVNULL,
                                    stdin=subprocess.DEVNULL, text=True)
         self.processes[index] = process
+        self.stopped.discard(index)
+        self.up.discard(index)
         threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
 
     def _read_events(self, process: subprocess.Popen[str]) -> None:
@@ -81,15 +90,23 @@ class Cluster:
                 continue
             with self._lock:
                 self.events[event.get("event", "?")] += 1
+                if event.get("event") == "started" and process is self.processes.get(
+                        int(event["index"])):
+                    self.up.add(int(event["index"]))
                 if event.get("event") == "leading":
-                    index = int(event["index"])
-                    if self.last_leader is not None and index != self.last_leader:
+                    index, shard = int(event["index"]), int(event.get("shard", 0))
+                    previous = self.last_leaders.get(shard)
+                    if previous is not None and index != previous:
                         self.leader_changes += 1
-                    self.last_leader = self.current_leader = index
+                    self.last_leader = self.current_leader = self.last_leaders[shard] = index
                     self.leading_since = time.monotonic()
-                elif event.get("event") == "stopped_leading" and (
-                        self.current_leader == int(event["index"])):
-                    self.current_leader = None
+                    self.current_leaders[shard] = (index, self.leading_since)
+                elif event.get("event") == "stopped_leading":
+                    index, shard = int(event["index"]), int(event.get("shard", 0))
+                    if self.current_leaders.get(shard, (None, 0.0))[0] == index:
+                        del self.current_leaders[shard]
+                    if self.current_leader == index:
+                        self.current_leader = None
                 elif event.get("event") == "faults":
                     self.faults.update(event.get("injected", {}))
                 if event.get("event") in ("failed", "poisoned"):
@@ -113,14 +130,42 @@ class Cluster:
                 return None
             return self.current_leader
 
-    def kill(self, index: int, restart: bool = True) -> None:
-        """SIGKILL one instance (no release, no clean-up) and, as Azure would, start another."""
-        process = self.processes[index]
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=10)
+    def leaders(self) -> dict[int, int]:
+        """Shard -> the instance holding its lease now (as the events last said)."""
+        with self._lock:
+            return {shard: index for shard, (index, _) in self.current_leaders.items()}
+
+    def _forget(self, index: int) -> None:
+        """A dead instance holds nothing any more (as far as the supervisor tracks it)."""
         with self._lock:
             if self.current_leader == index:
                 self.current_leader = None
+            for shard in [s for s, (i, _) in self.current_leaders.items() if i == index]:
+                del self.current_leaders[shard]
+
+    def restart_exited(self) -> list[tuple[int, int, bool]]:
+        """Start again every instance that exited without the supervisor asking it to
+        (as Azure replaces a crashed worker); (index, exit code, whether it had started: an
+        instance whose set-up failed, say storage down, never did) of each."""
+        restarted = []
+        for index, process in sorted(self.processes.items()):
+            code = process.poll()
+            if code is None or index in self.stopped:
+                continue
+            with self._lock:
+                had_started = index in self.up
+            self._forget(index)
+            self.start_instance(index)
+            restarted.append((index, code, had_started))
+        return restarted
+
+    def kill(self, index: int, restart: bool = True) -> None:
+        """SIGKILL one instance (no release, no clean-up) and, as Azure would, start another."""
+        process = self.processes[index]
+        self.stopped.add(index)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        self._forget(index)
         if restart:
             self.start_instance(index)
 
@@ -130,6 +175,7 @@ class Cluster:
 
     def stop(self, timeout: float = 20) -> None:
         """Ask every instance to finish its in-flight work and exit; kill what does not."""
+        self.stopped.update(self.processes)
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGCONT)

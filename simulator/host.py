@@ -1,6 +1,9 @@
 """One simulated Functions host instance: the queue listener and timer, as host.json sets them.
 
-It dequeues from the real (Azurite) queue like the host's queue listener: batches of
+It dequeues from the real (Azurite) queues like the host's queue listener, one listener per
+queue trigger (the completions queue and the wake-up queue): any instance takes any message,
+whatever shard it concerns, and the app finds the shard itself (a completion's home from its
+ids, an alarm's from its ``shard`` field). On each queue: batches of
 ``batchSize``, a new batch when in-flight work drops to ``newBatchThreshold``, exponential
 polling back-off up to ``maxPollingInterval``, base64 decoding, delete on success, and on failure
 a retry after ``visibilityTimeout`` or, past ``maxDequeueCount``, a move to the poison queue. It
@@ -266,6 +269,18 @@ class InstanceHost:
                 logger.exception("instance %d: sweep failed", self.index)
 
 
+def election_events(index: int, shard: int) -> ElectionCallbacks:
+    """Callbacks that report one shard's election as event lines (the shard named)."""
+    return ElectionCallbacks(
+        on_started_leading=lambda lease_id: emit("leading", index=index, shard=shard,
+                                                 lease=lease_id),
+        on_stopped_leading=lambda lease_id, state: emit("stopped_leading", index=index,
+                                                        shard=shard, lease=lease_id,
+                                                        state=str(state)),
+        on_refused=lambda _instance: emit("refused", index=index, shard=shard),
+    )
+
+
 def run_instance(index: int, threads: int, lock_seconds: float,
                  sweep_seconds: float | None) -> None:
     """Entry point of one instance process (``simulator.__main__`` configured its logging)."""
@@ -274,13 +289,9 @@ def run_instance(index: int, threads: int, lock_seconds: float,
         runtime.set_transport_factory(plan.transport)
     host = InstanceHost(index, QueueOptions.from_host_json(), threads, lock_seconds,
                         sweep_seconds)
-    # Observe the election for the supervisor (the functions themselves return nothing).
-    get_app().elector.callbacks = ElectionCallbacks(
-        on_started_leading=lambda lease_id: emit("leading", index=index, lease=lease_id),
-        on_stopped_leading=lambda lease_id, state: emit("stopped_leading", index=index,
-                                                        lease=lease_id, state=str(state)),
-        on_refused=lambda _instance: emit("refused", index=index),
-    )
+    # Observe every shard's election for the supervisor (the functions return nothing).
+    for shard, acting in enumerate(get_app().each_shard()):
+        acting.elector.callbacks = election_events(index, shard)
 
     def stop(signum: int, frame: object) -> None:
         host.stopping.set()

@@ -8,15 +8,19 @@ recomputes every balance from the committed outcomes' legs and from nothing else
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from shared.domain.contract import Operation, StepStatus, completion_message
 from shared.domain.model import DecidedOutcome
 from shared.domain.money import format_money
+from shared.domain.sharding import ShardMap
+from simulator.checker import Sent
 
 
 @dataclass
@@ -170,18 +174,31 @@ class PlannedRequest:
     request_id: str
     legs: tuple[tuple[str, Decimal], ...]  # (accountId, signed amount), one per step
     failed: bool  # one step reports failure: aborted, nothing moves
+    # Its outcome depends on the order requests commit in (an account funded too thinly for
+    # every withdrawal from it): committed, or rejected for insufficient funds.
+    may_reject: bool = False
 
     @property
     def expected_status(self) -> str:
         return "aborted" if self.failed else "committed"
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The outcomes the workload allows it."""
+        if self.failed:
+            return frozenset({"aborted"})
+        return frozenset({"committed", "rejected"} if self.may_reject else {"committed"})
 
 
 @dataclass
 class ChaosWorkload:
     """Funding deposits (sent and committed first), then the requests under chaos.
 
-    Withdrawals from each account never exceed what its deposit put there, whatever the order
-    the requests commit in, so every outcome and every balance follows from the workload alone.
+    Withdrawals from each ordinary account never exceed what its deposit put there, whatever
+    the order the requests commit in, so their outcomes and balances follow from the workload
+    alone. The *tight* accounts (``tight-*``, optional) are funded for half of the
+    withdrawals from them: which of those commit depends on the order, so those requests are
+    ``may_reject`` and only conservation and consistency can be checked for them.
     """
 
     seed: int
@@ -197,14 +214,25 @@ class ChaosWorkload:
         """Funding deposits plus the requests under chaos."""
         return len(self.funding) + len(self.requests)
 
-    def expected_balances(self) -> dict[str, Decimal]:
-        """Every account's final balance, from the workload alone."""
+    def expected_balances(self, committed: set[str] | None = None) -> dict[str, Decimal]:
+        """Every account's final balance, from the workload (and, for the requests whose
+        outcome depends on order, from ``committed``: the ids of those that committed)."""
         balances = dict(self.funding)
         for request in self.requests.values():
-            if not request.failed:
-                for account, amount in request.legs:
-                    balances[account] = balances.get(account, Decimal("0.00")) + amount
+            if request.failed or (request.may_reject and request.request_id not in
+                                  (committed or set())):
+                continue
+            for account, amount in request.legs:
+                balances[account] = balances.get(account, Decimal("0.00")) + amount
         return balances
+
+    def sent(self) -> dict[str, Sent]:
+        """Every request as the independent checker (``simulator/checker.py``) takes it."""
+        found = {f"fund-{a}": Sent(f"fund-{a}", ((a, amount),)) for a, amount in
+                 self.funding.items()}
+        found.update({r: Sent(r, p.legs, p.failed, p.may_reject)
+                      for r, p in self.requests.items()})
+        return found
 
 
 def _malformed_body(rng: random.Random, index: int) -> str:
@@ -227,18 +255,42 @@ def _malformed_body(rng: random.Random, index: int) -> str:
     return json.dumps(base)
 
 
+def _spanning(rng: random.Random, names: list[str], legs: int,
+              shard_of: Callable[[str], int]) -> list[str]:
+    """``legs`` distinct accounts whose shards include at least three different ones."""
+    by_shard: dict[int, list[str]] = {}
+    for name in names:
+        by_shard.setdefault(shard_of(name), []).append(name)
+    shards = sorted(by_shard)
+    if len(shards) < 3:
+        return rng.sample(names, legs)
+    chosen = [rng.choice(by_shard[k]) for k in rng.sample(shards, 3)]
+    chosen += rng.sample([n for n in names if n not in chosen], legs - 3)
+    rng.shuffle(chosen)
+    return chosen
+
+
 def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
                    multi_leg_ratio: float = 0.1, failed_ratio: float = 0.03,
                    duplicate_ratio: float = 0.1, malformed_ratio: float = 0.02,
-                   window: int = 48, duplicate_spread: int = 400) -> ChaosWorkload:
+                   window: int = 48, duplicate_spread: int = 400, shards: int = 1,
+                   deposit_ratio: float = 0.0, tight_accounts: int = 0,
+                   overdraft_ratio: float = 0.0) -> ChaosWorkload:
     """Mostly two-leg transfers, some 3-5-leg requests, faults mixed in, legs out of order.
 
     The legs of a request are shuffled within a window of ``window`` messages (they arrive out
     of order but close together, as steps of one request do); a duplicate arrives up to
     ``duplicate_spread`` messages after its original, often after its request was decided.
+
+    With ``shards`` > 1, every request of 3-5 legs spans at least three shards. Optionally, a
+    fraction ``deposit_ratio`` of the requests are one-step deposits, and ``overdraft_ratio``
+    are withdrawals from ``tight_accounts`` accounts funded for half of what is withdrawn from
+    them (two legs, or three legs across three shards): whatever the order, some of those
+    must be refused, and which ones depends on the order.
     """
     rng = random.Random(seed)
     work = ChaosWorkload(seed)
+    shard_map = ShardMap(shards)
     names = [f"acct-{i:03d}" for i in range(accounts)]
     room: dict[str, Decimal] = {}
     for name in names:
@@ -247,32 +299,36 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
         room[name] = amount
         work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
                                            Operation.ADD_FUNDS, name, amount, 1))
+    tight = _tight_names(tight_accounts, shard_map)
+    extras = deposit_ratio > 0 or (overdraft_ratio > 0 and bool(tight))
     steps: list[str] = []
     for i in range(requests):
         request_id = f"rq-{i:05d}"
-        legs_wanted = rng.randint(3, 5) if rng.random() < multi_leg_ratio else 2
-        chosen = rng.sample(names, legs_wanted)
-        payers = chosen[:1] if legs_wanted < 4 else chosen[:2]
-        payees = chosen[len(payers):]
-        amount = _money(rng, 1, 120)
-        payers = [p for p in payers if room[p] >= amount] or [max(names, key=room.__getitem__)]
-        if payers[0] in payees:
-            payees = [p for p in names if p not in payers][:max(1, len(payees))]
-        legs: list[tuple[str, Decimal]] = []
-        share = (amount / len(payers)).quantize(Decimal("0.01"))
-        paid = Decimal("0.00")
-        for index, payer in enumerate(payers):
-            part = share if index < len(payers) - 1 else amount - share * (len(payers) - 1)
-            legs.append((payer, -part))
-            paid += part
-        split = (paid / len(payees)).quantize(Decimal("0.01"))
-        for index, payee in enumerate(payees):
-            part = split if index < len(payees) - 1 else paid - split * (len(payees) - 1)
-            legs.append((payee, part))
+        kind = rng.random() if extras else 1.0
+        may_reject = False
+        if kind < deposit_ratio:
+            legs = [(rng.choice(names), _money(rng, 1, 120))]
+        elif kind < deposit_ratio + overdraft_ratio and tight:
+            payer, amount = rng.choice(tight), _money(rng, 20, 80)
+            payees: list[str] = []
+            used = {shard_map.account_shard(payer)}
+            for _ in range(1 if rng.random() < 0.5 else 2):  # 3 legs: three shards if K >= 3
+                pool = [n for n in names if n not in payees]
+                pool = [n for n in pool if shard_map.account_shard(n) not in used] or pool
+                payees.append(rng.choice(pool))
+                used.add(shard_map.account_shard(payees[-1]))
+            split = (amount / len(payees)).quantize(Decimal("0.01"))
+            legs = [(payer, -amount)] + [
+                (payee, split if j < len(payees) - 1 else amount - split * (len(payees) - 1))
+                for j, payee in enumerate(payees)]
+            may_reject = True
+        else:
+            legs = _transfer_legs(rng, names, room, multi_leg_ratio,
+                                  shard_map.account_shard if shards > 1 else None)
         failed = rng.random() < failed_ratio
-        request = PlannedRequest(request_id, tuple(legs), failed)
+        request = PlannedRequest(request_id, tuple(legs), failed, may_reject)
         work.requests[request_id] = request
-        if not failed:
+        if not failed and not may_reject:
             for account, signed in legs:
                 if signed < 0:
                     room[account] += signed
@@ -283,6 +339,13 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
                                abs(signed), len(legs),
                                StepStatus.FAILED if index == failing_leg
                                else StepStatus.SUCCEEDED))
+    for name in tight:  # funded for half of what is withdrawn: at least one is refused
+        withdrawn = sum((-m for r in work.requests.values() if not r.failed
+                         for a, m in r.legs if a == name), Decimal("0.00"))
+        amount = max(Decimal("1.00"), (withdrawn / 2).quantize(Decimal("0.01")))
+        work.funding[name] = amount
+        work.funding_messages.append(_step(f"fund-{name}", f"fund-{name}-add",
+                                           Operation.ADD_FUNDS, name, amount, 1))
     ordered: list[str] = []
     for start in range(0, len(steps), window):
         block = steps[start:start + window]
@@ -299,6 +362,45 @@ def generate_chaos(seed: int, accounts: int = 50, requests: int = 2000,
         ordered.insert(rng.randrange(len(ordered) + 1), body)
     work.messages = ordered
     return work
+
+
+def _tight_names(count: int, shard_map: ShardMap) -> list[str]:
+    """``count`` tight account names, spread over the shards (one per shard in turn)."""
+    found: list[str] = []
+    for i in itertools.count():
+        if len(found) == count:
+            return found
+        name = f"tight-{i:02d}"
+        if shard_map.account_shard(name) == len(found) % shard_map.shards:
+            found.append(name)
+    return found
+
+
+def _transfer_legs(rng: random.Random, names: list[str], room: dict[str, Decimal],
+                   multi_leg_ratio: float,
+                   shard_of: Callable[[str], int] | None) -> list[tuple[str, Decimal]]:
+    """A funded transfer: 2 legs, or 3-5 (spanning three shards when ``shard_of`` is given)."""
+    legs_wanted = rng.randint(3, 5) if rng.random() < multi_leg_ratio else 2
+    chosen = (_spanning(rng, names, legs_wanted, shard_of) if shard_of and legs_wanted > 2
+              else rng.sample(names, legs_wanted))
+    payers = chosen[:1] if legs_wanted < 4 else chosen[:2]
+    payees = chosen[len(payers):]
+    amount = _money(rng, 1, 120)
+    payers = [p for p in payers if room[p] >= amount] or [max(names, key=room.__getitem__)]
+    if payers[0] in payees:
+        payees = [p for p in names if p not in payers][:max(1, len(payees))]
+    legs: list[tuple[str, Decimal]] = []
+    share = (amount / len(payers)).quantize(Decimal("0.01"))
+    paid = Decimal("0.00")
+    for index, payer in enumerate(payers):
+        part = share if index < len(payers) - 1 else amount - share * (len(payers) - 1)
+        legs.append((payer, -part))
+        paid += part
+    split = (paid / len(payees)).quantize(Decimal("0.01"))
+    for index, payee in enumerate(payees):
+        part = split if index < len(payees) - 1 else paid - split * (len(payees) - 1)
+        legs.append((payee, part))
+    return legs
 
 
 @dataclass
@@ -324,25 +426,31 @@ def check_chaos(work: ChaosWorkload, decided: list[DecidedOutcome],
     if twice:
         problems.append(f"{len(twice)} request(s) decided more than once, e.g. {twice[:3]}")
     by_request = {d.outcome.request_id: d.outcome for d in decided}
-    expected = {f"fund-{a}": "committed" for a in work.funding}
-    expected.update({r: p.expected_status for r, p in work.requests.items()})
+    expected = {f"fund-{a}": frozenset({"committed"}) for a in work.funding}
+    expected.update({r: p.allowed for r, p in work.requests.items()})
     missing = sorted(set(expected) - set(by_request))
     if missing:
         problems.append(f"{len(missing)} request(s) have no outcome, e.g. {missing[:3]}")
     unknown = sorted(set(by_request) - set(expected))
     if unknown:
         problems.append(f"outcomes for requests never sent: {unknown[:3]}")
-    wrong = [f"{r} is {by_request[r].status}, must be {want}" for r, want in expected.items()
-             if r in by_request and by_request[r].status != want]
+    wrong = [f"{r} is {by_request[r].status}, must be {' or '.join(sorted(want))}"
+             for r, want in expected.items()
+             if r in by_request and by_request[r].status not in want]
     if wrong:
         problems.append(f"{len(wrong)} request(s) with the wrong outcome, e.g. {wrong[:3]}")
+    refused = [f"{r}: {o.reason}" for r, o in by_request.items()
+               if o.status == "rejected" and not o.reason.startswith("insufficient funds")]
+    if refused:
+        problems.append(f"{len(refused)} request(s) rejected for another reason than funds, "
+                        f"e.g. {refused[:2]}")
     for request_id, planned in work.requests.items():
         outcome = by_request.get(request_id)
         if outcome is None or outcome.status != "committed":
             continue
         if sorted(outcome.legs) != sorted(planned.legs):
             problems.append(f"{request_id} applied legs {outcome.legs}, sent {planned.legs}")
-    want = work.expected_balances()
+    want = work.expected_balances({r for r, o in by_request.items() if o.status == "committed"})
     drift = Decimal("0.00")
     for account in sorted(set(want) | set(balances)):
         have = balances.get(account, Decimal("0.00"))
