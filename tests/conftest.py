@@ -30,6 +30,8 @@ logging.getLogger("azure").setLevel(logging.WARNING)
 # process): they need Node all the same.
 STARTS_ITS_OWN_AZURITE = (
     "tests/test_chaos.py::test_the_chaos_run_loses_nothing_and_applies_nothing_twice",
+    "tests/test_chaos.py::test_the_chaos_run_loses_nothing_and_applies_nothing_twice_across_"
+    "four_shards",
     "tests/test_chaos.py::test_an_instance_keeps_listening_across_a_storage_restart",
     "tests/test_simulator.py::test_demo_through_four_instances_conserves_money",
     "tests/test_simulator.py::test_demo_with_the_leader_killed_fails_over_to_a_higher_epoch",
@@ -40,6 +42,7 @@ STARTS_ITS_OWN_AZURITE = (
 # are one parallel run's on a busy 2-core machine (--durations); a prefix can name a module.
 SLOW_FIRST = (
     "tests/test_chaos.py::test_the_chaos_run_loses_nothing_and_applies_nothing_twice",  # 130
+    # (the prefix covers the K = 4 run too: 71 s)
     "tests/test_model.py::test_the_protocol_keeps_the_contract_under_faults",  # 70
     "tests/test_limits.py::test_hundreds_of_conflicting_steps_recorded_behind_",  # 50
     "tests/infra/test_checkov.py",  # 20, one group: checkov runs once
