@@ -991,46 +991,39 @@ class ShardedMachine(ProtocolMachine):
             if not injected(exc):
                 raise
 
-    @rule(shard=st.integers(0, SHARDS - 1))
-    def a_stranger_holds_a_shards_lease(self, shard: int) -> None:
-        """A slow participant: something else holds the shard's lease until it lets go (or
-        the lease is broken); meanwhile no instance can act on that shard's inbox."""
-        if shard in self.strangers:
-            return
-        stranger = BlobLeaseClient(self._lease_blob(shard))
-        try:
-            stranger.acquire(lease_duration=60)
-        except HttpResponseError:  # an instance holds it (a paused leader, a lost release)
-            return
-        self.strangers[shard] = stranger
-        SEEN["a stranger held a shard's lease"] += 1
+    @rule(shard=st.integers(0, SHARDS - 1),
+          change=st.sampled_from(["a stranger takes it", "the stranger lets go", "broken"]))
+    def a_shards_lease_changes_hands(self, shard: int, change: str) -> None:
+        """A slow participant: a stranger holds the shard's lease until it lets go (or the
+        lease is broken), and meanwhile no instance can act on that shard's inbox. Or an
+        operator breaks that one shard's lease."""
+        if change == "broken":
+            self._break_shard_lease(shard)
+        elif change == "the stranger lets go":
+            with contextlib.suppress(HttpResponseError, KeyError):  # none, or broken meanwhile
+                self.strangers.pop(shard).release()
+        elif shard not in self.strangers:
+            stranger = BlobLeaseClient(self._lease_blob(shard))
+            try:
+                stranger.acquire(lease_duration=60)
+            except HttpResponseError:  # an instance holds it (a paused leader, a lost release)
+                return
+            self.strangers[shard] = stranger
+            SEEN["a stranger held a shard's lease"] += 1
 
-    @precondition(lambda self: bool(self.strangers))
-    @rule(data=st.data())
-    def the_stranger_lets_go(self, data: st.DataObject) -> None:
-        shard = data.draw(st.sampled_from(sorted(self.strangers)), label="shard")
-        with contextlib.suppress(HttpResponseError):  # broken meanwhile
-            self.strangers.pop(shard).release()
-
-    @rule(shard=st.integers(0, SHARDS - 1))
-    def break_one_shards_lease(self, shard: int) -> None:
-        self._break_shard_lease(shard)
-
-    @rule(instance=st.integers(0, INSTANCES - 1), kind=st.sampled_from(["deliver", "exchange"]))
-    def lose_a_response_between_shards(self, instance: int, kind: str) -> None:
-        """The next inbox create (a message to another shard) or exchange transaction of
-        ``instance`` lands, and its response is lost."""
+    # The base rules of these names, with the fault kinds shards add: "deliver" (an inbox
+    # create, a message to another shard) and "exchange" (a transaction of the exchange).
+    @rule(instance=st.integers(0, INSTANCES - 1),
+          kind=st.sampled_from([*FAULT_KINDS, "deliver", "exchange", "exchange"]))
+    def lose_the_next_response(self, instance: int, kind: str) -> None:
         self.faults[instance].armed = kind
 
     @rule(data=st.data(), leader=st.integers(0, INSTANCES - 1),
-          recorder=st.integers(0, INSTANCES - 1), variant=st.sampled_from(VARIANTS))
-    def deliver_while_a_shard_exchanges(self, data: st.DataObject, leader: int, recorder: int,
-                                        variant: str) -> None:
-        """Arm: when ``leader`` next starts an exchange transaction, ``recorder`` takes a
-        message (a step of a request being coordinated, say)."""
-        model, content = self._draw_step(data, variant)
-        self.faults[leader].interleave["exchange"] = \
-            lambda: self._deliver(recorder, model, content)
+          recorder=st.integers(0, INSTANCES - 1), variant=st.sampled_from(VARIANTS),
+          kind=st.sampled_from([*LEADER_WRITES, "exchange"]))
+    def deliver_while_a_leader_writes(self, data: st.DataObject, leader: int, recorder: int,
+                                      variant: str, kind: str) -> None:
+        super().deliver_while_a_leader_writes(data, leader, recorder, variant, kind)
 
     def _lease_blob(self, shard: int) -> Any:
         config = self.apps[0].config
