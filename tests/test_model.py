@@ -78,6 +78,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -89,6 +90,7 @@ from typing import Any, TypeVar
 import pytest
 from azure.core.exceptions import AzureError, HttpResponseError, ServiceResponseError
 from azure.core.pipeline import PipelineResponse
+from azure.core.pipeline.transport import HttpTransport, RequestsTransport
 from azure.data.tables import TableServiceClient
 from azure.storage.blob import BlobLeaseClient, BlobServiceClient, LinearRetry
 from azure.storage.queue import QueueServiceClient
@@ -273,27 +275,39 @@ class Faults:
     """One instance's injected faults.
 
     ``armed``: lose the response to its next write of that kind after storage applied it (a
-    table write: record, claim, commit, delete; or a lease action: acquire, renew, release).
-    ``interleave``: the next time it starts a write of that kind, first run another instance's
-    invocation (a step recorded while this one leads, between its scan and its commit).
+    table write: record, claim, commit, delete, and with shards deliver and exchange; or a
+    lease action: acquire, renew, release). ``interleave``: the next time it starts a write of
+    that kind, first run another instance's invocation (a step recorded while this one leads,
+    between its scan and its commit). The kind of a table write is the ``within`` it runs in,
+    on its own thread (the cleaner deletes rows on threads of its own).
     """
 
     def __init__(self) -> None:
         self.armed: str | None = None
-        self.context: str | None = None
+        self.local = threading.local()
         self.interleave: dict[str, Callable[[], None]] = {}
 
-    def table_hook(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
+    @property
+    def context(self) -> str | None:
+        found: str | None = getattr(self.local, "context", None)
+        return found
+
+    @context.setter
+    def context(self, kind: str | None) -> None:
+        self.local.context = kind
+
+    def table_answer(self, method: str, status: int) -> None:
+        """Storage answered a table request of this instance's (``LosingTransport``)."""
         if self.armed is not None and self.armed == self.context:
-            self._lose(response)
+            self._lose(method, status)
 
     def blob_hook(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
         if self.armed is not None and \
                 self.armed == response.http_request.headers.get("x-ms-lease-action"):
-            self._lose(response)
+            self._lose(response.http_request.method, response.http_response.status_code)
 
-    def _lose(self, response: PipelineResponse) -> None:  # type: ignore[type-arg]
-        if response.http_request.method == "GET" or response.http_response.status_code >= 300:
+    def _lose(self, method: str, status: int) -> None:
+        if method == "GET" or status >= 300:
             return
         kind, self.armed = self.armed, None
         SEEN[f"lost response: {kind}"] += 1
@@ -315,6 +329,40 @@ class Faults:
             finally:
                 self.context = outer
         return wrapped
+
+
+class LosingTransport(HttpTransport):  # type: ignore[type-arg]
+    """The table clients' transport: every request reaches storage, and the answer to the
+    write ``faults`` has armed is lost on its way back, below the SDK's retry policy, as a
+    dropped connection's is. (A client's ``raw_response_hook`` cannot do this: the adapters
+    pass one per call, to read storage's ``Date``, and a per-call hook replaces the client's.)
+    """
+
+    def __init__(self, faults: Faults, **options: Any) -> None:
+        self.faults = faults
+        self.inner = RequestsTransport(**options)
+
+    def __enter__(self) -> LosingTransport:
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        self.inner.__exit__(*args)
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        response = self.inner.send(request, **kwargs)
+        try:
+            self.faults.table_answer(request.method, response.status_code)
+        except ServiceResponseError:
+            response.internal_response.close()  # what storage said is dropped unread
+            raise
+        return response
 
 
 def injected(exc: BaseException | None) -> bool:
@@ -463,7 +511,7 @@ class ProtocolMachine(RuleBasedStateMachine):
                 retry_policy=LinearRetry(backoff=0, random_jitter_range=0), **options),
             queue=QueueServiceClient.from_connection_string(self.connection_string, **options),
             table=TableServiceClient.from_connection_string(
-                self.connection_string, raw_response_hook=faults.table_hook, **options),
+                self.connection_string, transport=LosingTransport(faults), **options),
         )
         skew = timedelta(seconds=CLOCK_SKEW_SECONDS[n])  # expiry must not care
         app = LedgerApp.create(config, clients, clock=OwnedClock(ComposedClock(
