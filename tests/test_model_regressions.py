@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
+from shared.domain.exchange import FLIGHT_PREFIX
 from shared.domain.planning import FencedOut
 from shared.domain.sharding import ShardMap
 from shared.leadership.elections import run_election
@@ -139,3 +140,47 @@ def test_steps_that_disagree_on_expected_operations_are_decided_once_across_shar
     assert len(decided) == 1, f"{rid} decided on more than one shard: {decided}"
     assert balance(app, alice) == Decimal("70.00")
     assert balance(app, bob) == Decimal("0.00")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a cross-shard request is coordinated without a look at its outcome row: late steps that "
+    "complete a request already decided on the plain path (rejected here) are coordinated, "
+    "the voter reserves, and the decision's create of the outcome row is refused "
+    "(OutcomeExists) for a VOTE, which Exchange._outcome_exists turns into a LedgerWriteError "
+    "on every term: the escrow and the coordination stay forever, and the home shard's "
+    "exchange stops at that message each round"))
+def test_late_steps_that_complete_a_decided_request_are_not_coordinated_again(
+        ns: Namespace) -> None:
+    """ShardedMachine, seed 20260101 (CI's) once lost table responses were injected again,
+    shrunk by hand to: r's withdraw leg (on shard 1) and its add leg (on r's home, shard 0)
+    disagree on expectedOperations, so the first leader rejects r on the plain path. The same
+    two steps, sent again by upstream with expectedOperations agreeing, are recorded by
+    another instance (which did not decide r itself) before any leader looks: together they
+    look like a complete cross-shard transfer. (With one shard the same late steps reach the
+    plain commit, whose create of the outcome row is refused: they are settled as late.)
+
+    Expected: they are late (r is rejected, for good): dropped or parked, nothing reserved,
+    nothing left in flight. Found: r is coordinated, its payer's 25.00 is held in escrow for
+    good, and every term of shard 0 stops on r's VOTE."""
+    shard_map = ShardMap(3)
+    first, other = ns.app("first", LEDGER_SHARDS="3"), ns.app("other", LEDGER_SHARDS="3")
+    payer, payee = _on_shard(shard_map, 1, "payer-", 1), _on_shard(shard_map, 0, "payee-", 1)
+    rid = _on_shard(shard_map, 0, "r-", 2)
+    send(first, step("fund", "fund-0", "add_funds", payer, "50.00", 1))
+    send(first, step(rid, f"{rid}-w", "withdraw_funds", payer, "25.00", 2),
+         step(rid, f"{rid}-a", "add_funds", payee, "25.00", 3))
+    assert first.ledger.read_outcome(rid) is not None
+    assert first.ledger.read_outcome(rid).outcome.status == "rejected"  # type: ignore[union-attr]
+    first.cleaner.wait_until_done(timeout=5)
+    record(other, step(rid, f"{rid}-w", "withdraw_funds", payer, "25.00", 2),
+           step(rid, f"{rid}-a", "add_funds", payee, "25.00", 2))
+    for _ in range(3):
+        for shard in other.each_shard():
+            run_election(shard)
+    assert other.ledger.read_outcome(rid).outcome.status == "rejected"  # type: ignore[union-attr]
+    left = {s.current: [str(r["RowKey"]) for r in s.ledger.list_rows(FLIGHT_PREFIX)]
+            for s in other.each_shard()}
+    assert left == {0: [], 1: [], 2: []}, f"work in flight left: {left}"
+    payer_row = other.on(1).ledger.read_account(payer)
+    assert (payer_row.balance, payer_row.reserved) == (Decimal("50.00"), Decimal("0.00"))
+    assert balance(other, payee) == Decimal("0.00")
