@@ -17,7 +17,7 @@ from azure.storage.blob import BlobLeaseClient
 from shared.domain.exchange import FLIGHT_PREFIX
 from shared.domain.planning import FencedOut
 from shared.domain.sharding import ShardMap
-from shared.leadership.elections import run_election
+from shared.leadership.elections import Election, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyView
@@ -31,6 +31,7 @@ from tests.helpers import (
     send,
     status,
     step,
+    wait_until,
 )
 
 
@@ -184,3 +185,51 @@ def test_late_steps_that_complete_a_decided_request_are_not_coordinated_again(
     payer_row = other.on(1).ledger.read_account(payer)
     assert (payer_row.balance, payer_row.reserved) == (Decimal("50.00"), Decimal("0.00"))
     assert balance(other, payee) == Decimal("0.00")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a PREPARE handled a second time (sent again because its VOTE never reached the home) is "
+    "refused at its escrow row, which ExchangeBatch._on_prepare writes before the create-once "
+    "vote row, and classify_refusal makes an existing escrow row a LedgerWriteError instead "
+    "of AlreadyRecorded: every term of the voter stops there, the VOTE is never sent again, "
+    "and the request stays in flight with its money in escrow"))
+def test_a_prepare_sent_again_after_its_vote_was_lost_is_answered_again(ns: Namespace) -> None:
+    """ShardedMachine (a lost response on a voter's exchange transaction: its VOTE is never
+    sent; then the home sends PREPARE again), shrunk by hand: the voter's transaction lands,
+    its process stops before it sends the VOTE; RESEND_SECONDS later the home sends PREPARE
+    again. The voter must answer again from its vote row, and the transfer commit."""
+    shard_map = ShardMap(3)
+    app = ns.app(LEDGER_SHARDS="3")
+    payer, payee = _on_shard(shard_map, 1, "payer-", 1), _on_shard(shard_map, 2, "payee-", 1)
+    rid = _on_shard(shard_map, 0, "t-", 2)
+    send(app, step("fund", "fund-0", "add_funds", payer, "50.00", 1))
+    record(app, step(rid, f"{rid}-w", "withdraw_funds", payer, "20.00", 2),
+           step(rid, f"{rid}-a", "add_funds", payee, "20.00", 2))
+    home, voter = app.on(0), app.on(1)
+    Election(home).run(False)  # coordinates: PREPARE to shard 1
+    assert [str(r["RowKey"]) for r in voter.ledger.list_rows(FLIGHT_PREFIX)] == \
+        [f"flight:inbox:{rid}|prepare|0"]
+    deliver = home.ledger.deliver
+    home.ledger.deliver = lambda messages: None  # type: ignore[method-assign]  # voter stops
+    try:
+        Election(voter).run(False)  # votes yes: 20.00 in escrow; its VOTE is lost
+    finally:
+        home.ledger.deliver = deliver  # type: ignore[method-assign]
+    assert voter.ledger.read_account(payer).reserved == Decimal("20.00")
+
+    def prepare_sent_again() -> bool:
+        Election(home).run(False)
+        return any(str(r["RowKey"]).endswith("|prepare|0")
+                   for r in voter.ledger.list_rows(FLIGHT_PREFIX))
+
+    wait_until(prepare_sent_again, 15, "the home to send PREPARE again", interval=0.5)
+
+    def settled() -> bool:
+        for shard in app.each_shard():
+            run_election(shard)
+        return not any(s.ledger.list_rows(FLIGHT_PREFIX) for s in app.each_shard())
+
+    wait_until(settled, 8, "the transfer to settle", interval=0.5)
+    assert status(app, rid) == "committed"
+    assert (balance(app, payer), balance(app, payee)) == (Decimal("30.00"), Decimal("20.00"))
+    assert voter.ledger.read_account(payer).reserved == Decimal("0.00")
