@@ -1,15 +1,19 @@
 """The whole app on the in-memory fakes (``tests/fakes/app.py``): no Azurite, a fake clock.
 
 A deposit, a transfer, a follower that skips its attempt while a leader works and the leader's
-final look that commits what the follower left, and a request that expires when the fake clock
-passes its deadline: each in milliseconds.
+final look that commits what the follower left, a request that expires when the fake clock
+passes its deadline, and a transfer across shards (``memory_app(shards=3)``): each in
+milliseconds.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from decimal import Decimal
 
+from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX
+from shared.domain.sharding import ShardMap
 from shared.election.elector import ElectionCallbacks, LeaseState
 from shared.leadership.elections import Role
 from shared.leadership.intake import handle_completion
@@ -89,3 +93,35 @@ def test_a_request_expires_when_the_fake_clock_passes_its_deadline() -> None:
     assert balance(app, "bob") == Decimal("0.00")
     assert app.cleaner.wait_until_done(timeout=5)
     assert app.completions.count() == 0
+
+
+def test_a_transfer_across_three_shards_commits_end_to_end_in_memory() -> None:
+    """Alice on shard 1 pays bob on shard 2; the request is homed on shard 0. The queue
+    trigger's election alone (no sweep) coordinates, votes, decides and applies it."""
+    started = time.monotonic()
+    shard_map = ShardMap(3)
+
+    def on(shard: int, prefix: str, steps: int) -> str:
+        return next(f"{prefix}{i}" for i in itertools.count()
+                    if shard_map.home_of(f"{prefix}{i}", steps, f"{prefix}{i}") == shard)
+
+    alice, bob, rid = on(1, "alice-", 1), on(2, "bob-", 1), on(0, "t-", 2)
+    app = memory_app(shards=3)
+    app.ensure_resources()
+    assert [s.ledger.partition for s in app.shards] == ["ledger", "ledger-1", "ledger-2"]
+    send(app, *deposit("fund", alice, "50.00"), *transfer(rid, alice, bob, "20.25"))
+    decided = app.on(0).ledger.read_outcome(rid)
+    assert decided is not None
+    assert (decided.outcome.status, decided.outcome.shards, decided.settled) == (
+        "committed", (1, 2), True)
+    assert balance(app, alice) == Decimal("29.75")
+    assert balance(app, bob) == Decimal("20.25")
+    for shard in app.each_shard():
+        assert shard.ledger.list_rows(FLIGHT_PREFIX) == [], f"work left on {shard.current}"
+        assert all(row.reserved == 0 for row in shard.ledger.list_accounts().values())
+        assert shard.cleaner.wait_until_done(timeout=5)
+        assert shard.completions.count() == 0
+    assert [s.current for s in app.each_shard()
+            if s.ledger.list_rows(APPLIED_PREFIX)] == [1, 2], "applied where its legs are"
+    assert app.storage.shard_lease(app.config.lease_blob, 2).calls, "shard 2's own lease"
+    assert time.monotonic() - started < 5
