@@ -119,7 +119,7 @@ def parse_legs(text: Any) -> list[Leg]:
 def request_of(row_key: str) -> str:
     """The request a cross-shard row is about (``prefix:{R}`` or ``prefix:{R}|...``)."""
     for prefix in ("flight:coord:", "flight:escrow:", "flight:inbox:", "applied:", "vote:",
-                   "request:", "coordinated:"):
+                   "request:", "claim:"):
         if row_key.startswith(prefix):
             return row_key.removeprefix(prefix).split("|", 1)[0]
     return ""

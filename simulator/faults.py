@@ -24,7 +24,7 @@ JSON spec: ``{"seed": 7, "rules": [{"fault": "latency", "probability": 0.05, "se
 
 **Crashes at a protocol step** (shards, ``shared/domain/exchange.py``). The transport sees every
 request, so it can tell which step of the cross-shard protocol a ledger transaction is from the
-rows it writes (``protocol_steps``): *coordinate* (creates ``coordinated:{R}``), *vote*
+rows it writes (``protocol_steps``): *coordinate* (creates ``flight:coord:{R}``), *vote*
 (creates ``vote:{R}``), *decide* (creates an outcome ``request:{R}`` beside cross-shard rows),
 *apply* (consumes a DECISION from the inbox), *settle* (merges ``settled`` into an outcome),
 *send* (creates ``flight:inbox:`` rows in another shard's partition). With ``"crash_dir"`` in
@@ -206,7 +206,7 @@ def classify(method: str, url: str, headers: Mapping[str, str], body: bytes | st
 class Step(StrEnum):
     """A step of the cross-shard protocol, as the ledger request that carries it shows it."""
 
-    COORDINATE = "coordinate"  # the home's first transaction: creates coordinated:{R}
+    COORDINATE = "coordinate"  # the home's first transaction: creates flight:coord:{R}
     VOTE = "vote"  # a voter acts on PREPARE: creates vote:{R}
     DECIDE = "decide"  # the home creates the outcome request:{R} beside cross-shard rows
     APPLY = "apply"  # a participant acts on DECISION (deletes it from its inbox)
@@ -275,12 +275,12 @@ def protocol_steps(writes: Iterable[LedgerWrite]) -> frozenset[Step]:
     writes = list(writes)
     created = [w.row_key for w in writes if w.method == "POST"]
     steps: set[Step] = set()
-    if any(k.startswith("coordinated:") for k in created):
+    if any(k.startswith("flight:coord:") for k in created):
         steps.add(Step.COORDINATE)
     if any(k.startswith("vote:") for k in created):
         steps.add(Step.VOTE)
-    crossing = any(w.row_key.startswith(("flight:", "coordinated:", "applied:", "vote:"))
-                   for w in writes)
+    # (not ``claim:``: a plain commit with shards claims its requests too)
+    crossing = any(w.row_key.startswith(("flight:", "applied:", "vote:")) for w in writes)
     if crossing and any(k.startswith("request:") for k in created):
         steps.add(Step.DECIDE)
     if any(w.method == "DELETE" and w.row_key.startswith("flight:inbox:")

@@ -330,7 +330,9 @@ def test_protocol_steps_of_hand_made_requests() -> None:
     fence = ("PUT", "ledger-1", "fence")
     assert steps(fence, ("POST", "ledger-1", "request:r"), ("PUT", "ledger-1", "account:a")) \
         == set(), "a commit on one shard"
-    assert steps(fence, ("POST", "ledger-1", "coordinated:r"),
+    assert steps(fence, ("POST", "ledger-1", "request:r"), ("POST", "ledger-1", "claim:r"),
+                 ("PUT", "ledger-1", "account:a")) == set(), "a claiming commit on one shard"
+    assert steps(fence, ("POST", "ledger-1", "claim:r"),
                  ("POST", "ledger-1", "flight:coord:r")) == {"coordinate"}
     assert steps(fence, ("POST", "ledger-2", "flight:escrow:r|a"), ("POST", "ledger-2", "vote:r"),
                  ("DELETE", "ledger-2", "flight:inbox:r|prepare|1")) == {"vote"}

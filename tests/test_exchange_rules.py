@@ -26,13 +26,12 @@ from shared.domain.exchange import (
     ShardMessage,
     applied_key,
     coord_key,
-    coordinated_key,
     escrow_key,
     inbox_key,
     vote_key,
 )
 from shared.domain.model import AccountRow, Outcome, OutcomeStatus
-from shared.domain.planning import MAX_TRANSACTION_OPERATIONS, Write, request_key
+from shared.domain.planning import MAX_TRANSACTION_OPERATIONS, Write, claim_key, request_key
 
 HOME, V, W = 0, 1, 2
 R = "req-1"
@@ -118,7 +117,7 @@ def coordination(*legs: tuple[str, str], votes: Mapping[int, str] | None = None,
 def test_a_transfer_with_a_remote_debit_sends_prepare_and_reserves_nothing_at_home() -> None:
     planned = batch(HOME, {"h1": row("h1", "0.00")})
     assert planned.coordinate(request(("v1", "-30.00"), ("h1", "30.00"))) is None
-    assert kinds(planned) == {coordinated_key(R): "create", coord_key(R): "create"}
+    assert kinds(planned) == {claim_key(R): "create", coord_key(R): "create"}
     assert money(planned) == {}, "the home's credit waits for the decision"
     assert sent(planned) == [(V, MessageKind.PREPARE, (("v1", D("-30.00")),), "yes")]
     coord = planned.coordinations[R]
@@ -150,7 +149,7 @@ def test_no_remote_debit_decides_and_applies_the_homes_legs_in_the_same_transact
     assert money(planned) == {"h1": (D("70.00"), D("0.00"))}, "debited at once, no escrow"
     rows = writes(planned)
     assert {k: w.kind for k, w in rows.items()} == {
-        coordinated_key(R): "create", applied_key(R): "create", coord_key(R): "create"}
+        claim_key(R): "create", applied_key(R): "create", coord_key(R): "create"}
     assert legs_of(rows[applied_key(R)]) == [["h1", "-30.00"]]
     assert rows[coord_key(R)].entity["status"] == "committed"
     assert sent(planned) == [(W, MessageKind.DECISION, (("w1", D("30.00")),), "committed")]
@@ -164,7 +163,7 @@ def test_home_funds_short_rejects_alone_with_nothing_reserved_or_sent() -> None:
     assert decided.reason == "insufficient funds: account h1 would go to -5.00"
     assert (decided.legs, decided.shards) == ((), ())
     assert planned.outcomes == [decided]
-    assert kinds(planned) == {coordinated_key(R): "create"}, "no coordination, no escrow"
+    assert kinds(planned) == {claim_key(R): "create"}, "no coordination, no escrow"
     assert money(planned) == {}
     assert planned.messages == []
 

@@ -58,14 +58,12 @@ The quiet end sweeps every shard, ``RESEND_SECONDS`` of the instances' clock apa
 ``flight:`` row is left anywhere (``QUIET_SECONDS``); then every request is decided once and
 settled, every committed request has its ``applied:`` marker on each shard of its legs, no
 escrow or ``reserved`` is left and every balance is the net of the committed legs, to the cent.
-Three known bugs (each a strict xfail in ``tests/test_model_regressions.py``) are kept out of
-the sharded run unless ``MODEL_KNOWN_BUGS=1``: steps whose ``expectedOperations`` give them
-another home than their request's other steps are sent as intended instead; late steps of a
-cross-shard request decided without a coordination (rejected, aborted or expired on the plain
-path) are not sent, since they can complete it again and have it coordinated; and an example
-in which the app logs the sign of that bug (which other paths reach too) or of a PREPARE sent
-again refused at its escrow row (``KNOWN_BUG_SIGNS``), and nothing else unexpected, is dropped
-(``hypothesis.reject``) instead of failed. Each drop is counted in the run's summary.
+Three bugs this run found are fixed (their shrunk cases are plain tests in
+``tests/test_model_regressions.py``): steps whose ``expectedOperations`` give them another home
+(claims), late steps that complete a request decided on the plain path (claims), and a PREPARE
+sent again refused at its escrow row. Their inputs are sent; ``MODEL_KNOWN_BUGS=0`` leaves them
+out again (and drops an example whose only unexpected log is one of their signs) to tell a new
+failure from an old one.
 
 Seeds: by default (CI, ``./dev test``) the run uses the fixed seed ``FIXED_SEED``, so it is
 the same run every time; ``MODEL_SEED=random`` draws a fresh seed (explore), ``MODEL_SEED=N``
@@ -895,10 +893,10 @@ SHARDS = 3
 SHARD_MAP = ShardMap(SHARDS)
 FUNDING = ("10.00", "60.00")  # each account's opening deposit: some transfers then fall short
 QUIET_SECONDS = 45  # teardown: the longest every shard may take to settle its work in flight
-# Known bugs (module docstring; tests/test_model_regressions.py): unless MODEL_KNOWN_BUGS=1,
-# the inputs of the first two are left out, and an example in which the app logs what one of
-# the last two looks like is dropped (hypothesis.reject) rather than failed.
-KNOWN_BUGS = os.environ.get("MODEL_KNOWN_BUGS", "") == "1"
+# Former bugs (module docstring; tests/test_model_regressions.py), fixed: with
+# MODEL_KNOWN_BUGS=0 the inputs of the first two are left out, and an example in which the app
+# logs what one of the last two looked like is dropped (hypothesis.reject) rather than failed.
+KNOWN_BUGS = os.environ.get("MODEL_KNOWN_BUGS", "1") == "1"  # fixed: their inputs are sent
 KNOWN_BUG_SIGNS = {
     "a request decided on the plain path is coordinated":
         "already has an outcome, and no request of the transaction writes one",

@@ -111,11 +111,6 @@ def _on_shard(shard_map: ShardMap, shard: int, prefix: str, steps: int) -> str:
                 if shard_map.home_of(f"{prefix}{i}", steps, f"{prefix}{i}") == shard)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with shards, a step's home follows its own expectedOperations (one step: its account's "
-    "shard; more: the requestId's), so steps that disagree on it are decided apart, on two "
-    "shards: two outcomes, and a withdraw applied twice. Fix: home every request by its "
-    "requestId (shared/domain/sharding.py ShardMap.home_of)"))
 def test_steps_that_disagree_on_expected_operations_are_decided_once_across_shards(
         ns: Namespace) -> None:
     """ShardedMachine with MODEL_SPLIT_HOMES=1 (the variant "expects one step" on a transfer's
@@ -143,13 +138,6 @@ def test_steps_that_disagree_on_expected_operations_are_decided_once_across_shar
     assert balance(app, bob) == Decimal("0.00")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a cross-shard request is coordinated without a look at its outcome row: late steps that "
-    "complete a request already decided on the plain path (rejected here) are coordinated, "
-    "the voter reserves, and the decision's create of the outcome row is refused "
-    "(OutcomeExists) for a VOTE, which Exchange._outcome_exists turns into a LedgerWriteError "
-    "on every term: the escrow and the coordination stay forever, and the home shard's "
-    "exchange stops at that message each round"))
 def test_late_steps_that_complete_a_decided_request_are_not_coordinated_again(
         ns: Namespace) -> None:
     """ShardedMachine, seed 20260101 (CI's) once lost table responses were injected again,
@@ -187,12 +175,6 @@ def test_late_steps_that_complete_a_decided_request_are_not_coordinated_again(
     assert balance(other, payee) == Decimal("0.00")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a PREPARE handled a second time (sent again because its VOTE never reached the home) is "
-    "refused at its escrow row, which ExchangeBatch._on_prepare writes before the create-once "
-    "vote row, and classify_refusal makes an existing escrow row a LedgerWriteError instead "
-    "of AlreadyRecorded: every term of the voter stops there, the VOTE is never sent again, "
-    "and the request stays in flight with its money in escrow"))
 def test_a_prepare_sent_again_after_its_vote_was_lost_is_answered_again(ns: Namespace) -> None:
     """ShardedMachine (a lost response on a voter's exchange transaction: its VOTE is never
     sent; then the home sends PREPARE again), shrunk by hand: the voter's transaction lands,
