@@ -44,6 +44,7 @@ SLOW_FIRST = (
     "tests/test_chaos.py::test_the_chaos_run_loses_nothing_and_applies_nothing_twice",  # 130
     # (the prefix covers the K = 4 run too: 71 s)
     "tests/test_model.py::test_the_protocol_keeps_the_contract_under_faults",  # 70
+    "tests/test_model.py::test_shards_keep_the_contract_under_faults",  # 60
     "tests/test_limits.py::test_hundreds_of_conflicting_steps_recorded_behind_",  # 50
     "tests/infra/test_checkov.py",  # 20, one group: checkov runs once
     "tests/infra/",  # 20 in all, one group: the Bicep files are parsed once
