@@ -80,6 +80,9 @@ def emit(event: str, **fields: Any) -> None:
     sys.stdout.flush()
 
 
+MAX_EXTEND_FAILURES = 5  # failed updates in a row before a keeper gives its message up
+
+
 class VisibilityKeeper:
     """Keeps a message invisible while its invocation runs, as the host's listener does."""
 
@@ -97,16 +100,24 @@ class VisibilityKeeper:
         return self
 
     def _run(self) -> None:
-        while not self._stop.wait(self.seconds / 2):
+        failures = 0
+        while not self._stop.wait(self.seconds / 2 if not failures else 1.0):
             with self._lock:
                 if self._stop.is_set():
                     return
                 try:
                     self.handle = self.queue.update(self.handle,
                                                     visibility_timeout=int(self.seconds))
+                    failures = 0
                 except StorageError as exc:
-                    logger.warning("could not extend message %s: %s", self.message_id, exc)
-                    return
+                    # Storage restarting, say: try again each second, as the host's renewal
+                    # does; a handle that went stale (the update landed, its answer was lost)
+                    # keeps failing, and the message then comes back as after a crash.
+                    failures += 1
+                    logger.warning("could not extend message %s (%d): %s", self.message_id,
+                                   failures, exc)
+                    if failures >= MAX_EXTEND_FAILURES:
+                        return
 
     def stop(self) -> None:
         with self._lock:

@@ -69,7 +69,10 @@ SLOW_FIRST = (
 # Modules whose module-scoped fixtures or caches are costly (checkov, the Bicep parse, Chromium):
 # each runs on one worker only (``--dist loadgroup``, see ``pytest_xdist_make_scheduler``).
 # The first prefix that matches names the group.
-GROUPS = ("tests/infra/test_checkov.py", "tests/infra/", "tests/test_status_page.py")
+# The chaos runs share one worker too: each is a cluster of instance processes and an Azurite,
+# and two at once on 2 cores starve their instances past their queue messages' visibility.
+GROUPS = ("tests/infra/test_checkov.py", "tests/infra/", "tests/test_status_page.py",
+          "tests/test_chaos.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -204,14 +204,14 @@ def test_a_prepare_sent_again_after_its_vote_was_lost_is_answered_again(ns: Name
         return any(str(r["RowKey"]).endswith("|prepare|0")
                    for r in voter.ledger.list_rows(FLIGHT_PREFIX))
 
-    wait_until(prepare_sent_again, 15, "the home to send PREPARE again", interval=0.5)
+    wait_until(prepare_sent_again, 40, "the home to send PREPARE again", interval=0.5)
 
     def settled() -> bool:
         for shard in app.each_shard():
             run_election(shard)
         return not any(s.ledger.list_rows(FLIGHT_PREFIX) for s in app.each_shard())
 
-    wait_until(settled, 8, "the transfer to settle", interval=0.5)
+    wait_until(settled, 40, "the transfer to settle", interval=0.5)
     assert status(app, rid) == "committed"
     assert (balance(app, payer), balance(app, payee)) == (Decimal("30.00"), Decimal("20.00"))
     assert voter.ledger.read_account(payer).reserved == Decimal("0.00")

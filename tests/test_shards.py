@@ -412,7 +412,7 @@ def test_late_steps_of_a_request_in_flight_wait_for_its_decision(ns: Namespace) 
     assert len(app.on(0).ledger.list_rows("claim:")) == 1
     settle(app, [rid])
     assert (balance(app, alice), balance(app, bob)) == (Decimal("8.00"), Decimal("2.00"))
-    wait_until(lambda: run_election(app.on(0)) is not None and not ready(app.on(0)), 10,
+    wait_until(lambda: run_election(app.on(0)) is not None and not ready(app.on(0)), 30,
                "the late duplicate to be settled")
     assert in_flight(app) == {}
 
