@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from shared.domain.clock import ComposedClock
 from shared.domain.contract import Operation, StepStatus, message_body, parse_completion
 from shared.domain.model import DecidedOutcome
 from shared.election.elector import ElectionCallbacks
-from shared.leadership.elections import ElectionResult, run_election
+from shared.leadership.elections import ElectionResult, handle_wakeup, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import (
     CompletionResult,
@@ -186,3 +187,13 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def take_alarms(app: LedgerApp, stop: threading.Event) -> None:
+    """The host's listener on the wake-up queue: each alarm that comes due wakes ``app``."""
+    queue = app.queue(app.config.wakeup_queue)  # decodes as the host does
+    while not stop.is_set():
+        for message in queue.receive(max_messages=1, visibility_timeout=30):
+            handle_wakeup(app, message.text.encode())
+            queue.delete(message.handle)
+        stop.wait(0.1)

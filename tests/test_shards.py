@@ -24,7 +24,7 @@ from shared.domain.model import OutcomeStatus
 from shared.domain.planning import FencedOut
 from shared.domain.sharding import ShardMap
 from shared.election.elector import ElectionCallbacks
-from shared.leadership.elections import Election, handle_wakeup, run_election
+from shared.leadership.elections import Election, run_election
 from shared.leadership.exchange import deliver
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
@@ -38,6 +38,7 @@ from tests.helpers import (
     record,
     send,
     step,
+    take_alarms,
     transfer,
     wait_until,
 )
@@ -479,15 +480,6 @@ def test_a_participant_whose_holder_stops_acts_by_its_lease_expiry_plus_a_few_se
     assert (balance(b, alice), balance(b, bob)) == (Decimal("7.50"), Decimal("2.50"))
     assert in_flight(b) == {}
 
-
-def take_alarms(app: LedgerApp, stop: threading.Event) -> None:
-    """The host's listener on the wake-up queue: each message that comes due wakes ``app``."""
-    queue = app.queue(app.config.wakeup_queue)  # decodes as the host does
-    while not stop.is_set():
-        for message in queue.receive(max_messages=1, visibility_timeout=30):
-            handle_wakeup(app, message.text.encode())
-            queue.delete(message.handle)
-        stop.wait(0.1)
 
 
 def test_steps_that_disagree_on_their_home_are_decided_by_one_shard_only(ns: Namespace) -> None:

@@ -19,10 +19,9 @@ from typing import Any
 import pytest
 
 from shared.election.elector import ElectionCallbacks
-from shared.leadership.elections import Role, handle_wakeup, run_election
-from shared.leadership.instance import LedgerApp
+from shared.leadership.elections import Role, run_election
 from shared.leadership.intake import handle_completion
-from tests.helpers import Namespace, balance, deposit, record, status, wait_until
+from tests.helpers import Namespace, balance, deposit, record, status, take_alarms, wait_until
 
 SKIP = 1.0  # every instance runs with the same window (a constant in production: 0.25 s)
 WAIT = 10.0  # an event that does not come within this fails the test
@@ -96,16 +95,6 @@ def test_a_step_announced_in_a_skip_window_is_committed_when_the_last_holder_was
     assert committed_after <= SKIP + 1.0
 
 
-def _take_alarms(app: LedgerApp, stop: threading.Event) -> None:
-    """The host's listener on the wake-up queue: each alarm that comes due wakes ``app``."""
-    queue = app.queue(app.config.wakeup_queue)  # decodes as the host does
-    while not stop.is_set():
-        for message in queue.receive(max_messages=1, visibility_timeout=30):
-            handle_wakeup(app, message.text.encode())
-            queue.delete(message.handle)
-        stop.wait(0.1)
-
-
 @pytest.mark.slow
 def test_work_handed_to_a_holder_that_stops_is_committed_by_its_lease_expiry_plus_1_s(
         ns: Namespace) -> None:
@@ -131,7 +120,7 @@ def test_work_handed_to_a_holder_that_stops_is_committed_by_its_lease_expiry_plu
     result = handle_completion(b, deposit("w1", "bob", "2.00")[0], "w1")
     assert result.election is not None
     assert result.election.role is Role.FOLLOWER
-    listener = threading.Thread(target=_take_alarms, args=(ns.app("W", LEASE_SECONDS="15"),
+    listener = threading.Thread(target=take_alarms, args=(ns.app("W", LEASE_SECONDS="15"),
                                                            stop), daemon=True, name="listener")
     listener.start()
     try:

@@ -311,13 +311,19 @@ class ExchangeBatch:
     def _change(self, account: str, balance: Decimal, reserved: Decimal) -> None:
         self.working[account] = (balance, reserved)
 
-    def _reserve(self, request_id: str, debits: Mapping[str, Decimal], home: int) -> str:
-        """Move ``debits`` from balance to reserved, with an escrow row each; or say why not."""
+    def _short(self, debits: Mapping[str, Decimal]) -> str:
+        """Why ``debits`` cannot be taken from the balances (``""`` when they can)."""
         for account, amount in debits.items():
             balance, _ = self._holding(account)
             if balance - amount < 0:
                 return (f"insufficient funds: account {account} would go to "
                         f"{format_money(balance - amount)}")
+        return ""
+
+    def _reserve(self, request_id: str, debits: Mapping[str, Decimal], home: int) -> str:
+        """Move ``debits`` from balance to reserved, with an escrow row each; or say why not."""
+        if why := self._short(debits):
+            return why
         for account, amount in debits.items():
             balance, reserved = self._holding(account)
             self._change(account, balance - amount, reserved + amount)
@@ -342,11 +348,8 @@ class ExchangeBatch:
     def _debit_now(self, legs: Iterable[Leg]) -> str:
         """Apply the legs' debits directly (a decision made in this very transaction)."""
         debits = debits_of(legs)
-        for account, amount in debits.items():
-            balance, _ = self._holding(account)
-            if balance - amount < 0:
-                return (f"insufficient funds: account {account} would go to "
-                        f"{format_money(balance - amount)}")
+        if why := self._short(debits):
+            return why
         for account, amount in debits.items():
             balance, reserved = self._holding(account)
             self._change(account, balance - amount, reserved)
