@@ -68,6 +68,7 @@ APPLIED_PREFIX = "applied:"
 SEPARATOR = "|"  # outside the identifier charset
 RESEND_SECONDS = 5.0  # a coordination without progress this long has its messages sent again
 ZERO = Decimal("0.00")
+COMMITTING = "committing"  # what a request being coordinated or applied reads as
 # Distinct accounts of one cross-shard request a shard can hold: each shard's transaction of it
 # (the home's coordination and decision, a voter's reservation, a participant's apply) writes at
 # most 2 rows per account (the account, its escrow) and 5 more, within 100 operations.

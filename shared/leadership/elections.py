@@ -83,7 +83,7 @@ def run_election(app: LedgerApp, handed_over: bool = False) -> ElectionResult:
     """
     election = Election(app)
     result = election.run(handed_over)
-    if len(app.shards) > 1:
+    if app.sharded:
         drive_shards(app, result, election.budget_deadline)
     return result
 
@@ -231,8 +231,7 @@ class Election:
     def _look(self) -> bool:
         """Read the ready index once (after a release); True when it announces work."""
         view = ReadyView(self.app)
-        ready = view.read()
-        found = bool(ready)  # late steps to settle count as work
+        found = bool(view.read())  # late steps to settle count as work
         self.others_seen = self.others_seen or view.others_seen
         return found
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.domain.exchange import (
+    COMMITTING,
     HANDLING_ORDER,
     RESEND_SECONDS,
     Coordination,
@@ -34,7 +35,7 @@ from shared.domain.exchange import (
     applied_key,
     vote_key,
 )
-from shared.domain.model import AccountRow, DecidedOutcome, Fence, Outcome, OutcomeStatus
+from shared.domain.model import AccountRow, Fence, Outcome, OutcomeStatus
 from shared.domain.planning import (
     AccountChanged,
     AlreadyRecorded,
@@ -66,12 +67,11 @@ class Term(Protocol):
 
     def landed(self, result: CommitResult) -> None: ...
 
-    def settle_late(self, late: ReadyRequest, decided: DecidedOutcome | None = None) -> None: ...
+    def settle_against(self, request: ReadyRequest, home: int) -> None: ...
 
 logger = logging.getLogger(__name__)
 
 MAX_REFUSALS = 200  # refusals one exchange settles before it gives the rest to the next round
-COMMITTING = "committing"  # the tombstone's status of a request being coordinated
 
 
 @dataclass(frozen=True)
@@ -202,8 +202,6 @@ class Exchange:
         term, app = self.term, self.app
         term.landed(written)
         self.coordinations = batch.coordinations
-        if batch.coordinated or self.coordinations:
-            app.shard.in_flight = True  # the in-flight timer is armed at the end of the election
         for outcome in batch.outcomes:
             term.report.outcomes[outcome.status] += 1
         for message in batch.handled:
@@ -272,11 +270,7 @@ class Exchange:
         home = self.app.current if home is None else home
         for item in culprits:
             assert item.request is not None
-            decided = self.app.on(home).ledger.read_outcome(request_id)
-            if decided is not None:
-                self.term.settle_late(item.request, decided)
-            else:  # being coordinated (or decided elsewhere soon): its rows wait
-                self.app.shard.held.add(request_id)
+            self.term.settle_against(item.request, home)
         return [i for i in pending if i not in culprits]
 
     # --- messages ------------------------------------------------------------------------------

@@ -117,6 +117,11 @@ class LedgerApp:
                              f"{len(self.shards)} shard(s)")
 
     @property
+    def sharded(self) -> bool:
+        """More than one shard (``LEDGER_SHARDS`` > 1)."""
+        return len(self.shards) > 1
+
+    @property
     def shard_map(self) -> ShardMap:
         return ShardMap(len(self.shards))
 

@@ -159,10 +159,10 @@ class LeaderTerm:
         self.read_accounts({account for r in to_commit for account in accounts_of(r.assessment)})
         # Requests whose accounts could not be read (storage too slow) wait for the next round.
         readable = [r for r in to_commit if accounts_of(r.assessment) <= self.balances.keys()]
-        if self.sharded:
+        if self.app.sharded:
             readable = self._claim_elsewhere(readable)
         by_id = {r.request_id: r for r in readable}
-        for batch in plan_batches([r.assessment for r in readable], claims=self.sharded):
+        for batch in plan_batches([r.assessment for r in readable], claims=self.app.sharded):
             # A term commits at least one batch whatever its budget: otherwise a budget shorter
             # than a round's reads would end every term before its first commit.
             if self.report.transactions and self.app.clock.monotonic() >= budget_deadline:
@@ -178,10 +178,6 @@ class LeaderTerm:
         # partition is half full, the rest when the term ends (``wait_until_done``).
         self.app.cleaner.flush(everything=False)
         return True
-
-    @property
-    def sharded(self) -> bool:
-        return len(self.app.shards) > 1
 
     def _request_shard(self, request_id: str) -> int:
         return self.app.shard_map.request_shard(request_id)
@@ -208,7 +204,7 @@ class LeaderTerm:
     def _claims(self, batch: Iterable[ReadyRequest]) -> list[tuple[str, int]]:
         """The claims the commit of ``batch`` creates with its outcomes (see ``claim_entity``)."""
         me = self.app.current
-        return [(r.request_id, me) for r in batch if self.sharded
+        return [(r.request_id, me) for r in batch if self.app.sharded
                 and self._request_shard(r.request_id) == me]
 
     def _claimed_by(self, request: ReadyRequest, home: int) -> None:
@@ -216,15 +212,20 @@ class LeaderTerm:
         logger.warning("request %s is decided by shard %d, not %d: its steps disagree on where "
                        "(expectedOperations, or the account of a one-step request)",
                        request.request_id, home, self.app.current)
+        self.settle_against(request, home)
+
+    def settle_against(self, request: ReadyRequest, home: int) -> None:
+        """Settle the request's rows against its outcome on shard ``home``; while it has none
+        (being coordinated, or claimed and not decided yet), the rows wait out of the rounds."""
         decided = self.app.on(home).ledger.read_outcome(request.request_id)
-        if decided is None:  # claimed, not decided yet: the rows wait for its outcome
+        if decided is None:
             self.app.shard.held.add(request.request_id)
             return
         self.settle_late(request, decided)
 
     def _crosses_shards(self, assessment: Assessment) -> bool:
         """A commit whose legs touch another shard's accounts (never with one shard)."""
-        if len(self.app.shards) == 1 or assessment.verdict is not Verdict.COMMIT:
+        if not self.app.sharded or assessment.verdict is not Verdict.COMMIT:
             return False
         shard_map, me = self.app.shard_map, self.app.current
         return any(shard_map.account_shard(account) != me for account, _ in assessment.legs)
@@ -394,7 +395,7 @@ class LeaderTerm:
         """
         decided = decided or self.app.ledger.read_outcome(late.request_id)
         if decided is None:
-            if len(self.app.shards) > 1:
+            if self.app.sharded:
                 # Being coordinated across shards: its rows wait, out of the rounds, until it is
                 # decided (the view lets them back once the coordination is gone).
                 self.app.shard.held.add(late.request_id)

@@ -53,12 +53,9 @@ class ReadyRound:
     unconfirmed: list[ReadyRequest] = field(default_factory=list)  # not decidable by its steps
     flight: Flight = field(default_factory=Flight)  # with shards: messages, coordinations
     resend: list[Coordination] = field(default_factory=list)  # no progress for RESEND_SECONDS
-    held: int = 0  # markers of requests being coordinated: settled once they are decided
     mail: str | None = None  # the mail flag's version when the inbox was read with it
     def __bool__(self) -> bool:
         return bool(self.decidable or self.unconfirmed or self.flight.inbox or self.resend)
-
-    in_flight: bool = False  # coordinations of this shard wait for other shards
 
 
 class ReadyView:
@@ -85,15 +82,13 @@ class ReadyView:
             for request_id in shard.resent.keys() - flight.coordinations.keys():
                 del shard.resent[request_id]
         waiting = flight.coordinations.keys() | shard.held
-        markers = self._markers(scan.markers)
-        held = [m for m in markers if m.request_id in waiting]
-        markers = [m for m in markers if m.request_id not in waiting]
+        markers = [m for m in self._markers(scan.markers) if m.request_id not in waiting]
         now = scan.storage_time + self.app.time_shift()
         assessed = {m.request_id: assess(m.request_id, m.steps, now, self.timeout)
                     for m in markers}
         assessed.update(self._confirmed(markers, assessed))
         found = self._round(markers, assessed, now)
-        found.flight, found.held = flight, len(held)
+        found.flight = flight
         if flight_time is not None:
             found.resend = self._due(flight, flight_time)
             found.mail = scan.mail
@@ -101,7 +96,6 @@ class ReadyView:
                 shard.mail_seen = scan.mail
             shard.in_flight = bool(flight.coordinations)
             shard.flight_read_at = self.app.clock.monotonic()
-        found.in_flight = self.app.shard.in_flight
         return found
 
     def _flight_due(self, mail: str | None) -> bool:
@@ -112,7 +106,7 @@ class ReadyView:
         least every ``RESEND_SECONDS`` anyway (a new leader finds what a crashed one left;
         coordinations without progress are sent again).
         """
-        if len(self.app.shards) == 1:
+        if not self.app.sharded:
             return False
         shard = self.app.shard
         return (mail is not None and mail != shard.mail_seen) or \

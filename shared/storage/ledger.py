@@ -16,7 +16,6 @@ limits"): a reason is cut to ``MAX_REASON_CHARS``, an outcome keeps at most
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -270,24 +269,13 @@ class Ledger:
         """Claim requests for shard ``home`` in this partition (create-once, not fenced: see
         ``claim_entity``). Returns the requests claimed by another shard, with its number."""
         lost: dict[str, int] = {}
-        entities = [{"PartitionKey": self.partition, **claim_entity(r, home)}
-                    for r in dict.fromkeys(request_ids)]
-        for start in range(0, len(entities), MAX_TRANSACTION_OPERATIONS):
-            chunk = entities[start:start + MAX_TRANSACTION_OPERATIONS]
-            try:
-                self.table.submit([("create", e) for e in chunk])
-                continue
-            except BatchRefused:
-                pass
-            for entity in chunk:
-                request_id = str(entity["RowKey"]).removeprefix(CLAIM_PREFIX)
-                try:
-                    self.table.create(entity)
-                except AlreadyExists:
-                    found = self.read_row(claim_key(request_id))
-                    owner = int(found["home"]) if found is not None else home
-                    if owner != home:
-                        lost[request_id] = owner
+        existing = self._create_once([{"PartitionKey": self.partition, **claim_entity(r, home)}
+                                      for r in request_ids])
+        for entity in existing:
+            request_id = str(entity["RowKey"]).removeprefix(CLAIM_PREFIX)
+            owner = self.claimed_by(request_id)
+            if owner is not None and owner != home:
+                lost[request_id] = owner
         return lost
 
     def claimed_by(self, request_id: str) -> int | None:
@@ -304,16 +292,26 @@ class Ledger:
 
     def deliver(self, messages: Sequence[ShardMessage]) -> None:
         """Put messages in this shard's inbox (create-once: a message sent twice is one row)."""
-        entities = [m.entity(self.partition) for m in messages]
-        for start in range(0, len(entities), MAX_TRANSACTION_OPERATIONS):
-            chunk = entities[start:start + MAX_TRANSACTION_OPERATIONS]
-            unique = {e["RowKey"]: e for e in chunk}
+        self._create_once([m.entity(self.partition) for m in messages])
+
+    def _create_once(self, entities: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Create rows of this partition that may exist already (one transaction per 100; one
+        by one when a transaction is refused). Returns the entities whose row existed."""
+        unique = list({str(e["RowKey"]): e for e in entities}.values())
+        existing: list[dict[str, Any]] = []
+        for start in range(0, len(unique), MAX_TRANSACTION_OPERATIONS):
+            chunk = unique[start:start + MAX_TRANSACTION_OPERATIONS]
             try:
-                self.table.submit([("create", e) for e in unique.values()])
+                self.table.submit([("create", e) for e in chunk])
+                continue
             except BatchRefused:
-                for entity in unique.values():
-                    with contextlib.suppress(AlreadyExists):  # sent before: the same message
-                        self.table.create(entity)
+                pass
+            for entity in chunk:
+                try:
+                    self.table.create(entity)
+                except AlreadyExists:
+                    existing.append(entity)
+        return existing
 
     # --- the one write path ----------------------------------------------------------------
     def commit(self, fence: Fence, outcomes: Sequence[Outcome],

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared.domain.contract import IDENTIFIER_PATTERN
-from shared.domain.exchange import coord_key
+from shared.domain.exchange import COMMITTING, coord_key
 from shared.domain.model import Fence
 from shared.domain.money import format_money
 from shared.errors import StorageError
@@ -17,7 +17,6 @@ from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
-COMMITTING = "committing"
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ def request(app: LedgerApp, request_id: str) -> Reply:
     """
     if bad := _bad_identifier("requestId", request_id):
         return bad
-    if len(app.shards) == 1:
+    if not app.sharded:
         found = _request_on(app, request_id)
     else:
         home = app.on(app.shard_map.request_shard(request_id))
@@ -81,7 +80,7 @@ def _request_on(app: LedgerApp, request_id: str) -> Reply | None:
                                "reason": "decided "
                                f"{outcome.outcome.status.value}; other shards still apply it"})
         return Reply(200, {"requestId": request_id, **outcome_view(outcome)})
-    if len(app.shards) > 1 and app.ledger.read_row(coord_key(request_id)) is not None:
+    if app.sharded and app.ledger.read_row(coord_key(request_id)) is not None:
         return Reply(200, {"requestId": request_id, "status": COMMITTING,
                            "reason": "complete; the shards it touches are voting"})
     steps = app.completions.steps_of(request_id)
