@@ -1,7 +1,6 @@
 """Where the CPU goes in the hot-account cells: thread CPU by phase, per request, side by side.
 
     .venv/bin/python -m bench.cpu_phases                       # intake, hot, hot, intake
-    .venv/bin/python -m bench.cpu_phases --batched-deletes     # the same with the change below
 
 A diagnostic for ``bench.shards``' hot account against the intake floor (same generator, same
 cells). Before the generator forks, it wraps the phases of a delivery and of a term with
@@ -15,11 +14,9 @@ sums to a file twice a second; the figures are milliseconds of CPU per request, 
 from ``CpuMeter``. On a machine where the generator and Azurite share two saturated cores, the
 hot/intake rate ratio is bounded by the ratio of these costs.
 
-``--batched-deletes`` tries a production change without making it: the cleaner sends, after
-each round, only the ready index's markers and step-row partitions of at least
-``BATCHED_ROWS`` rows (every partition still goes at the term's end), instead of every partly
-filled partition each round (``shared/storage/cleanup.py``, ``RowCleaner.flush``, called by
-``LeaderTerm._round``). It patches the class in this process only, for this run.
+The cleaner's batching of deletes (``RowCleaner.flush``: after each round only the ready
+index's markers and half-full step-row partitions) was first tried here by patching the class;
+it is production behaviour since (bench/README.md, "The hot account against the intake floor").
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +39,8 @@ from bench import loadgen
 from bench.shards import run_shard_cell
 from shared.leadership import elections, intake
 from shared.storage import cleanup
-from shared.storage.completions import READY_PARTITION, TOMBSTONE_SECONDS
 from simulator.azurite import Azurite
 
-BATCHED_ROWS = 50  # --batched-deletes: a step-row partition goes once it holds this many rows
 PHASES = ("record", "announce", "election", "lead", "cleaner", "process")
 
 
@@ -103,35 +97,6 @@ class PhaseClock:
         return total
 
 
-def batched_deletes() -> None:
-    """Patch ``RowCleaner`` as ``--batched-deletes`` says (see the module docstring)."""
-
-    def flush(self: cleanup.RowCleaner, everything: bool = False) -> None:
-        with self._lock:
-            now = self.clock()
-            while self._tombstones and now - self._tombstones[0][0] >= TOMBSTONE_SECONDS:
-                _, ref = self._tombstones.popleft()
-                self._waiting[ref.partition_key].append(ref)
-            chunks = []
-            for partition, rows in self._waiting.items():
-                if rows and (everything or partition == READY_PARTITION
-                             or len(rows) >= BATCHED_ROWS):
-                    chunks.append(rows[:])
-                    rows.clear()
-        for chunk in chunks:
-            self._submit(chunk)
-
-    def wait_until_done(self: cleanup.RowCleaner, timeout: float) -> bool:
-        flush(self, everything=True)
-        with self._lock:
-            futures = set(self._futures)
-        _, not_done = wait(futures, timeout=timeout)
-        return not not_done
-
-    cleanup.RowCleaner.flush = flush  # type: ignore[method-assign]
-    cleanup.RowCleaner.wait_until_done = wait_until_done  # type: ignore[method-assign]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_phases",
                                      description=__doc__.split("\n\n")[0])
@@ -140,15 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4)
     parser.add_argument("--cells", nargs="+", default=["intake", "hot", "hot", "intake"],
                         choices=["intake", "hot"])
-    parser.add_argument("--batched-deletes", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("azure").setLevel(logging.ERROR)
     logging.getLogger("shared").setLevel(logging.ERROR)
     clock = PhaseClock(Path(tempfile.mkdtemp(prefix="cpu-phases-")))
     clock.install()
-    if args.batched_deletes:
-        batched_deletes()
     rates: dict[str, list[float]] = {}
     with Azurite(in_memory=True) as azurite:
         for kind in args.cells:
