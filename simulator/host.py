@@ -84,7 +84,14 @@ MAX_EXTEND_FAILURES = 5  # failed updates in a row before a keeper gives its mes
 
 
 class VisibilityKeeper:
-    """Keeps a message invisible while its invocation runs, as the host's listener does."""
+    """Keeps a message invisible from its receipt until it is settled, as the host's listener does.
+
+    The real host starts renewing a message's visibility as soon as it hands the message to the
+    worker, so a message waiting in the worker's queue for a free thread stays invisible too. A
+    keeper started only when the invocation begins would let a message that waited longer than
+    the lock come back to another instance, again and again under load, until its dequeue count
+    passed ``maxDequeueCount`` and a valid message went to the poison queue.
+    """
 
     def __init__(self, queue: MessageQueue, message: Message, seconds: float) -> None:
         self.queue = queue
@@ -162,7 +169,8 @@ class QueueListener:
                 continue
             idle = 0.1
             for message in messages:
-                future = host.pool.submit(self._invoke, message)
+                keeper = VisibilityKeeper(self.queue, message, host.lock_seconds).start()
+                future = host.pool.submit(self._invoke, message, keeper)
                 with self.lock:
                     self.in_flight.add(future)
                 future.add_done_callback(self._done)
@@ -177,19 +185,20 @@ class QueueListener:
             return base64.b64decode(content, validate=True)
         return content.encode()
 
-    def _invoke(self, message: Message) -> None:
+    def _invoke(self, message: Message, keeper: VisibilityKeeper) -> None:
         options, index = self.host.options, self.host.index
         message_id = message.handle.message_id
         count = message.dequeue_count or 1
         if count > options.max_dequeue_count:
-            self._poison(message, "dequeue count above maxDequeueCount")
+            keeper.stop()
+            self._poison(message, "dequeue count above maxDequeueCount", keeper.handle)
             return
         try:
             body = self._decode(message)
         except (binascii.Error, ValueError) as exc:  # the extension poisons these at once
-            self._poison(message, f"message is not valid base64: {exc}")
+            keeper.stop()
+            self._poison(message, f"message is not valid base64: {exc}", keeper.handle)
             return
-        keeper = VisibilityKeeper(self.queue, message, self.host.lock_seconds).start()
         try:
             self.trigger.handler(QueueMessage(  # type: ignore[no-untyped-call]
                 id=message_id, body=body, dequeue_count=count,

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import signal
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
+from types import SimpleNamespace
 
+import azure.functions as func
 import pytest
 from azure.storage.queue import QueueClient
 
@@ -17,6 +23,8 @@ from shared.domain.model import DecidedOutcome, Outcome, OutcomeStatus
 from simulator import REPO_ROOT
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
+from simulator.functions import QueueTrigger
+from simulator.host import QueueListener, QueueOptions
 from simulator.workload import check, generate
 from tests.helpers import Namespace, balance, deposit, status, transfer, wait_until
 
@@ -171,3 +179,36 @@ def test_sigterm_stops_the_demo_with_its_instances_and_its_private_azurite() -> 
     finally:
         if demo.poll() is None:
             demo.kill()
+
+
+def test_a_message_waiting_for_a_free_thread_stays_invisible(ns: Namespace) -> None:
+    """The host keeps a received message invisible while it waits for the worker (CI run 20).
+
+    One thread, a 2 s lock and three 1.5 s invocations: the third waits 3 s for the thread.
+    A listener that only renewed visibility once an invocation began let that message come back
+    (dequeue count 2, and under load past ``maxDequeueCount`` into the poison queue).
+    """
+    app = ns.app()
+    queue = app.queue(ns.env()["COMPLETIONS_QUEUE_NAME"], raw=True)
+    for n in range(3):
+        queue.send(base64.b64encode(f"m{n}".encode()).decode())
+    seen: list[tuple[str, int]] = []
+
+    def slow(message: func.QueueMessage) -> None:
+        time.sleep(1.5)  # the invocation's work, holding the only thread
+        seen.append((message.get_body().decode(), message.dequeue_count or 0))
+
+    host = SimpleNamespace(options=QueueOptions(batch_size=16, max_polling_interval=0.2),
+                           index=0, lock_seconds=2, stopping=threading.Event(),
+                           pool=ThreadPoolExecutor(max_workers=1))
+    listener = QueueListener(host, QueueTrigger("slow", "COMPLETIONS_QUEUE_NAME", slow),  # type: ignore[arg-type]
+                             queue, app.queue(f"{queue.name}-poison", raw=True))
+    thread = threading.Thread(target=listener.run)
+    thread.start()
+    try:
+        wait_until(lambda: len(seen) >= 3 and not listener.in_flight, 30, "three invocations")
+    finally:
+        host.stopping.set()
+        thread.join()
+        host.pool.shutdown(wait=True)
+    assert sorted(seen) == [("m0", 1), ("m1", 1), ("m2", 1)]
