@@ -83,6 +83,14 @@ LEDGER_SHARDS = Setting(
     "LEDGER_SHARDS", "1",
     "Shards of the ledger, 1-64: each has its own lease, ledger partition and completions table.",
 )
+OUTCOME_EVENTS = Setting(
+    "OUTCOME_EVENTS", "true",
+    "true: send one outcome event per decided request to OUTCOMES_QUEUE_NAME; false: none.",
+)
+OUTCOMES_QUEUE_NAME = Setting(
+    "OUTCOMES_QUEUE_NAME", "outcomes",
+    "Queue the leader sends outcome and contradiction events to (base64 JSON, version 1).",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -103,6 +111,8 @@ SETTINGS: tuple[Setting, ...] = (
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
     LEDGER_SHARDS,
+    OUTCOME_EVENTS,
+    OUTCOMES_QUEUE_NAME,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -127,6 +137,8 @@ class AppConfig:
     storage_timeout_seconds: float
     instance_id: str
     shards: int = 1  # LEDGER_SHARDS
+    outcome_events: bool = True  # OUTCOME_EVENTS
+    outcomes_queue: str = OUTCOMES_QUEUE_NAME.default
 
     @property
     def poison_queue(self) -> str:
@@ -166,6 +178,16 @@ def _optional_number(env: Mapping[str, str], setting: Setting, low: float,
             f"(default {default}). {setting.description}"
         )
     return value
+
+
+def _flag(env: Mapping[str, str], setting: Setting) -> bool:
+    raw = _text(env, setting).lower()
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{setting.name}={raw!r} is not true or false (default "
+                      f"{setting.default}). {setting.description}")
 
 
 def default_instance_id() -> str:
@@ -216,4 +238,6 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
         shards=int(shards),
+        outcome_events=_flag(env, OUTCOME_EVENTS),
+        outcomes_queue=_text(env, OUTCOMES_QUEUE_NAME),
     )
