@@ -39,6 +39,7 @@ from typing import Any, NoReturn, TextIO
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
+from operator_cli import outcomes
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.storage_errors import explain, problem
 from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
@@ -53,6 +54,7 @@ from shared.domain.contract import (
 )
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import outbox_view
 from shared.storage.azure_queues import AzureQueue
 from shared.storage.clients import clients_from_settings, ensure_queues
 from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
@@ -408,6 +410,7 @@ def _answer(app: LedgerApp, call: Callable[[], api.Reply]) -> dict[str, Any]:
 def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """The leader view of ``GET /api/leader``."""
     view = _answer(app, lambda: api.leader(app))
+    view["outbox"] = outbox_view(app)  # outcome events not sent yet
     if output.as_json:
         output.data(view)
         return EXIT_OK
@@ -422,6 +425,8 @@ def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
                            for k in lease)),
         ("pending", f"{view.get('pendingCompletions')} completion(s)"),
         ("last commit", view.get("lastCommitAt") or "never"),
+        ("outbox", f"{view['outbox']['events']} event(s) unsent, oldest "
+                   f"{view['outbox']['oldestAgeSeconds']:g} s"),
     ]))
     return EXIT_OK
 
@@ -580,6 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="a request's status: pending or its outcome")
     request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
+    outcomes.register(commands, common, Parser, _ignore_stdin)  # ./dev cli outcomes tail
     return parser
 
 

@@ -56,7 +56,8 @@ SHARD_COUNTS = [1, 4]
 
 # --- helpers -------------------------------------------------------------------------------------
 def app_with(ns: Namespace, shards: int, **overrides: str) -> LedgerApp:
-    return ns.app(LEDGER_SHARDS=str(shards), **overrides)
+    settings: dict[str, Any] = {"LEDGER_SHARDS": str(shards), **overrides}
+    return ns.app(None, **settings)
 
 
 def accounts_on(shards: int, shard: int, count: int, prefix: str, width: int = 0) -> list[str]:

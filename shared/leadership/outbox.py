@@ -157,6 +157,14 @@ def depth(app: LedgerApp) -> OutboxDepth:
                        max((d.oldest_age_seconds for d in found), default=0.0))
 
 
+def outbox_view(app: LedgerApp) -> dict[str, Any]:
+    """The operator's view of every shard's outbox (status page, ``/api/metrics``, CLI)."""
+    found = depth(app)
+    return {"rows": found.rows, "events": found.events,
+            "oldestAgeSeconds": round(found.oldest_age_seconds, 1),
+            "queue": app.config.outcomes_queue, "enabled": app.config.outcome_events}
+
+
 def drain_outbox(app: LedgerApp) -> int:
     """Send everything in every shard's outbox (resharding calls this first); rows published."""
     return sum(publish_remaining(shard, limit=RECOVER_ROWS * 100) for shard in app.each_shard())

@@ -33,6 +33,7 @@ from typing import Any
 from shared.domain.model import Fence
 from shared.errors import NO_ANSWER, NO_CREDENTIAL, UNREACHABLE, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import outbox_view
 from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
 from shared.web.api import Reply, leader_view, lease_view
@@ -124,6 +125,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
         "parkedByKind": parked,
         "poisoned": poisoned,
         "poisonQueue": app.config.poison_queue,
+        "outbox": outbox_view(app),  # outcome events not sent yet (shared/leadership/outbox.py)
     }
 
 
