@@ -110,6 +110,20 @@ param storageTimeoutSeconds int = 5
 @maxValue(64)
 param ledgerShards int = 1
 
+@description('OUTCOME_EVENTS: true sends one outcome event per decided request to OUTCOMES_QUEUE_NAME (a transactional outbox); false sends none.')
+@allowed([
+  'true'
+  'false'
+])
+param outcomeEvents string = 'true'
+
+@description('OUTCOMES_QUEUE_NAME: queue the leader sends outcome and contradiction events to (base64 JSON, version 1).')
+param outcomesQueueName string = 'outcomes'
+
+@description('Minutes an outcome event may stay unsent before the outbox alert fires.')
+@minValue(2)
+param outboxAlertMinutes int = 5
+
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
   '0'
@@ -137,6 +151,8 @@ var appSettings = {
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
   LEDGER_SHARDS: string(ledgerShards)
+  OUTCOME_EVENTS: outcomeEvents
+  OUTCOMES_QUEUE_NAME: outcomesQueueName
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
@@ -158,6 +174,7 @@ module storage 'modules/storage.bicep' = {
     skuName: storageSkuName
     completionsQueueName: completionsQueueName
     wakeupQueueName: wakeupQueueName
+    outcomesQueueName: outcomesQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName
     parkedTableName: parkedTableName
@@ -186,6 +203,19 @@ module alerts 'modules/alerts.bicep' = {
     tags: tags
     appInsightsName: monitoring.outputs.appInsightsName
     actionGroupIds: alertActionGroupIds
+  }
+}
+
+// Outcome events that stay unsent (the outbox, shared/leadership/outbox.py).
+module outboxAlerts 'modules/outbox_alerts.bicep' = {
+  name: 'outbox-alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
+    thresholdMinutes: outboxAlertMinutes
   }
 }
 

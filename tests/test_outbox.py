@@ -130,7 +130,7 @@ def settle(app: LedgerApp, ids: list[str], incomplete: str, timeout: float = 60)
 
 def flush_outbox(app: LedgerApp, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sweeper's pass over every shard's outbox (without its 10 s grace)."""
-    monkeypatch.setattr(sweeper, "SWEEP_MIN_AGE_SECONDS", 0.0)
+    monkeypatch.setattr(outbox_module, "SWEEP_MIN_AGE_SECONDS", 0.0)
     sweeper.sweep(app)
 
 

@@ -56,6 +56,7 @@ from shared.domain.rules import Assessment
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
+from shared.observability import telemetry
 from shared.storage.clients import ensure_queues
 from shared.storage.outbox import OutboxDepth, OutboxStore
 from shared.storage.ports import MessageQueue
@@ -163,6 +164,26 @@ def outbox_view(app: LedgerApp) -> dict[str, Any]:
     return {"rows": found.rows, "events": found.events,
             "oldestAgeSeconds": round(found.oldest_age_seconds, 1),
             "queue": app.config.outcomes_queue, "enabled": app.config.outcome_events}
+
+
+def sweep_outbox(app: LedgerApp) -> None:
+    """The sweeper's pass over one shard's outbox: send what terms left behind, then report
+    what is still unsent (a warning with ``outboxEvents`` and ``outboxOldestAgeSeconds``, which
+    the alert of infra/modules/outbox_alerts.bicep reads)."""
+    if not app.config.outcome_events:
+        return
+    publish_remaining(app, SWEEP_MIN_AGE_SECONDS)
+    try:
+        left = store(app).depth()
+    except StorageError as exc:
+        logger.warning("could not read the outbox of shard %d: %s", app.current, exc)
+        return
+    if left.rows:
+        logger.warning("outbox of shard %d: %d event(s) unsent, the oldest for %.0f s",
+                       app.current, left.events, left.oldest_age_seconds,
+                       extra=telemetry.log_extra(shard=app.current, outboxEvents=left.events,
+                                                 outboxOldestAgeSeconds=round(
+                                                     left.oldest_age_seconds, 1)))
 
 
 def drain_outbox(app: LedgerApp) -> int:

@@ -27,7 +27,7 @@ from shared.domain.rules import assess
 from shared.errors import StorageError
 from shared.leadership.elections import ElectionResult, run_election
 from shared.leadership.instance import LedgerApp
-from shared.leadership.outbox import SWEEP_MIN_AGE_SECONDS, publish_remaining
+from shared.leadership.outbox import sweep_outbox
 from shared.observability import telemetry
 from shared.storage.completions import FULL_SCAN_MAX_ROWS
 from shared.storage.parking import queue_depth
@@ -93,7 +93,7 @@ def sweep(app: LedgerApp) -> ElectionResult:
         logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
     results = []
     for shard in app.each_shard():
-        publish_remaining(shard, SWEEP_MIN_AGE_SECONDS)  # outcome events a term left behind
+        sweep_outbox(shard)  # outcome events a term left behind
         repair_scan(shard)
         results.append(run_election(shard))
     first = results[0]

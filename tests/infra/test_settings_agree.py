@@ -16,6 +16,7 @@ from shared.config.settings import (
     FUNCTION_TIMEOUT_SECONDS,
     LEASE_CONTAINER_NAME,
     LEDGER_TABLE_NAME,
+    OUTCOMES_QUEUE_NAME,
     PARKED_TABLE_NAME,
     SETTINGS,
     STORAGE_CONNECTION,
@@ -112,7 +113,8 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     storage = root_scope(with_param_file).module("modules/storage.bicep")[1]
     queues = _names(storage, "Microsoft.Storage/storageAccounts/queueServices/queues")
     assert queues == {COMPLETIONS_QUEUE_NAME.default, config.poison_queue,
-                      WAKEUP_QUEUE_NAME.default, f"{WAKEUP_QUEUE_NAME.default}-poison"}
+                      WAKEUP_QUEUE_NAME.default, f"{WAKEUP_QUEUE_NAME.default}-poison",
+                      OUTCOMES_QUEUE_NAME.default}
     assert config.completions_queue == COMPLETIONS_QUEUE_NAME.default
     tables = _names(storage, "Microsoft.Storage/storageAccounts/tableServices/tables")
     assert tables == {COMPLETIONS_TABLE_NAME.default, LEDGER_TABLE_NAME.default,
