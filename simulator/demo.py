@@ -21,9 +21,12 @@ from typing import TextIO
 
 from shared import wiring as runtime
 from shared.config.settings import SETTINGS
+from shared.domain.exchange import COMMITTING
 from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import drain_outbox
 from shared.storage.parking import queue_depth
+from shared.web import api
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
 from simulator.http import serve
@@ -186,6 +189,56 @@ def _kill_leader(cluster: Cluster, index: int, started: float, out: TextIO) -> N
     out.flush()
 
 
+def check_outcome_events(app: LedgerApp, out: TextIO) -> list[str]:
+    """Consume the outcomes queue as an upstream system would and check it against the read
+    API: one distinct outcome event per decided request, with the status the API reports.
+
+    Whatever the instances left in an outbox (a killed leader) is sent first, as the sweeper
+    would. Returns the problems found (none when the check holds).
+    """
+    if not app.config.outcome_events:
+        out.write("Outcome events: off (OUTCOME_EVENTS=false)\n")
+        return []
+    drain_outbox(app)
+    queue = app.queue(app.config.outcomes_queue)
+    events: dict[str, dict[str, object]] = {}
+    bodies: dict[str, str] = {}
+    copies = contradictions = 0
+    problems = []
+    while batch := queue.receive(max_messages=32, visibility_timeout=60):
+        for message in batch:
+            event = json.loads(message.text)
+            queue.delete(message.handle)
+            if event.get("type") == "contradiction":
+                contradictions += 1
+                continue
+            copies += 1
+            events[str(event["requestId"])] = event
+            if bodies.setdefault(str(event["eventId"]), message.text) != message.text:
+                problems.append(f"two bodies for event {event['eventId']}")
+    decided = {d.outcome.request_id for shard in app.each_shard()
+               for d in shard.ledger.list_outcomes()}
+    final = {}
+    for request_id in decided:
+        status = str(api.request(app, request_id).body.get("status"))
+        if status != COMMITTING:
+            final[request_id] = status
+    if missing := sorted(set(final) - set(events)):
+        problems.append(f"{len(missing)} decided request(s) without an outcome event, "
+                        f"e.g. {missing[:3]}")
+    if extra := sorted(set(events) - set(final)):
+        problems.append(f"{len(extra)} outcome event(s) for requests not decided, "
+                        f"e.g. {extra[:3]}")
+    if wrong := sorted(r for r in set(events) & set(final) if events[r]["status"] != final[r]):
+        problems.append(f"{len(wrong)} outcome event(s) disagree with the read API, "
+                        f"e.g. {wrong[:3]}")
+    out.write(f"Outcome events: {len(events)} distinct for {len(final)} decided request(s) "
+              f"({copies - len(events)} duplicate(s)), {contradictions} "
+              f"contradiction(s); statuses {'match' if not wrong else 'DO NOT match'} "
+              "the read API\n")
+    return problems
+
+
 def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, elapsed: float,
              finished: bool, out: TextIO) -> int:
     outcomes = app.ledger.list_outcomes()
@@ -228,6 +281,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     w(f"GET /api/leader -> epoch {leader_view['epoch']}, lease {leader_view['lease']['state']}, "
       f"pending {leader_view['pendingCompletions']}\n")
     w(f"GET /api/accounts/{sample} -> {sample_view}\n")
+    result.problems += check_outcome_events(app, out)  # issue 18: the outcomes queue
     if not finished:
         result.problems.insert(0, "the run timed out before every request was decided")
     if result.problems:
