@@ -15,6 +15,7 @@ then checks the outcomes queue against the read API:
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 from collections import defaultdict
@@ -24,6 +25,7 @@ from typing import Any
 import pytest
 from azure.storage.blob import BlobLeaseClient
 
+from operator_cli import cli
 from shared.config.names import lease_blob_name
 from shared.config.settings import load_config
 from shared.domain.contract import Operation
@@ -341,3 +343,19 @@ def test_a_late_contradiction_gets_an_event_of_its_own(ns: Namespace) -> None:
     assert contradiction["status"] == "committed"
     assert app.parking.count_by_kind()["late-contradiction"] == 1
     assert depth(app).rows == 0
+
+
+def test_the_cli_tails_events_and_status_shows_the_outbox(ns: Namespace) -> None:
+    app = app_with(ns, 1)
+    send(app, *deposit("tail-1", "tail-acct", "3.00"))
+    out = io.StringIO()
+    assert cli.main(["outcomes", "tail", "--json", "--once"], environ=ns.env(), stdout=out,
+                    stderr=io.StringIO()) == 0
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(e["requestId"], e["status"]) for e in events] == [("tail-1", "committed")]
+    # It peeks: the event is still there for upstream.
+    assert len(take_events(app)) == 1
+    out = io.StringIO()
+    assert cli.main(["status", "--json"], environ=ns.env(), stdout=out,
+                    stderr=io.StringIO()) == 0
+    assert json.loads(out.getvalue())["outbox"]["rows"] == 0
