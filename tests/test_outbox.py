@@ -359,3 +359,19 @@ def test_the_cli_tails_events_and_status_shows_the_outbox(ns: Namespace) -> None
     assert cli.main(["status", "--json"], environ=ns.env(), stdout=out,
                     stderr=io.StringIO()) == 0
     assert json.loads(out.getvalue())["outbox"]["rows"] == 0
+
+
+def test_a_row_left_behind_shows_in_the_outbox_depth_until_the_sweeper_sends_it(
+        ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = app_with(ns, 1)
+    send(app, *deposit("left-1", "left-acct", "3.00"))
+    [event] = [json.loads(b) for b in take_events(app)]
+    store(app).create_once("outbox:000000000001:left", [event])  # as a crashed leader leaves it
+    found = depth(app)
+    assert (found.rows, found.events) == (1, 1)
+    assert 0 <= found.oldest_age_seconds < 120
+    sweeper.sweep(app)  # the row is younger than the sweeper's grace: left to its leader
+    assert depth(app).rows == 1
+    flush_outbox(app, monkeypatch)
+    assert depth(app).rows == 0
+    assert [json.loads(b) for b in take_events(app)] == [event]  # the same body again
