@@ -219,7 +219,7 @@ class LedgerApp:
             shard.elector.ensure_blob()
         if queues:
             ensure_queues(self.clients, (self.config.completions_queue, self.config.poison_queue,
-                                         self.config.wakeup_queue))
+                                         self.config.wakeup_queue, self.config.outcomes_queue))
 
     def queue(self, name: str | None = None, *, raw: bool = False) -> MessageQueue:
         """The completions queue (or ``name``): text encoded as the host decodes it (base64),
