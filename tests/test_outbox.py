@@ -18,6 +18,8 @@ import contextlib
 import io
 import itertools
 import json
+import os
+import threading
 from collections import defaultdict
 from decimal import Decimal
 from typing import Any
@@ -375,3 +377,23 @@ def test_a_row_left_behind_shows_in_the_outbox_depth_until_the_sweeper_sends_it(
     flush_outbox(app, monkeypatch)
     assert depth(app).rows == 0
     assert [json.loads(b) for b in take_events(app)] == [event]  # the same body again
+
+
+def test_a_child_forked_after_publishing_started_has_publishers_of_its_own() -> None:
+    """A process forked with the pool running (the bench's load generators) inherits the pool
+    but not its threads: its sends must still run, not wait out ``WAIT_SECONDS``."""
+    pool = outbox_module._executor()
+    everyone = threading.Barrier(outbox_module.PUBLISHERS + 1)  # every thread of it started
+    started = [pool.submit(everyone.wait, 5) for _ in range(outbox_module.PUBLISHERS)]
+    everyone.wait(5)
+    assert [f.result(timeout=5) is not None for f in started] == [True] * len(started)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: one publish job, answered through the pipe
+        ok = outbox_module.wait_all([outbox_module._executor().submit(lambda: True)], 5)
+        os.write(write, b"1" if ok == [True] else b"0")
+        os._exit(0)
+    os.close(write)
+    answer = os.read(read, 1)
+    os.waitpid(pid, 0)
+    assert answer == b"1"

@@ -30,6 +30,7 @@ gets its event, at least once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -70,15 +71,28 @@ RECOVER_ROWS = 1000  # rows one look at the outbox sends at most
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 # A hook for tests: called with (key, body) before each send; raising fails the send.
 before_send: Callable[[str, str], None] | None = None
 
 
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads (and a lock one of them held) are not there."""
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _executor() -> ThreadPoolExecutor:
-    global _pool
+    """The process's publisher threads (made again in a child forked after they started: a
+    forked child inherits the pool but not its threads)."""
+    global _pool, _pool_pid
     with _pool_lock:
-        if _pool is None:
+        if _pool is None or _pool_pid != os.getpid():
             _pool = ThreadPoolExecutor(PUBLISHERS, thread_name_prefix="outbox")
+            _pool_pid = os.getpid()
         return _pool
 
 
