@@ -47,7 +47,6 @@ from shared.domain.exchange import (
     APPLIED_PREFIX,
     COORD_PREFIX,
     ESCROW_PREFIX,
-    FLIGHT_PREFIX,
     INBOX_PREFIX,
 )
 from shared.domain.money import MoneyError, format_money, parse_balance
