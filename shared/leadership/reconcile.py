@@ -22,8 +22,9 @@ from datetime import datetime
 from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX
 from shared.domain.planning import ACCOUNT_PREFIX, FENCE_ROW, REQUEST_PREFIX
 from shared.domain.reconciliation import CARRY_ROW, PROBLEMS, Reconciliation, ShardTally, reconcile
-from shared.errors import NotFound
+from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.retention import run_retention
 from shared.observability import telemetry
 from shared.storage.ledger import Ledger
 from shared.storage.ports import Row
@@ -123,3 +124,19 @@ def log_report(report: Reconciliation) -> None:
                            finding.kind, finding.shard, finding.row or "-", finding.what,
                            extra=telemetry.log_extra(reconcileKind=finding.kind,
                                                      shard=finding.shard))
+
+
+def run_reconcile(app: LedgerApp) -> Reconciliation | None:
+    """The ``reconcile`` timer's job: the check (logged: one summary line, one warning per
+    problem), then one batch of retention (``shared/leadership/retention.py``). A storage
+    failure of the check is logged as an error and leaves no summary line, so the alert's "has
+    not run" condition fires if it lasts."""
+    report: Reconciliation | None = None
+    try:
+        report = reconcile_ledger(app)
+    except StorageError as exc:
+        logger.error("reconcile: could not read the ledger: %s", exc)
+    if report is not None:
+        log_report(report)
+    run_retention(app)
+    return report
