@@ -160,3 +160,15 @@ def test_the_reconcile_timer_is_registered_as_the_host_indexes_it() -> None:
     assert run.returncode == 0, run.stderr
     [binding] = json.loads(run.stdout)
     assert (binding["type"], binding["schedule"]) == ("timerTrigger", "0 */5 * * * *")
+
+
+def test_the_alert_queries_the_summary_line_the_timer_logs() -> None:
+    bicep = (REPO_ROOT / "infra/modules/reconcile_alerts.bicep").read_text()
+    code = (REPO_ROOT / "shared/leadership/reconcile.py").read_text()
+    assert 'message startswith "reconcile: checked"' in bicep
+    assert '"reconcile: checked %s shard(s)' in code
+    assert "customDimensions.reconcileProblems" in bicep
+    assert "reconcileProblems=len(problems)" in code
+    assert "windowSize: 'PT15M'" in bicep and "evaluationFrequency: 'PT5M'" in bicep
+    main_bicep = (REPO_ROOT / "infra/main.bicep").read_text()
+    assert "module reconcileAlerts 'modules/reconcile_alerts.bicep'" in main_bicep
