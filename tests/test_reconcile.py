@@ -169,6 +169,7 @@ def test_the_alert_queries_the_summary_line_the_timer_logs() -> None:
     assert '"reconcile: checked %s shard(s)' in code
     assert "customDimensions.reconcileProblems" in bicep
     assert "reconcileProblems=len(problems)" in code
-    assert "windowSize: 'PT15M'" in bicep and "evaluationFrequency: 'PT5M'" in bicep
+    assert "windowSize: 'PT15M'" in bicep
+    assert "evaluationFrequency: 'PT5M'" in bicep
     main_bicep = (REPO_ROOT / "infra/main.bicep").read_text()
     assert "module reconcileAlerts 'modules/reconcile_alerts.bicep'" in main_bicep
