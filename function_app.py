@@ -8,6 +8,7 @@ import json
 import azure.functions as func
 
 from shared.leadership import elections, intake, sweeper
+from shared.leadership.reconcile import run_reconcile
 from shared.web import api, status
 from shared.wiring import get_app, validate_environment
 
@@ -37,6 +38,14 @@ def wake_up(msg: func.QueueMessage) -> None:
 def sweep(timer: func.TimerRequest) -> None:
     """Every minute: run the election so that nothing waits for the next message."""
     sweeper.sweep(get_app())
+
+
+@app.function_name("reconcile")
+@app.timer_trigger(arg_name="timer", schedule="0 */5 * * * *", run_on_startup=False)
+def reconcile(timer: func.TimerRequest) -> None:
+    """Every 5 minutes: check every shard's invariants (logged for the alert), then archive one
+    batch of rows older than RETENTION_DAYS."""
+    run_reconcile(get_app())
 
 
 def _json(reply: api.Reply) -> func.HttpResponse:

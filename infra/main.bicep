@@ -110,6 +110,19 @@ param storageTimeoutSeconds int = 5
 @maxValue(64)
 param ledgerShards int = 1
 
+@description('RECONCILE_MAX_FLIGHT_SECONDS: reconciliation reports work in flight between shards older than this.')
+@minValue(10)
+@maxValue(604800)
+param reconcileMaxFlightSeconds int = 300
+
+@description('RETENTION_DAYS: outcome, claim, applied and parked rows older than this are archived to a blob and deleted; a step re-sent later is taken as new (README, "Retention").')
+@minValue(7)
+@maxValue(3650)
+param retentionDays int = 365
+
+@description('ARCHIVE_CONTAINER_NAME: blob container the retention step exports archived rows to.')
+param archiveContainerName string = 'ledger-archive'
+
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
   '0'
@@ -137,6 +150,9 @@ var appSettings = {
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
   LEDGER_SHARDS: string(ledgerShards)
+  RECONCILE_MAX_FLIGHT_SECONDS: string(reconcileMaxFlightSeconds)
+  RETENTION_DAYS: string(retentionDays)
+  ARCHIVE_CONTAINER_NAME: archiveContainerName
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
@@ -185,6 +201,20 @@ module alerts 'modules/alerts.bicep' = {
     location: location
     tags: tags
     appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
+  }
+}
+
+// The archive container, and the alert on the reconcile timer's findings (or its silence).
+module reconcileAlerts 'modules/reconcile_alerts.bicep' = {
+  name: 'reconcile-alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    storageAccountName: storage.outputs.name
+    archiveContainerName: archiveContainerName
     actionGroupIds: alertActionGroupIds
   }
 }

@@ -89,7 +89,8 @@ def leader() -> dict[str, Any]:
 # --- the function index --------------------------------------------------------------------
 def test_the_app_declares_the_eight_documented_functions() -> None:
     assert set(FUNCTIONS) == {"record_completion", "wake_up", "sweep", "get_account",
-                              "get_request", "get_leader", "get_status_page", "get_metrics"}
+                              "get_request", "get_leader", "get_status_page", "get_metrics",
+                              "reconcile"}
 
 
 def test_the_wake_up_trigger_binds_the_wakeup_queue_setting() -> None:

@@ -83,6 +83,20 @@ LEDGER_SHARDS = Setting(
     "LEDGER_SHARDS", "1",
     "Shards of the ledger, 1-64: each has its own lease, ledger partition and completions table.",
 )
+RECONCILE_MAX_FLIGHT_SECONDS = Setting(
+    "RECONCILE_MAX_FLIGHT_SECONDS", "300",
+    "Reconciliation reports work in flight between shards (escrow, message, coordination) older "
+    "than this, 10-604800 s.",
+)
+RETENTION_DAYS = Setting(
+    "RETENTION_DAYS", "365",
+    "Outcome, claim, applied and parked rows older than this are archived to a blob and deleted, "
+    "7-3650 days: a step re-sent later is taken as new.",
+)
+ARCHIVE_CONTAINER_NAME = Setting(
+    "ARCHIVE_CONTAINER_NAME", "ledger-archive",
+    "Blob container the retention step exports archived rows to (JSON lines).",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -103,6 +117,9 @@ SETTINGS: tuple[Setting, ...] = (
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
     LEDGER_SHARDS,
+    RECONCILE_MAX_FLIGHT_SECONDS,
+    RETENTION_DAYS,
+    ARCHIVE_CONTAINER_NAME,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -127,6 +144,9 @@ class AppConfig:
     storage_timeout_seconds: float
     instance_id: str
     shards: int = 1  # LEDGER_SHARDS
+    reconcile_max_flight_seconds: float = 300.0  # RECONCILE_MAX_FLIGHT_SECONDS
+    retention_days: int = 365  # RETENTION_DAYS
+    archive_container: str = "ledger-archive"  # ARCHIVE_CONTAINER_NAME
 
     @property
     def poison_queue(self) -> str:
@@ -202,6 +222,10 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         raise ConfigError(f"{COMPLETIONS_TABLE_NAME.name}={completions_table!r} is too long for "
                           f"{LEDGER_SHARDS.name}={shards:g}: shard tables are named like "
                           f"{longest!r}, at most {MAX_TABLE_NAME} characters.")
+    retention = _number(env, RETENTION_DAYS, 7, 3650)
+    if retention != int(retention):
+        raise ConfigError(f"{RETENTION_DAYS.name}={retention:g}: set a whole number of days "
+                          "between 7 and 3650.")
     return AppConfig(
         completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
         wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
@@ -216,4 +240,7 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
         shards=int(shards),
+        reconcile_max_flight_seconds=_number(env, RECONCILE_MAX_FLIGHT_SECONDS, 10, 7 * 24 * 3600),
+        retention_days=int(retention),
+        archive_container=_text(env, ARCHIVE_CONTAINER_NAME),
     )

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from shared.config.settings import (
+    ARCHIVE_CONTAINER_NAME,
     COMPLETIONS_QUEUE_NAME,
     COMPLETIONS_TABLE_NAME,
     DRAIN_BUDGET_SECONDS,
@@ -121,6 +122,16 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     assert LEASE_CONTAINER_NAME.default in containers
     assert storage.param("deploymentContainerName") in containers
     assert len(containers) == 2, containers
+
+
+@pytest.mark.parametrize("with_param_file", [False, True], ids=["bicep-defaults", "bicepparam"])
+def test_the_archive_container_is_the_settings(with_param_file: bool) -> None:
+    main = root_scope(with_param_file)
+    _, module = main.module("modules/reconcile_alerts.bicep")
+    containers = _names(module, "Microsoft.Storage/storageAccounts/blobServices/containers")
+    assert containers == {ARCHIVE_CONTAINER_NAME.default}
+    app = _deployed_settings(with_param_file)
+    assert app[ARCHIVE_CONTAINER_NAME.name] == ARCHIVE_CONTAINER_NAME.default
 
 
 _host_json = read_host_json
