@@ -13,7 +13,15 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config.names import MAX_SHARDS, MAX_TABLE_NAME, completions_table_name
+from shared.config.names import (
+    MAX_INTAKE_QUEUES,
+    MAX_SHARDS,
+    MAX_TABLE_NAME,
+    completions_table_name,
+    intake_queue_names,
+    poison_queue_name,
+    queue_name_problem,
+)
 from shared.config.timings import LeaderElectionConfig
 from shared.errors import ConfigError as ConfigError  # re-exported: callers import it from here
 
@@ -83,6 +91,10 @@ LEDGER_SHARDS = Setting(
     "LEDGER_SHARDS", "1",
     "Shards of the ledger, 1-64: each has its own lease, ledger partition and completions table.",
 )
+INTAKE_QUEUES = Setting(
+    "INTAKE_QUEUES", "1",
+    "Intake queues, 1-16: COMPLETIONS_QUEUE_NAME, then its -1, -2, ... (one trigger each).",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -103,6 +115,7 @@ SETTINGS: tuple[Setting, ...] = (
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
     LEDGER_SHARDS,
+    INTAKE_QUEUES,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -127,11 +140,33 @@ class AppConfig:
     storage_timeout_seconds: float
     instance_id: str
     shards: int = 1  # LEDGER_SHARDS
+    intake_queues: int = 1  # INTAKE_QUEUES
 
     @property
     def poison_queue(self) -> str:
         """The queue the Functions host moves a message to after maxDequeueCount failures."""
-        return f"{self.completions_queue}-poison"
+        return poison_queue_name(self.completions_queue)
+
+    @property
+    def intake_queue_names(self) -> tuple[str, ...]:
+        """Every intake queue: ``completions_queue``, then ``{completions_queue}-q``."""
+        return intake_queue_names(self.completions_queue, self.intake_queues)
+
+
+def _intake_queues(env: Mapping[str, str], completions_queue: str) -> int:
+    """INTAKE_QUEUES, and every name it implies (poison queues included) valid in Azure."""
+    count = _number(env, INTAKE_QUEUES, 1, MAX_INTAKE_QUEUES)
+    if count != int(count):
+        raise ConfigError(f"{INTAKE_QUEUES.name}={count:g}: set a whole number of queues "
+                          f"between 1 and {MAX_INTAKE_QUEUES}.")
+    for name in intake_queue_names(completions_queue, int(count)):
+        for queue in (name, poison_queue_name(name)):
+            problem = queue_name_problem(queue)
+            if problem:
+                raise ConfigError(f"{COMPLETIONS_QUEUE_NAME.name}={completions_queue!r} makes "
+                                  f"an invalid queue name with {INTAKE_QUEUES.name}={count:g}: "
+                                  f"{problem}; shorten or fix {COMPLETIONS_QUEUE_NAME.name}.")
+    return int(count)
 
 
 def _text(env: Mapping[str, str], setting: Setting) -> str:
@@ -202,8 +237,10 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         raise ConfigError(f"{COMPLETIONS_TABLE_NAME.name}={completions_table!r} is too long for "
                           f"{LEDGER_SHARDS.name}={shards:g}: shard tables are named like "
                           f"{longest!r}, at most {MAX_TABLE_NAME} characters.")
+    completions_queue = _text(env, COMPLETIONS_QUEUE_NAME)
+    intake_queues = _intake_queues(env, completions_queue)
     return AppConfig(
-        completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
+        completions_queue=completions_queue,
         wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
         completions_table=completions_table,
         ledger_table=_text(env, LEDGER_TABLE_NAME),
@@ -216,4 +253,5 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
         shards=int(shards),
+        intake_queues=intake_queues,
     )
