@@ -50,8 +50,14 @@ class IndexedApp:
 
     @property
     def completions(self) -> QueueTrigger:
-        """The trigger of the completions queue."""
+        """The trigger of the completions queue (intake queue 0)."""
         return next(q for q in self.queues if q.name == COMPLETIONS_FUNCTION)
+
+    @property
+    def intake(self) -> tuple[QueueTrigger, ...]:
+        """The triggers of every intake queue (``INTAKE_QUEUES``), queue 0 first."""
+        return tuple(q for q in self.queues if q.name == COMPLETIONS_FUNCTION
+                     or q.name.startswith(f"{COMPLETIONS_FUNCTION}_"))
 
     @property
     def queue_handler(self) -> Callable[[func.QueueMessage], None]:
@@ -100,12 +106,14 @@ def indexed() -> IndexedApp:
 
 
 def resolve_setting(expression: str, env: dict[str, str], defaults: dict[str, str]) -> str:
-    """Resolve a ``%SETTING%`` binding expression as the host does (with the app's defaults)."""
-    match = re.fullmatch(r"%([^%]+)%", expression)
-    if not match:
-        return expression
-    name = match.group(1)
-    value = env.get(name) or defaults.get(name)
-    if not value:
-        raise KeyError(f"app setting {name} is not set")
-    return value
+    """Resolve every ``%SETTING%`` token of a binding expression as the host does (its
+    ``ResolveWholeString``: ``%COMPLETIONS_QUEUE_NAME%-2`` gives ``completions-2``), with the
+    app's defaults for settings the environment does not set."""
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        resolved = env.get(name) or defaults.get(name)
+        if not resolved:
+            raise KeyError(f"app setting {name} is not set")
+        return resolved
+
+    return re.sub(r"%([^%]+)%", value, expression)
