@@ -110,6 +110,11 @@ param storageTimeoutSeconds int = 5
 @maxValue(64)
 param ledgerShards int = 1
 
+@description('INTAKE_QUEUES: intake queues, completionsQueueName then completionsQueueName-1 ... -(intakeQueues - 1), each with its poison queue and its own queue trigger; about 2,000 messages/s per queue (README, "Choosing an intake queue").')
+@minValue(1)
+@maxValue(16)
+param intakeQueues int = 1
+
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
   '0'
@@ -137,6 +142,7 @@ var appSettings = {
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
   LEDGER_SHARDS: string(ledgerShards)
+  INTAKE_QUEUES: string(intakeQueues)
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
@@ -157,6 +163,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     skuName: storageSkuName
     completionsQueueName: completionsQueueName
+    intakeQueues: intakeQueues
     wakeupQueueName: wakeupQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName
