@@ -82,8 +82,12 @@ def indexed() -> IndexedApp:
     """Index ``function_app.app`` once per process."""
     import function_app
 
-    functions: dict[str, Any] = {str(f.get_function_name()): f
-                                 for f in function_app.app.get_functions()}
+    return index(function_app.app)
+
+
+def index(app: func.FunctionApp) -> IndexedApp:
+    """The functions of one ``FunctionApp`` (``get_functions()`` is called: once per app)."""
+    functions: dict[str, Any] = {str(f.get_function_name()): f for f in app.get_functions()}
     triggers: dict[str, Any] = {name: fn.get_trigger() for name, fn in functions.items()}
     queues = tuple(QueueTrigger(name, t.queue_name, functions[name].get_user_function())
                    for name, t in triggers.items() if t.type == "queueTrigger")
