@@ -4,9 +4,12 @@ All logic lives in ``shared/``; each function hands its trigger's payload to it.
 """
 
 import json
+import os
 
 import azure.functions as func
 
+from shared.config.names import intake_binding_expression, intake_function_name
+from shared.config.settings import COMPLETIONS_QUEUE_NAME, load_config
 from shared.leadership import elections, intake, sweeper
 from shared.leadership.reconcile import run_reconcile
 from shared.web import api, status
@@ -23,6 +26,15 @@ def record_completion(msg: func.QueueMessage) -> None:
     """Record one step's completion, then try to lead and commit what is ready."""
     intake.handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
                                dequeue_count=msg.dequeue_count or 1)
+
+
+# INTAKE_QUEUES = Q > 1: queue q (COMPLETIONS_QUEUE_NAME-q) triggers record_completion_q, which
+# does what record_completion does (shared/config/names.py names them).
+for _q in range(1, load_config(os.environ).intake_queues):
+    app.function_name(intake_function_name(_q))(app.queue_trigger(
+        arg_name="msg", queue_name=intake_binding_expression(COMPLETIONS_QUEUE_NAME.name, _q),
+        connection="AzureWebJobsStorage")(
+        intake.queue_handler(get_app, func.QueueMessage, intake_function_name(_q))))
 
 
 @app.function_name("wake_up")

@@ -122,6 +122,10 @@ param retentionDays int = 365
 
 @description('ARCHIVE_CONTAINER_NAME: blob container the retention step exports archived rows to.')
 param archiveContainerName string = 'ledger-archive'
+@description('INTAKE_QUEUES: intake queues, completionsQueueName then completionsQueueName-1 ... -(intakeQueues - 1), each with its poison queue and its own queue trigger; about 2,000 messages/s per queue (README, "Choosing an intake queue").')
+@minValue(1)
+@maxValue(16)
+param intakeQueues int = 1
 
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
@@ -153,6 +157,7 @@ var appSettings = {
   RECONCILE_MAX_FLIGHT_SECONDS: string(reconcileMaxFlightSeconds)
   RETENTION_DAYS: string(retentionDays)
   ARCHIVE_CONTAINER_NAME: archiveContainerName
+  INTAKE_QUEUES: string(intakeQueues)
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
@@ -173,6 +178,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     skuName: storageSkuName
     completionsQueueName: completionsQueueName
+    intakeQueues: intakeQueues
     wakeupQueueName: wakeupQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName

@@ -13,7 +13,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config.names import MAX_SHARDS, MAX_TABLE_NAME, completions_table_name
+from shared.config.names import (
+    MAX_INTAKE_QUEUES,
+    MAX_QUEUE_NAME,
+    MAX_SHARDS,
+    MAX_TABLE_NAME,
+    completions_table_name,
+    intake_queue_names,
+    poison_queue_name,
+    queue_name_problem,
+)
 from shared.config.timings import LeaderElectionConfig
 from shared.errors import ConfigError as ConfigError  # re-exported: callers import it from here
 
@@ -97,6 +106,10 @@ ARCHIVE_CONTAINER_NAME = Setting(
     "ARCHIVE_CONTAINER_NAME", "ledger-archive",
     "Blob container the retention step exports archived rows to (JSON lines).",
 )
+INTAKE_QUEUES = Setting(
+    "INTAKE_QUEUES", "1",
+    "Intake queues, 1-16: COMPLETIONS_QUEUE_NAME, then its -1, -2, ... (one trigger each).",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -120,6 +133,7 @@ SETTINGS: tuple[Setting, ...] = (
     RECONCILE_MAX_FLIGHT_SECONDS,
     RETENTION_DAYS,
     ARCHIVE_CONTAINER_NAME,
+    INTAKE_QUEUES,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -147,11 +161,36 @@ class AppConfig:
     reconcile_max_flight_seconds: float = 300.0  # RECONCILE_MAX_FLIGHT_SECONDS
     retention_days: int = 365  # RETENTION_DAYS
     archive_container: str = "ledger-archive"  # ARCHIVE_CONTAINER_NAME
+    intake_queues: int = 1  # INTAKE_QUEUES
 
     @property
     def poison_queue(self) -> str:
         """The queue the Functions host moves a message to after maxDequeueCount failures."""
-        return f"{self.completions_queue}-poison"
+        return poison_queue_name(self.completions_queue)
+
+    @property
+    def intake_queue_names(self) -> tuple[str, ...]:
+        """Every intake queue: ``completions_queue``, then ``{completions_queue}-q``."""
+        return intake_queue_names(self.completions_queue, self.intake_queues)
+
+
+def _intake_queues(env: Mapping[str, str], completions_queue: str) -> int:
+    """INTAKE_QUEUES, and every name it implies (poison queues included) valid in Azure."""
+    count = _number(env, INTAKE_QUEUES, 1, MAX_INTAKE_QUEUES)
+    if count != int(count):
+        raise ConfigError(f"{INTAKE_QUEUES.name}={count:g}: set a whole number of queues "
+                          f"between 1 and {MAX_INTAKE_QUEUES}.")
+    for name in intake_queue_names(completions_queue, int(count)):
+        for queue in (name, poison_queue_name(name)):
+            # One queue keeps today's rule (the host lower-cases the name it is given): only the
+            # poison queue's length is checked. More queues: every name is checked in full.
+            problem = (queue_name_problem(queue) if count > 1 or len(queue) > MAX_QUEUE_NAME
+                       else None)
+            if problem:
+                raise ConfigError(f"{COMPLETIONS_QUEUE_NAME.name}={completions_queue!r} makes "
+                                  f"an invalid queue name with {INTAKE_QUEUES.name}={count:g}: "
+                                  f"{problem}; shorten or fix {COMPLETIONS_QUEUE_NAME.name}.")
+    return int(count)
 
 
 def _text(env: Mapping[str, str], setting: Setting) -> str:
@@ -226,8 +265,10 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
     if retention != int(retention):
         raise ConfigError(f"{RETENTION_DAYS.name}={retention:g}: set a whole number of days "
                           "between 7 and 3650.")
+    completions_queue = _text(env, COMPLETIONS_QUEUE_NAME)
+    intake_queues = _intake_queues(env, completions_queue)
     return AppConfig(
-        completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
+        completions_queue=completions_queue,
         wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
         completions_table=completions_table,
         ledger_table=_text(env, LEDGER_TABLE_NAME),
@@ -243,4 +284,5 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         reconcile_max_flight_seconds=_number(env, RECONCILE_MAX_FLIGHT_SECONDS, 10, 7 * 24 * 3600),
         retention_days=int(retention),
         archive_container=_text(env, ARCHIVE_CONTAINER_NAME),
+        intake_queues=intake_queues,
     )

@@ -14,7 +14,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from shared.config.names import completions_table_name, lease_blob_name, ledger_partition
+from shared.config.names import (
+    completions_table_name,
+    lease_blob_name,
+    ledger_partition,
+    poison_queue_name,
+)
 from shared.config.settings import AppConfig
 from shared.domain.clock import SYSTEM_CLOCK, Clock
 from shared.domain.contract import Completion
@@ -218,7 +223,8 @@ class LedgerApp:
         for shard in self.shards:
             shard.elector.ensure_blob()
         if queues:
-            ensure_queues(self.clients, (self.config.completions_queue, self.config.poison_queue,
+            intake = self.config.intake_queue_names
+            ensure_queues(self.clients, (*intake, *(poison_queue_name(name) for name in intake),
                                          self.config.wakeup_queue))
 
     def queue(self, name: str | None = None, *, raw: bool = False) -> MessageQueue:

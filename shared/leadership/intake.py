@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from shared.domain.contract import Completion, MalformedMessage, parse_completion
 from shared.domain.model import RecordedStep
@@ -66,6 +68,25 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
                          "will resume", completion.request_id, completion.operation_id,
                          extra=telemetry.log_extra(requestId=completion.request_id))
     return result
+
+
+def queue_handler(get_app: Callable[[], LedgerApp], message_type: type,
+                  function_name: str) -> Callable[[Any], None]:
+    """The handler of intake queue q >= 1's trigger (``INTAKE_QUEUES``): what function_app.py's
+    ``record_completion`` does for queue 0, as a new function named ``function_name``.
+
+    ``message_type`` is ``azure.functions.QueueMessage``: the worker checks the ``msg``
+    annotation against the binding, and this layer imports no Azure package. Any instance takes
+    any queue's message: ``handle_completion`` finds the shard from the ids.
+    """
+    def handler(msg: Any) -> None:
+        handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
+                          dequeue_count=msg.dequeue_count or 1)
+
+    handler.__name__ = handler.__qualname__ = function_name
+    handler.__annotations__ = {"msg": message_type, "return": None}
+    handler.__doc__ = f"Record one step's completion from intake queue {function_name}."
+    return handler
 
 
 def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
