@@ -40,6 +40,7 @@ TODAYS_FUNCTIONS = {
     "record_completion": ("queueTrigger", "%COMPLETIONS_QUEUE_NAME%"),
     "wake_up": ("queueTrigger", "%WAKEUP_QUEUE_NAME%"),
     "sweep": ("timerTrigger", None),
+    "reconcile": ("timerTrigger", None),
     "get_account": ("httpTrigger", None),
     "get_request": ("httpTrigger", None),
     "get_leader": ("httpTrigger", None),
