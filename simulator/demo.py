@@ -252,6 +252,9 @@ def run_demo(options: DemoOptions, out: TextIO = sys.stdout) -> int:
             reader.close()
         out.write(f"Instance logs of this run: {log_path}\n")
         if options.serve_after:
+            if kill is not None:
+                out.write(f"The status page must show a takeover on shard(s) {_list(kill.held)} "
+                          "(the killed process's) and on no other.\n")
             out.write(f"Status page: {base_url}/api/status (open it in a browser)\n"
                       "Operator CLI on this storage, from another terminal:\n"
                       f"  AzureWebJobsStorage='{connection_string}' ./dev cli status\n"
@@ -450,7 +453,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
         for q, name in enumerate(intake.names):
             sent = work.messages[q::len(intake.names)]
             malformed = sum(1 for m in sent if not _well_formed(m))
-            w(f"  {name:<16} {len(sent):>5} message(s) sent, {malformed} malformed (parked), "
+            w(f"  {name:<16} {len(sent):>5} message(s) sent, {malformed} malformed (to be parked), "
               f"{poisoned_by_queue[q]} in {name}-poison\n")
     decided = {d.outcome.request_id for d in outcomes}
     rows = late = 0
