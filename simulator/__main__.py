@@ -9,7 +9,7 @@ import random
 import signal
 import sys
 
-from shared.config.names import MAX_SHARDS
+from shared.config.names import MAX_INTAKE_QUEUES, MAX_SHARDS
 from simulator.chaos import ChaosOptions, run_chaos
 from simulator.demo import DemoOptions, run_demo
 
@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shards", type=_shards, default=DEFAULTS.shards,
                       help="LEDGER_SHARDS of the app and its instances (1-64); with more than "
                            "one, transfers cross shards and the summary has a line per shard")
-    demo.add_argument("--queues", type=_positive, default=DEFAULTS.queues,
+    demo.add_argument("--queues", type=_queues, default=DEFAULTS.queues,
                       help="INTAKE_QUEUES: spread the messages over this many intake queues "
-                           "(message n to queue n mod Q)")
+                           "(1-16; message n to queue n mod Q)")
 
     chaos = commands.add_parser("chaos", formatter_class=formatter,
                                 help="the chaos run: a workload under injected faults, checked",
@@ -130,6 +130,13 @@ def _shards(text: str) -> int:
     value = _positive(text)
     if value > MAX_SHARDS:
         raise argparse.ArgumentTypeError(f"a ledger has 1 to {MAX_SHARDS} shards")
+    return value
+
+
+def _queues(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_INTAKE_QUEUES:
+        raise argparse.ArgumentTypeError(f"INTAKE_QUEUES is 1 to {MAX_INTAKE_QUEUES}")
     return value
 
 

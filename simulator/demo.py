@@ -36,6 +36,7 @@ from typing import TextIO, TypeVar
 from azure.core.exceptions import AzureError
 
 from shared import wiring as runtime
+from shared.config.names import intake_queue_names
 from shared.config.settings import SETTINGS
 from shared.domain.model import DecidedOutcome, Fence
 from shared.errors import StorageError
@@ -72,15 +73,6 @@ class DemoOptions:
     queues: int = 1  # INTAKE_QUEUES: message n goes to intake queue n mod queues
 
 
-def intake_queue_name(base: str, queue: int) -> str:
-    """The name of intake queue ``queue`` (0: the completions queue itself).
-
-    TODO(issue 17, INTAKE_QUEUES): use ``shared.config.names``'s intake queue helper once it
-    lands (this is the same rule: ``completions``, ``completions-1``, ...).
-    """
-    return base if queue == 0 else f"{base}-{queue}"
-
-
 def queue_of(n: int, queues: int) -> int:
     """The intake queue message ``n`` (in sending order) goes to: round robin."""
     return n % queues
@@ -96,9 +88,8 @@ class Intake:
 
     @classmethod
     def open(cls, app: LedgerApp, count: int) -> Intake:
-        """Open (and create: the app's ``ensure_resources`` knows only the first) ``count``
-        intake queues and their poison queues."""
-        names = [intake_queue_name(app.config.completions_queue, q) for q in range(count)]
+        """Open (and create) ``count`` intake queues and their poison queues."""
+        names = list(intake_queue_names(app.config.completions_queue, count))
         ensure_queues(app.clients, [n for name in names for n in (name, f"{name}-poison")])
         return cls(names, [app.queue(name) for name in names],
                    [app.queue(f"{name}-poison") for name in names])
