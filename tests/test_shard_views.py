@@ -7,11 +7,16 @@ K = 1: the top-level fields are what they always were, and ``shards`` has shard 
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pytest
 from azure.storage.blob import BlobLeaseClient
 
 from bench.probe import CallCounter
+from operator_cli import cli
+from operator_cli import shards as shard_cli
 from shared.config.names import lease_blob_name
 from shared.domain.contract import Operation
 from shared.domain.model import Fence
@@ -19,6 +24,7 @@ from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.web import api, shards, status
 from tests.helpers import Namespace, deposit, record, send, step, transfer, wait_until
+from tests.test_parking_cli import Run
 from tests.test_shards import accounts_on, elect_only, request_on, settle, sharded
 
 TOP_LEVEL = {"holder", "lastHolder", "epoch", "lease", "lastCommitAt", "pendingCompletions",
@@ -180,3 +186,27 @@ def test_a_snapshot_of_four_shards_reads_each_store_of_each_shard_once(ns: Names
     # Per shard: fence, lease, completions, flight, outcomes in the window, all outcomes; then
     # the parked table (the poison queue's client is not counted).
     assert counter.total == 4 * 6 + 1, counter.calls
+
+
+def test_cli_status_prints_one_line_per_shard(ns: Namespace, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "LOCAL_SETTINGS", tmp_path / "absent.json")
+    app = sharded(ns)
+    [alice], [bob] = accounts_on(1, 1), accounts_on(2, 1)
+    send(app, *deposit("fund", alice, "10.00"))
+    record(app, *transfer(request_on(0, "t"), alice, bob, "3.00"))
+    elect_only(app, 0)  # a coordination on 0, a message on 1
+    run = Run(ns.env(LEDGER_SHARDS="4"))
+    assert run("status") == 0, run.err
+    table = [re.split(r"\s{2,}", line.strip()) for line in run.out.splitlines()]
+    header = table.index(list(shard_cli.HEADERS))
+    rows = {int(row[0]): dict(zip(shard_cli.HEADERS, row, strict=True))
+            for row in table[header + 1:header + 5]}
+    assert sorted(rows) == [0, 1, 2, 3]
+    assert [rows[k]["EPOCH"] for k in range(4)] == ["1", "1", "0", "0"]
+    assert [rows[k]["IN FLIGHT"] for k in range(4)] == ["1", "1", "0", "0"]
+    assert rows[0]["OLDEST"].endswith(" s")
+    assert rows[2]["OLDEST"] == "-"
+    assert rows[2]["LAST COMMIT"] == "never"
+    assert run("--json", "status") == 0
+    assert [row["inFlight"] for row in run.json()["shards"]] == [1, 1, 0, 0]
