@@ -32,6 +32,7 @@ from tests.helpers import (
     Namespace,
     balance,
     deposit,
+    record,
     send,
     status,
     step,
@@ -302,6 +303,23 @@ def test_with_shards_a_leaders_metrics_and_spans_name_its_shard(ns: Namespace,
     assert [s.attributes["shard"] for s in otel.finished("ledger.full_scan")
             if s.attributes] == [0, 1, 2, 3]
     assert {otel.last("ledger.completions.pending", shard=k) for k in range(4)} == {0}
+    # Work in flight: the home's coordination waits for its voter, as the home's gauges say.
+    from tests.test_shards import elect_only, request_on, settle
+
+    rid = request_on(0, "x")
+    send_to = accounts_on(3, 1)[0]
+    record(app, *transfer(rid, on_two, send_to, "1.00"))
+    elect_only(app, 0)  # coordinates: PREPARE to shard 2
+    elect_only(app, 2)  # votes: the home's mail flag changes
+    elect_only(app, 0)  # reads its flight: the coordination, and the vote in its inbox
+    assert otel.last("ledger.flight.coordinations", shard=0) == 1
+    age = otel.last("ledger.flight.oldest_age", shard=0)
+    assert age is not None
+    assert 0 <= age < 60
+    settle(app, [rid])
+    app.shards[0].flight_read_at = float("-inf")  # its next look reads the flight (it is due)
+    elect_only(app, 0)
+    assert otel.last("ledger.flight.coordinations", shard=0) == 0
 
 
 def test_a_conflict_is_logged_with_its_request_id(ns: Namespace, otel: Exporters,

@@ -97,6 +97,13 @@ OLDEST_PENDING = _meter.create_gauge(
 DELIVERIES = _meter.create_counter(
     "ledger.completions.deliveries", "{message}", "Completions received, by record result.")
 PARKED = _meter.create_counter("ledger.parked", "{message}", "Messages parked, by kind.")
+IN_FLIGHT = _meter.create_gauge(
+    "ledger.flight.coordinations", "{request}",
+    "Cross-shard requests the shard coordinates (home), at each read of its work in flight.")
+OLDEST_IN_FLIGHT = _meter.create_gauge(
+    "ledger.flight.oldest_age", "s",
+    "Time since the shard's oldest coordination last progressed, at each read of its work in "
+    "flight (0 when none).")
 POISON_DEPTH = _meter.create_gauge(
     "ledger.poison.depth", "{message}", "Approximate messages in the poison queue.")
 
@@ -350,6 +357,17 @@ def record_scan(rows: int, pending: int, ready: int, oldest_age_seconds: float) 
     trace.get_current_span().set_attributes(
         {"completions": rows, "requestsPending": pending, "requestsReady": ready,
          "oldestAgeSeconds": round(oldest_age_seconds, 3)})
+
+
+def record_flight(coordinations: int, messages: int, oldest_age_seconds: float) -> None:
+    """What one read of the shard's work in flight found: coordinations (requests it is home
+    of, waiting for other shards), messages in its inbox, and how long the oldest coordination
+    has gone without progress (storage's time since its row was last written)."""
+    IN_FLIGHT.set(coordinations, _dimensions())
+    OLDEST_IN_FLIGHT.set(oldest_age_seconds, _dimensions())
+    trace.get_current_span().set_attributes(
+        {"inFlight": coordinations, "inbox": messages,
+         "oldestInFlightAgeSeconds": round(oldest_age_seconds, 3)})
 
 
 def record_poison_depth(depth: int) -> None:
