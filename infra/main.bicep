@@ -59,6 +59,15 @@ param deployerPrincipalType string = 'User'
 @description('Resource ids of action groups the alerts notify (docs/operations.md). Empty: alerts show in the portal only.')
 param alertActionGroupIds array = []
 
+@description('Alert: seconds a cross-shard request may go without progress before it fires.')
+param alertInFlightAgeThresholdSeconds int = 300
+
+@description('Alert: a shard is far behind when its backlog exceeds this many times the median of all shards...')
+param alertBehindFactor int = 10
+
+@description('... and this many waiting completions.')
+param alertBehindMinPending int = 1000
+
 // The settings the app code reads: shared/config/settings.py SETTINGS, with the code's defaults.
 
 @description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
@@ -208,6 +217,9 @@ module alerts 'modules/alerts.bicep' = {
     tags: tags
     appInsightsName: monitoring.outputs.appInsightsName
     actionGroupIds: alertActionGroupIds
+    inFlightAgeThresholdSeconds: alertInFlightAgeThresholdSeconds
+    behindFactor: alertBehindFactor
+    behindMinPending: alertBehindMinPending
   }
 }
 

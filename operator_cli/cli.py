@@ -43,6 +43,7 @@ from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from operator_cli import reconcile as reconcile_commands
 from operator_cli.output import Output, fields, preview, table
+from operator_cli.shards import shard_lines
 from operator_cli.storage_errors import explain, problem
 from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
 from shared.config.timings import ElectionConfigError
@@ -345,6 +346,9 @@ def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
         ("pending", f"{view.get('pendingCompletions')} completion(s)"),
         ("last commit", view.get("lastCommitAt") or "never"),
     ]))
+    if view.get("shards"):
+        output.line("")
+        output.lines(shard_lines(view["shards"]))
     return EXIT_OK
 
 
@@ -498,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     poison_replay.set_defaults(handler=_ignore_stdin(intake.cmd_poison_replay))
 
     status = commands.add_parser("status", parents=[common],
-                                 help="leader, epoch, lease state, pending completions")
+                                 help="leader, epoch, lease, pending; a line per shard")
     status.set_defaults(handler=_ignore_stdin(cmd_status))
     balance = commands.add_parser("balance", parents=[common], help="an account's balance")
     balance.add_argument("account", help="the accountId")
