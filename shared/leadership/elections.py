@@ -103,7 +103,8 @@ def drive_shards(app: LedgerApp, first: ElectionResult, deadline: float) -> None
             wake_soon(app.wakeup_queue, app.config.instance_id, BUDGET_SPENT, queue[0])
             return
         shard = queue.pop(0)
-        visit = Election(app.on(shard), deadline).run(False)
+        with telemetry.acting_for(shard):
+            visit = Election(app.on(shard), deadline).run(False)
         first.visits.append(visit)
         queue += sorted(visit.messaged - set(queue))
 

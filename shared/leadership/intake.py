@@ -92,10 +92,12 @@ def queue_handler(get_app: Callable[[], LedgerApp], message_type: type,
 def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
     """Write the step's row (idempotent) in ``app``'s shard, which must be the completion's home
     (``LedgerApp.home_of``); the result says whether it was new."""
-    with telemetry.span("ledger.record", requestId=completion.request_id,
-                        operationId=completion.operation_id):
-        recorded = app.completions.record(completion, app.config.instance_id, app.clock.now())
-    telemetry.record_delivery(recorded.result.value, completion.request_id)
+    with telemetry.acting_for(app.current):
+        with telemetry.span("ledger.record", requestId=completion.request_id,
+                            operationId=completion.operation_id):
+            recorded = app.completions.record(completion, app.config.instance_id,
+                                              app.clock.now())
+        telemetry.record_delivery(recorded.result.value, completion.request_id)
     return recorded
 
 

@@ -35,6 +35,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared.config.names import poison_queue_name
 from shared.domain.model import Fence
 from shared.errors import NO_ANSWER, NO_CREDENTIAL, UNREACHABLE, StorageError
 from shared.leadership.instance import LedgerApp
@@ -102,8 +103,10 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
     queues: dict[str, Any] = {}
 
-    def poison() -> None:
-        queues["poisoned"] = queue_depth(app.queue(app.config.poison_queue))
+    def poison() -> None:  # every intake queue's poison queue (INTAKE_QUEUES)
+        names = [poison_queue_name(name) for name in app.config.intake_queue_names]
+        queues["byQueue"] = {name: queue_depth(app.queue(name)) for name in names}
+        queues["poisoned"] = sum(queues["byQueue"].values())
 
     def parked() -> None:
         queues["parked"] = app.parking.count_by_kind(MAX_PARKED_ROWS)
@@ -141,6 +144,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
         "parkedByKind": parked_by_kind,
         "poisoned": queues["poisoned"],
         "poisonQueue": app.config.poison_queue,
+        "poisonedByQueue": queues["byQueue"],
     }
 
 
