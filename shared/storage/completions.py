@@ -168,6 +168,22 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
     }
 
 
+def _step_entity(step: RecordedStep) -> dict[str, Any]:
+    """A recorded step as its row (with its first time of record, ``STORED_AT``)."""
+    return {
+        "PartitionKey": bucket_of(step.request_id), "RowKey": step.row_key,
+        "requestId": step.request_id, "operationId": step.operation_id,
+        "operation": step.operation.value, "accountId": step.account_id,
+        "amount": format_money(step.amount), "expectedOperations": step.expected_operations,
+        "status": step.status.value,
+        "completedAt": step.completed_at.isoformat() if step.completed_at else "",
+        "contentKey": step.stored_key, "recordedAt": step.recorded_at.isoformat(),
+        "recordedBy": step.recorded_by, "conflict": step.conflict,
+        STORED_AT: step.recorded_at.isoformat(),
+        **({telemetry.TRACEPARENT: step.traceparent} if step.traceparent else {}),
+    }
+
+
 def _step(row: Mapping[str, Any], etag: str = "",
           stamp: datetime | None = None) -> RecordedStep:
     completed = row.get("completedAt")
@@ -447,6 +463,13 @@ class CompletionStore:
                     pass
                 for entity in chunk:
                     self._import_one(entity)
+
+    def import_steps(self, steps: Sequence[RecordedStep]) -> None:
+        """``import_rows`` for steps as a leader read them (a step recorded on the wrong shard
+        under an older shard map, forwarded to its home), with their requests' open rows."""
+        rows: list[dict[str, Any]] = [_open_request_row(r) for r in {s.request_id for s in steps}]
+        rows += [_step_entity(step) for step in steps]
+        self.import_rows(rows)
 
     def _import_one(self, entity: dict[str, Any]) -> None:
         try:
