@@ -12,6 +12,7 @@ from shared.domain.exchange import COMMITTING, coord_key
 from shared.domain.model import Fence
 from shared.domain.money import format_money
 from shared.errors import StorageError
+from shared.leadership.generations import earlier_outcome_by_id
 from shared.leadership.instance import LedgerApp
 from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
@@ -57,6 +58,8 @@ def request(app: LedgerApp, request_id: str) -> Reply:
     """
     if bad := _bad_identifier("requestId", request_id):
         return bad
+    if app.earlier_maps and (before := earlier_outcome_by_id(app, request_id)) is not None:
+        return Reply(200, {"requestId": request_id, **outcome_view(before)})  # before a reshard
     if not app.sharded:
         found = _request_on(app, request_id)
     else:
