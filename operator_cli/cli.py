@@ -10,6 +10,7 @@ Run it as ``python -m operator_cli`` (or ``./dev cli``)::
     ./dev cli poison list | replay
     ./dev cli status | balance ACCOUNT | request REQUEST_ID
     ./dev cli --json status                        # any command: JSON for scripts
+    ./dev cli reshard --to 4 [--resume]            # move the ledger to 4 shards
 
 Every command prints a table for people, or JSON with ``--json``; problems go to stderr as
 ``error: ...``. A storage call refused for want of a role names the role and the ``az`` command
@@ -39,6 +40,7 @@ from typing import Any, NoReturn, TextIO
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
+from operator_cli import reshard as reshard_command
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.storage_errors import explain, problem
 from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
@@ -580,6 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="a request's status: pending or its outcome")
     request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
+    reshard_command.register(commands, common)
     return parser
 
 

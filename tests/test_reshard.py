@@ -8,11 +8,14 @@ stored map is authoritative) and straight from storage.
 
 from __future__ import annotations
 
+import io
 import itertools
+import json
 from decimal import Decimal
 
 import pytest
 
+from operator_cli import cli
 from shared.config.names import ledger_partition
 from shared.domain.contract import parse_completion
 from shared.domain.exchange import FLIGHT_PREFIX
@@ -95,7 +98,8 @@ def test_one_to_four_to_two_keeps_every_balance_and_status(ns: Namespace) -> Non
     assert report.steps_moved >= 1 or ShardMap(4).home_of("pending-1", 2, "") == 0
 
     later = ns.app()  # LEDGER_SHARDS is still 1: the stored map wins
-    assert later.shard_map.shards == 4 and later.shard_map.generation == 2
+    assert later.shard_map.shards == 4
+    assert later.shard_map.generation == 2
     assert {a: balance(later, a) for a in accounts} == expected
     assert {r: status(later, r) for r in statuses} == statuses
     placed = rows_by_shard(later, 4)
@@ -124,9 +128,11 @@ def test_one_to_four_to_two_keeps_every_balance_and_status(ns: Namespace) -> Non
 
     report = reshard(later, 2)
     assert (report.from_shards, report.to_shards, report.generation) == (4, 2, 3)
-    assert report.verified == "exact" and report.total_after == before
+    assert report.verified == "exact"
+    assert report.total_after == before
     last = ns.app()
-    assert last.shard_map.shards == 2 and len(last.earlier_maps) == 2
+    assert last.shard_map.shards == 2
+    assert len(last.earlier_maps) == 2
     send(last, add2)
     statuses["pending-2"] = "committed"
     expected[accounts[4]] -= Decimal("1.00")
@@ -135,7 +141,7 @@ def test_one_to_four_to_two_keeps_every_balance_and_status(ns: Namespace) -> Non
     assert {a: balance(last, a) for a in accounts} == expected
     assert {r: status(last, r) for r in statuses} == statuses
     placed = rows_by_shard(last, 4)
-    assert not placed[2] and not placed[3], "removed shards keep no account"
+    assert (placed[2], placed[3]) == (set(), set()), "removed shards keep no account"
     assert all(two.account_shard(a) == k for k, found in placed.items() for a in found)
     assert not any(last.topology.ledger_of(k).list_rows(FLIGHT_PREFIX) for k in range(4))
     assert sum(expected.values()) == before
@@ -156,7 +162,8 @@ def test_a_run_stopped_halfway_resumes_with_totals_intact(ns: Namespace,
     with pytest.raises(ReshardRefused):
         reshard(other, 2)  # another target while one is open
     report = reshard(other, 4, resume=True)
-    assert report.resumed and report.to_shards == 4
+    assert report.resumed
+    assert report.to_shards == 4
     assert report.total_after == Decimal("500.00")
     fresh = ns.app()
     assert fresh.shard_map.shards == 4
@@ -199,7 +206,8 @@ def test_steps_sent_again_after_a_reshard_are_not_applied_twice(ns: Namespace) -
                                                                 Decimal("40.00"))
     assert (status(later, "fund"), status(later, "pay")) == ("committed", "committed")
     for shard in later.each_shard():  # settled as late steps: nothing waits anywhere
-        assert not shard.completions.steps_of("fund") and not shard.completions.steps_of("pay")
+        assert not shard.completions.steps_of("fund")
+        assert not shard.completions.steps_of("pay")
     # Outcomes stay where they were decided: nothing was copied.
     assert later.topology.ledger_of(0).read_outcome("pay") is not None
     assert all(later.on(k).ledger.read_outcome("pay") is None for k in range(1, 4)
@@ -228,3 +236,30 @@ def test_a_step_recorded_under_the_old_map_after_the_reshard_is_not_lost(ns: Nam
                "the forwarded deposit to commit")
     assert balance(current, carol) == Decimal("9.99")
     assert not current.on(0).completions.steps_of("late-dep")
+
+
+def test_the_cli_reshards_and_the_leader_view_names_a_setting_that_disagrees(
+        ns: Namespace) -> None:
+    app = ns.app()
+    send(app, *deposit("d1", "alice", "12.34"))
+    assert api.leader(app).body["reshard"] is None
+    out = io.StringIO()
+    code = cli.main(["reshard", "--to", "2", "--json"], environ=ns.env(), stdout=out,
+                    stderr=io.StringIO())
+    assert code == 0
+    report = json.loads(out.getvalue())
+    assert (report["from"], report["to"], report["generation"]) == (1, 2, 2)
+    assert report["totalBefore"] == report["totalAfter"] == "12.34"
+    assert report["verified"] == "exact"
+    # LEDGER_SHARDS still says 1: the app warns and uses the stored map; /api/leader says so.
+    later = ns.app()
+    assert api.leader(later).body["reshard"] == {"needed": True, "setting": 1, "stored": 2,
+                                                 "generation": 2}
+    assert api.leader(ns.app(LEDGER_SHARDS="2")).body["reshard"] is None
+    out = io.StringIO()
+    assert cli.main(["reshard", "--to", "2"], environ=ns.env(), stdout=out) == 0
+    assert "nothing to do" in out.getvalue()
+    err = io.StringIO()
+    assert cli.main(["reshard", "--to", "3", "--resume"], environ=ns.env(),
+                    stdout=io.StringIO(), stderr=err) == 1
+    assert "nothing to resume" in err.getvalue()

@@ -14,6 +14,7 @@ from shared.domain.money import format_money
 from shared.errors import StorageError
 from shared.leadership.generations import earlier_outcome_by_id
 from shared.leadership.instance import LedgerApp
+from shared.leadership.reshard import status as reshard_status
 from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
 
@@ -128,4 +129,5 @@ def leader(app: LedgerApp) -> Reply:
         **leader_view(fence, lease),
         "pendingCompletions": app.completions.count(),
         "parkedMessages": {kind.value: parked.get(kind.value, 0) for kind in ParkedKind},
+        "reshard": reshard_status(app),  # null unless LEDGER_SHARDS disagrees with the map
     })
