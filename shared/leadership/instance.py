@@ -158,7 +158,7 @@ class Topology:
                     "LEDGER_SHARDS=%s but the shard map in storage has %s shard(s) (generation "
                     "%s); the stored map is used. To change it: ./dev cli reshard --to %s",
                     self.seed, found.current.shards, found.current.generation, self.seed)
-            if before is not None:
+            if before is not None and before.current.generation:
                 logger.info("shard map generation %s -> %s (%s shard(s))",
                             before.current.generation, found.current.generation,
                             found.current.shards)
