@@ -12,6 +12,7 @@ Run it as ``python -m operator_cli`` (or ``./dev cli``)::
     ./dev cli status | balance ACCOUNT | request REQUEST_ID
     ./dev cli --json status                        # any command: JSON for scripts
     ./dev cli reconcile | archive [--dry-run]      # invariants of every shard; retention
+    ./dev cli reshard --to 4 [--resume]            # move the ledger to 4 shards
 
 Every command prints a table for people, or JSON with ``--json``; problems go to stderr as
 ``error: ...``. A storage call refused for want of a role names the role and the ``az`` command
@@ -42,6 +43,7 @@ from typing import Any, NoReturn, TextIO
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from operator_cli import reconcile as reconcile_commands
+from operator_cli import reshard as reshard_command
 from operator_cli.output import Output, fields, preview, table
 from operator_cli.shards import shard_lines
 from operator_cli.storage_errors import explain, problem
@@ -512,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
     reconcile_commands.register(commands, common)  # reconcile, archive
+    reshard_command.register(commands, common)
     return parser
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -77,6 +77,27 @@ class CommitResult:
     accounts: dict[str, AccountRow] = field(default_factory=dict)
 
 
+MAP_GENERATION = "mapGeneration"  # on the fence: the shard map generation of its writer
+
+
+class MapMoved(FencedOut):
+    """The fence was written under a newer shard map than this process's: reload the map.
+
+    A reshard stamps every shard's fence with the new map's generation, and every fence write
+    carries the writer's; a process whose map is older cannot claim an epoch
+    (``Ledger.claim_epoch``), so it never writes under a map that is no longer in force.
+    """
+
+    def __init__(self, generation: int, mine: int, partition: str) -> None:
+        super().__init__(f"the fence of {partition} was written under shard map generation "
+                         f"{generation}; this process has generation {mine}: it reloads the map")
+        self.generation = generation
+
+
+def _generation(row: Mapping[str, Any]) -> int:
+    return int(row.get(MAP_GENERATION) or 0)
+
+
 def _fence(row: Row) -> Fence:
     return Fence(int(row["epoch"]), str(row.etag), str(row.get("holder", "")),
                  str(row.get("claimedAt", "")), str(row.get("lastCommitAt", "")))
@@ -127,17 +148,34 @@ def _account(account_id: str, row: Row) -> AccountRow:
 class Ledger:
     """Reads and fenced writes of the ledger partition."""
 
-    def __init__(self, table: Table, partition: str = LEDGER_PARTITION) -> None:
+    def __init__(self, table: Table, partition: str = LEDGER_PARTITION,
+                 map_generation: Callable[[], int] | None = None) -> None:
         self.table = table
         self.partition = partition
+        # The shard map generation this process writes under (0: not map-aware, never checked).
+        self.map_generation: Callable[[], int] = map_generation or (lambda: 0)
+
+    def _stamped(self, entity: dict[str, Any]) -> dict[str, Any]:
+        """A fence entity with this process's map generation (when it has one)."""
+        generation = self.map_generation()
+        return {**entity, MAP_GENERATION: generation} if generation else entity
+
+    def _check_generation(self, row: Mapping[str, Any]) -> None:
+        """Raise ``MapMoved`` when the fence was written under a newer map than ours."""
+        mine = self.map_generation()
+        if mine and _generation(row) > mine:
+            raise MapMoved(_generation(row), mine, self.partition)
 
     # --- the fence -------------------------------------------------------------------------
     def read_fence(self) -> Fence | None:
         """The fence row, or ``None`` before the first leader."""
-        try:
-            return _fence(self.table.get(self.partition, FENCE_ROW))
-        except NotFound:
-            return None
+        row = self.read_row(FENCE_ROW)
+        return None if row is None else _fence(row)
+
+    def fence_generation(self) -> int:
+        """The shard map generation the fence was last written under (0: none recorded)."""
+        row = self.read_row(FENCE_ROW)
+        return 0 if row is None else _generation(row)
 
     def claim_epoch(self, holder: str, now: datetime, known: LedgerSnapshot | None = None,
                     attempts: int = 5) -> tuple[Fence, bool]:
@@ -150,8 +188,8 @@ class Ledger:
         # 1. Fast path: nothing was written since this process's last commit, so the fence
         #    still has the snapshot's ETag and one conditional update claims the next epoch.
         if known is not None:
-            entity = fence_entity(self.partition, known.epoch + 1, holder, claimed_at,
-                                  known.last_commit_at)
+            entity = self._stamped(fence_entity(self.partition, known.epoch + 1, holder,
+                                                claimed_at, known.last_commit_at))
             try:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=known.etag)
                 return Fence(known.epoch + 1, str(written.etag), holder, claimed_at,
@@ -162,9 +200,13 @@ class Ledger:
         seen: int | None = None
         for _ in range(attempts):
             # 2a. No fence yet: the first leader ever creates it with epoch 1.
-            current = self.read_fence()
+            row = self.read_row(FENCE_ROW)
+            if row is not None:
+                self._check_generation(row)  # a reshard moved the map on: reload it first
+            current = None if row is None else _fence(row)
             if current is None:
-                entity = fence_entity(self.partition, 1, holder, claimed_at, last_commit_at="")
+                entity = self._stamped(fence_entity(self.partition, 1, holder, claimed_at,
+                                                    last_commit_at=""))
                 try:
                     written = self.table.create(entity)
                 except AlreadyExists:
@@ -180,8 +222,9 @@ class Ledger:
             seen = current.epoch
             # 2d. Claim epoch + 1 If-Match the ETag just read; a deposed leader's last commit
             #     in between changes it, and we read again.
-            entity = fence_entity(self.partition, seen + 1, holder, claimed_at,
-                                  current.last_commit_at)
+            entity = {**fence_entity(self.partition, seen + 1, holder, claimed_at,
+                                     current.last_commit_at),
+                      MAP_GENERATION: max(_generation(row or {}), self.map_generation())}
             try:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=current.etag)
             except ConditionFailed:
@@ -329,8 +372,10 @@ class Ledger:
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp, extra,
                                 reserved, claims)
+        writes = [replace(plan.writes[0], entity=self._stamped(plan.writes[0].entity)),
+                  *plan.writes[1:]]  # the fence keeps the map generation it was claimed under
         try:
-            results = self.table.submit([_operation(w) for w in plan.writes])
+            results = self.table.submit([_operation(w) for w in writes])
         except BatchRefused as exc:
             code = exc.code or ""
             index = 0 if exc.index is None else exc.index  # the batch as a whole: its first
@@ -347,6 +392,56 @@ class Ledger:
                 written[subject] = AccountRow(subject, balances[subject][1], result.etag, held)
         return CommitResult(replace(fence, etag=str(results[0].etag), last_commit_at=stamp),
                             written)
+
+
+    def write_fenced(self, fence: Fence, upserts: Sequence[Mapping[str, Any]] = (),
+                     deletes: Sequence[str] = (), now: datetime | None = None) -> Fence:
+        """One transaction fenced by ``fence``: replace rows of this partition whole
+        (``upserts``) and delete rows by key (``deletes``, gone already is fine: the transaction
+        is then made again without them). At most 99 rows. Returns the fence's new version.
+        Raises ``FencedOut`` when the fence changed (another writer claimed it)."""
+        stamp = (now.isoformat() if now else fence.last_commit_at)
+        fence_row = self._stamped(fence_entity(self.partition, fence.epoch, fence.holder,
+                                               fence.claimed_at, stamp))
+        pending = list(deletes)
+        for _ in range(len(pending) + 1):
+            operations: list[Operation] = [
+                ("update", fence_row, {"mode": Mode.REPLACE, "etag": fence.etag})]
+            operations += [("upsert", {**e, "PartitionKey": self.partition},
+                            {"mode": Mode.REPLACE}) for e in upserts]
+            operations += [("delete", {"PartitionKey": self.partition, "RowKey": key}, {})
+                           for key in pending]
+            try:
+                results = self.table.submit(operations)
+            except BatchRefused as exc:
+                index = exc.index
+                if index == 0 or (exc.code or "") in ("UpdateConditionNotSatisfied",
+                                                      "ConditionNotMet"):
+                    raise FencedOut(f"the fence of {self.partition} changed: another "
+                                    "writer holds it") from exc
+                first_delete = 1 + len(upserts)
+                if index is not None and index >= first_delete and \
+                        (exc.code or "") == "ResourceNotFound":
+                    del pending[index - first_delete]  # deleted already (a resumed run)
+                    continue
+                raise LedgerWriteError(f"a fenced write of {self.partition} was refused: "
+                                       f"{exc}") from exc
+            return replace(fence, etag=str(results[0].etag), last_commit_at=stamp)
+        raise LedgerWriteError(f"a fenced write of {self.partition} kept being refused")
+
+    def stamp_generation(self, fence: Fence, generation: int, holder: str,
+                         now: datetime) -> Fence:
+        """Claim the next epoch ``If-Match`` ``fence`` and record ``generation`` on the fence
+        (a reshard's: every later claim under an older map raises ``MapMoved``)."""
+        entity = {**fence_entity(self.partition, fence.epoch + 1, holder, now.isoformat(),
+                                 fence.last_commit_at), MAP_GENERATION: generation}
+        try:
+            written = self.table.update(entity, mode=Mode.REPLACE, etag=fence.etag)
+        except ConditionFailed as exc:
+            raise FencedOut(f"the fence of {self.partition} changed: another writer holds "
+                            "it") from exc
+        return Fence(fence.epoch + 1, str(written.etag), holder, now.isoformat(),
+                     fence.last_commit_at)
 
 
 def outcome_view(decided: DecidedOutcome) -> dict[str, Any]:

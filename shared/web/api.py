@@ -11,7 +11,9 @@ from shared.domain.contract import IDENTIFIER_PATTERN
 from shared.domain.exchange import COMMITTING, coord_key
 from shared.domain.model import Fence
 from shared.domain.money import format_money
+from shared.leadership.generations import earlier_outcome_by_id
 from shared.leadership.instance import LedgerApp
+from shared.leadership.reshard import status as reshard_status
 from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
 from shared.web import shards
@@ -57,6 +59,8 @@ def request(app: LedgerApp, request_id: str) -> Reply:
     """
     if bad := _bad_identifier("requestId", request_id):
         return bad
+    if app.earlier_maps and (before := earlier_outcome_by_id(app, request_id)) is not None:
+        return Reply(200, {"requestId": request_id, **outcome_view(before)})  # before a reshard
     if not app.sharded:
         found = _request_on(app, request_id)
     else:
@@ -119,5 +123,6 @@ def leader(app: LedgerApp) -> Reply:
         "pendingCompletions": len(first.pending.rows),
         "parkedMessages": {kind.value: parked.get(kind.value, 0) for kind in ParkedKind},
         "shards": [shards.shard_row(reads, now) for reads in rows],
+        "reshard": reshard_status(app),  # null unless LEDGER_SHARDS disagrees with the map
     }
     return Reply(200, body)
