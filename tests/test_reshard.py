@@ -21,6 +21,7 @@ from shared.domain.contract import parse_completion
 from shared.domain.exchange import FLIGHT_PREFIX
 from shared.domain.planning import ACCOUNT_PREFIX
 from shared.domain.sharding import ShardMap
+from shared.leadership import intake
 from shared.leadership.elections import Election, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, record_completion
@@ -236,6 +237,34 @@ def test_a_step_recorded_under_the_old_map_after_the_reshard_is_not_lost(ns: Nam
                "the forwarded deposit to commit")
     assert balance(current, carol) == Decimal("9.99")
     assert not current.on(0).completions.steps_of("late-dep")
+
+
+def test_a_stale_recorder_on_a_shard_the_reshard_removed_moves_its_row_home(
+        ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2 -> 1 shards: a recorder that read the old map and wrote after the reshard's last move
+    # of stragglers leaves its row on shard 1, whose table no leader reads any more. Its own
+    # check after the write (its map was asked for more than MAP_TTL_SECONDS before the write
+    # ended: 0 here, as if it had been paused) moves the row home, and the transfer commits.
+    stale = ns.app(LEDGER_SHARDS="2")
+    request = ids_on(stale.shard_map, 1, "moved")
+    assert stale.shard_map.generation == 1
+    removed = stale.on(1)
+    reshard(ns.app(LEDGER_SHARDS="2"), 1)
+    current = ns.app(LEDGER_SHARDS="2")
+    send(current, *deposit("fund", "payer", "10.00"))
+    withdraw, add = transfer(request, "payer", "payee", "4.00")
+    # Paused since it read the map: its cache is not read again before the write.
+    monkeypatch.setattr(stale.topology, "fresh", lambda max_age=0.0: stale.topology.current)
+    monkeypatch.setattr(intake, "MAP_TTL_SECONDS", 0.0)
+    send(stale, withdraw)  # recorded on shard 1 by the old map, then moved to shard 0
+    assert stale.shard_map.shards == 1, "the stale process read the map again"
+    assert not removed.completions.steps_of(request)
+    monkeypatch.undo()
+    send(current, add)
+    settle(current, [request])
+    assert status(current, request) == "committed"
+    assert balance(current, "payer") == Decimal("6.00")
+    assert balance(current, "payee") == Decimal("4.00")
 
 
 def test_the_cli_reshards_and_the_leader_view_names_a_setting_that_disagrees(

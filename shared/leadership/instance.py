@@ -169,6 +169,11 @@ class Topology:
                             found.current.shards)
         return found
 
+    @property
+    def checked_at(self) -> float:
+        """When (monotonic) the map in use was asked for."""
+        return self._checked_at
+
     def fresh(self, max_age: float = MAP_TTL_SECONDS) -> ShardMap:
         """The map, read again first when it was read more than ``max_age`` seconds ago."""
         if self._stored is None or self.clock.monotonic() - self._checked_at > max_age:

@@ -20,7 +20,7 @@ from shared.domain.contract import Completion, MalformedMessage, parse_completio
 from shared.domain.model import RecordedStep
 from shared.domain.rules import assess
 from shared.leadership.elections import ElectionResult, run_election
-from shared.leadership.instance import LedgerApp
+from shared.leadership.instance import MAP_TTL_SECONDS, LedgerApp
 from shared.observability import telemetry
 from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordResult
 
@@ -56,7 +56,10 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
                          app.clock.now())
         return CompletionResult(recorded=None, parked=True)
     home = app.home_of(completion)  # the shard follows from the ids, never from the queue
+    map_asked_at = app.topology.checked_at
     recorded = record_completion(home, completion)
+    if app.clock.monotonic() - map_asked_at > MAP_TTL_SECONDS:
+        home = rehome_if_moved(app, home, completion)
     result = CompletionResult(recorded=recorded.result,
                               announced=announce_if_ready(home, completion, recorded))
     if not result.announced:
@@ -68,6 +71,32 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
                          "will resume", completion.request_id, completion.operation_id,
                          extra=telemetry.log_extra(requestId=completion.request_id))
     return result
+
+
+def rehome_if_moved(app: LedgerApp, home: LedgerApp, completion: Completion) -> LedgerApp:
+    """Move the request's rows to its home under the map in force, if a reshard moved it while
+    this delivery was recording; the app acting for the home the rows are on now.
+
+    Called when the map this delivery used was asked for more than ``MAP_TTL_SECONDS`` before
+    its write ended. A reshard moves the steps recorded under the old map once every process
+    has read the new one (``MAP_TTL_SECONDS`` after publishing it), so only a write that landed
+    later than that can be left behind, and such a write ends more than ``MAP_TTL_SECONDS``
+    after its map was asked for: this check catches it, even on a shard the new map removed
+    (whose table no leader reads). Moving is idempotent (a leader forwarding the same strays
+    meets rows already imported, or already deleted).
+    """
+    app.topology.reload()
+    moved = app.home_of(completion)
+    if moved.current == home.current:
+        return home
+    steps = home.completions.steps_of(completion.request_id)
+    logger.warning("request %s was recorded on shard %d under an older shard map; its %d row(s) "
+                   "move to shard %d", completion.request_id, home.current, len(steps),
+                   moved.current, extra=telemetry.log_extra(requestId=completion.request_id))
+    if steps:
+        moved.completions.import_steps(steps)
+        home.completions.delete([step.ref for step in steps])
+    return moved
 
 
 def queue_handler(get_app: Callable[[], LedgerApp], message_type: type,
