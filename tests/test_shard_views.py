@@ -28,7 +28,7 @@ from tests.test_parking_cli import Run
 from tests.test_shards import accounts_on, elect_only, request_on, settle, sharded
 
 TOP_LEVEL = {"holder", "lastHolder", "epoch", "lease", "lastCommitAt", "pendingCompletions",
-             "parkedMessages", "shards"}
+             "parkedMessages", "shards", "reshard"}
 SHARD_FIELDS = {"shard", "holder", "lastHolder", "epoch", "lease", "lastCommitAt", "claimedAt",
                 "pendingCompletions", "pendingTruncated", "oldestPendingAgeSeconds", "inFlight",
                 "inFlightRequests", "inFlightByKind", "oldestInFlightAgeSeconds",
