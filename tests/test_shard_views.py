@@ -19,9 +19,9 @@ from operator_cli import cli
 from operator_cli import shards as shard_cli
 from shared.config.names import lease_blob_name
 from shared.domain.contract import Operation
-from shared.domain.model import Fence
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
+from shared.storage.ledger import Takeover
 from shared.web import api, shards, status
 from tests.helpers import Namespace, deposit, record, send, step, transfer, wait_until
 from tests.test_parking_cli import Run
@@ -153,29 +153,42 @@ def test_a_takeover_shows_on_the_shard_whose_leader_changed_only(ns: Namespace) 
     wait_until(lambda: api.leader(app).body["shards"][2]["holder"] is None, 10, "released")
 
 
-def test_takeover_rule_on_chosen_rows() -> None:
+def test_a_takeover_shows_for_the_window_after_the_claim() -> None:
     now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
-    def row(epoch: int, who: str, seconds_ago: float) -> dict[str, object]:
-        return {"epoch": epoch, "decidedBy": f"{who}/lease", "status": "committed",
-                "decidedAt": (now - timedelta(seconds=seconds_ago)).isoformat()}
+    def taken(seconds_ago: float) -> Takeover:
+        return Takeover(5, (now - timedelta(seconds=seconds_ago)).isoformat(), 4, "a/lease-1",
+                        "b/lease-2")
 
-    fence = Fence(6, "etag", "b/lease", (now - timedelta(seconds=12)).isoformat())
-    # a led 3 and 4, b claimed 5 then 6 (its own next term): the takeover is 4 -> 5.
-    rows = [row(3, "a", 200), row(4, "a", 100), row(5, "b", 40), row(5, "b", 30)]
-    found = shards.takeover(rows, fence, now, 300)
+    found = shards.takeover(taken(40), now, 300)
     assert found is not None
     assert (found["fromEpoch"], found["toEpoch"], found["from"], found["to"]) == (4, 5, "a", "b")
-    assert found["secondsAgo"] == 40  # its first decision seen: the claim is no later
-    # The same leader term after term: no takeover.
-    assert shards.takeover([row(3, "b", 100), row(5, "b", 30)], fence, now, 300) is None
-    # A change older than the window is not shown.
-    assert shards.takeover([row(4, "a", 900), row(5, "b", 800)], fence, now, 300) is None
-    # The fence's claim is the new epoch's time when it is the one that changed hands.
-    found = shards.takeover([row(5, "a", 100)], fence, now, 300)
+    assert found["secondsAgo"] == 40
+    assert shards.takeover(taken(301), now, 300) is None, "older than the window"
+    assert shards.takeover(None, now, 300) is None, "never taken over"
+
+
+def test_a_hand_over_is_not_a_takeover_but_a_lease_lost_under_a_term_is(ns: Namespace) -> None:
+    # Short terms hand the lease over all the time: a holder that released marks its epoch on
+    # the fence, and the next claim (another instance's) records nothing. A term whose lease
+    # was broken under it did not: the next claim records the takeover.
+    first, second = ns.app(instance_id="first"), ns.app(instance_id="second")
+    send(first, *deposit("d1", "alice", "5.00"))
+    send(second, *deposit("d2", "alice", "5.00"))
+    assert first.ledger.read_fence().epoch == 2  # type: ignore[union-attr]
+    assert first.ledger.read_takeover() is None, "two hand-overs, no takeover"
+    term = lead(first)
+    record(first, *deposit("d3", "alice", "1.00"))
+    term.commit_ready(first.clock.monotonic() + 30)
+    BlobLeaseClient(first.clients.blob.get_blob_client(
+        first.config.lease_container, first.config.lease_blob)).break_lease(lease_break_period=0)
+    send(second, *deposit("d4", "alice", "1.00"))
+    found = second.ledger.read_takeover()
     assert found is not None
-    assert found["secondsAgo"] == 12
-    assert found["toEpoch"] == 6
+    assert (found.from_epoch, found.epoch) == (term.fence.epoch, term.fence.epoch + 1)
+    assert (found.from_holder.split("/")[0], found.to_holder.split("/")[0]) == ("first",
+                                                                                 "second")
+    assert status.snapshot(first)["shards"][0]["takeover"]["toEpoch"] == term.fence.epoch + 1
 
 
 def test_a_snapshot_of_four_shards_reads_each_store_of_each_shard_once(ns: Namespace) -> None:
@@ -183,9 +196,10 @@ def test_a_snapshot_of_four_shards_reads_each_store_of_each_shard_once(ns: Names
     observed = ns.app(request_hook=counter, LEDGER_SHARDS="4")
     counter.calls.clear()
     status.snapshot(observed)
-    # Per shard: fence, lease, completions, flight, outcomes in the window, all outcomes; then
+    # Per shard: fence, lease, completions, flight, outcomes in the window, all outcomes, the
+    # takeover row; then
     # the parked table (the poison queue's client is not counted).
-    assert counter.total == 4 * 6 + 1, counter.calls
+    assert counter.total == 4 * 7 + 1, counter.calls
 
 
 def test_cli_status_prints_one_line_per_shard(ns: Namespace, tmp_path: Path,

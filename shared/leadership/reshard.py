@@ -326,7 +326,9 @@ class _Run:
             return held
 
     def _release(self) -> None:
-        for lease in self.leases.values():
+        for k, lease in self.leases.items():
+            if k in self.fences:  # a hand-over: the next claim is not shown as a takeover
+                self.app.topology.ledger_of(k).mark_released(self.fences[k])
             lease.release()
         if self.leased_at is not None:
             self.report.pause_seconds = self.clock.monotonic() - self.leased_at

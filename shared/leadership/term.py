@@ -381,6 +381,18 @@ class LeaderTerm:
                                "while it committed; is something other than the leader writing "
                                "the ledger table? Stop it; the next leader resumes")
 
+    def mark_released(self) -> None:
+        """Just before the lease goes back: note the hand-over on the fence, so that the next
+        claim is not shown as a takeover (``Ledger.mark_released``). The note changes the
+        fence's ETag and nothing else, so a snapshot that was current stays current."""
+        etag = self.app.ledger.mark_released(self.fence)
+        if etag is None:
+            return
+        snapshot = self.app.snapshot
+        if snapshot is not None and snapshot.etag == self.fence.etag:
+            self.app.snapshot = replace(snapshot, etag=etag)
+        self.fence = replace(self.fence, etag=etag)
+
     def landed(self, result: CommitResult) -> None:
         """A transaction of this term landed: the new fence, the balances it wrote."""
         self.fence = result.fence

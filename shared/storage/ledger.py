@@ -62,7 +62,7 @@ from shared.domain.planning import (
     plan_transaction,
     request_key,
 )
-from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
+from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound, StorageError
 from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.ports import Mode, Operation, Row, Table
 
@@ -96,6 +96,23 @@ class MapMoved(FencedOut):
 
 def _generation(row: Mapping[str, Any]) -> int:
     return int(row.get(MAP_GENERATION) or 0)
+
+
+RELEASED_EPOCH = "releasedEpoch"  # on the fence: the epoch whose holder released its lease
+TAKEOVER_ROW = "fence:takeover"  # the shard's latest takeover (``Takeover``)
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A claim of a shard's epoch whose previous holder had not released its lease: it died,
+    was paused past its lease, or lost it to a break. A hand-over (the holder released, another
+    instance claimed the next epoch, as happens all the time) is not one."""
+
+    epoch: int  # the epoch claimed
+    at: str  # when (the claim's time, ISO-8601)
+    from_epoch: int
+    from_holder: str
+    to_holder: str
 
 
 def _fence(row: Row) -> Fence:
@@ -172,6 +189,42 @@ class Ledger:
         row = self.read_row(FENCE_ROW)
         return None if row is None else _fence(row)
 
+    def mark_released(self, fence: Fence) -> str | None:
+        """Note on the fence that ``fence``'s holder is releasing its lease, so that the next
+        claim is a hand-over and not a takeover (one merge, ``If-Match`` ``fence``: balances and
+        epoch unchanged). The fence's new ETag; ``None`` when the fence changed meanwhile (a
+        newer claim) or storage did not answer: the next claim then records a takeover."""
+        try:
+            written = self.table.update({"PartitionKey": self.partition, "RowKey": FENCE_ROW,
+                                         RELEASED_EPOCH: fence.epoch},
+                                        mode=Mode.MERGE, etag=fence.etag)
+        except StorageError as exc:
+            logger.info("could not mark epoch %d of %s released: %s", fence.epoch,
+                        self.partition, exc)
+            return None
+        return str(written.etag)
+
+    def _record_takeover(self, takeover: Takeover) -> None:
+        """Keep the shard's latest takeover for operators (what they see; nothing reads it to
+        decide anything, so a failure is logged, not raised)."""
+        try:
+            self.table.upsert({"PartitionKey": self.partition, "RowKey": TAKEOVER_ROW,
+                               "epoch": takeover.epoch, "at": takeover.at,
+                               "fromEpoch": takeover.from_epoch, "from": takeover.from_holder,
+                               "to": takeover.to_holder}, mode=Mode.REPLACE)
+        except StorageError as exc:
+            logger.warning("could not record the takeover of %s at epoch %d: %s",
+                           self.partition, takeover.epoch, exc)
+
+    def read_takeover(self) -> Takeover | None:
+        """The shard's latest takeover, or ``None`` (never taken over since it was recorded)."""
+        row = self.read_row(TAKEOVER_ROW)
+        if row is None:
+            return None
+        return Takeover(int(row.get("epoch") or 0), str(row.get("at", "")),
+                        int(row.get("fromEpoch") or 0), str(row.get("from", "")),
+                        str(row.get("to", "")))
+
     def fence_generation(self) -> int:
         """The shard map generation the fence was last written under (0: none recorded)."""
         row = self.read_row(FENCE_ROW)
@@ -229,6 +282,9 @@ class Ledger:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=current.etag)
             except ConditionFailed:
                 continue
+            if row is not None and row.get(RELEASED_EPOCH) != current.epoch:
+                self._record_takeover(Takeover(seen + 1, claimed_at, current.epoch,
+                                               current.holder, holder))
             return Fence(seen + 1, str(written.etag), holder, claimed_at,
                          current.last_commit_at), False
         raise FencedOut(f"could not claim an epoch in {attempts} attempts: the fence keeps "

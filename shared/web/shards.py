@@ -17,11 +17,11 @@ Each row is read from what storage holds for that shard, with bounded reads only
   most ``window_limit(K)``: the total over all shards stays ``MAX_WINDOW_ROWS`` whatever K is):
   commits per second and the **takeover** marker.
 
-A takeover is a claim of the shard's epoch by another instance than the one that held the
-epoch before it: the epochs seen in the window (their holder from ``decidedBy``) and the fence's
-current one, newest change first. It shows for ``window`` seconds after the new holder's claim,
-as long as the old holder's decisions are in the window too (a takeover of a shard that decided
-nothing for that long is not shown).
+A **takeover** is a claim of the shard's epoch whose previous holder had not released its lease
+(it died, was paused past its lease, or its lease was broken): the claimer records it in the
+``fence:takeover`` row (``shared/storage/ledger.py``; one point read per shard here). A
+hand-over, where the holder released and another instance claimed the next epoch, is not one:
+with short terms that happens all the time. A takeover shows for ``window`` seconds.
 
 All the reads of all the shards run concurrently, ``SHARD_READERS`` at a time, so a page at
 K = 16 costs about as much wall time as a few round trips (docs/operations.md has numbers).
@@ -29,7 +29,6 @@ K = 16 costs about as much wall time as a few round trips (docs/operations.md ha
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -41,6 +40,7 @@ from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
 from shared.storage.bounded import Bounded, take_bounded
+from shared.storage.ledger import Takeover
 
 MAX_PENDING_ROWS = 10_000  # completion rows read per shard
 MAX_FLIGHT_ROWS = 10_000  # flight rows read per shard
@@ -93,6 +93,7 @@ class ShardReads:
     flight: FlightSummary = field(default_factory=FlightSummary)
     window: Bounded[dict[str, Any]] | None = None  # outcome rows decided in the window
     outcomes: Bounded[dict[str, Any]] | None = None  # outcome rows, for the counts by status
+    takeover: Takeover | None = None  # the shard's latest takeover (status page)
 
 
 def lease_view(app: LedgerApp) -> dict[str, str]:
@@ -176,11 +177,14 @@ def _tasks(app: LedgerApp, into: ShardReads, window_since: datetime | None,
     def counts() -> None:
         into.outcomes = app.ledger.outcome_rows(outcome_limit(count), OUTCOME_SELECT)
 
+    def taken_over() -> None:
+        into.takeover = app.ledger.read_takeover()
+
     tasks: list[Callable[[], None]] = [fence, lease, pending]
     if app.sharded:  # one shard has no work in flight between shards
         tasks.append(flight)
     if window_since is not None:
-        tasks.append(window)
+        tasks += [window, taken_over]
     if outcomes:
         tasks.append(counts)
     return tasks
@@ -248,34 +252,18 @@ def page_row(reads: ShardReads, now: datetime, window_seconds: float) -> dict[st
     return {**shard_row(reads, now),
             "committedPerSecondLastMinute": round(last_minute / 60, 2),
             "windowTruncated": bool(reads.window and reads.window.truncated),
-            "takeover": takeover(rows, reads.fence, now, window_seconds)}
+            "takeover": takeover(reads.takeover, now, window_seconds)}
 
 
-def takeover(rows: Sequence[Mapping[str, Any]], fence: Fence | None, now: datetime,
+def takeover(found: Takeover | None, now: datetime,
              window_seconds: float) -> dict[str, Any] | None:
-    """The shard's latest change of holder within the window, or ``None`` (module docstring)."""
-    holders: dict[int, str] = {}
-    claimed: dict[int, datetime] = {}
-    for row in rows:
-        if row.get("epoch") is None or not row.get("decidedBy"):
-            continue
-        epoch = int(row["epoch"])
-        holders.setdefault(epoch, instance_of(row["decidedBy"]))
-        stamp = parse_time(row.get("decidedAt"))
-        if stamp is not None and (epoch not in claimed or stamp < claimed[epoch]):
-            claimed[epoch] = stamp  # its first decision seen: no later than the claim + a term
-    if fence is not None and fence.epoch:
-        holders[fence.epoch] = instance_of(fence.holder)
-        if (stamp := parse_time(fence.claimed_at)) is not None:
-            claimed[fence.epoch] = stamp
-    epochs = sorted(holders)
-    for before, after in reversed(list(itertools.pairwise(epochs))):
-        if holders[before] == holders[after]:
-            continue
-        at = claimed.get(after)
-        if at is None or (now - at).total_seconds() > window_seconds:
-            return None
-        return {"at": at.isoformat(), "secondsAgo": round(max(0.0, (now - at).total_seconds()), 1),
-                "fromEpoch": before, "toEpoch": after,
-                "from": holders[before], "to": holders[after]}
-    return None
+    """The shard's latest takeover if it happened within the window, or ``None``."""
+    at = parse_time(found.at) if found is not None else None
+    if found is None or at is None:
+        return None
+    ago = (now - at).total_seconds()
+    if ago > window_seconds:
+        return None
+    return {"at": at.isoformat(), "secondsAgo": round(max(0.0, ago), 1),
+            "fromEpoch": found.from_epoch, "toEpoch": found.epoch,
+            "from": instance_of(found.from_holder), "to": instance_of(found.to_holder)}
