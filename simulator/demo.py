@@ -9,8 +9,9 @@ independent checks: the workload's (``workload.check``) and ``simulator/checker.
 every shard. ``--kill-leader`` then SIGKILLs the instance that holds shard 0's lease (or, when
 none does at that moment, the one holding the most shards) a third of the way in; every shard
 it held when it died must show a takeover by the end: a higher epoch, claimed by another process.
-The summary names those shards (``Shards that must show a takeover: ...``): the status page
-must show a takeover on exactly those.
+The summary names those shards (``Shards that must show a takeover: ...``), and checks that the
+status page's data (``/api/metrics``' ``shards``) shows a takeover from the killed process on
+exactly the shards where it died in a term (a lease it held between terms just expires).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from azure.core.exceptions import AzureError
 
@@ -39,11 +40,14 @@ from shared import wiring as runtime
 from shared.config.names import intake_queue_names
 from shared.config.settings import SETTINGS
 from shared.domain.model import DecidedOutcome, Fence
+from shared.domain.planning import FENCE_ROW
 from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.storage.clients import ensure_queues
+from shared.storage.ledger import RELEASED_EPOCH
 from shared.storage.parking import queue_depth
 from shared.storage.ports import MessageQueue
+from shared.web import status as status_data
 from simulator.azurite import Azurite
 from simulator.checker import LedgerReader, Snapshot, Verdict, check_final, money
 from simulator.cluster import Cluster
@@ -115,6 +119,8 @@ class Kill:
     at: float  # seconds into the run
     held: list[int]
     epochs: dict[int, int] = field(default_factory=dict)  # shard -> its epoch after the kill
+    # The shards whose current epoch it had claimed and not released: it died in a term there.
+    in_term: list[int] = field(default_factory=list)
 
 
 class Progress:
@@ -349,8 +355,13 @@ def _kill_holder(app: LedgerApp, cluster: Cluster, started: float, out: TextIO) 
         return None
     kill = Kill(index, pid, at, held)
     for shard in held:  # it is dead: only another process can claim a higher epoch now
-        fence = _retry(app.on(shard).ledger.read_fence)
+        ledger = app.on(shard).ledger
+        fence = _retry(ledger.read_fence)
         kill.epochs[shard] = fence.epoch if fence else 0
+        row = _retry(lambda ledger=ledger: ledger.read_row(FENCE_ROW))  # type: ignore[misc]
+        if fence is not None and _holder_pid(fence.holder) == pid and row is not None \
+                and row.get(RELEASED_EPOCH) != fence.epoch:
+            kill.in_term.append(shard)
     out.write(f"\n{at:5.1f} s: killed instance {index} (pid {pid}), the holder of shard(s) "
               f"{_list(held)} (SIGKILL: its leases are not released and expire within 15 s), "
               "started a replacement\n")
@@ -463,7 +474,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
         if not verdict.ok and not verdict.problems:
             result.problems.append(f"checker: {verdict.line()}")
     if kill is not None:
-        result.problems += _takeovers(kill, fences, w)
+        result.problems += _takeovers(kill, fences, _retry(lambda: status_data.snapshot(app)), w)
     elif kill_asked and reader is not None:
         result.problems.append("no instance held a lease when the kill was due: none killed")
     if not finished:
@@ -522,7 +533,7 @@ def _ranges(numbers: list[int]) -> str:
     return ",".join(parts)
 
 
-def _takeovers(kill: Kill, fences: dict[int, Fence | None],
+def _takeovers(kill: Kill, fences: dict[int, Fence | None], page: dict[str, Any],
                w: Callable[[str], object]) -> list[str]:
     """Each shard the killed process held must have a higher epoch now, by another process."""
     problems = []
@@ -539,4 +550,25 @@ def _takeovers(kill: Kill, fences: dict[int, Fence | None],
         if not taken:
             problems.append(f"shard {shard}, held by the killed process {kill.pid}, shows no "
                             f"takeover (epoch {before} at the kill, {now})")
+    problems += _page_takeovers(kill, page, w)
     return problems
+
+
+def _page_takeovers(kill: Kill, page: dict[str, Any], w: Callable[[str], object]) -> list[str]:
+    """The status page (``/api/metrics``' ``shards``) must show a takeover from the killed
+    process on exactly the shards where it died in a term. A shard whose lease it held between
+    terms (acquired, no epoch claimed yet) had nothing to take over: its lease just expired."""
+    shown = {row["shard"]: row["takeover"] for row in page["shards"] if row.get("takeover")}
+    from_killed = sorted(k for k, found in shown.items()
+                         if _holder_pid(str(found.get("from", ""))) == kill.pid)
+    w(f"Status page: a takeover from the killed process on shard(s) {_list(from_killed)}"
+      f" (it died in a term on {_list(kill.in_term)}")
+    between = sorted(set(kill.held) - set(kill.in_term))
+    w(f"; held between terms: {_list(between)})\n" if between else ")\n")
+    others = sorted(set(shown) - set(from_killed))
+    if others:
+        w(f"  also taken over, from another holder that lost its lease: {_list(others)}\n")
+    if from_killed != sorted(kill.in_term):
+        return [f"the status page shows a takeover from the killed process on shard(s) "
+                f"{_list(from_killed)}, not on {_list(kill.in_term)}"]
+    return []

@@ -77,3 +77,9 @@ def test_sharded_demo_over_two_queues_survives_a_killed_holder_and_conserves_mon
         before, after, pid = (int(g) for g in found.groups())
         assert after > before, out
         assert pid != killed_pid, out
+    # The status page's data shows a takeover from the killed process on exactly the shards
+    # where it died in a term (the demo compares them; here the line says which).
+    page = _find(r"^Status page: a takeover from the killed process on shard\(s\) ([\d, ]*) "
+                 r"\(it died in a term on ([\d, ]*)[;)]", out)
+    assert page[1] == page[2], out
+    assert set(int(k) for k in page[1].split(", ") if k) <= set(held), out
