@@ -12,7 +12,7 @@ from shared.config.names import intake_binding_expression, intake_function_name
 from shared.config.settings import COMPLETIONS_QUEUE_NAME, load_config
 from shared.leadership import elections, intake, sweeper
 from shared.leadership.reconcile import run_reconcile
-from shared.web import api, status
+from shared.web import admin, api, status
 from shared.wiring import get_app, validate_environment
 
 validate_environment()  # a bad setting (e.g. LEASE_SECONDS=90) stops the app at start-up
@@ -98,3 +98,10 @@ def get_status_page(req: func.HttpRequest) -> func.HttpResponse:
 def get_metrics(req: func.HttpRequest) -> func.HttpResponse:
     """What the status page shows, as JSON; 503 with the reason when storage cannot answer."""
     return _json(status.metrics_reply(get_app))
+
+
+@app.function_name("reshard")
+@app.route(route="reshard", methods=["POST"], auth_level=func.AuthLevel.ADMIN)
+def reshard(req: func.HttpRequest) -> func.HttpResponse:
+    """Move the ledger to ``?to=K`` shards (the master key only); calling again resumes."""
+    return _json(admin.reshard_reply(get_app(), req.params))

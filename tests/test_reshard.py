@@ -292,3 +292,19 @@ def test_the_cli_reshards_and_the_leader_view_names_a_setting_that_disagrees(
     assert cli.main(["reshard", "--to", "3", "--resume"], environ=ns.env(),
                     stdout=io.StringIO(), stderr=err) == 1
     assert "nothing to resume" in err.getvalue()
+
+
+def test_a_worker_that_only_reads_follows_the_new_map(ns: Namespace) -> None:
+    # A long-lived worker that records nothing (it serves reads, sweeps, alarms) reads the map
+    # again once its copy is MAP_TTL_SECONDS old: its reads of a moved account follow it.
+    reader = ns.app()
+    send(reader, *deposit("d1", "alice", "3.00"))
+    send(reader, *deposit("d2", "bob", "4.00"))
+    assert balance(reader, "alice") == Decimal("3.00")
+    reshard(ns.app(), 4)
+    moved = [a for a in ("alice", "bob") if ShardMap(4).account_shard(a) != 0]
+    assert moved, "one of the two moves off shard 0 (the test's premise)"
+    wait_until(lambda: reader.shard_map.generation == 2, 15, "the reader's map to move on")
+    assert balance(reader, "alice") == Decimal("3.00")
+    assert balance(reader, "bob") == Decimal("4.00")
+    assert status(reader, "d1") == "committed"

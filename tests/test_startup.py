@@ -41,6 +41,7 @@ TODAYS_FUNCTIONS = {
     "wake_up": ("queueTrigger", "%WAKEUP_QUEUE_NAME%"),
     "sweep": ("timerTrigger", None),
     "reconcile": ("timerTrigger", None),
+    "reshard": ("httpTrigger", None),
     "get_account": ("httpTrigger", None),
     "get_request": ("httpTrigger", None),
     "get_leader": ("httpTrigger", None),

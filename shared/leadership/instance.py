@@ -28,7 +28,7 @@ from shared.domain.contract import Completion
 from shared.domain.model import LedgerSnapshot
 from shared.domain.sharding import ShardMap
 from shared.election.elector import ElectionCallbacks, LeaseElector
-from shared.errors import NotFound
+from shared.errors import NotFound, StorageError
 from shared.storage.azure_leases import AzureBlobLease
 from shared.storage.cleanup import RowCleaner
 from shared.storage.clients import StorageClients, ensure_queues, ensure_tables
@@ -175,9 +175,19 @@ class Topology:
         return self._checked_at
 
     def fresh(self, max_age: float = MAP_TTL_SECONDS) -> ShardMap:
-        """The map, read again first when it was read more than ``max_age`` seconds ago."""
-        if self._stored is None or self.clock.monotonic() - self._checked_at > max_age:
+        """The map, read again first when it was read more than ``max_age`` seconds ago.
+
+        When storage cannot say, the map in use is kept for another ``max_age`` (a stale map
+        cannot write anything wrong: fences carry the generation, see ``MapMoved``)."""
+        if self._stored is None:
             self.reload()
+        elif self.clock.monotonic() - self._checked_at > max_age:
+            try:
+                self.reload()
+            except StorageError as exc:
+                logger.warning("could not read the shard map again (the one in use is kept): "
+                               "%s", exc)
+                self._checked_at = self.clock.monotonic()
         return self.current
 
     def generation(self) -> int:
@@ -273,7 +283,9 @@ class LedgerApp:
 
     @property
     def shard_map(self) -> ShardMap:
-        return self.topology.current
+        """The map in force, as read at most ``MAP_TTL_SECONDS`` ago (a long-lived worker
+        follows a reshard within that time, whatever it does: reads, sweeps, alarms, terms)."""
+        return self.topology.fresh()
 
     @property
     def earlier_maps(self) -> tuple[ShardMap, ...]:
