@@ -13,13 +13,16 @@ from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from operator_cli.cli import main
 from shared.domain.exchange import Escrow, escrow_key
 from shared.domain.money import format_money
 from shared.domain.planning import account_key
 from shared.leadership.instance import LedgerApp
-from shared.leadership.reconcile import reconcile_ledger
+from shared.leadership.reconcile import Pace, reconcile_ledger
 from simulator import REPO_ROOT
+from tests.fakes.clock import FakeClock
 from tests.helpers import Namespace, deposit, send, transfer, wait_until
 from tests.test_shards import accounts_on, request_on, settle, sharded
 
@@ -173,3 +176,22 @@ def test_the_alert_queries_the_summary_line_the_timer_logs() -> None:
     assert "evaluationFrequency: 'PT5M'" in bicep
     main_bicep = (REPO_ROOT / "infra/main.bicep").read_text()
     assert "module reconcileAlerts 'modules/reconcile_alerts.bicep'" in main_bicep
+
+
+def test_the_timer_paces_its_reads_and_stops_at_its_budget() -> None:
+    # A partition's target in Azure is about 2,000 entities/s, shared with its leader: the
+    # timer reads at most 500 rows a second, and stops (truncated) when its time is up.
+    clock = FakeClock()
+    pace = Pace(clock, rate=500, deadline=clock.monotonic() + 10)
+    started = clock.monotonic()
+    assert all(pace.admit() for _ in range(2_000))
+    assert clock.monotonic() - started == pytest.approx(4.0, abs=0.01), "2,000 rows at 500/s"
+    while pace.admit():
+        pass
+    assert pace.out_of_time
+    assert clock.monotonic() >= started + 10
+    assert pace.rows <= 5_001, "nothing read past the deadline"
+    unpaced = Pace(clock, rate=None, deadline=None)
+    before = clock.monotonic()
+    assert all(unpaced.admit() for _ in range(10_000))
+    assert clock.monotonic() == before, "the CLI reads as fast as storage answers"

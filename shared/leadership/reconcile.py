@@ -8,6 +8,14 @@ reported (info) and its totals are not judged. A read holds no lease and writes 
 beside the leaders, from the ``reconcile`` timer (every 5 minutes), ``./dev cli reconcile`` or a
 test.
 
+**Cost.** A read is one call per 1,000 rows, and a shard's reads are all in its one partition,
+whose scalability target in Azure is about 2,000 entities/s, shared with its leader. So the
+``reconcile`` timer paces itself: at most ``TIMER_ROWS_PER_SECOND`` (500) rows a second per
+partition (a quarter of the target; shards are read side by side, ``SHARD_READERS`` at a time),
+within ``TIMER_BUDGET_SECONDS`` (240 s, inside the 5 minutes between runs and the 5-minute
+``functionTimeout``). A ledger too large for that (about 120,000 rows per shard) is reported
+``truncated`` (info): run ``./dev cli reconcile``, which reads at full speed, at a quiet time.
+
 A shard's totals are judged only on a stable read: the fence row and the retention carry row
 have the same ETags after the read as before (every fenced commit rewrites the fence). A shard
 that changed is read again, up to ``ATTEMPTS`` times, then reported unverified (info).
@@ -19,11 +27,13 @@ import logging
 from collections.abc import Callable, Iterator
 from datetime import datetime
 
+from shared.domain.clock import Clock
 from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX
 from shared.domain.planning import ACCOUNT_PREFIX, FENCE_ROW, REQUEST_PREFIX
 from shared.domain.reconciliation import CARRY_ROW, PROBLEMS, Reconciliation, ShardTally, reconcile
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.reads import read_concurrently
 from shared.leadership.retention import run_retention
 from shared.observability import telemetry
 from shared.storage.ledger import Ledger
@@ -32,8 +42,35 @@ from shared.storage.ports import Row
 logger = logging.getLogger(__name__)
 
 MAX_ROWS_PER_SHARD = 200_000  # per key range of one shard, per run
+TIMER_ROWS_PER_SECOND = 500.0  # the timer's pace per partition (its target: ~2,000/s)
+TIMER_BUDGET_SECONDS = 240.0  # the timer's reads end by then (runs are 5 minutes apart)
+SHARD_READERS = 4  # shards read side by side
 ATTEMPTS = 3  # reads of a shard that kept changing before it is reported unverified
 PAGE = 1000  # rows per call (storage's most)
+
+
+class Pace:
+    """Rows read from one partition at most ``rate`` a second, until ``deadline`` (monotonic):
+    ``admit`` waits when the read is ahead, and says False once the time is up."""
+
+    def __init__(self, clock: Clock, rate: float | None, deadline: float | None) -> None:
+        self.clock = clock
+        self.rate = rate
+        self.deadline = deadline
+        self.started = clock.monotonic()
+        self.rows = 0
+        self.out_of_time = False
+
+    def admit(self) -> bool:
+        self.rows += 1
+        if self.deadline is not None and self.clock.monotonic() >= self.deadline:
+            self.out_of_time = True
+            return False
+        if self.rate is not None and self.rows % 100 == 0:
+            ahead = self.started + self.rows / self.rate - self.clock.monotonic()
+            if ahead > 0:
+                self.clock.sleep(ahead)
+        return True
 
 
 def _etag(ledger: Ledger, row_key: str) -> str | None:
@@ -53,7 +90,7 @@ def _range(ledger: Ledger, prefix: str, limit: int, select: list[str] | None = N
 
 
 def _read_shard(app: LedgerApp, shard: int, now: Callable[[], datetime],
-                max_flight_seconds: float, max_rows: int) -> ShardTally:
+                max_flight_seconds: float, max_rows: int, pace: Pace) -> ShardTally:
     ledger = app.on(shard).ledger
     tally = ShardTally(shard, now(), max_flight_seconds)
     for attempt in range(1, ATTEMPTS + 1):
@@ -73,7 +110,7 @@ def _read_shard(app: LedgerApp, shard: int, now: Callable[[], datetime],
                 (REQUEST_PREFIX, ["RowKey", "status", "legs", "shards"], tally.outcome),
                 (APPLIED_PREFIX, ["RowKey", "status", "legs"], tally.marker)):
             for count, row in enumerate(_range(ledger, prefix, max_rows + 1, select), 1):
-                if count > max_rows:
+                if count > max_rows or not pace.admit():
                     truncated = True
                     break
                 feed(row)
@@ -90,8 +127,14 @@ def _read_shard(app: LedgerApp, shard: int, now: Callable[[], datetime],
 
 
 def reconcile_ledger(app: LedgerApp, max_rows: int = MAX_ROWS_PER_SHARD,
-                     max_flight_seconds: float | None = None) -> Reconciliation:
-    """Read every shard and judge the invariants; the report (nothing is written)."""
+                     max_flight_seconds: float | None = None,
+                     rows_per_second: float | None = None,
+                     budget_seconds: float | None = None) -> Reconciliation:
+    """Read every shard and judge the invariants; the report (nothing is written).
+
+    ``rows_per_second``: the most rows read a second from one partition (None: as fast as
+    storage answers); ``budget_seconds``: stop reading then (what was not read is truncated).
+    """
     threshold = (app.config.reconcile_max_flight_seconds if max_flight_seconds is None
                  else max_flight_seconds)
 
@@ -99,7 +142,11 @@ def reconcile_ledger(app: LedgerApp, max_rows: int = MAX_ROWS_PER_SHARD,
         return app.clock.now() + app.time_shift()
 
     checked_at = now().isoformat()
-    tallies = [_read_shard(app, k, now, threshold, max_rows) for k in range(len(app.shards))]
+    deadline = None if budget_seconds is None else app.clock.monotonic() + budget_seconds
+    tallies = read_concurrently(
+        lambda k: _read_shard(app, k, now, threshold, max_rows,
+                              Pace(app.clock, rows_per_second, deadline)),
+        list(range(app.shard_map.shards)), workers=SHARD_READERS)
     return reconcile(tallies, checked_at, threshold)
 
 
@@ -133,7 +180,8 @@ def run_reconcile(app: LedgerApp) -> Reconciliation | None:
     not run" condition fires if it lasts."""
     report: Reconciliation | None = None
     try:
-        report = reconcile_ledger(app)
+        report = reconcile_ledger(app, rows_per_second=TIMER_ROWS_PER_SECOND,
+                                  budget_seconds=TIMER_BUDGET_SECONDS)
     except StorageError as exc:
         logger.error("reconcile: could not read the ledger: %s", exc)
     if report is not None:
