@@ -21,6 +21,7 @@ from shared.domain.money import format_money
 from shared.domain.planning import account_key
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reconcile import Pace, reconcile_ledger
+from shared.leadership.reshard import reshard
 from simulator import REPO_ROOT
 from tests.fakes.clock import FakeClock
 from tests.helpers import Namespace, deposit, send, transfer, wait_until
@@ -195,3 +196,20 @@ def test_the_timer_paces_its_reads_and_stops_at_its_budget() -> None:
     before = clock.monotonic()
     assert all(unpaced.admit() for _ in range(10_000))
     assert clock.monotonic() == before, "the CLI reads as fast as storage answers"
+
+
+def test_a_resharded_ledger_reconciles_clean(ns: Namespace) -> None:
+    # Accounts move, their history (outcomes, applied markers) stays: each reshard records what
+    # it moved in and out of every shard, so the per-shard totals still add up, 1 -> 4 -> 2.
+    app = ns.app()
+    send(app, *deposit("d1", "alice", "10.00"), *deposit("d2", "bob", "5.00"),
+         *deposit("d3", "carol", "2.50"), *transfer("t1", "alice", "bob", "1.25"))
+    assert reconcile_ledger(app).ok
+    for shards in (4, 2):
+        reshard(ns.app(), shards)
+        after = ns.app()
+        assert after.shard_map.shards == shards
+        report = reconcile_ledger(after)
+        assert report.ok, [f.view() for f in report.findings]
+        assert report.grand_checked
+        assert report.grand() == {"total": "17.50", "expected": "17.50"}

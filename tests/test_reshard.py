@@ -25,6 +25,7 @@ from shared.leadership import intake
 from shared.leadership.elections import Election, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.intake import announce_if_ready, record_completion
+from shared.leadership.reconcile import reconcile_ledger
 from shared.leadership.reshard import Interrupted, ReshardRefused, reshard
 from shared.storage.ledger import MapMoved
 from shared.web import api
@@ -162,6 +163,9 @@ def test_a_run_stopped_halfway_resumes_with_totals_intact(ns: Namespace,
     other = ns.app()
     with pytest.raises(ReshardRefused):
         reshard(other, 2)  # another target while one is open
+    # Reconciliation (and so its alert) names a reshard left open: leaders wait for it.
+    kinds = {f.kind for f in reconcile_ledger(other, max_flight_seconds=0).problems}
+    assert "reshard-open" in kinds
     report = reshard(other, 4, resume=True)
     assert report.resumed
     assert report.to_shards == 4
@@ -174,6 +178,8 @@ def test_a_run_stopped_halfway_resumes_with_totals_intact(ns: Namespace,
     assert status(fresh, "tx") == "committed"
     with pytest.raises(ReshardRefused):
         reshard(fresh, 4, resume=True)  # nothing open any more
+    after = reconcile_ledger(fresh, max_flight_seconds=0)
+    assert after.ok, [f.view() for f in after.findings]
 
 
 def test_an_old_map_leader_cannot_claim_after_the_fences_moved(ns: Namespace) -> None:

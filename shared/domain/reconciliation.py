@@ -21,7 +21,9 @@ rows):
   committed outcome that crossed no shard (its row has no ``shards``: the outcome's own
   transaction applied them) plus the legs of each committed ``applied:`` marker (a cross-shard
   request's legs on that shard, applied with the marker), plus ``archivedNet`` of the carry row
-  (what the retention step deleted of both, added in the same transaction as its deletes). Money
+  (what the retention step deleted of both, added in the same transaction as its deletes),
+  plus the ``movedNet`` of each reshard's ``archive:reshard:{generation}`` row (balances its
+  moves brought into the shard minus those they took out: history is never moved). Money
   in escrow is still counted (it left ``balance`` for ``reserved``) until its shard applies the
   decision, exactly when the marker starts counting the debit: so the equality holds at every
   commit, in flight or not. Across shards the grand totals must agree too; when only the shard
@@ -55,6 +57,8 @@ from shared.domain.planning import ACCOUNT_PREFIX, REQUEST_PREFIX
 ZERO = Decimal("0.00")
 CARRY_ROW = "archive:totals"  # the retention step's running total of what it deleted
 ARCHIVED_NET = "archivedNet"  # the carry row's money property: the net of deleted legs
+MOVED_PREFIX = "archive:reshard:"  # one row per reshard generation: money moved in or out
+MOVED_NET = "movedNet"  # its money property: balances moved in minus balances moved out
 COMMITTED = "committed"
 
 
@@ -118,6 +122,7 @@ class ShardTotals:
     escrow: Decimal = ZERO
     committed_net: Decimal = ZERO  # live rows' applied legs
     archived_net: Decimal = ZERO  # the carry row
+    moved_net: Decimal = ZERO  # reshards: balances moved in minus moved out (their history stays)
     outcomes: int = 0
     markers: int = 0
     in_flight: int = 0
@@ -131,7 +136,7 @@ class ShardTotals:
 
     @property
     def expected(self) -> Decimal:
-        return self.committed_net + self.archived_net
+        return self.committed_net + self.archived_net + self.moved_net
 
     def view(self) -> dict[str, Any]:
         return {"shard": self.shard, "accounts": self.accounts,
@@ -139,6 +144,7 @@ class ShardTotals:
                 "total": format_money(self.total), "escrow": format_money(self.escrow),
                 "committedNet": format_money(self.committed_net),
                 "archivedNet": format_money(self.archived_net),
+                "movedNet": format_money(self.moved_net),
                 "expected": format_money(self.expected), "outcomes": self.outcomes,
                 "appliedMarkers": self.markers, "inFlight": self.in_flight,
                 "oldestInFlightSeconds": round(self.oldest_flight_seconds, 1),
@@ -225,6 +231,11 @@ class ShardTally:
     def carry(self, row: Mapping[str, Any] | None) -> None:
         if row is not None:
             self.totals.archived_net = self._money(row, ARCHIVED_NET) or ZERO
+
+    def moved(self, row: Mapping[str, Any]) -> None:
+        """A reshard's row: the money its accounts' moves brought in (or took out) of this
+        shard, whose history (outcomes, applied markers) stayed where it was written."""
+        self.totals.moved_net += self._money(row, MOVED_NET) or ZERO
 
     def finish(self, verified: bool, truncated: bool) -> None:
         """Judge what needs a whole, stable read: reserved against escrows, the totals."""

@@ -30,7 +30,17 @@ from datetime import datetime
 from shared.domain.clock import Clock
 from shared.domain.exchange import APPLIED_PREFIX, FLIGHT_PREFIX
 from shared.domain.planning import ACCOUNT_PREFIX, FENCE_ROW, REQUEST_PREFIX
-from shared.domain.reconciliation import CARRY_ROW, PROBLEMS, Reconciliation, ShardTally, reconcile
+from shared.domain.reconciliation import (
+    CARRY_ROW,
+    MOVED_NET,
+    MOVED_PREFIX,
+    PROBLEMS,
+    Finding,
+    Reconciliation,
+    Severity,
+    ShardTally,
+    reconcile,
+)
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
@@ -114,6 +124,8 @@ def _read_shard(app: LedgerApp, shard: int, now: Callable[[], datetime],
                     truncated = True
                     break
                 feed(row)
+        for row in _range(ledger, MOVED_PREFIX, max_rows + 1, ["RowKey", MOVED_NET]):
+            tally.moved(row)
         carry = ledger.read_row(CARRY_ROW)
         tally.carry(carry)
         after = (_etag(ledger, FENCE_ROW), None if carry is None else carry.etag)
@@ -147,7 +159,29 @@ def reconcile_ledger(app: LedgerApp, max_rows: int = MAX_ROWS_PER_SHARD,
         lambda k: _read_shard(app, k, now, threshold, max_rows,
                               Pace(app.clock, rows_per_second, deadline)),
         list(range(app.shard_map.shards)), workers=SHARD_READERS)
-    return reconcile(tallies, checked_at, threshold)
+    report = reconcile(tallies, checked_at, threshold)
+    if (open_reshard := _open_reshard(app, now(), threshold)) is not None:
+        report.findings.append(open_reshard)
+    return report
+
+
+def _open_reshard(app: LedgerApp, now: datetime, threshold: float) -> Finding | None:
+    """An error when a reshard's journal has been open longer than ``threshold``: its leases
+    keep every leader out until it finishes, so a crashed run must be resumed by a person."""
+    journal = app.topology.store.read_journal()
+    if journal is None or journal.get("phase") == "done":
+        return None
+    try:
+        started = datetime.fromisoformat(str(journal.get("startedAt")))
+    except ValueError:
+        started = None
+    if started is not None and (now - started).total_seconds() <= threshold:
+        return None  # a reshard under way
+    target = journal.get("toShards")
+    return Finding(Severity.ERROR, "reshard-open", None, "shardmap",
+                   f"a reshard to {target} shard(s) has been open since {started} (phase "
+                   f"{journal.get('phase')}): leaders stay paused until it finishes; resume it "
+                   f"with ./dev cli reshard --to {target} --resume")
 
 
 def log_report(report: Reconciliation) -> None:

@@ -57,6 +57,7 @@ from shared.domain.exchange import FLIGHT_PREFIX
 from shared.domain.model import Fence, RowRef
 from shared.domain.money import format_money, parse_balance
 from shared.domain.planning import ACCOUNT_PREFIX, MAX_TRANSACTION_OPERATIONS
+from shared.domain.reconciliation import MOVED_NET, MOVED_PREFIX
 from shared.domain.sharding import ShardMap
 from shared.election.elector import HeldLease
 from shared.errors import AlreadyExists, ConditionFailed, LedgerError
@@ -177,6 +178,7 @@ class _Run:
         self.new = ShardMap()
         self.report = ReshardReport(0, 0, 0)
         self.before: dict[str, Decimal] = {}
+        self.sources: dict[str, int] = {}  # a moving account's shard under the old map
         self.leased_at: float | None = None
         self.published_at: float | None = None  # monotonic, when this run published the map
 
@@ -405,7 +407,27 @@ class _Run:
                     entity = {key: value for key, value in row.items()
                               if key not in ("PartitionKey", "Timestamp", "etag")}
                     by_target.setdefault(target, []).append(entity)
+                    self.sources[account] = k
         return by_target
+
+    def _record_moved_money(self, moving: dict[int, list[dict[str, Any]]]) -> None:
+        """Each shard's ``archive:reshard:{generation}`` row: the balances this reshard moved
+        in minus those it moved out. Reconciliation adds it to what the shard's own history
+        (outcomes and applied markers, never moved) says it holds. Written whole (a resumed run
+        writes the same values), fenced, before the map is published."""
+        net: dict[int, Decimal] = {}
+        for target, rows in moving.items():
+            for row in rows:
+                amount = parse_balance(row["balance"]) + parse_balance(
+                    row.get("reserved") or "0.00")
+                source = self.sources[str(row["RowKey"]).removeprefix(ACCOUNT_PREFIX)]
+                net[target] = net.get(target, Decimal("0.00")) + amount
+                net[source] = net.get(source, Decimal("0.00")) - amount
+        for k, amount in sorted(net.items()):
+            row = {"RowKey": f"{MOVED_PREFIX}{self.new.generation}",
+                   MOVED_NET: format_money(amount)}
+            self.fences[k] = self.app.topology.ledger_of(k).write_fenced(
+                self.fences[k], [row], now=self.clock.now())
 
     def _copy(self) -> None:
         moving = self._moving_accounts()
@@ -423,6 +445,7 @@ class _Run:
                         copied[account].balance != parse_balance(row["balance"]):
                     raise ReshardError(f"account {account} was not copied exactly to shard "
                                        f"{target}")
+        self._record_moved_money(moving)
         self.report.accounts_moved = moved
         self._record("copied", accountsMoved=moved)
 
