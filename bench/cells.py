@@ -99,7 +99,9 @@ def leader_app(connection_string: str, names: Names, probe: StorageProbe, instan
     # must see them too: their latency is the leader's, and they are calls it pays for.
     clients = dataclasses.replace(clients, queue_options={**clients.queue_options,
                                                           "raw_request_hook": probe})
-    return LedgerApp.create(config, clients, callbacks)
+    app = LedgerApp.create(config, clients, callbacks)
+    app.shard_map  # noqa: B018  # the map is read once per process, before any cell's window
+    return app
 
 
 def drop(connection_string: str, names: Names) -> None:

@@ -59,6 +59,15 @@ param deployerPrincipalType string = 'User'
 @description('Resource ids of action groups the alerts notify (docs/operations.md). Empty: alerts show in the portal only.')
 param alertActionGroupIds array = []
 
+@description('Alert: seconds a cross-shard request may go without progress before it fires.')
+param alertInFlightAgeThresholdSeconds int = 300
+
+@description('Alert: a shard is far behind when its backlog exceeds this many times the median of all shards...')
+param alertBehindFactor int = 10
+
+@description('... and this many waiting completions.')
+param alertBehindMinPending int = 1000
+
 // The settings the app code reads: shared/config/settings.py SETTINGS, with the code's defaults.
 
 @description('COMPLETIONS_QUEUE_NAME: queue the upstream steps post completions to.')
@@ -123,6 +132,22 @@ param outcomesQueueName string = 'outcomes'
 @description('Minutes an outcome event may stay unsent before the outbox alert fires.')
 @minValue(2)
 param outboxAlertMinutes int = 5
+@description('RECONCILE_MAX_FLIGHT_SECONDS: reconciliation reports work in flight between shards older than this.')
+@minValue(10)
+@maxValue(604800)
+param reconcileMaxFlightSeconds int = 300
+
+@description('RETENTION_DAYS: outcome, claim, applied and parked rows older than this are archived to a blob and deleted; a step re-sent later is taken as new (README, "Retention").')
+@minValue(7)
+@maxValue(3650)
+param retentionDays int = 365
+
+@description('ARCHIVE_CONTAINER_NAME: blob container the retention step exports archived rows to.')
+param archiveContainerName string = 'ledger-archive'
+@description('INTAKE_QUEUES: intake queues, completionsQueueName then completionsQueueName-1 ... -(intakeQueues - 1), each with its poison queue and its own queue trigger; about 2,000 messages/s per queue (README, "Choosing an intake queue").')
+@minValue(1)
+@maxValue(16)
+param intakeQueues int = 1
 
 @description('TELEMETRY_CONSOLE_EXPORTER: 1 prints spans and metrics to stderr; in Azure telemetry goes to Application Insights whatever this says.')
 @allowed([
@@ -153,6 +178,10 @@ var appSettings = {
   LEDGER_SHARDS: string(ledgerShards)
   OUTCOME_EVENTS: outcomeEvents
   OUTCOMES_QUEUE_NAME: outcomesQueueName
+  RECONCILE_MAX_FLIGHT_SECONDS: string(reconcileMaxFlightSeconds)
+  RETENTION_DAYS: string(retentionDays)
+  ARCHIVE_CONTAINER_NAME: archiveContainerName
+  INTAKE_QUEUES: string(intakeQueues)
   TELEMETRY_CONSOLE_EXPORTER: telemetryConsoleExporter
 }
 
@@ -173,6 +202,7 @@ module storage 'modules/storage.bicep' = {
     tags: tags
     skuName: storageSkuName
     completionsQueueName: completionsQueueName
+    intakeQueues: intakeQueues
     wakeupQueueName: wakeupQueueName
     outcomesQueueName: outcomesQueueName
     completionsTableName: completionsTableName
@@ -202,6 +232,23 @@ module alerts 'modules/alerts.bicep' = {
     location: location
     tags: tags
     appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
+    inFlightAgeThresholdSeconds: alertInFlightAgeThresholdSeconds
+    behindFactor: alertBehindFactor
+    behindMinPending: alertBehindMinPending
+  }
+}
+
+// The archive container, and the alert on the reconcile timer's findings (or its silence).
+module reconcileAlerts 'modules/reconcile_alerts.bicep' = {
+  name: 'reconcile-alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    storageAccountName: storage.outputs.name
+    archiveContainerName: archiveContainerName
     actionGroupIds: alertActionGroupIds
   }
 }

@@ -35,3 +35,9 @@ param leaseSafetyMarginSeconds = ''
 param drainBudgetSeconds = 240
 param requestTimeoutSeconds = 900
 param storageTimeoutSeconds = 5
+// Ledger shards (1-64) and intake queues (1-16): choose them from the target rate (README,
+// "Choosing an intake queue"; docs/operations.md). The app creates the shard tables on first use;
+// this deployment creates the intake queues and their poison queues.
+param ledgerShards = 1
+param intakeQueues = 1
+param telemetryConsoleExporter = '0'

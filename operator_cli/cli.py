@@ -5,11 +5,14 @@ Run it as ``python -m operator_cli`` (or ``./dev cli``)::
     ./dev cli enqueue --request-id r1 --operation-id r1-add --operation add_funds \\
         --account alice --amount 10.00 --expected 1
     ./dev cli enqueue --file messages.jsonl        # JSON lines, a JSON array or one object
-    ./dev cli enqueue - < messages.jsonl           # the same from stdin
+    ./dev cli enqueue - < messages.jsonl           # the same from stdin (round robin over
+                                                   # the INTAKE_QUEUES queues)
     ./dev cli parked list | show ID | replay ID [--body-file fixed.json]
-    ./dev cli poison list | replay
+    ./dev cli poison list | replay                 # every intake queue's poison queue
     ./dev cli status | balance ACCOUNT | request REQUEST_ID
     ./dev cli --json status                        # any command: JSON for scripts
+    ./dev cli reconcile | archive [--dry-run]      # invariants of every shard; retention
+    ./dev cli reshard --to 4 [--resume]            # move the ledger to 4 shards
 
 Every command prints a table for people, or JSON with ``--json``; problems go to stderr as
 ``error: ...``. A storage call refused for want of a role names the role and the ``az`` command
@@ -40,7 +43,10 @@ from typing import Any, NoReturn, TextIO
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
 from operator_cli import outcomes
+from operator_cli import reconcile as reconcile_commands
+from operator_cli import reshard as reshard_command
 from operator_cli.output import Output, fields, preview, table
+from operator_cli.shards import shard_lines
 from operator_cli.storage_errors import explain, problem
 from shared.config.settings import STORAGE_CONNECTION, ConfigError, default_instance_id, load_config
 from shared.config.timings import ElectionConfigError
@@ -56,8 +62,8 @@ from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import outbox_view
 from shared.storage.azure_queues import AzureQueue
-from shared.storage.clients import clients_from_settings, ensure_queues
-from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage, peek_poisoned, replay_poisoned
+from shared.storage.clients import clients_from_settings
+from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage
 from shared.web import api
 
 logger = logging.getLogger(__name__)
@@ -206,55 +212,10 @@ def _summary(index: int, body: str) -> dict[str, Any]:
     return item
 
 
-def cmd_enqueue(app: LedgerApp, args: argparse.Namespace, output: Output,
-                stdin: TextIO) -> int:
-    """Validate, then send, completion messages to the completions queue."""
-    bodies = enqueue_bodies(args, stdin)
-    checked = [_summary(index, body) for index, body in enumerate(bodies, start=1)]
-    invalid = [item for item in checked if not item["valid"]]
-    if invalid and not args.raw:
-        for item in invalid:
-            output.error(f"message {item['index']}: {item['error']}")
-        output.error(f"{len(invalid)} of {len(bodies)} message(s) break the v1 contract; "
-                     "nothing was sent (add --raw to send them anyway, e.g. to test parking)")
-        if output.as_json:
-            output.data({"queue": app.config.completions_queue, "sent": [],
-                         "refused": invalid})
-        return EXIT_REFUSED
-    queue = _azure_queue(app, app.config.completions_queue)
-    if args.create_queue:
-        _create_queue(app)
-    sent: list[dict[str, Any]] = []
-    for item, body in zip(checked, bodies, strict=True):
-        try:
-            receipt = queue.send(body)
-        except NotFound:
-            raise Refused(f"queue {app.config.completions_queue!r} does not exist at "
-                          f"{queue.client.url}; check COMPLETIONS_QUEUE_NAME, or pass "
-                          f"--create-queue (local Azurite); {len(sent)} message(s) were sent "
-                          "before") from None
-        item["messageId"] = receipt.message_id
-        sent.append(item)
-        logger.info("sent message %s", receipt.message_id)
-    if output.as_json:
-        output.data({"queue": app.config.completions_queue, "sent": sent})
-        return EXIT_OK
-    output.lines(table(["MESSAGE ID", "REQUEST", "STEP"], [
-        (item["messageId"], item["requestId"], item["operationId"]) if item["valid"]
-        else (item["messageId"], "-", f"malformed (--raw): {preview(item['error'])}")
-        for item in sent]))
-    output.line(f"sent {len(sent)} message(s) to queue {app.config.completions_queue!r}")
-    return EXIT_OK
-
-
 def _azure_queue(app: LedgerApp, name: str, raw: bool = False) -> AzureQueue:
     """The queue on its Azure adapter (its URL for messages, a peek), as ``app.queue`` makes it."""
     return app.clients.open_queue(name, raw=raw,
                                   timeout_seconds=app.config.storage_timeout_seconds)
-
-
-def _create_queue(app: LedgerApp) -> None:
-    ensure_queues(app.clients, [app.config.completions_queue])
 
 
 # --- parked messages ----------------------------------------------------------------------
@@ -355,42 +316,6 @@ def _poison_text(text: str) -> str:
         return text
 
 
-def cmd_poison_list(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
-    """Peek at the poison queue (messages the host gave up on after maxDequeueCount)."""
-    try:
-        found = peek_poisoned(_azure_queue(app, app.config.poison_queue, raw=True), args.limit)
-    except NotFound:
-        found = []
-    views: list[dict[str, Any]] = [
-        {"id": m.message_id, "insertedOn": m.inserted_on, "dequeueCount": m.dequeue_count,
-         "body": _poison_text(m.text)} for m in found]
-    if output.as_json:
-        output.data(views)
-        return EXIT_OK
-    if views:
-        output.lines(table(["ID", "INSERTED ON", "DEQUEUES", "BODY"], [
-            (v["id"], v["insertedOn"], v["dequeueCount"], preview(v["body"])) for v in views]))
-    output.line(f"{len(views)} message(s) in {app.config.poison_queue!r} shown (a peek shows "
-                f"at most {QUEUE_BATCH_LIMIT})")
-    return EXIT_OK
-
-
-def cmd_poison_replay(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
-    """Move poisoned messages back to the completions queue, unchanged."""
-    try:
-        moved = replay_poisoned(app.queue(app.config.poison_queue, raw=True),
-                                app.queue(raw=True), args.limit)
-    except NotFound:
-        raise Refused(f"queue {app.config.poison_queue!r} or {app.config.completions_queue!r} "
-                      "does not exist; check COMPLETIONS_QUEUE_NAME") from None
-    if output.as_json:
-        output.data({"replayed": moved, "queue": app.config.completions_queue})
-    else:
-        output.line(f"replayed {moved} message(s) from {app.config.poison_queue!r} to "
-                    f"{app.config.completions_queue!r}")
-    return EXIT_OK
-
-
 # --- read API ------------------------------------------------------------------------------
 def _answer(app: LedgerApp, call: Callable[[], api.Reply]) -> dict[str, Any]:
     """The body of a read-API answer; a 4xx answer becomes this CLI's error."""
@@ -428,6 +353,9 @@ def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
         ("outbox", f"{view['outbox']['events']} event(s) unsent, oldest "
                    f"{view['outbox']['oldestAgeSeconds']:g} s"),
     ]))
+    if view.get("shards"):
+        output.line("")
+        output.lines(shard_lines(view["shards"]))
     return EXIT_OK
 
 
@@ -516,10 +444,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=Parser)
 
+    from operator_cli import intake  # it builds on this module: imported once this one is
+
     enqueue = commands.add_parser(
-        "enqueue", parents=[common], help="send completion messages to the completions queue",
+        "enqueue", parents=[common], help="send completion messages to the intake queues",
         description="Validate completion messages (v1 contract), then send them base64-encoded "
-                    "to the completions queue: from a file, stdin, or the field flags.")
+                    "to the completions queue (spread round robin over the INTAKE_QUEUES "
+                    "queues by default): from a file, stdin, or the field flags.")
     enqueue.add_argument("source", nargs="?", choices=["-"],
                          help="'-' reads the messages from stdin")
     enqueue.add_argument("--file", metavar="F",
@@ -533,8 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     enqueue.add_argument("--raw", action="store_true",
                          help="send messages even if they break the contract (to test parking)")
     enqueue.add_argument("--create-queue", action="store_true",
-                         help="create the queue first if it is missing (local Azurite)")
-    enqueue.set_defaults(handler=cmd_enqueue)
+                         help="create the queues first if they are missing (local Azurite)")
+    intake.add_enqueue_options(enqueue)
+    enqueue.set_defaults(handler=intake.cmd_enqueue)
 
     parked = commands.add_parser(
         "parked", help="malformed messages kept for an operator",
@@ -561,22 +493,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     poison = commands.add_parser(
         "poison", help="messages the host gave up on",
-        description="The poison queue: messages the Functions host moved there after "
-                    "maxDequeueCount failed invocations.")
+        description="The poison queues (one per intake queue): messages the Functions host "
+                    "moved there after maxDequeueCount failed invocations.")
     poison_commands = poison.add_subparsers(dest="poison_command", required=True,
                                             metavar="ACTION", parser_class=Parser)
     poison_list = poison_commands.add_parser("list", parents=[common],
-                                             help="peek at the poison queue")
+                                             help="peek at every intake queue's poison queue")
     _limit(poison_list, QUEUE_BATCH_LIMIT,
            f"messages (a peek shows {QUEUE_BATCH_LIMIT} at most)")
-    poison_list.set_defaults(handler=_ignore_stdin(cmd_poison_list))
+    poison_list.set_defaults(handler=_ignore_stdin(intake.cmd_poison_list))
     poison_replay = poison_commands.add_parser(
-        "replay", parents=[common], help="move poisoned messages back to the completions queue")
+        "replay", parents=[common],
+        help="move poisoned messages back, each to the intake queue it came from")
     _limit(poison_replay, 1000, "messages")
-    poison_replay.set_defaults(handler=_ignore_stdin(cmd_poison_replay))
+    poison_replay.set_defaults(handler=_ignore_stdin(intake.cmd_poison_replay))
 
     status = commands.add_parser("status", parents=[common],
-                                 help="leader, epoch, lease state, pending completions")
+                                 help="leader, epoch, lease, pending; a line per shard")
     status.set_defaults(handler=_ignore_stdin(cmd_status))
     balance = commands.add_parser("balance", parents=[common], help="an account's balance")
     balance.add_argument("account", help="the accountId")
@@ -586,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
     outcomes.register(commands, common, Parser, _ignore_stdin)  # ./dev cli outcomes tail
+    reconcile_commands.register(commands, common)  # reconcile, archive
+    reshard_command.register(commands, common)
     return parser
 
 

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 
+from shared.config.names import MAX_INTAKE_QUEUES, MAX_SHARDS
 from simulator.chaos import ChaosOptions, run_chaos
 from simulator.demo import DemoOptions, run_demo
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="SIGKILL the leading instance a third of the way in (15 s lease)")
     demo.add_argument("--serve", action="store_true",
                       help="keep serving the read API after the summary, until Ctrl-C")
+    demo.add_argument("--shards", type=_shards, default=DEFAULTS.shards,
+                      help="LEDGER_SHARDS of the app and its instances (1-64); with more than "
+                           "one, transfers cross shards and the summary has a line per shard")
+    demo.add_argument("--queues", type=_queues, default=DEFAULTS.queues,
+                      help="INTAKE_QUEUES: spread the messages over this many intake queues "
+                           "(1-16; message n to queue n mod Q)")
 
     chaos = commands.add_parser("chaos", formatter_class=formatter,
                                 help="the chaos run: a workload under injected faults, checked",
@@ -119,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shards(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_SHARDS:
+        raise argparse.ArgumentTypeError(f"a ledger has 1 to {MAX_SHARDS} shards")
+    return value
+
+
+def _queues(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_INTAKE_QUEUES:
+        raise argparse.ArgumentTypeError(f"INTAKE_QUEUES is 1 to {MAX_INTAKE_QUEUES}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("at least 1")
+    return value
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -155,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                 instances=args.instances, accounts=args.accounts, transfers=args.transfers,
                 malformed=args.malformed, seed=args.seed, timeout=args.timeout,
                 sweep_seconds=args.sweep_seconds, connection_string=args.connection_string,
-                serve_after=args.serve, kill_leader=args.kill_leader))
+                serve_after=args.serve, kill_leader=args.kill_leader, shards=args.shards,
+                queues=args.queues))
         except KeyboardInterrupt:
             print("interrupted: instances and Azurite stopped", file=sys.stderr)
             return 130

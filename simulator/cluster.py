@@ -5,6 +5,8 @@ killed (SIGKILL) or paused (SIGSTOP) like a real scaled-out instance. The superv
 their JSON event lines and keeps counts, and which instance holds each shard's lease (an event
 names its shard; one without a shard is shard 0's). An instance that dies on its own (a crash
 order of ``simulator/faults.py``) is started again by ``restart_exited``, as Azure would.
+``kill_holder`` SIGKILLs an instance and says which shards' leases it held when it died (from
+every event line it wrote before dying).
 """
 
 from __future__ import annotations
@@ -47,6 +49,12 @@ class Cluster:
         # Per shard: the instance that led it last, and the one holding its lease now (since).
         self.last_leaders: dict[int, int] = {}
         self.current_leaders: dict[int, tuple[int, float]] = {}
+        # Per shard: leases won, and leases won by another process than the shard's previous
+        # holder (a replacement instance has its predecessor's index but not its process).
+        self.leases_won: Counter[int] = Counter()
+        self.holder_changes: Counter[int] = Counter()
+        self._last_holder_pid: dict[int, int] = {}
+        self._readers: dict[int, threading.Thread] = {}  # index -> its process's event reader
         self.stopped: set[int] = set()  # instances the supervisor stopped or killed itself
         self.up: set[int] = set()  # instances whose process said 'started' (set up, listening)
         self.faults: Counter[str] = Counter()  # injected faults reported by instances at exit
@@ -79,7 +87,9 @@ class Cluster:
         self.processes[index] = process
         self.stopped.discard(index)
         self.up.discard(index)
-        threading.Thread(target=self._read_events, args=(process,), daemon=True).start()
+        reader = threading.Thread(target=self._read_events, args=(process,), daemon=True)
+        self._readers[index] = reader
+        reader.start()
 
     def _read_events(self, process: subprocess.Popen[str]) -> None:
         assert process.stdout is not None
@@ -101,6 +111,10 @@ class Cluster:
                     self.last_leader = self.current_leader = self.last_leaders[shard] = index
                     self.leading_since = time.monotonic()
                     self.current_leaders[shard] = (index, self.leading_since)
+                    self.leases_won[shard] += 1
+                    if self._last_holder_pid.setdefault(shard, process.pid) != process.pid:
+                        self.holder_changes[shard] += 1
+                        self._last_holder_pid[shard] = process.pid
                 elif event.get("event") == "stopped_leading":
                     index, shard = int(event["index"]), int(event.get("shard", 0))
                     if self.current_leaders.get(shard, (None, 0.0))[0] == index:
@@ -168,6 +182,22 @@ class Cluster:
         self._forget(index)
         if restart:
             self.start_instance(index)
+
+    def kill_holder(self, index: int, restart: bool = True) -> list[int]:
+        """SIGKILL one instance and return the shards whose leases it held when it died (as its
+        own event lines said: every line it wrote is read before the answer); then, as Azure
+        would, start another in its place."""
+        process, reader = self.processes[index], self._readers[index]
+        self.stopped.add(index)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        reader.join(timeout=10)  # its stdout is closed: the reader reaches the end
+        with self._lock:
+            held = sorted(shard for shard, (i, _) in self.current_leaders.items() if i == index)
+        self._forget(index)
+        if restart:
+            self.start_instance(index)
+        return held
 
     def alive(self) -> list[int]:
         """Indexes of the instances still running."""

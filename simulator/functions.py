@@ -50,8 +50,14 @@ class IndexedApp:
 
     @property
     def completions(self) -> QueueTrigger:
-        """The trigger of the completions queue."""
+        """The trigger of the completions queue (intake queue 0)."""
         return next(q for q in self.queues if q.name == COMPLETIONS_FUNCTION)
+
+    @property
+    def intake(self) -> tuple[QueueTrigger, ...]:
+        """The triggers of every intake queue (``INTAKE_QUEUES``), queue 0 first."""
+        return tuple(q for q in self.queues if q.name == COMPLETIONS_FUNCTION
+                     or q.name.startswith(f"{COMPLETIONS_FUNCTION}_"))
 
     @property
     def queue_handler(self) -> Callable[[func.QueueMessage], None]:
@@ -76,12 +82,16 @@ def indexed() -> IndexedApp:
     """Index ``function_app.app`` once per process."""
     import function_app
 
-    functions: dict[str, Any] = {str(f.get_function_name()): f
-                                 for f in function_app.app.get_functions()}
+    return index(function_app.app)
+
+
+def index(app: func.FunctionApp) -> IndexedApp:
+    """The functions of one ``FunctionApp`` (``get_functions()`` is called: once per app)."""
+    functions: dict[str, Any] = {str(f.get_function_name()): f for f in app.get_functions()}
     triggers: dict[str, Any] = {name: fn.get_trigger() for name, fn in functions.items()}
     queues = tuple(QueueTrigger(name, t.queue_name, functions[name].get_user_function())
                    for name, t in triggers.items() if t.type == "queueTrigger")
-    timer_fn = next(functions[n] for n, t in triggers.items() if t.type == "timerTrigger")
+    timer_fn = functions["sweep"]  # the election backstop (reconcile is another timer)
     routes = []
     for name, fn in functions.items():
         trigger = triggers[name]
@@ -100,12 +110,14 @@ def indexed() -> IndexedApp:
 
 
 def resolve_setting(expression: str, env: dict[str, str], defaults: dict[str, str]) -> str:
-    """Resolve a ``%SETTING%`` binding expression as the host does (with the app's defaults)."""
-    match = re.fullmatch(r"%([^%]+)%", expression)
-    if not match:
-        return expression
-    name = match.group(1)
-    value = env.get(name) or defaults.get(name)
-    if not value:
-        raise KeyError(f"app setting {name} is not set")
-    return value
+    """Resolve every ``%SETTING%`` token of a binding expression as the host does (its
+    ``ResolveWholeString``: ``%COMPLETIONS_QUEUE_NAME%-2`` gives ``completions-2``), with the
+    app's defaults for settings the environment does not set."""
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        resolved = env.get(name) or defaults.get(name)
+        if not resolved:
+            raise KeyError(f"app setting {name} is not set")
+        return resolved
+
+    return re.sub(r"%([^%]+)%", value, expression)

@@ -1,7 +1,9 @@
 """One simulated Functions host instance: the queue listener and timer, as host.json sets them.
 
 It dequeues from the real (Azurite) queues like the host's queue listener, one listener per
-queue trigger (the completions queue and the wake-up queue): any instance takes any message,
+queue trigger (every intake queue of ``INTAKE_QUEUES``, binding expressions such as
+``%COMPLETIONS_QUEUE_NAME%-2`` resolved as the host resolves them, and the wake-up queue), each
+with its own poison queue ``{queue}-poison``: any instance takes any message,
 whatever shard it concerns, and the app finds the shard itself (a completion's home from its
 ids, an alarm's from its ``shard`` field). On each queue: batches of
 ``batchSize``, a new batch when in-flight work drops to ``newBatchThreshold``, exponential
@@ -34,9 +36,11 @@ from azure.functions.queue import QueueMessage
 from azure.functions.timer import TimerRequest
 
 from shared import wiring as runtime
+from shared.config.names import poison_queue_name
 from shared.config.settings import SETTINGS, load_config
 from shared.election.elector import ElectionCallbacks
-from shared.errors import StorageError
+from shared.errors import NotFound, StorageError
+from shared.storage.clients import ensure_queues
 from shared.storage.ports import Handle, Message, MessageQueue
 from shared.wiring import get_app
 from simulator import REPO_ROOT
@@ -232,7 +236,11 @@ class QueueListener:
         return True
 
     def _poison(self, message: Message, why: str, handle: Handle | None = None) -> None:
-        self.poison.send(message.text)  # as it came: both queues are raw
+        try:
+            self.poison.send(message.text)  # as it came: both queues are raw
+        except NotFound:  # the host creates the poison queue with the first message it poisons
+            ensure_queues(get_app().clients, [self.poison.name])
+            self.poison.send(message.text)
         message_id = message.handle.message_id
         if self._settle(lambda: self.queue.delete(handle or message.handle), message_id):
             emit("poisoned", message=message_id, error=why[:ERROR_PREVIEW_CHARS])
@@ -254,10 +262,10 @@ class InstanceHost:
         app = get_app()  # the same clients the functions use
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"i{index}")
         self.listeners = []
-        for trigger in self.functions.queues:
+        for trigger in self.functions.queues:  # each intake queue, its poison queue its own
             name = resolve_setting(trigger.queue_name_setting, env, defaults)
             self.listeners.append(QueueListener(self, trigger, app.queue(name, raw=True),
-                                                app.queue(f"{name}-poison", raw=True)))
+                                                app.queue(poison_queue_name(name), raw=True)))
         # The completions queue's listener (the one the supervisor and tests look at).
         completions = next(listener for listener in self.listeners
                            if listener.trigger.name == COMPLETIONS_FUNCTION)

@@ -4,6 +4,11 @@ Deposits fund the accounts, then transfers (a withdraw leg and an add leg) move 
 them; some transfers have a failed leg, some messages are delivered twice, the legs of a request
 arrive out of order, and a few messages are malformed. The check knows only what was sent: it
 recomputes every balance from the committed outcomes' legs and from nothing else.
+
+With ``shards`` > 1 (the sharded demo), most transfers cross shards (two random accounts, and a
+home shard of their own), a share are kept within one shard (both accounts on the shard of the
+request id, its home: no cross-shard protocol), and a share have 3-4 legs spanning three shards
+when there are that many. With one shard the workload is exactly what it always was.
 """
 
 from __future__ import annotations
@@ -33,11 +38,41 @@ class Workload:
     doomed: set[str] = field(default_factory=set)  # requests with a failed step
     malformed: int = 0
     duplicates: int = 0
+    # Requests of 3-4 legs (sharded workloads only): requestId -> (accountId, signed amount).
+    multi: dict[str, tuple[tuple[str, Decimal], ...]] = field(default_factory=dict)
+    shards: int = 1  # the shard count the workload was laid out for
 
     @property
     def requests(self) -> int:
         """How many well-formed requests were sent."""
-        return len(self.deposits) + len(self.transfers)
+        return len(self.deposits) + len(self.transfers) + len(self.multi)
+
+    def legs(self) -> dict[str, tuple[tuple[str, Decimal], ...]]:
+        """Every request's legs as sent, (accountId, signed amount), one per step."""
+        found: dict[str, tuple[tuple[str, Decimal], ...]] = {
+            request_id: ((request_id.removeprefix("dep-"), amount),)
+                 for request_id, amount in self.deposits.items()}
+        found.update({request_id: ((source, -amount), (target, amount))
+                      for request_id, (source, target, amount) in self.transfers.items()})
+        found.update(self.multi)
+        return found
+
+    def sent(self) -> dict[str, Sent]:
+        """Every request as the independent checker (``simulator/checker.py``) takes it: a
+        transfer may be refused (accounts are funded for a few transfers, not all)."""
+        return {request_id: Sent(request_id, legs, request_id in self.doomed,
+                                 may_reject=len(legs) > 1)
+                for request_id, legs in self.legs().items()}
+
+    def crossing(self) -> set[str]:
+        """The requests whose legs are not all on their home shard (the cross-shard ones)."""
+        shard_map = ShardMap(self.shards)
+        found = set()
+        for request_id, legs in self.legs().items():
+            home = shard_map.home_of(request_id, len(legs), legs[0][0])
+            if any(shard_map.account_shard(account) != home for account, _ in legs):
+                found.add(request_id)
+        return found
 
 
 def _step(request_id: str, operation_id: str, operation: Operation, account: str,
@@ -70,11 +105,20 @@ MALFORMED = [
 
 
 def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.05,
-             duplicate_ratio: float = 0.1, malformed: int = 5, seed: int = 7) -> Workload:
-    """Deposits first (one per account), then shuffled transfer legs with the faults mixed in."""
+             duplicate_ratio: float = 0.1, malformed: int = 5, seed: int = 7, shards: int = 1,
+             multi_leg_ratio: float = 0.1, local_ratio: float = 0.15) -> Workload:
+    """Deposits first (one per account), then shuffled transfer legs with the faults mixed in.
+
+    With ``shards`` > 1, a fraction ``multi_leg_ratio`` of the transfers have 3-4 legs (one
+    payer, spanning three shards when there are that many) and ``local_ratio`` keep both
+    accounts on the request's home shard; the others take two random accounts (with K shards,
+    most cross shards). With one shard the ratios are not used: the same seed gives the same
+    messages as it always did.
+    """
     rng = random.Random(seed)
-    work = Workload()
+    work = Workload(shards=shards)
     names = [f"acct-{i:03d}" for i in range(accounts)]
+    shard_map = ShardMap(shards)
     for name in names:
         request_id = f"dep-{name}"
         amount = _money(rng, 100, 1000)
@@ -84,7 +128,16 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
     legs: list[str] = []
     for i in range(transfers):
         request_id = f"tx-{i:05d}"
-        source, target = rng.sample(names, 2)
+        kind = rng.random() if shards > 1 else 1.0  # one shard: the draws of old, no other
+        if kind < multi_leg_ratio:
+            legs.extend(_multi_leg(rng, work, request_id, names, shard_map, failed_ratio))
+            continue
+        if kind < multi_leg_ratio + local_ratio:
+            home = shard_map.request_shard(request_id)
+            local = [n for n in names if shard_map.account_shard(n) == home]
+            source, target = rng.sample(local if len(local) >= 2 else names, 2)
+        else:
+            source, target = rng.sample(names, 2)
         amount = _money(rng, 1, 300)
         work.transfers[request_id] = (source, target, amount)
         failing = rng.random() < failed_ratio
@@ -106,6 +159,28 @@ def generate(accounts: int = 20, transfers: int = 200, failed_ratio: float = 0.0
     return work
 
 
+def _multi_leg(rng: random.Random, work: Workload, request_id: str, names: list[str],
+               shard_map: ShardMap, failed_ratio: float) -> list[str]:
+    """A request of 3-4 legs: one payer, its amount split between the payees; its messages."""
+    count = rng.randint(3, 4)
+    chosen = _spanning(rng, names, min(count, len(names)), shard_map.account_shard)
+    payer, payees = chosen[0], chosen[1:]
+    amount = _money(rng, 2, 300)
+    split = (amount / len(payees)).quantize(Decimal("0.01"))
+    planned = [(payer, -amount)] + [
+        (payee, split if j < len(payees) - 1 else amount - split * (len(payees) - 1))
+        for j, payee in enumerate(payees)]
+    work.multi[request_id] = tuple(planned)
+    failing = rng.randrange(len(planned)) if rng.random() < failed_ratio else -1
+    if failing >= 0:
+        work.doomed.add(request_id)
+    return [_step(request_id, f"{request_id}-{j}",
+                  Operation.WITHDRAW_FUNDS if signed < 0 else Operation.ADD_FUNDS, account,
+                  abs(signed), len(planned),
+                  StepStatus.FAILED if j == failing else StepStatus.SUCCEEDED)
+            for j, (account, signed) in enumerate(planned)]
+
+
 @dataclass
 class CheckResult:
     """What the independent check found; ``problems`` empty means all held."""
@@ -122,7 +197,7 @@ def check(work: Workload, decided: list[DecidedOutcome],
     problems: list[str] = []
     by_request = {d.outcome.request_id: d.outcome for d in decided}
     statuses = Counter(outcome.status.value for outcome in by_request.values())
-    known = set(work.deposits) | set(work.transfers)
+    known = set(work.deposits) | set(work.transfers) | set(work.multi)
     missing = sorted(known - set(by_request))
     if missing:
         problems.append(f"{len(missing)} request(s) have no outcome, e.g. {missing[:3]}")
@@ -133,9 +208,14 @@ def check(work: Workload, decided: list[DecidedOutcome],
         if by_request[request_id].status != "aborted":
             problems.append(f"{request_id} had a failed step but is "
                             f"{by_request[request_id].status}")
+    planned = work.legs()
     for request_id, outcome in by_request.items():
         if outcome.status == "rejected" and "insufficient funds" not in outcome.reason:
             problems.append(f"{request_id} rejected for an unexpected reason: {outcome.reason}")
+        if (outcome.status == "committed" and request_id in planned
+                and sorted(outcome.legs) != sorted(planned[request_id])):
+            problems.append(f"{request_id} committed legs {list(outcome.legs)}, it sent "
+                            f"{list(planned[request_id])}")
     # Replay the committed legs: the ledger must hold exactly their sum, account by account.
     replayed: dict[str, Decimal] = {}
     for outcome in by_request.values():

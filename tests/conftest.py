@@ -51,6 +51,7 @@ SLOW_FIRST = (
     "tests/test_limits.py::test_more_conflicting_deliveries_of_one_step_add_one_row_only",  # 30
     "tests/test_model.py::test_late_steps_that_contradict_a_commit_are_parked",  # 25
     "tests/test_simulator.py::test_killing_the_leader_mid_drain_",  # 20
+    "tests/test_demo_shards.py",  # 30
     "tests/test_simulator.py::test_demo_",  # 35 (two)
     "tests/test_status_page.py",  # 20, one group: one Chromium
     "tests/test_faults.py::test_throttling_on_the_lease_blob_",  # 17

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from azure.core.exceptions import AzureError
@@ -299,3 +300,20 @@ def test_failover_under_busy_storage_stays_within_the_lease_plus_a_few_seconds(
     failover = acquired_at - last_renew
     assert plan.count(Fault.STATUS, CallKind.ACQUIRE) > 0
     assert failover < 15 + 3, f"failover took {failover:.1f} s with a 15 s lease"
+
+
+def test_queue_clients_opened_from_one_account_share_no_retry_policy_object() -> None:
+    # A pipeline links its policies to the ones after it: one retry policy object in two
+    # clients sent one's requests down the other's chain, and a client built on another thread
+    # meanwhile made a listener's receive fail ("_SansIOHTTPPolicyRunner ... no attribute
+    # 'next'": the intake queues' test under load).
+    clients = clients_from_connection_string("UseDevelopmentStorage=true")
+    first, second = clients.open_queue("first"), clients.open_queue("second")
+    policies: list[Any] = [queue.client._config.retry_policy for queue in (first, second)]
+    assert all(isinstance(policy, LeaseFitRetry) for policy in policies)
+    assert policies[0] is not policies[1]
+    assert clients.queue._config.retry_policy not in policies
+    # Each client's retry policy hands its requests to its own pipeline.
+    for queue, policy in zip((first, second), policies, strict=True):
+        chain: list[Any] = queue.client._pipeline._impl_policies
+        assert policy.next is chain[chain.index(policy) + 1]

@@ -89,7 +89,8 @@ def leader() -> dict[str, Any]:
 # --- the function index --------------------------------------------------------------------
 def test_the_app_declares_the_eight_documented_functions() -> None:
     assert set(FUNCTIONS) == {"record_completion", "wake_up", "sweep", "get_account",
-                              "get_request", "get_leader", "get_status_page", "get_metrics"}
+                              "get_request", "get_leader", "get_status_page", "get_metrics",
+                              "reconcile", "reshard"}
 
 
 def test_the_wake_up_trigger_binds_the_wakeup_queue_setting() -> None:
@@ -105,6 +106,35 @@ def test_queue_trigger_binds_the_completions_queue_setting() -> None:
     assert trigger["queueName"] == "%COMPLETIONS_QUEUE_NAME%"
     assert trigger["connection"] == "AzureWebJobsStorage"
     assert trigger["name"] == "msg"
+
+
+def test_reshard_is_a_post_route_for_the_master_key_only() -> None:
+    trigger = next(b for b in bindings("reshard") if b["type"] == "httpTrigger")
+    assert trigger["route"] == "reshard"
+    assert [getattr(m, "value", m) for m in trigger["methods"]] == ["POST"]
+    assert trigger["authLevel"] == func.AuthLevel.ADMIN
+
+
+def post_reshard(**params: str) -> tuple[int, Any]:
+    request = func.HttpRequest(method="POST", url="http://localhost/api/reshard", params=params,
+                               body=b"")
+    response: func.HttpResponse = user_function("reshard")(request)
+    return response.status_code, json.loads(response.get_body())
+
+
+def test_the_reshard_route_moves_the_ledger_and_refuses_a_bad_target(
+        env: dict[str, str]) -> None:
+    deliver(deposit("d1", "alice", "12.34")[0])
+    deliver(deposit("d2", "bob", "1.00")[0])
+    assert post_reshard(to="0")[0] == 400
+    assert post_reshard(to="four")[0] == 400
+    assert post_reshard(to="2", resume="true")[0] == 409, "no reshard is open to resume"
+    code, report = post_reshard(to="2")
+    assert code == 200, report
+    assert (report["from"], report["to"]) == (1, 2)
+    assert report["totalBefore"] == report["totalAfter"] == "13.34"
+    assert account("alice") == (200, {"accountId": "alice", "balance": "12.34"})
+    assert leader()["reshard"] == {"needed": True, "setting": 1, "stored": 2, "generation": 2}
 
 
 def test_sweeper_runs_every_minute_and_not_on_startup() -> None:

@@ -38,7 +38,8 @@ RANGE_ENDS = [(name, end) for name, (low, high) in sorted(RANGES.items()) for en
 
 def test_the_readme_documents_a_range_for_every_numeric_setting() -> None:
     numeric = {s.name for s in SETTINGS
-               if s.name.endswith("_SECONDS") or s.name == "LEDGER_SHARDS"}
+               if s.name.endswith("_SECONDS")
+               or s.name in ("LEDGER_SHARDS", "RETENTION_DAYS", "INTAKE_QUEUES")}
     assert set(RANGES) == numeric
     assert numeric <= SETTING_NAMES
 
@@ -55,6 +56,9 @@ def test_each_end_of_each_documented_range_works_alone(name: str, value: str) ->
         "REQUEST_TIMEOUT_SECONDS": config.request_timeout_seconds,
         "STORAGE_TIMEOUT_SECONDS": config.storage_timeout_seconds,
         "LEDGER_SHARDS": config.shards,
+        "INTAKE_QUEUES": config.intake_queues,
+        "RECONCILE_MAX_FLIGHT_SECONDS": config.reconcile_max_flight_seconds,
+        "RETENTION_DAYS": config.retention_days,
     }
     assert read[name] == float(value)
     # The invariants the leader relies on (shared/election/elector.py).

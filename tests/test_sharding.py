@@ -18,7 +18,7 @@ from shared.config.names import (
     ledger_partition,
 )
 from shared.config.settings import ConfigError, load_config
-from shared.domain.sharding import ShardMap, slot_of
+from shared.domain.sharding import ShardMap, earlier_homes, slot_of
 
 
 def test_slots_are_a_stable_hash_the_same_in_every_process() -> None:
@@ -90,3 +90,28 @@ def test_shard_table_names_must_fit_azure_limits() -> None:
     with pytest.raises(ConfigError, match="at most 63 characters"):
         load_config({"COMPLETIONS_TABLE_NAME": long_name, "LEDGER_SHARDS": "4"})
     assert load_config({"LEDGER_SHARDS": "64"}).shards == 64
+
+
+def test_a_map_is_64_slots_seeded_s_mod_k_and_resharded_to_the_seed_of_the_new_k() -> None:
+    four = ShardMap(4)
+    assert four.slots == tuple(s % 4 for s in range(SLOTS))
+    assert four == ShardMap(4, tuple(s % 4 for s in range(SLOTS)))
+    stored = ShardMap(4, generation=2)
+    two = stored.resharded(2)
+    assert (two.shards, two.generation, two.slots) == (2, 3, ShardMap(2).slots)
+    assert stored.moved_slots(two) == [s for s in range(SLOTS) if s % 4 >= 2]
+    custom = ShardMap(2, tuple([1] * SLOTS))  # any layout: every slot on shard 1
+    assert {custom.account_shard(f"a{i}") for i in range(50)} == {1}
+    with pytest.raises(ValueError, match="64 slots"):
+        ShardMap(2, (0, 1))
+    with pytest.raises(ValueError, match="64 slots"):
+        ShardMap(2, tuple([2] * SLOTS))
+
+
+def test_earlier_homes_name_the_shards_that_were_a_request_home_before() -> None:
+    one, four = ShardMap(1, generation=1), ShardMap(4, generation=2)
+    request = next(f"r{i}" for i in range(100) if four.request_shard(f"r{i}") != 0)
+    assert earlier_homes(request, 2, "x", four, [one]) == [0]
+    stay = next(f"r{i}" for i in range(100) if four.request_shard(f"r{i}") == 0)
+    assert earlier_homes(stay, 2, "x", four, [one]) == []
+    assert earlier_homes(request, 2, "x", four, []) == []

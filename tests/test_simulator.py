@@ -20,6 +20,7 @@ import pytest
 from azure.storage.queue import QueueClient
 
 from shared.domain.model import DecidedOutcome, Outcome, OutcomeStatus
+from shared.domain.sharding import ShardMap
 from simulator import REPO_ROOT
 from simulator.azurite import Azurite
 from simulator.cluster import Cluster
@@ -72,6 +73,39 @@ def test_workload_is_reproducible_and_mixes_the_faults_in() -> None:
     assert any(position[f"{t}-a"] < position[f"{t}-w"] for t in first.transfers)
 
 
+def test_a_sharded_workload_crosses_shards_and_keeps_some_requests_on_one() -> None:
+    shard_map = ShardMap(4)
+    work = generate(accounts=20, transfers=200, seed=7, shards=4)
+    assert work.requests == 220
+    crossing = work.crossing()
+    local = [r for r in work.transfers if r not in crossing]
+    assert len(crossing) > len(work.transfers) // 2  # most transfers cross shards
+    assert local  # some stay on their home shard: both accounts on the request id's shard
+    for request_id in local:
+        source, target, _ = work.transfers[request_id]
+        assert shard_map.account_shard(source) == shard_map.account_shard(target) == (
+            shard_map.request_shard(request_id))
+    assert work.multi
+    for legs in work.multi.values():
+        assert 3 <= len(legs) <= 4
+        assert sum(amount for _, amount in legs) == 0  # a transfer moves money, makes none
+        assert len({shard_map.account_shard(account) for account, _ in legs}) >= 3
+    # Every step of every request is sent, with its request's step count.
+    steps = [json.loads(m) for m in work.messages if m.startswith("{")]
+    for request_id, legs in work.multi.items():
+        sent = {s["operationId"]: s for s in steps if s.get("requestId") == request_id}
+        assert len(sent) == len(legs)
+        assert {s["expectedOperations"] for s in sent.values()} == {len(legs)}
+    # The checker's view: transfers may be refused, deposits not; failed ones must abort.
+    planned = work.sent()
+    assert set(planned) == set(work.deposits) | set(work.transfers) | set(work.multi)
+    assert all(planned[r].failed for r in work.doomed)
+    # One shard: the ratios draw nothing, the workload is the one-shard demo's of old.
+    assert generate(seed=7).messages == generate(seed=7, shards=1, multi_leg_ratio=0.5,
+                                                 local_ratio=0.5).messages
+    assert not generate(seed=7).multi
+
+
 def test_the_independent_check_catches_a_wrong_balance() -> None:
     work = generate(accounts=2, transfers=0, malformed=0, seed=1)
     outcomes = [DecidedOutcome(Outcome(rid, OutcomeStatus.COMMITTED, "",
@@ -83,6 +117,13 @@ def test_the_independent_check_catches_a_wrong_balance() -> None:
     problems = check(work, outcomes, wrong, parked=0, poisoned=0).problems
     assert any("committed legs sum to" in p for p in problems)
     assert any("money not conserved" in p for p in problems)
+    # A commit whose legs are not the ones sent is caught too (balances agreeing with it).
+    moved = [DecidedOutcome(Outcome(d.outcome.request_id, OutcomeStatus.COMMITTED, "",
+                                    ((d.outcome.legs[0][0], d.outcome.legs[0][1] + 1),)),
+                            "", 1, "test", True) for d in outcomes]
+    shifted = {account: amount + 1 for account, amount in right.items()}
+    problems = check(work, moved, shifted, parked=0, poisoned=0).problems
+    assert any("committed legs" in p and "it sent" in p for p in problems)
 
 
 def test_instances_commit_from_the_queue_and_poison_what_the_host_cannot_decode(

@@ -13,6 +13,7 @@ Set ``STATUS_PAGE_SCREENSHOT=/tmp/page.png`` to save what the page showed (phone
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import logging
 import os
@@ -31,7 +32,9 @@ from playwright.sync_api import Browser, Page, ViewportSize, expect, sync_playwr
 
 from bench.probe import CallCounter
 from shared import wiring as runtime
+from shared.config.names import lease_blob_name
 from shared.config.settings import load_config
+from shared.domain.sharding import ShardMap
 from shared.election.elector import HeldLease
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm
@@ -64,6 +67,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu",
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync", "--no-first-run"]
 PHONE: ViewportSize = {"width": 390, "height": 844}
+SMALL_PHONE: ViewportSize = {"width": 360, "height": 740}
+SHARDS16 = 16
 WAIT_MS = 30_000
 
 
@@ -80,16 +85,26 @@ def browser() -> Iterator[Browser]:
         instance.close()
 
 
-@pytest.fixture
-def served(ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """The app's HTTP functions served by the simulator on this test's storage names."""
-    for name, value in ns.env(LEASE_SECONDS="15").items():
+def _serve(ns: Namespace, monkeypatch: pytest.MonkeyPatch, **settings: str) -> Iterator[str]:
+    for name, value in ns.env(LEASE_SECONDS="15", **settings).items():
         monkeypatch.setenv(name, value)
     runtime.reset()
     server, base_url = serve()
     yield base_url
     server.shutdown()
     runtime.reset()
+
+
+@pytest.fixture
+def served(ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The app's HTTP functions served by the simulator on this test's storage names."""
+    yield from _serve(ns, monkeypatch)
+
+
+@pytest.fixture
+def served16(ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The same, for a ledger of 16 shards."""
+    yield from _serve(ns, monkeypatch, LEDGER_SHARDS=str(SHARDS16))
 
 
 def get_json(url: str) -> tuple[int, Any]:
@@ -191,6 +206,12 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         expect(page.locator("#epoch")).to_have_text(str(first_epoch + 2), timeout=WAIT_MS)
         expect(page.locator("#pending")).to_have_text(str(late_rows + 1), timeout=WAIT_MS)
         expect(page.locator("#oldest-age")).not_to_have_text("none waiting")
+        # One shard: its row shows the takeover, epoch first + 1 -> first + 2.
+        expect(page.locator("#shards tr")).to_have_count(1)
+        expect(page.locator('#shards tr[data-shard="0"] .takeover')).to_contain_text(
+            f"epoch {first_epoch + 1} -> {first_epoch + 2}", timeout=WAIT_MS)
+        expect(page.locator('#shards tr[data-shard="0"] td').nth(3)).to_have_text(
+            str(late_rows + 1))
         leaders = page_leaders(page)
         assert leaders[first_epoch + 2] == ("status-b", 1)
         assert leaders[first_epoch + 1] == ("status-a", 1)
@@ -220,6 +241,61 @@ def test_the_page_follows_a_takeover_and_shows_what_the_read_api_and_storage_hol
         if target := os.environ.get("STATUS_PAGE_SCREENSHOT"):
             page.screenshot(path=target, full_page=True)
         held_a.release()  # lost already: a no-op that must not raise
+        held_b.release()
+    finally:
+        page.close()
+
+
+def test_sixteen_shards_fit_a_small_phone_and_a_takeover_shows_on_its_shard_only(
+        browser: Browser, served16: str, ns: Namespace) -> None:
+    shard_map = ShardMap(SHARDS16)
+    names = (f"acct-{i}" for i in itertools.count())
+    accounts = [next(n for n in names if shard_map.account_shard(n) == k) for k in range(SHARDS16)]
+    app = ns.app(instance_id="status-a", LEDGER_SHARDS=str(SHARDS16), LEASE_SECONDS="15")
+    send(app, *(body for k, account in enumerate(accounts)
+                for body in deposit(f"d{k}", account, "5.00")))
+    taken = 5
+    page = browser.new_page(viewport=SMALL_PHONE, device_scale_factor=2)
+    try:
+        page.goto(f"{served16}/api/status?refresh=1")
+        expect(page.locator("#banner")).to_contain_text("Live", timeout=WAIT_MS)
+        expect(page.locator("#shards tr")).to_have_count(SHARDS16)
+        assert [row.get_attribute("data-shard") for row in page.locator("#shards tr").all()] \
+            == [str(k) for k in range(SHARDS16)]
+        expect(page.locator("#shards .takeover")).to_have_count(0)
+        expect(page.locator("#h-leader")).to_have_text("Leader (shard 0)")
+
+        # A leads shard 5 (a deposit committed), its lease is broken, B claims the next epoch.
+        a = app.on(taken)
+        held_a, term_a = lead(a)
+        record(a, *deposit("after-a", accounts[taken], "1.00"))
+        term_a.commit_ready(a.clock.monotonic() + 30)
+        BlobLeaseClient(a.clients.blob.get_blob_client(
+            a.config.lease_container, lease_blob_name(a.config.lease_blob, taken))).break_lease(
+            lease_break_period=0)
+        b = ns.app(instance_id="status-b", LEDGER_SHARDS=str(SHARDS16),
+                   LEASE_SECONDS="15").on(taken)
+        held_b, term_b = lead(b)
+        record(b, *deposit("after-b", accounts[taken], "2.00"))
+        term_b.commit_ready(b.clock.monotonic() + 30)
+        row = page.locator(f'#shards tr[data-shard="{taken}"]')
+        expect(row.locator(".takeover")).to_contain_text(
+            f"epoch {term_a.fence.epoch} -> {term_b.fence.epoch}", timeout=WAIT_MS)
+        expect(row.locator("td.holder")).to_contain_text("status-b")
+        expect(page.locator("#shards .takeover")).to_have_count(1)
+        expect(page.locator("#shards tr[data-takeover]")).to_have_count(1)
+        # Every row is what /api/metrics says of its shard.
+        _, metrics = get_json(f"{served16}/api/metrics")
+        assert [s["takeover"] is not None for s in metrics["shards"]] == [
+            k == taken for k in range(SHARDS16)]
+        for shard in metrics["shards"]:
+            cells = page.locator(f'#shards tr[data-shard="{shard["shard"]}"] td')
+            assert cells.nth(2).inner_text() == str(shard["epoch"])
+        # A small phone: nothing wider than the screen, 16 rows and all.
+        assert page.evaluate("document.documentElement.scrollWidth") <= SMALL_PHONE["width"]
+        if target := os.environ.get("STATUS_PAGE_SCREENSHOT_SHARDS"):
+            page.screenshot(path=target, full_page=True)
+        held_a.release()
         held_b.release()
     finally:
         page.close()
@@ -268,9 +344,10 @@ def test_a_snapshot_reads_each_store_once_and_puts_commits_in_their_bucket(ns: N
     counter.calls.clear()  # creating the app made its tables: count only the snapshot
     clock.advance(5)
     data = status_data.snapshot(observed)
-    # fence, lease blob, all outcomes, recent outcomes, completions, parked, the outbox: one
-    # call each (pages of 1,000 rows; the poison queue's client is built apart and not counted).
-    assert counter.total == 7, counter.calls
+    # fence, lease blob, all outcomes, recent outcomes, the takeover row, completions, parked,
+    # the outbox: one call each (pages of 1,000 rows; the poison queue's client is built apart
+    # and not counted here).
+    assert counter.total == 8, counter.calls
     flow = data["throughput"]
     assert sum(flow["committed"]) == 3
     # Bars sit on whole 10 s of the clock (now is 00:01:10, in the last bar): d2 was decided

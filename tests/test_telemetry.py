@@ -32,6 +32,7 @@ from tests.helpers import (
     Namespace,
     balance,
     deposit,
+    record,
     send,
     status,
     step,
@@ -63,6 +64,12 @@ class Exporters:
                     if metric.name == name:
                         found.extend((dict(p.attributes or {}), p) for p in metric.data.data_points)
         return found
+
+    def names(self) -> list[str]:
+        """Every metric collected so far."""
+        data = self.metrics.get_metrics_data()
+        return [metric.name for resource in (data.resource_metrics if data else ())
+                for scope in resource.scope_metrics for metric in scope.metrics]
 
     def total(self, name: str, **attributes: Any) -> float:
         """A counter's cumulative value (or a histogram's count) over points with ``attributes``."""
@@ -172,8 +179,8 @@ def test_a_committed_transfer_links_its_commit_to_the_spans_that_recorded_its_st
     assert commit in _children(spans, drain) or any(
         commit in _children(spans, c) for c in _children(spans, drain))
 
-    # Metrics: two commits (d1, t1), two terms, a lag measured per request.
-    assert otel.total("ledger.outcomes", status="committed") - committed_before == 2
+    # Metrics: two commits (d1, t1), two terms, a lag measured per request; all of shard 0.
+    assert otel.total("ledger.outcomes", status="committed", shard=0) - committed_before == 2
     assert otel.total("ledger.leader.terms", instance="inst-a") - terms_before == 2
     assert otel.last("ledger.leader.epoch", instance="inst-a") == epoch
     assert otel.total("ledger.commit.lag") - lag_before == 2
@@ -252,6 +259,67 @@ def test_log_records_carry_the_invocation_fields_and_info_lines_do_not_grow_with
     assert fields == {"instance": "inst-x", "role": "leader",
                       "epoch": _epoch(app),
                       "trigger": "timer"}
+    assert getattr(leads, "shard", None) == 0
+
+
+def test_every_metric_has_a_shard_dimension_zero_with_one_shard(ns: Namespace,
+                                                               otel: Exporters) -> None:
+    app = ns.app()
+    send(app, *deposit("s1", "gina", "1.00"), b'{"requestId": "bad"}')
+    sweep_now(app)
+    app.queue(app.config.poison_queue).send("gave up")
+    sweeper.sweep(app)
+    names = [name for name in otel.names() if name.startswith("ledger.")]
+    assert {"ledger.outcomes", "ledger.lease.attempts", "ledger.leader.terms",
+            "ledger.leader.epoch", "ledger.drain.duration", "ledger.commit.batch_size",
+            "ledger.commit.lag", "ledger.completions.pending", "ledger.completions.deliveries",
+            "ledger.parked", "ledger.poison.depth"} <= set(names)
+    for name in names:
+        for attributes, _ in otel.points(name):
+            assert "shard" in attributes, (name, attributes)
+    assert otel.total("ledger.outcomes", status="committed", shard=0) >= 1
+
+
+def test_with_shards_a_leaders_metrics_and_spans_name_its_shard(ns: Namespace,
+                                                               otel: Exporters) -> None:
+    from tests.test_shards import accounts_on  # K = 4's accounts by shard
+
+    app = ns.app(instance_id="inst-s", LEDGER_SHARDS="4")
+    [on_two] = accounts_on(2, 1)
+    committed = otel.total("ledger.outcomes", status="committed", shard=2)
+    terms = otel.total("ledger.leader.terms", instance="inst-s", shard=2)
+    send(app, *deposit("s2", on_two, "3.00"))  # its home is shard 2: that shard's leader commits
+    assert balance(app, on_two) == Decimal("3.00")
+    assert otel.total("ledger.outcomes", status="committed", shard=2) - committed == 1
+    assert otel.total("ledger.leader.terms", instance="inst-s", shard=2) - terms == 1
+    assert otel.last("ledger.leader.epoch", instance="inst-s", shard=2) == 1
+    [commit] = [s for s in otel.finished("ledger.commit")
+                if s.attributes and s.attributes.get("requestId") == "s2"]
+    assert commit.attributes is not None
+    assert commit.attributes["shard"] == 2
+    # The sweeper's full scan of each shard reports for that shard.
+    otel.spans.clear()
+    sweeper.sweep(app)
+    assert [s.attributes["shard"] for s in otel.finished("ledger.full_scan")
+            if s.attributes] == [0, 1, 2, 3]
+    assert {otel.last("ledger.completions.pending", shard=k) for k in range(4)} == {0}
+    # Work in flight: the home's coordination waits for its voter, as the home's gauges say.
+    from tests.test_shards import elect_only, request_on, settle
+
+    rid = request_on(0, "x")
+    send_to = accounts_on(3, 1)[0]
+    record(app, *transfer(rid, on_two, send_to, "1.00"))
+    elect_only(app, 0)  # coordinates: PREPARE to shard 2
+    elect_only(app, 2)  # votes: the home's mail flag changes
+    elect_only(app, 0)  # reads its flight: the coordination, and the vote in its inbox
+    assert otel.last("ledger.flight.coordinations", shard=0) == 1
+    age = otel.last("ledger.flight.oldest_age", shard=0)
+    assert age is not None
+    assert 0 <= age < 60
+    settle(app, [rid])
+    app.shards[0].flight_read_at = float("-inf")  # its next look reads the flight (it is due)
+    elect_only(app, 0)
+    assert otel.last("ledger.flight.coordinations", shard=0) == 0
 
 
 def test_a_conflict_is_logged_with_its_request_id(ns: Namespace, otel: Exporters,

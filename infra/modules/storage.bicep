@@ -1,6 +1,7 @@
 // The storage account of the app's data and of the Functions host: no shared keys, no public blobs,
-// TLS 1.2, HTTPS only, soft delete; the completions and wake-up queues (and their poison queues), the tables, the
-// lease container and the container that Flex Consumption deploys the code package from.
+// TLS 1.2, HTTPS only, soft delete; the intake queues (completions, completions-1, ...) and the wake-up queue,
+// each with its poison queue, the tables, the lease container and the container that Flex Consumption deploys
+// the code package from.
 
 @description('Storage account name (3-24 lower-case letters and digits, globally unique).')
 @minLength(3)
@@ -15,6 +16,11 @@ param tags object = {}
 
 @description('Queue the upstream steps post completions to (COMPLETIONS_QUEUE_NAME).')
 param completionsQueueName string
+
+@description('Intake queues (INTAKE_QUEUES): completionsQueueName, then completionsQueueName-1 ... -(intakeQueues - 1).')
+@minValue(1)
+@maxValue(16)
+param intakeQueues int = 1
 
 @description('Queue of the lease alarms (WAKEUP_QUEUE_NAME).')
 param wakeupQueueName string
@@ -146,6 +152,19 @@ resource poisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@202
   parent: queueService
   name: '${completionsQueueName}-poison'
 }
+
+// Intake queues 1 .. intakeQueues - 1 (shared/config/names.py intake_queue_name), beside queue 0 above:
+// the app has one queue trigger per intake queue (function_app.py).
+resource extraIntakeQueues 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = [for q in range(1, intakeQueues - 1): {
+  parent: queueService
+  name: '${completionsQueueName}-${q}'
+}]
+
+// Each intake queue's poison queue: the host moves a message of completions-q to completions-q-poison.
+resource extraIntakePoisonQueues 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = [for q in range(1, intakeQueues - 1): {
+  parent: queueService
+  name: '${completionsQueueName}-${q}-poison'
+}]
 
 // Lease alarms: messages that come due when a lease holder stops renewing (shared/leadership/wakeup.py).
 resource wakeupQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {

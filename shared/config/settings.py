@@ -13,7 +13,16 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config.names import MAX_SHARDS, MAX_TABLE_NAME, completions_table_name
+from shared.config.names import (
+    MAX_INTAKE_QUEUES,
+    MAX_QUEUE_NAME,
+    MAX_SHARDS,
+    MAX_TABLE_NAME,
+    completions_table_name,
+    intake_queue_names,
+    poison_queue_name,
+    queue_name_problem,
+)
 from shared.config.timings import LeaderElectionConfig
 from shared.errors import ConfigError as ConfigError  # re-exported: callers import it from here
 
@@ -91,6 +100,24 @@ OUTCOMES_QUEUE_NAME = Setting(
     "OUTCOMES_QUEUE_NAME", "outcomes",
     "Queue the leader sends outcome and contradiction events to (base64 JSON, version 1).",
 )
+RECONCILE_MAX_FLIGHT_SECONDS = Setting(
+    "RECONCILE_MAX_FLIGHT_SECONDS", "300",
+    "Reconciliation reports work in flight between shards (escrow, message, coordination) older "
+    "than this, 10-604800 s.",
+)
+RETENTION_DAYS = Setting(
+    "RETENTION_DAYS", "365",
+    "Outcome, claim, applied and parked rows older than this are archived to a blob and deleted, "
+    "7-3650 days: a step re-sent later is taken as new.",
+)
+ARCHIVE_CONTAINER_NAME = Setting(
+    "ARCHIVE_CONTAINER_NAME", "ledger-archive",
+    "Blob container the retention step exports archived rows to (JSON lines).",
+)
+INTAKE_QUEUES = Setting(
+    "INTAKE_QUEUES", "1",
+    "Intake queues, 1-16: COMPLETIONS_QUEUE_NAME, then its -1, -2, ... (one trigger each).",
+)
 TELEMETRY_CONSOLE_EXPORTER = Setting(
     "TELEMETRY_CONSOLE_EXPORTER", "0",
     "1: print spans and metrics to stderr when Application Insights is not configured.",
@@ -113,6 +140,10 @@ SETTINGS: tuple[Setting, ...] = (
     LEDGER_SHARDS,
     OUTCOME_EVENTS,
     OUTCOMES_QUEUE_NAME,
+    RECONCILE_MAX_FLIGHT_SECONDS,
+    RETENTION_DAYS,
+    ARCHIVE_CONTAINER_NAME,
+    INTAKE_QUEUES,
     TELEMETRY_CONSOLE_EXPORTER,
 )
 
@@ -139,11 +170,39 @@ class AppConfig:
     shards: int = 1  # LEDGER_SHARDS
     outcome_events: bool = True  # OUTCOME_EVENTS
     outcomes_queue: str = OUTCOMES_QUEUE_NAME.default
+    reconcile_max_flight_seconds: float = 300.0  # RECONCILE_MAX_FLIGHT_SECONDS
+    retention_days: int = 365  # RETENTION_DAYS
+    archive_container: str = "ledger-archive"  # ARCHIVE_CONTAINER_NAME
+    intake_queues: int = 1  # INTAKE_QUEUES
 
     @property
     def poison_queue(self) -> str:
         """The queue the Functions host moves a message to after maxDequeueCount failures."""
-        return f"{self.completions_queue}-poison"
+        return poison_queue_name(self.completions_queue)
+
+    @property
+    def intake_queue_names(self) -> tuple[str, ...]:
+        """Every intake queue: ``completions_queue``, then ``{completions_queue}-q``."""
+        return intake_queue_names(self.completions_queue, self.intake_queues)
+
+
+def _intake_queues(env: Mapping[str, str], completions_queue: str) -> int:
+    """INTAKE_QUEUES, and every name it implies (poison queues included) valid in Azure."""
+    count = _number(env, INTAKE_QUEUES, 1, MAX_INTAKE_QUEUES)
+    if count != int(count):
+        raise ConfigError(f"{INTAKE_QUEUES.name}={count:g}: set a whole number of queues "
+                          f"between 1 and {MAX_INTAKE_QUEUES}.")
+    for name in intake_queue_names(completions_queue, int(count)):
+        for queue in (name, poison_queue_name(name)):
+            # One queue keeps today's rule (the host lower-cases the name it is given): only the
+            # poison queue's length is checked. More queues: every name is checked in full.
+            problem = (queue_name_problem(queue) if count > 1 or len(queue) > MAX_QUEUE_NAME
+                       else None)
+            if problem:
+                raise ConfigError(f"{COMPLETIONS_QUEUE_NAME.name}={completions_queue!r} makes "
+                                  f"an invalid queue name with {INTAKE_QUEUES.name}={count:g}: "
+                                  f"{problem}; shorten or fix {COMPLETIONS_QUEUE_NAME.name}.")
+    return int(count)
 
 
 def _text(env: Mapping[str, str], setting: Setting) -> str:
@@ -224,8 +283,14 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         raise ConfigError(f"{COMPLETIONS_TABLE_NAME.name}={completions_table!r} is too long for "
                           f"{LEDGER_SHARDS.name}={shards:g}: shard tables are named like "
                           f"{longest!r}, at most {MAX_TABLE_NAME} characters.")
+    retention = _number(env, RETENTION_DAYS, 7, 3650)
+    if retention != int(retention):
+        raise ConfigError(f"{RETENTION_DAYS.name}={retention:g}: set a whole number of days "
+                          "between 7 and 3650.")
+    completions_queue = _text(env, COMPLETIONS_QUEUE_NAME)
+    intake_queues = _intake_queues(env, completions_queue)
     return AppConfig(
-        completions_queue=_text(env, COMPLETIONS_QUEUE_NAME),
+        completions_queue=completions_queue,
         wakeup_queue=_text(env, WAKEUP_QUEUE_NAME),
         completions_table=completions_table,
         ledger_table=_text(env, LEDGER_TABLE_NAME),
@@ -240,4 +305,8 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         shards=int(shards),
         outcome_events=_flag(env, OUTCOME_EVENTS),
         outcomes_queue=_text(env, OUTCOMES_QUEUE_NAME),
+        reconcile_max_flight_seconds=_number(env, RECONCILE_MAX_FLIGHT_SECONDS, 10, 7 * 24 * 3600),
+        retention_days=int(retention),
+        archive_container=_text(env, ARCHIVE_CONTAINER_NAME),
+        intake_queues=intake_queues,
     )

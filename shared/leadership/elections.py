@@ -103,7 +103,8 @@ def drive_shards(app: LedgerApp, first: ElectionResult, deadline: float) -> None
             wake_soon(app.wakeup_queue, app.config.instance_id, BUDGET_SPENT, queue[0])
             return
         shard = queue.pop(0)
-        visit = Election(app.on(shard), deadline).run(False)
+        with telemetry.acting_for(shard):
+            visit = Election(app.on(shard), deadline).run(False)
         first.visits.append(visit)
         queue += sorted(visit.messaged - set(queue))
 
@@ -193,6 +194,7 @@ class Election:
         lease.on_renewed = alarm.postpone
         view = ReadyView(app)
         report: TermReport | None = None
+        term: LeaderTerm | None = None
         try:
             ready = view.read()
             if ready:  # otherwise no epoch is claimed and the lease goes straight back
@@ -208,10 +210,13 @@ class Election:
             logger.warning("%s stopped leading: %s", app.config.instance_id, exc,
                            extra=telemetry.log_extra())
             self.result.stopped_by = str(exc)
+            term = None  # deposed or lease lost: the next claim is a takeover, rightly
             return False
         finally:
             # Consumed rows go before the lease does, so the next leader does not meet them.
             app.cleaner.wait_until_done(timeout=app.config.storage_timeout_seconds)
+            if term is not None and lease.state is LeaseState.LEADING:
+                term.mark_released()  # a hand-over, not a takeover, for the next claim
             lease.release()
             if lease.state is LeaseState.RELEASED:
                 alarm.disarm()  # a lease lost or not released keeps its alarm: it may expire

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from shared.domain.contract import Completion, MalformedMessage, parse_completion
 from shared.domain.model import RecordedStep
 from shared.domain.rules import assess
 from shared.leadership.elections import ElectionResult, run_election
-from shared.leadership.instance import LedgerApp
+from shared.leadership.instance import MAP_TTL_SECONDS, LedgerApp
 from shared.observability import telemetry
 from shared.storage.completions import MAX_ROWS_PER_OPERATION, Recorded, RecordResult
 
@@ -54,7 +56,10 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
                          app.clock.now())
         return CompletionResult(recorded=None, parked=True)
     home = app.home_of(completion)  # the shard follows from the ids, never from the queue
+    map_asked_at = app.topology.checked_at
     recorded = record_completion(home, completion)
+    if app.clock.monotonic() - map_asked_at > MAP_TTL_SECONDS:
+        home = rehome_if_moved(app, home, completion)
     result = CompletionResult(recorded=recorded.result,
                               announced=announce_if_ready(home, completion, recorded))
     if not result.announced:
@@ -68,13 +73,60 @@ def handle_completion(app: LedgerApp, body: bytes, message_id: str,
     return result
 
 
+def rehome_if_moved(app: LedgerApp, home: LedgerApp, completion: Completion) -> LedgerApp:
+    """Move the request's rows to its home under the map in force, if a reshard moved it while
+    this delivery was recording; the app acting for the home the rows are on now.
+
+    Called when the map this delivery used was asked for more than ``MAP_TTL_SECONDS`` before
+    its write ended. A reshard moves the steps recorded under the old map once every process
+    has read the new one (``MAP_TTL_SECONDS`` after publishing it), so only a write that landed
+    later than that can be left behind, and such a write ends more than ``MAP_TTL_SECONDS``
+    after its map was asked for: this check catches it, even on a shard the new map removed
+    (whose table no leader reads). Moving is idempotent (a leader forwarding the same strays
+    meets rows already imported, or already deleted).
+    """
+    app.topology.reload()
+    moved = app.home_of(completion)
+    if moved.current == home.current:
+        return home
+    steps = home.completions.steps_of(completion.request_id)
+    logger.warning("request %s was recorded on shard %d under an older shard map; its %d row(s) "
+                   "move to shard %d", completion.request_id, home.current, len(steps),
+                   moved.current, extra=telemetry.log_extra(requestId=completion.request_id))
+    if steps:
+        moved.completions.import_steps(steps)
+        home.completions.delete([step.ref for step in steps])
+    return moved
+
+
+def queue_handler(get_app: Callable[[], LedgerApp], message_type: type,
+                  function_name: str) -> Callable[[Any], None]:
+    """The handler of intake queue q >= 1's trigger (``INTAKE_QUEUES``): what function_app.py's
+    ``record_completion`` does for queue 0, as a new function named ``function_name``.
+
+    ``message_type`` is ``azure.functions.QueueMessage``: the worker checks the ``msg``
+    annotation against the binding, and this layer imports no Azure package. Any instance takes
+    any queue's message: ``handle_completion`` finds the shard from the ids.
+    """
+    def handler(msg: Any) -> None:
+        handle_completion(get_app(), msg.get_body(), message_id=msg.id or "",
+                          dequeue_count=msg.dequeue_count or 1)
+
+    handler.__name__ = handler.__qualname__ = function_name
+    handler.__annotations__ = {"msg": message_type, "return": None}
+    handler.__doc__ = f"Record one step's completion from intake queue {function_name}."
+    return handler
+
+
 def record_completion(app: LedgerApp, completion: Completion) -> Recorded:
     """Write the step's row (idempotent) in ``app``'s shard, which must be the completion's home
     (``LedgerApp.home_of``); the result says whether it was new."""
-    with telemetry.span("ledger.record", requestId=completion.request_id,
-                        operationId=completion.operation_id):
-        recorded = app.completions.record(completion, app.config.instance_id, app.clock.now())
-    telemetry.record_delivery(recorded.result.value, completion.request_id)
+    with telemetry.acting_for(app.current):
+        with telemetry.span("ledger.record", requestId=completion.request_id,
+                            operationId=completion.operation_id):
+            recorded = app.completions.record(completion, app.config.instance_id,
+                                              app.clock.now())
+        telemetry.record_delivery(recorded.result.value, completion.request_id)
     return recorded
 
 

@@ -2,7 +2,8 @@
 
 A term reads the account rows a round needs, and the ready view re-reads the requests whose
 verdict depends on the deadline, ``ACCOUNT_READERS`` at a time (the clients' connection pool
-holds 10). ``tolerant`` turns a read that raises into a ``Failed`` value, so one slow or
+holds 10); the operators' views read every shard the same way (``shared/web/shards.py``).
+``tolerant`` turns a read that raises into a ``Failed`` value, so one slow or
 failed read does not throw away the others.
 """
 
@@ -36,12 +37,13 @@ def tolerant(read: Callable[[Key], Row]) -> Callable[[Key], Row | Failed]:
     return attempt
 
 
-def read_concurrently(read: Callable[[Key], Row], keys: Sequence[Key]) -> list[Row]:
-    """``read(key)`` for every key, in order, ``ACCOUNT_READERS`` point reads at a time."""
+def read_concurrently(read: Callable[[Key], Row], keys: Sequence[Key],
+                      workers: int = ACCOUNT_READERS) -> list[Row]:
+    """``read(key)`` for every key, in order, ``workers`` reads at a time."""
     if not keys:
         return []
     if len(keys) == 1:
         return [read(keys[0])]
-    with ThreadPoolExecutor(min(ACCOUNT_READERS, len(keys)),
+    with ThreadPoolExecutor(min(workers, len(keys)),
                             thread_name_prefix="ledger-read") as pool:
         return list(pool.map(read, keys))

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
+from shared.config.names import poison_queue_name
 from shared.domain.rules import assess
 from shared.errors import StorageError
 from shared.leadership.elections import ElectionResult, run_election
@@ -83,14 +84,34 @@ def repair_scan(app: LedgerApp, max_rows: int = FULL_SCAN_MAX_ROWS,
     return RepairReport(scan.rows, len(assessed), len(decidable), scan.resume_at is None)
 
 
+def poison_depths(app: LedgerApp) -> dict[str, int]:
+    """The approximate depth of every intake queue's poison queue (``INTAKE_QUEUES``), by name;
+    a poison queue whose depth cannot be read is left out (and logged)."""
+    depths = {}
+    for queue in app.config.intake_queue_names:
+        poison = poison_queue_name(queue)
+        try:
+            depths[poison] = queue_depth(app.queue(poison))
+        except StorageError as exc:
+            logger.warning("could not read the depth of %s: %s", poison, exc)
+    return depths
+
+
+def record_poison_depth(app: LedgerApp) -> None:
+    """Report the messages parked in all the poison queues together (``ledger.poison.depth``)."""
+    depths = poison_depths(app)
+    if depths:
+        telemetry.record_poison_depth(sum(depths.values()))
+    if any(depths.values()):
+        logger.warning("messages in poison queues: %s",
+                       ", ".join(f"{name}={n}" for name, n in depths.items() if n))
+
+
 @telemetry.invocation("timer")
 def sweep(app: LedgerApp) -> ElectionResult:
-    """The timer trigger's job: the poison queue's depth, then for each shard the rare full
+    """The timer trigger's job: the poison queues' depth, then for each shard the rare full
     scan and the election (the first shard's result is returned, the others' in ``visits``)."""
-    try:
-        telemetry.record_poison_depth(queue_depth(app.queue(app.config.poison_queue)))
-    except StorageError as exc:
-        logger.warning("could not read the depth of %s: %s", app.config.poison_queue, exc)
+    record_poison_depth(app)
     results = []
     for shard in app.each_shard():
         sweep_outbox(shard)  # outcome events a term left behind

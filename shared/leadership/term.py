@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from decimal import Decimal
 from typing import TypeVar
 
@@ -57,6 +58,7 @@ from shared.domain.rules import (
     contradiction,
 )
 from shared.election.elector import HeldLease
+from shared.leadership import generations
 from shared.leadership.exchange import Exchange
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import Publisher
@@ -65,7 +67,7 @@ from shared.leadership.report import TermReport as TermReport  # re-exported
 from shared.leadership.view import ReadyRequest, ReadyRound, ReadyView
 from shared.observability import telemetry
 from shared.storage.completions import Tombstone
-from shared.storage.ledger import CommitResult
+from shared.storage.ledger import CommitResult, MapMoved
 from shared.storage.parking import ParkedKind, late_step_id
 from shared.storage.retries import is_transient
 
@@ -100,8 +102,14 @@ class LeaderTerm:
         """Claim the next epoch under ``lease``; reuse this process's balances if still current."""
         lease.ensure_can_start(app.config.storage_timeout_seconds)
         known = app.snapshot
-        fence, continued = app.ledger.claim_epoch(f"{app.config.instance_id}/{lease.lease_id}",
-                                                  app.clock.now(), known)
+        try:
+            fence, continued = app.ledger.claim_epoch(
+                f"{app.config.instance_id}/{lease.lease_id}", app.clock.now(), known)
+        except MapMoved:
+            # A reshard moved the map on: this process reads it again, and the invocation
+            # ends (the next one routes by the new map).
+            app.topology.reload()
+            raise
         telemetry.record_term_started(fence.epoch)
         logger.info("%s leads with epoch %d", app.config.instance_id, fence.epoch)
         lease.keep_renewing()
@@ -150,12 +158,16 @@ class LeaderTerm:
 
     def _round(self, ready: ReadyRound, budget_deadline: float) -> bool:
         """Settle one read's requests; False when the budget ran out."""
+        if self.app.earlier_maps:  # after a reshard: steps recorded under an older map
+            ready = self._forward_strays(ready)
         if ready.unconfirmed:
             self._resolve_unconfirmed(ready.unconfirmed)
         late = [r for r in ready.decidable if r.assessment.verdict is Verdict.LATE]
         for request in late:
             self.settle_late(request)
         to_commit = [r for r in ready.decidable if r.assessment.verdict is not Verdict.LATE]
+        if self.app.earlier_maps:
+            to_commit = self._undecided_before(to_commit)
         cross = [r for r in to_commit if self._crosses_shards(r.assessment)]
         if cross:
             to_commit = [r for r in to_commit if r not in cross]
@@ -182,6 +194,29 @@ class LeaderTerm:
         # partition is half full, the rest when the term ends (``wait_until_done``).
         self.app.cleaner.flush(everything=False)
         return True
+
+    def _forward_strays(self, ready: ReadyRound) -> ReadyRound:
+        """Send the requests with rows recorded here under an older shard map to their home."""
+        strays = [r for r in (*ready.decidable, *ready.unconfirmed)
+                  if generations.is_stray(self.app, r)]
+        if not strays:
+            return ready
+        for request in strays:
+            logger.warning("request %s has steps recorded on shard %d under an older shard "
+                           "map; they are forwarded to their home", request.request_id,
+                           self.app.current)
+            self.report.messaged |= generations.forward(self.app, request)
+        return replace(ready, decidable=[r for r in ready.decidable if r not in strays],
+                       unconfirmed=[r for r in ready.unconfirmed if r not in strays])
+
+    def _undecided_before(self, requests: list[ReadyRequest]) -> list[ReadyRequest]:
+        """Leave out (and settle as late) the requests decided under an earlier map generation:
+        their outcome is on their home of then, which this shard may not be."""
+        decided = generations.earlier_outcomes(self.app, requests)
+        for request in requests:
+            if request.request_id in decided:
+                self.settle_late(request, decided[request.request_id])
+        return [r for r in requests if r.request_id not in decided]
 
     def _request_shard(self, request_id: str) -> int:
         return self.app.shard_map.request_shard(request_id)
@@ -351,6 +386,18 @@ class LeaderTerm:
                                "while it committed; is something other than the leader writing "
                                "the ledger table? Stop it; the next leader resumes")
 
+    def mark_released(self) -> None:
+        """Just before the lease goes back: note the hand-over on the fence, so that the next
+        claim is not shown as a takeover (``Ledger.mark_released``). The note changes the
+        fence's ETag and nothing else, so a snapshot that was current stays current."""
+        etag = self.app.ledger.mark_released(self.fence)
+        if etag is None:
+            return
+        snapshot = self.app.snapshot
+        if snapshot is not None and snapshot.etag == self.fence.etag:
+            self.app.snapshot = replace(snapshot, etag=etag)
+        self.fence = replace(self.fence, etag=etag)
+
     def landed(self, result: CommitResult) -> None:
         """A transaction of this term landed: the new fence, the balances it wrote."""
         self.fence = result.fence
@@ -383,6 +430,10 @@ class LeaderTerm:
     def _resolve_unconfirmed(self, requests: list[ReadyRequest]) -> None:
         """Markers whose steps decide nothing: late steps of a decided request, or stale cues."""
         decided = self._read_outcomes([r.request_id for r in requests])
+        if self.app.earlier_maps:
+            decided.update(generations.earlier_outcomes(
+                self.app, [r for r in requests if r.request_id in decided
+                           and decided[r.request_id] is None]))
         for request in requests:
             if request.request_id not in decided:
                 continue  # could not be read now: the marker stays for the next round
@@ -400,6 +451,8 @@ class LeaderTerm:
         is queued on ``app.cleaner`` like any consumed row.
         """
         decided = decided or self.app.ledger.read_outcome(late.request_id)
+        if decided is None and self.app.earlier_maps:
+            decided = generations.earlier_outcomes(self.app, [late]).get(late.request_id)
         if decided is None:
             if self.app.sharded:
                 # Being coordinated across shards: its rows wait, out of the rounds, until it is

@@ -90,6 +90,7 @@ class ReadyView:
         found = self._round(markers, assessed, now)
         found.flight = flight
         if flight_time is not None:
+            _record_flight(flight, flight_time)
             found.resend = self._due(flight, flight_time)
             found.mail = scan.mail
             if not flight.inbox:  # nothing waits: whatever the flag announced was acted on
@@ -172,6 +173,14 @@ class ReadyView:
         found.decidable.sort(key=lambda r: (r.assessment.last_recorded_at
                                             if r.assessment.steps else now, r.request_id))
         return found
+
+
+def _record_flight(flight: Flight, now: datetime) -> None:
+    """Telemetry of one read of the shard's work in flight (for the stuck-work alert)."""
+    stamps = [c.updated_at for c in flight.coordinations.values() if c.updated_at is not None]
+    oldest = min(stamps, default=None)
+    telemetry.record_flight(len(flight.coordinations), len(flight.inbox),
+                            max(0.0, (now - oldest).total_seconds()) if oldest else 0.0)
 
 
 def settled_by(marker: ReadyMarker, assessment: Assessment, timeout: timedelta) -> bool:

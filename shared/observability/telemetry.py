@@ -12,9 +12,19 @@ extra) when telemetry is off. ``configure(env)`` installs the providers once per
 - otherwise: off.
 
 Every span carries the invocation's ``instance``, ``trigger``, ``role`` (leader | follower, once
-known) and ``epoch`` (once claimed); log records get the same fields as custom dimensions. The
-span that records a completion stores its W3C ``traceparent`` in the completion row, and the
-span of the transaction that commits the request links back to it.
+known), ``epoch`` (once claimed) and ``shard``; log records get the same fields as custom
+dimensions. The span that records a completion stores its W3C ``traceparent`` in the completion
+row, and the span of the transaction that commits the request links back to it.
+
+**Shards.** Every metric carries a ``shard`` dimension (an int; 0 with ``LEDGER_SHARDS=1``, so
+a one-shard deployment's queries only gain a constant column), and so do spans and log records:
+the shard the code acts for when it records (``current_shard``). It is set, for the duration
+of a call, by ``acting_for(k)``, and by the ``invocation`` and ``traced`` decorators from their
+first argument when that is a ``LedgerApp`` (its ``current`` shard) or holds one as ``.app``
+(``ReadyView``): ``run_election(app.on(k))`` and ``repair_scan(shard)`` record for their shard.
+Queue-wide figures (the poison queue's depth, messages parked as malformed) are not a shard's:
+they carry the shard the invocation acted for when it recorded them (0 for the sweeper's
+depth). docs/operations.md has the KQL that splits by it.
 """
 
 from __future__ import annotations
@@ -56,6 +66,8 @@ REQUEST_IDS_MAX_CHARS = 8000
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"", "0", "false", "no", "off"}
 
+_shard: ContextVar[int] = ContextVar("ledger_shard", default=0)
+
 _tracer = trace.get_tracer("ledger")  # proxies: they follow the providers configure() installs
 _meter = metrics.get_meter("ledger")
 _propagator = TraceContextTextMapPropagator()
@@ -85,6 +97,13 @@ OLDEST_PENDING = _meter.create_gauge(
 DELIVERIES = _meter.create_counter(
     "ledger.completions.deliveries", "{message}", "Completions received, by record result.")
 PARKED = _meter.create_counter("ledger.parked", "{message}", "Messages parked, by kind.")
+IN_FLIGHT = _meter.create_gauge(
+    "ledger.flight.coordinations", "{request}",
+    "Cross-shard requests the shard coordinates (home), at each read of its work in flight.")
+OLDEST_IN_FLIGHT = _meter.create_gauge(
+    "ledger.flight.oldest_age", "s",
+    "Time since the shard's oldest coordination last progressed, at each read of its work in "
+    "flight (0 when none).")
 POISON_DEPTH = _meter.create_gauge(
     "ledger.poison.depth", "{message}", "Approximate messages in the poison queue.")
 
@@ -204,9 +223,43 @@ def _clean(attributes: Mapping[str, AttributeValue | None]) -> dict[str, Attribu
 
 
 def fields() -> dict[str, AttributeValue]:
-    """The current invocation's fields (instance, trigger, role, epoch), for ``extra=``."""
+    """The current invocation's fields (instance, trigger, role, epoch, shard), for ``extra=``."""
     state = _current.get()
-    return dict(state.fields) if state else {}
+    return {**state.fields, "shard": _shard.get()} if state else {}
+
+
+def current_shard() -> int:
+    """The shard the running code acts for (0 outside of any: one shard, or queue-wide)."""
+    return _shard.get()
+
+
+def _dimensions(**attributes: AttributeValue) -> dict[str, AttributeValue]:
+    """A metric's attributes: ``attributes`` and the shard (every metric has it)."""
+    return {"shard": _shard.get(), **attributes}
+
+
+def _shard_of(argument: Any) -> int | None:
+    """The shard of a ``LedgerApp`` (duck-typed: ``current`` and ``shards``), or of an object
+    that holds one as ``app``; ``None`` for anything else."""
+    for candidate in (argument, getattr(argument, "app", None)):
+        current = getattr(candidate, "current", None)
+        if type(current) is int and hasattr(candidate, "shards"):
+            return current
+    return None
+
+
+@contextmanager
+def acting_for(shard: int | None) -> Iterator[None]:
+    """Record metrics, spans and log fields for ``shard`` until the block ends (``None``: leave
+    the current shard as it is)."""
+    if shard is None:
+        yield
+        return
+    token = _shard.set(shard)
+    try:
+        yield
+    finally:
+        _shard.reset(token)
 
 
 def annotate(**attributes: AttributeValue | None) -> None:
@@ -230,11 +283,12 @@ def span(name: str, **attributes: AttributeValue | None) -> Iterator[Span]:
 
 
 def traced(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
-    """Decorator: run the function in a span called ``name``."""
+    """Decorator: run the function in a span called ``name`` (acting for the shard of its first
+    argument, when that names one: see the module docstring)."""
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            with span(name):
+            with acting_for(_shard_of(args[0]) if args else None), span(name):
                 return function(*args, **kwargs)
         return wrapper
     return decorate
@@ -243,18 +297,22 @@ def traced(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
 def invocation(trigger: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorator of a trigger's whole job (first argument: the ``LedgerApp``): one root span.
 
-    Nested calls (``run_election`` inside ``handle_completion``) join the enclosing invocation.
+    Nested calls (``run_election`` inside ``handle_completion``) join the enclosing invocation;
+    either way the call acts for the app's shard (``acting_for``).
     """
     def decorate(function: Callable[P, R]) -> Callable[P, R]:
         @functools.wraps(function)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            shard = _shard_of(args[0]) if args else None
             if _current.get() is not None:
-                return function(*args, **kwargs)
+                with acting_for(shard):
+                    return function(*args, **kwargs)
             config = getattr(args[0], "config", None) if args else None
             instance = str(getattr(config, "instance_id", ""))
             base: dict[str, AttributeValue] = {"instance": instance, "trigger": trigger}
-            with _tracer.start_as_current_span("ledger.invocation", kind=SpanKind.CONSUMER,
-                                               attributes=base) as root:
+            with acting_for(shard), _tracer.start_as_current_span(
+                    "ledger.invocation", kind=SpanKind.CONSUMER,
+                    attributes={**base, "shard": _shard.get()}) as root:
                 token = _current.set(_Invocation(root, dict(base)))
                 try:
                     return function(*args, **kwargs)
@@ -282,28 +340,39 @@ def record_delivery(result: str, request_id: str) -> None:
     state = _current.get()
     if state is not None:
         state.span.set_attribute("requestId", request_id)
-    DELIVERIES.add(1, {"result": result})
+    DELIVERIES.add(1, _dimensions(result=result))
 
 
 def record_parked(kind: str) -> None:
     """Count one message parked (``malformed`` or ``late-contradiction``)."""
-    PARKED.add(1, {"kind": kind})
+    PARKED.add(1, _dimensions(kind=kind))
 
 
 def record_scan(rows: int, pending: int, ready: int, oldest_age_seconds: float) -> None:
     """What one full scan saw: step rows and requests waiting, work announced and not yet
     committed (the ready index), the oldest waiting row's age."""
-    PENDING.set(rows)
-    PENDING_REQUESTS.set(pending)
-    OLDEST_PENDING.set(oldest_age_seconds)
+    PENDING.set(rows, _dimensions())
+    PENDING_REQUESTS.set(pending, _dimensions())
+    OLDEST_PENDING.set(oldest_age_seconds, _dimensions())
     trace.get_current_span().set_attributes(
         {"completions": rows, "requestsPending": pending, "requestsReady": ready,
          "oldestAgeSeconds": round(oldest_age_seconds, 3)})
 
 
+def record_flight(coordinations: int, messages: int, oldest_age_seconds: float) -> None:
+    """What one read of the shard's work in flight found: coordinations (requests it is home
+    of, waiting for other shards), messages in its inbox, and how long the oldest coordination
+    has gone without progress (storage's time since its row was last written)."""
+    IN_FLIGHT.set(coordinations, _dimensions())
+    OLDEST_IN_FLIGHT.set(oldest_age_seconds, _dimensions())
+    trace.get_current_span().set_attributes(
+        {"inFlight": coordinations, "inbox": messages,
+         "oldestInFlightAgeSeconds": round(oldest_age_seconds, 3)})
+
+
 def record_poison_depth(depth: int) -> None:
     """The poison queue's approximate length (the sweeper reads it every minute)."""
-    POISON_DEPTH.set(depth)
+    POISON_DEPTH.set(depth, _dimensions())
     annotate(poisonDepth=depth)
 
 
@@ -341,7 +410,7 @@ def lease_attempt() -> Iterator[LeaseAttempt]:
             yield attempt
         finally:
             current.set_attribute("result", attempt.result)
-            LEASE_ATTEMPTS.add(1, {"result": attempt.result})
+            LEASE_ATTEMPTS.add(1, _dimensions(result=attempt.result))
     if attempt.result == "acquired":
         annotate(role="leader")
     elif fields().get("role") != "leader":  # a leader that looks again stays a leader
@@ -351,8 +420,8 @@ def lease_attempt() -> Iterator[LeaseAttempt]:
 def record_term_started(epoch: int) -> None:
     """A term claimed ``epoch``: count it, set the epoch gauge and the invocation's field."""
     instance = str(fields().get("instance", ""))
-    TERMS.add(1, {"instance": instance})
-    EPOCH.set(epoch, {"instance": instance})
+    TERMS.add(1, _dimensions(instance=instance))
+    EPOCH.set(epoch, _dimensions(instance=instance))
     annotate(epoch=epoch)
 
 
@@ -379,8 +448,8 @@ def term() -> Iterator[TermSpan]:
             decided = sum(recorded.outcomes.values())
             current.set_attributes({"requestsDecided": decided,
                                     **{f"outcomes.{k}": v for k, v in recorded.outcomes.items()}})
-            DRAIN_DURATION.record(time.monotonic() - started)
-            DRAIN_REQUESTS.record(decided)
+            DRAIN_DURATION.record(time.monotonic() - started, _dimensions())
+            DRAIN_REQUESTS.record(decided, _dimensions())
 
 
 @contextmanager
@@ -395,7 +464,7 @@ def commit_transaction(request_ids: Sequence[str], statuses: Sequence[str],
     """
     ids = list(request_ids)
     listed = _joined(ids, REQUEST_IDS_MAX_CHARS)  # a batch holds at most ~98 requests
-    LEASE_REMAINING.record(lease_remaining)
+    LEASE_REMAINING.record(lease_remaining, _dimensions())
     attributes: dict[str, AttributeValue | None] = {
         "requests": len(ids), "requestId": ids[0] if len(ids) == 1 else None,
         "requestIds": ",".join(listed), "requestIdsComplete": len(listed) == len(ids),
@@ -405,11 +474,11 @@ def commit_transaction(request_ids: Sequence[str], statuses: Sequence[str],
             "ledger.commit", links=_links(step_spans),
             attributes={**fields(), **_clean(attributes)}) as current:
         yield current
-    BATCH_SIZE.record(len(ids))
+    BATCH_SIZE.record(len(ids), _dimensions())
     for status in statuses:
-        OUTCOMES.add(1, {"status": status})
+        OUTCOMES.add(1, _dimensions(status=status))
     for lag in lags_seconds:
-        COMMIT_LAG.record(lag)
+        COMMIT_LAG.record(lag, _dimensions())
 
 
 def _joined(ids: Sequence[str], limit: int) -> list[str]:

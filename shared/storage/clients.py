@@ -22,6 +22,7 @@ defaults (a 15 s wait before a blob retry), so retries fit inside the lease.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,12 @@ class StorageClients:
         if timeout_seconds is not None:
             options.update(connection_timeout=timeout_seconds, read_timeout=timeout_seconds)
         options.update(self.queue_options)
+        if "retry_policy" in options:
+            # Each pipeline links its policies (``policy.next``) to the ones after them: a policy
+            # object shared by two clients would send one client's requests down the other's
+            # chain, and fail (``'_SansIOHTTPPolicyRunner' object has no attribute 'next'``)
+            # while a new client's pipeline is being built on another thread.
+            options["retry_policy"] = copy.copy(options["retry_policy"])
         client = QueueClient(self.queue.url, name, credential=self.queue.credential, **options)
         return AzureQueue(client, raw=raw)
 

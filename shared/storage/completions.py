@@ -87,6 +87,9 @@ REQUEST_ROW_SUFFIX = KEY_SEPARATOR + "~request"
 OPEN = "open"
 DECIDED = "decided"
 TOMBSTONE_SECONDS = 120
+# A row moved to another shard's table (a reshard, or a step recorded under an older shard map
+# and forwarded) keeps storage's time of its first record here: expiry is judged by it.
+STORED_AT = "storedAt"
 
 
 def bucket_of(request_id: str) -> str:
@@ -165,6 +168,22 @@ def _entity(completion: Completion, row_key: str, instance_id: str, now: datetim
     }
 
 
+def _step_entity(step: RecordedStep) -> dict[str, Any]:
+    """A recorded step as its row (with its first time of record, ``STORED_AT``)."""
+    return {
+        "PartitionKey": bucket_of(step.request_id), "RowKey": step.row_key,
+        "requestId": step.request_id, "operationId": step.operation_id,
+        "operation": step.operation.value, "accountId": step.account_id,
+        "amount": format_money(step.amount), "expectedOperations": step.expected_operations,
+        "status": step.status.value,
+        "completedAt": step.completed_at.isoformat() if step.completed_at else "",
+        "contentKey": step.stored_key, "recordedAt": step.recorded_at.isoformat(),
+        "recordedBy": step.recorded_by, "conflict": step.conflict,
+        STORED_AT: step.recorded_at.isoformat(),
+        **({telemetry.TRACEPARENT: step.traceparent} if step.traceparent else {}),
+    }
+
+
 def _step(row: Mapping[str, Any], etag: str = "",
           stamp: datetime | None = None) -> RecordedStep:
     completed = row.get("completedAt")
@@ -189,6 +208,9 @@ def _step(row: Mapping[str, Any], etag: str = "",
 
 
 def _storage_time(row: Mapping[str, Any]) -> datetime:
+    moved = row.get(STORED_AT)  # a row a reshard moved here keeps its first time of record
+    if isinstance(moved, str) and moved:
+        return datetime.fromisoformat(moved)
     stamp = getattr(row, "timestamp", None)  # a Row's: storage's Timestamp
     if isinstance(stamp, datetime):
         return stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)
@@ -406,6 +428,67 @@ class CompletionStore:
                 break
             steps.append(_step(row))
         return RequestRows(steps, _date_or(rows, fallback_now), truncated, decided)
+
+    # --- moving rows between shards (shared/leadership/reshard.py) ---------------------------
+    def request_rows(self) -> Iterator[Row]:
+        """Every step row and request row (the keys below ``~``), as stored: a scan."""
+        return iter(self.table.query("PartitionKey lt @special",
+                                     parameters={"special": SPECIAL_PREFIX}, page_size=1000))
+
+    def marked(self) -> set[str]:
+        """The requests that have a marker in the ready index (a scan of one partition)."""
+        rows = self.table.query("PartitionKey eq @pk", parameters={"pk": READY_PARTITION},
+                                select=["RowKey"], page_size=1000)
+        return {str(row["RowKey"]) for row in rows if row["RowKey"] != MAIL_FLAG_ROW}
+
+    def import_rows(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Write rows another shard's table held (step rows and open request rows) here, keeping
+        each one's first time of record (``STORED_AT``). Idempotent: a step row that exists with
+        the same content is left; with another content it is recorded as the conflict row, as
+        a second delivery would be. Decided request rows (tombstones) are not moved."""
+        by_partition: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in rows:
+            if is_request_row(str(row["RowKey"])) and row.get("state") == DECIDED:
+                continue
+            entity = {k: v for k, v in row.items() if k not in ("Timestamp", "etag")}
+            if not is_request_row(str(row["RowKey"])):
+                entity[STORED_AT] = _storage_time(row).isoformat()
+            by_partition[str(row["PartitionKey"])].append(entity)
+        for entities in by_partition.values():
+            for chunk in _chunks(entities, MAX_BATCH_ROWS):
+                try:
+                    self.table.submit([("create", e) for e in chunk])
+                    continue
+                except BatchRefused:
+                    pass
+                for entity in chunk:
+                    self._import_one(entity)
+
+    def import_steps(self, steps: Sequence[RecordedStep]) -> None:
+        """``import_rows`` for steps as a leader read them (a step recorded on the wrong shard
+        under an older shard map, forwarded to its home), with their requests' open rows."""
+        rows: list[dict[str, Any]] = [_open_request_row(r) for r in {s.request_id for s in steps}]
+        rows += [_step_entity(step) for step in steps]
+        self.import_rows(rows)
+
+    def _import_one(self, entity: dict[str, Any]) -> None:
+        try:
+            self.table.create(entity)
+            return
+        except AlreadyExists:
+            pass
+        if is_request_row(str(entity["RowKey"])) or entity.get("conflict"):
+            return
+        try:
+            here = self.table.get(str(entity["PartitionKey"]), str(entity["RowKey"]))
+        except NotFound:
+            with contextlib.suppress(AlreadyExists):
+                self.table.create(entity)
+            return
+        if here.get("contentKey") != entity.get("contentKey"):
+            with contextlib.suppress(AlreadyExists):
+                self.table.create({**entity, "RowKey": str(entity["RowKey"]) + CONFLICT_SUFFIX,
+                                   "conflict": True})
 
     # --- the ready index ---------------------------------------------------------------------
     def mark_ready(self, request_id: str, steps: Sequence[RecordedStep],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
@@ -62,7 +62,7 @@ from shared.domain.planning import (
     plan_transaction,
     request_key,
 )
-from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
+from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound, StorageError
 from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.ports import Mode, Operation, Row, Table
 
@@ -76,6 +76,44 @@ class CommitResult:
     fence: Fence
     accounts: dict[str, AccountRow] = field(default_factory=dict)
     outbox: dict[str, str] = field(default_factory=dict)  # outbox rows created: key -> ETag
+
+
+MAP_GENERATION = "mapGeneration"  # on the fence: the shard map generation of its writer
+
+
+class MapMoved(FencedOut):
+    """The fence was written under a newer shard map than this process's: reload the map.
+
+    A reshard stamps every shard's fence with the new map's generation, and every fence write
+    carries the writer's; a process whose map is older cannot claim an epoch
+    (``Ledger.claim_epoch``), so it never writes under a map that is no longer in force.
+    """
+
+    def __init__(self, generation: int, mine: int, partition: str) -> None:
+        super().__init__(f"the fence of {partition} was written under shard map generation "
+                         f"{generation}; this process has generation {mine}: it reloads the map")
+        self.generation = generation
+
+
+def _generation(row: Mapping[str, Any]) -> int:
+    return int(row.get(MAP_GENERATION) or 0)
+
+
+RELEASED_EPOCH = "releasedEpoch"  # on the fence: the epoch whose holder released its lease
+TAKEOVER_ROW = "fence:takeover"  # the shard's latest takeover (``Takeover``)
+
+
+@dataclass(frozen=True)
+class Takeover:
+    """A claim of a shard's epoch whose previous holder had not released its lease: it died,
+    was paused past its lease, or lost it to a break. A hand-over (the holder released, another
+    instance claimed the next epoch, as happens all the time) is not one."""
+
+    epoch: int  # the epoch claimed
+    at: str  # when (the claim's time, ISO-8601)
+    from_epoch: int
+    from_holder: str
+    to_holder: str
 
 
 def _fence(row: Row) -> Fence:
@@ -128,17 +166,70 @@ def _account(account_id: str, row: Row) -> AccountRow:
 class Ledger:
     """Reads and fenced writes of the ledger partition."""
 
-    def __init__(self, table: Table, partition: str = LEDGER_PARTITION) -> None:
+    def __init__(self, table: Table, partition: str = LEDGER_PARTITION,
+                 map_generation: Callable[[], int] | None = None) -> None:
         self.table = table
         self.partition = partition
+        # The shard map generation this process writes under (0: not map-aware, never checked).
+        self.map_generation: Callable[[], int] = map_generation or (lambda: 0)
+
+    def _stamped(self, entity: dict[str, Any]) -> dict[str, Any]:
+        """A fence entity with this process's map generation (when it has one)."""
+        generation = self.map_generation()
+        return {**entity, MAP_GENERATION: generation} if generation else entity
+
+    def _check_generation(self, row: Mapping[str, Any]) -> None:
+        """Raise ``MapMoved`` when the fence was written under a newer map than ours."""
+        mine = self.map_generation()
+        if mine and _generation(row) > mine:
+            raise MapMoved(_generation(row), mine, self.partition)
 
     # --- the fence -------------------------------------------------------------------------
     def read_fence(self) -> Fence | None:
         """The fence row, or ``None`` before the first leader."""
+        row = self.read_row(FENCE_ROW)
+        return None if row is None else _fence(row)
+
+    def mark_released(self, fence: Fence) -> str | None:
+        """Note on the fence that ``fence``'s holder is releasing its lease, so that the next
+        claim is a hand-over and not a takeover (one merge, ``If-Match`` ``fence``: balances and
+        epoch unchanged). The fence's new ETag; ``None`` when the fence changed meanwhile (a
+        newer claim) or storage did not answer: the next claim then records a takeover."""
         try:
-            return _fence(self.table.get(self.partition, FENCE_ROW))
-        except NotFound:
+            written = self.table.update({"PartitionKey": self.partition, "RowKey": FENCE_ROW,
+                                         RELEASED_EPOCH: fence.epoch},
+                                        mode=Mode.MERGE, etag=fence.etag)
+        except StorageError as exc:
+            logger.info("could not mark epoch %d of %s released: %s", fence.epoch,
+                        self.partition, exc)
             return None
+        return str(written.etag)
+
+    def _record_takeover(self, takeover: Takeover) -> None:
+        """Keep the shard's latest takeover for operators (what they see; nothing reads it to
+        decide anything, so a failure is logged, not raised)."""
+        try:
+            self.table.upsert({"PartitionKey": self.partition, "RowKey": TAKEOVER_ROW,
+                               "epoch": takeover.epoch, "at": takeover.at,
+                               "fromEpoch": takeover.from_epoch, "from": takeover.from_holder,
+                               "to": takeover.to_holder}, mode=Mode.REPLACE)
+        except StorageError as exc:
+            logger.warning("could not record the takeover of %s at epoch %d: %s",
+                           self.partition, takeover.epoch, exc)
+
+    def read_takeover(self) -> Takeover | None:
+        """The shard's latest takeover, or ``None`` (never taken over since it was recorded)."""
+        row = self.read_row(TAKEOVER_ROW)
+        if row is None:
+            return None
+        return Takeover(int(row.get("epoch") or 0), str(row.get("at", "")),
+                        int(row.get("fromEpoch") or 0), str(row.get("from", "")),
+                        str(row.get("to", "")))
+
+    def fence_generation(self) -> int:
+        """The shard map generation the fence was last written under (0: none recorded)."""
+        row = self.read_row(FENCE_ROW)
+        return 0 if row is None else _generation(row)
 
     def claim_epoch(self, holder: str, now: datetime, known: LedgerSnapshot | None = None,
                     attempts: int = 5) -> tuple[Fence, bool]:
@@ -151,8 +242,8 @@ class Ledger:
         # 1. Fast path: nothing was written since this process's last commit, so the fence
         #    still has the snapshot's ETag and one conditional update claims the next epoch.
         if known is not None:
-            entity = fence_entity(self.partition, known.epoch + 1, holder, claimed_at,
-                                  known.last_commit_at)
+            entity = self._stamped(fence_entity(self.partition, known.epoch + 1, holder,
+                                                claimed_at, known.last_commit_at))
             try:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=known.etag)
                 return Fence(known.epoch + 1, str(written.etag), holder, claimed_at,
@@ -163,9 +254,13 @@ class Ledger:
         seen: int | None = None
         for _ in range(attempts):
             # 2a. No fence yet: the first leader ever creates it with epoch 1.
-            current = self.read_fence()
+            row = self.read_row(FENCE_ROW)
+            if row is not None:
+                self._check_generation(row)  # a reshard moved the map on: reload it first
+            current = None if row is None else _fence(row)
             if current is None:
-                entity = fence_entity(self.partition, 1, holder, claimed_at, last_commit_at="")
+                entity = self._stamped(fence_entity(self.partition, 1, holder, claimed_at,
+                                                    last_commit_at=""))
                 try:
                     written = self.table.create(entity)
                 except AlreadyExists:
@@ -181,12 +276,16 @@ class Ledger:
             seen = current.epoch
             # 2d. Claim epoch + 1 If-Match the ETag just read; a deposed leader's last commit
             #     in between changes it, and we read again.
-            entity = fence_entity(self.partition, seen + 1, holder, claimed_at,
-                                  current.last_commit_at)
+            entity = {**fence_entity(self.partition, seen + 1, holder, claimed_at,
+                                     current.last_commit_at),
+                      MAP_GENERATION: max(_generation(row or {}), self.map_generation())}
             try:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=current.etag)
             except ConditionFailed:
                 continue
+            if row is not None and row.get(RELEASED_EPOCH) != current.epoch:
+                self._record_takeover(Takeover(seen + 1, claimed_at, current.epoch,
+                                               current.holder, holder))
             return Fence(seen + 1, str(written.etag), holder, claimed_at,
                          current.last_commit_at), False
         raise FencedOut(f"could not claim an epoch in {attempts} attempts: the fence keeps "
@@ -330,8 +429,10 @@ class Ledger:
         stamp = now.isoformat()
         plan = plan_transaction(self.partition, fence, outcomes, balances, stamp, extra,
                                 reserved, claims)
+        writes = [replace(plan.writes[0], entity=self._stamped(plan.writes[0].entity)),
+                  *plan.writes[1:]]  # the fence keeps the map generation it was claimed under
         try:
-            results = self.table.submit([_operation(w) for w in plan.writes])
+            results = self.table.submit([_operation(w) for w in writes])
         except BatchRefused as exc:
             code = exc.code or ""
             index = 0 if exc.index is None else exc.index  # the batch as a whole: its first
@@ -350,6 +451,56 @@ class Ledger:
                   in zip(plan.subjects, results, strict=True) if kind == "outbox"}
         return CommitResult(replace(fence, etag=str(results[0].etag), last_commit_at=stamp),
                             written, outbox)
+
+
+    def write_fenced(self, fence: Fence, upserts: Sequence[Mapping[str, Any]] = (),
+                     deletes: Sequence[str] = (), now: datetime | None = None) -> Fence:
+        """One transaction fenced by ``fence``: replace rows of this partition whole
+        (``upserts``) and delete rows by key (``deletes``, gone already is fine: the transaction
+        is then made again without them). At most 99 rows. Returns the fence's new version.
+        Raises ``FencedOut`` when the fence changed (another writer claimed it)."""
+        stamp = (now.isoformat() if now else fence.last_commit_at)
+        fence_row = self._stamped(fence_entity(self.partition, fence.epoch, fence.holder,
+                                               fence.claimed_at, stamp))
+        pending = list(deletes)
+        for _ in range(len(pending) + 1):
+            operations: list[Operation] = [
+                ("update", fence_row, {"mode": Mode.REPLACE, "etag": fence.etag})]
+            operations += [("upsert", {**e, "PartitionKey": self.partition},
+                            {"mode": Mode.REPLACE}) for e in upserts]
+            operations += [("delete", {"PartitionKey": self.partition, "RowKey": key}, {})
+                           for key in pending]
+            try:
+                results = self.table.submit(operations)
+            except BatchRefused as exc:
+                index = exc.index
+                if index == 0 or (exc.code or "") in ("UpdateConditionNotSatisfied",
+                                                      "ConditionNotMet"):
+                    raise FencedOut(f"the fence of {self.partition} changed: another "
+                                    "writer holds it") from exc
+                first_delete = 1 + len(upserts)
+                if index is not None and index >= first_delete and \
+                        (exc.code or "") == "ResourceNotFound":
+                    del pending[index - first_delete]  # deleted already (a resumed run)
+                    continue
+                raise LedgerWriteError(f"a fenced write of {self.partition} was refused: "
+                                       f"{exc}") from exc
+            return replace(fence, etag=str(results[0].etag), last_commit_at=stamp)
+        raise LedgerWriteError(f"a fenced write of {self.partition} kept being refused")
+
+    def stamp_generation(self, fence: Fence, generation: int, holder: str,
+                         now: datetime) -> Fence:
+        """Claim the next epoch ``If-Match`` ``fence`` and record ``generation`` on the fence
+        (a reshard's: every later claim under an older map raises ``MapMoved``)."""
+        entity = {**fence_entity(self.partition, fence.epoch + 1, holder, now.isoformat(),
+                                 fence.last_commit_at), MAP_GENERATION: generation}
+        try:
+            written = self.table.update(entity, mode=Mode.REPLACE, etag=fence.etag)
+        except ConditionFailed as exc:
+            raise FencedOut(f"the fence of {self.partition} changed: another writer holds "
+                            "it") from exc
+        return Fence(fence.epoch + 1, str(written.etag), holder, now.isoformat(),
+                     fence.last_commit_at)
 
 
 def outcome_view(decided: DecidedOutcome) -> dict[str, Any]:

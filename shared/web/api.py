@@ -11,10 +11,12 @@ from shared.domain.contract import IDENTIFIER_PATTERN
 from shared.domain.exchange import COMMITTING, coord_key
 from shared.domain.model import Fence
 from shared.domain.money import format_money
-from shared.errors import StorageError
+from shared.leadership.generations import earlier_outcome_by_id
 from shared.leadership.instance import LedgerApp
+from shared.leadership.reshard import status as reshard_status
 from shared.storage.ledger import outcome_view
 from shared.storage.parking import ParkedKind
+from shared.web import shards
 
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
@@ -57,6 +59,8 @@ def request(app: LedgerApp, request_id: str) -> Reply:
     """
     if bad := _bad_identifier("requestId", request_id):
         return bad
+    if app.earlier_maps and (before := earlier_outcome_by_id(app, request_id)) is not None:
+        return Reply(200, {"requestId": request_id, **outcome_view(before)})  # before a reshard
     if not app.sharded:
         found = _request_on(app, request_id)
     else:
@@ -93,36 +97,32 @@ def _request_on(app: LedgerApp, request_id: str) -> Reply | None:
 
 
 def lease_view(app: LedgerApp) -> dict[str, str]:
-    """The election lease's state and status (a blob not made yet is not leased); ``unknown``
-    with the reason when storage did not say."""
-    try:
-        status = app.elector.lease_view()
-    except StorageError as exc:
-        return {"state": "unknown", "error": str(exc)}
-    return {"state": status.state, "status": status.status}
+    """The election lease's state and status of ``app``'s shard (``shards.lease_view``)."""
+    return shards.lease_view(app)
 
 
 def leader_view(fence: Fence | None, lease: Mapping[str, str]) -> dict[str, Any]:
-    """Who leads, as the read API and the status page both show it.
-
-    ``holder`` is the fence's holder while the lease is held (``None`` otherwise);
-    ``lastHolder`` whoever claimed the current epoch, whatever the lease says now.
-    """
-    last_holder = fence.holder if fence else None
-    return {"holder": last_holder if lease.get("state") == "leased" else None,
-            "lastHolder": last_holder,
-            "epoch": fence.epoch if fence else 0,
-            "lease": dict(lease),
-            "lastCommitAt": (fence.last_commit_at if fence else "") or None}
+    """Who leads a shard, as the read API and the status page both show it
+    (``shards.leader_fields``)."""
+    return shards.leader_fields(fence, lease)
 
 
 def leader(app: LedgerApp) -> Reply:
-    """``GET /api/leader``: lease state, current epoch and holder, pending completions."""
-    fence = app.ledger.read_fence()
-    lease = lease_view(app)  # "unknown", with the reason, when storage did not say
+    """``GET /api/leader``: shard 0's lease state, epoch, holder and pending completions at the
+    top level (as before shards), the parked messages, and ``shards``: one row per shard, in
+    shard order (``shared/web/shards.py``), shard 0's included.
+
+    The body is built as a dict, field by field, so that more fields can join it.
+    """
+    rows = shards.read_shards(app)
+    first = rows[0]
+    now = app.clock.now()
     parked = app.parking.count_by_kind()
-    return Reply(200, {
-        **leader_view(fence, lease),
-        "pendingCompletions": app.completions.count(),
+    body: dict[str, Any] = {
+        **leader_view(first.fence, first.lease),
+        "pendingCompletions": len(first.pending.rows),
         "parkedMessages": {kind.value: parked.get(kind.value, 0) for kind in ParkedKind},
-    })
+        "shards": [shards.shard_row(reads, now) for reads in rows],
+        "reshard": reshard_status(app),  # null unless LEDGER_SHARDS disagrees with the map
+    }
+    return Reply(200, body)

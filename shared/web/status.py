@@ -1,15 +1,20 @@
 """The live status page: its HTML, and the one JSON snapshot it polls (``GET /api/metrics``).
 
 Everything comes from what storage already holds, read with bounded queries (each stops after a
-fixed number of rows and says so with ``truncated``):
+fixed number of rows and says so with ``truncated``), all of them at once
+(``shared/web/shards.py``):
 
-- the lease blob's properties and the fence row: who leads, with which epoch, since when;
-- the completions table (projected scan): pending rows and the oldest one's age;
-- outcome rows of the ledger partition: decided in the last ``WINDOW_SECONDS`` (filtered on
-  ``decidedAt`` by the server) for the throughput chart, and all of them, up to
-  ``MAX_OUTCOME_ROWS``, for the counts by status and the epochs that decided requests (the
-  recent leader changes);
+- for each shard, the lease blob's properties and the fence row: who leads, with which epoch,
+  since when; its completions table (projected scan): pending rows and the oldest one's age;
+  with shards, its work in flight between shards;
+- outcome rows of each shard's ledger partition: decided in the last ``WINDOW_SECONDS``
+  (filtered on ``decidedAt`` by the server) for the throughput chart, each shard's commit rate
+  and takeover marker, and all of them, up to ``shards.MAX_OUTCOME_ROWS`` over all shards, for the
+  counts by status and shard 0's epochs that decided requests (the recent leader changes);
 - the parked table and the poison queue's approximate depth.
+
+The top-level ``leader`` and ``pending`` describe shard 0, as they did before shards; ``shards``
+has one row per shard.
 
 Lease time left is not something storage tells anyone but the holder, so it is a lower bound:
 the lease was (re)acquired when the epoch was claimed, and renewed no later than one renew
@@ -30,22 +35,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from shared.config.names import poison_queue_name
 from shared.domain.model import Fence
 from shared.errors import NO_ANSWER, NO_CREDENTIAL, UNREACHABLE, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import outbox_view
 from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
-from shared.web.api import Reply, leader_view, lease_view
+from shared.web.api import Reply, leader_view
+from shared.web.shards import page_row, read_shards
 
 logger = logging.getLogger(__name__)
 
 PAGE_PATH = Path(__file__).with_name("status_page.html")
 WINDOW_SECONDS = 300  # the throughput chart's span
 BUCKET_SECONDS = 10  # one bar of the chart
-MAX_WINDOW_ROWS = 20_000  # outcome rows read for the chart
-MAX_OUTCOME_ROWS = 20_000  # outcome rows read for the counts by status and the leader history
-MAX_PENDING_ROWS = 10_000  # completion rows read
 MAX_PARKED_ROWS = 10_000  # parked rows counted
 RECENT_LEADERS = 10  # epochs shown, newest first
 
@@ -86,24 +90,37 @@ def _reason(exc: StorageError) -> str:
 
 
 def snapshot(app: LedgerApp) -> dict[str, Any]:
-    """Everything the status page shows, as JSON-ready values."""
+    """Everything the status page shows, as JSON-ready values.
+
+    ``leader``, ``pending`` and ``leaders`` describe shard 0 (the whole ledger with one shard);
+    ``throughput`` and ``outcomes`` count every shard; ``shards`` has one row per shard
+    (``shared/web/shards.py``).
+    """
     now = app.clock.now()
     election = app.config.election
-    fence = app.ledger.read_fence()
-    lease = lease_view(app)
-    leased = lease["state"] == "leased"
-    claimed_at = _parse(fence.claimed_at if fence else None)
-    last_commit_at = _parse(fence.last_commit_at if fence else None)
-    outcomes = app.ledger.outcome_rows(MAX_OUTCOME_ROWS,
-                                       ["status", "epoch", "decidedBy", "decidedAt"])
     # Bars on whole BUCKET_SECONDS of the clock, so that they stay put between refreshes; the
     # last one is the bucket now falls in.
     bucket_end = now.timestamp() // BUCKET_SECONDS * BUCKET_SECONDS + BUCKET_SECONDS
     since = datetime.fromtimestamp(bucket_end - WINDOW_SECONDS, tz=now.tzinfo)
-    recent = app.ledger.outcome_rows(MAX_WINDOW_ROWS, ["status", "decidedAt"],
-                                     decided_since=since.isoformat(timespec="microseconds"))
-    poisoned = queue_depth(app.queue(app.config.poison_queue))
-    parked = app.parking.count_by_kind(MAX_PARKED_ROWS)
+    queues: dict[str, Any] = {}
+
+    def poison() -> None:  # every intake queue's poison queue (INTAKE_QUEUES)
+        names = [poison_queue_name(name) for name in app.config.intake_queue_names]
+        queues["byQueue"] = {name: queue_depth(app.queue(name)) for name in names}
+        queues["poisoned"] = sum(queues["byQueue"].values())
+
+    def parked() -> None:
+        queues["parked"] = app.parking.count_by_kind(MAX_PARKED_ROWS)
+
+    shards = read_shards(app, window_since=since, outcomes=True, more=(poison, parked))
+    first = shards[0]
+    fence, lease = first.fence, first.lease
+    leased = lease.get("state") == "leased"
+    claimed_at = _parse(fence.claimed_at if fence else None)
+    last_commit_at = _parse(fence.last_commit_at if fence else None)
+    outcomes = [row for reads in shards for row in (reads.outcomes.rows if reads.outcomes else [])]
+    recent = [row for reads in shards for row in (reads.window.rows if reads.window else [])]
+    parked_by_kind = queues["parked"]
     return {
         "generatedAt": now.isoformat(),
         "leader": {
@@ -115,17 +132,21 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
                                                    election.lease_seconds,
                                                    election.renew_interval_seconds),
         },
-        "pending": _pending(app, now),
-        "throughput": _throughput(recent, since, now),
-        "outcomes": {"byStatus": dict(sorted(Counter(str(r.get("status")) for r in outcomes.rows)
+        "pending": _pending(first.pending, now),
+        "throughput": _throughput(Bounded(recent, any(r.window and r.window.truncated
+                                                      for r in shards)), since, now),
+        "outcomes": {"byStatus": dict(sorted(Counter(str(r.get("status")) for r in outcomes)
                                              .items())),
-                     "total": len(outcomes.rows), "truncated": outcomes.truncated},
-        "leaders": _leaders(outcomes.rows, fence),
-        "parked": sum(parked.values()),
-        "parkedByKind": parked,
-        "poisoned": poisoned,
+                     "total": len(outcomes),
+                     "truncated": any(r.outcomes and r.outcomes.truncated for r in shards)},
+        "leaders": _leaders(first.outcomes.rows if first.outcomes else [], fence),
+        "shards": [page_row(reads, now, WINDOW_SECONDS) for reads in shards],
+        "parked": sum(parked_by_kind.values()),
+        "parkedByKind": parked_by_kind,
+        "poisoned": queues["poisoned"],
         "poisonQueue": app.config.poison_queue,
         "outbox": outbox_view(app),  # outcome events not sent yet (shared/leadership/outbox.py)
+        "poisonedByQueue": queues["byQueue"],
     }
 
 
@@ -142,9 +163,7 @@ def _lease_left(now: datetime, leased: bool, claimed_at: datetime | None,
     return round(max(0.0, (expires - now).total_seconds()), 1)
 
 
-def _pending(app: LedgerApp, now: datetime) -> dict[str, Any]:
-    rows = app.completions.waiting_rows(MAX_PENDING_ROWS,
-                                        ["PartitionKey", "RowKey", "requestId", "recordedAt"])
+def _pending(rows: Bounded[dict[str, Any]], now: datetime) -> dict[str, Any]:
     recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {

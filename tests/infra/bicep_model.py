@@ -4,10 +4,11 @@ No Bicep CLI can be installed here, so the tests read the pycep AST (the JSON fo
 uses). pycep gives a parameter, variable or resource reference and a string literal alike as a
 Python ``str``; ``Scope.resolve`` tells them apart by the symbols the file declares, follows
 parameters into the module call that sets them (or to their defaults), variables to their
-values, and evaluates ``string()``, ``union()``, ``concat()``, ``[for x in items(<object>): ...]``
-and ``${...}`` interpolation of known values. Anything else (a resource property, ``guid(...)``)
-is returned as written; a symbol reference such as ``identity.outputs.clientId`` comes back as a
-``Ref``.
+values, and evaluates ``string()``, ``union()``, ``concat()``, ``[for x in items(<object>): ...]``,
+``[for i in range(start, count): ...]`` (a resource loop too: ``Scope.instances``), integer
+``+`` and ``-``, and ``${...}`` interpolation of known values. Anything else (a resource
+property, ``guid(...)``) is returned as written; a symbol reference such as
+``identity.outputs.clientId`` comes back as a ``Ref``.
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ class Scope:
     file: BicepFile
     args: Mapping[str, Any] = field(default_factory=dict)
     parent: Scope | None = None
+    bound: Mapping[str, Any] = field(default_factory=dict)  # a loop's index, while it runs
 
     def module(self, relative_path: str) -> tuple[ModuleCall, Scope]:
         """The single call of a local module (by its path relative to this file) and its scope."""
@@ -188,10 +190,33 @@ class Scope:
                 return self._resolve_function(expr["function"])
             if set(expr) >= {"loop_type", "config"}:
                 return self._resolve_loop(expr)
+            if set(expr) == {"operator"}:
+                return self._resolve_operator(expr)
             return {key: self.resolve(value) for key, value in expr.items()}
         return expr
 
+    def instances(self, resource: dict[str, Any]) -> list[dict[str, Any]]:
+        """The configs a declared resource deploys: one, or one per pass of its range loop."""
+        if set(resource) >= {"loop_type", "config"}:
+            resolved = self._resolve_loop(resource)
+            assert isinstance(resolved, list), f"cannot evaluate the loop {resource!r}"
+            return resolved
+        return [resource]
+
+    def _resolve_operator(self, expr: dict[str, Any]) -> Any:
+        """Integer ``+`` and ``-`` of known values, else the expression as is."""
+        operator = expr["operator"]
+        operands = [self.resolve(value) for value in operator.get("operands", {}).values()]
+        if len(operands) == 2 and all(isinstance(o, int) for o in operands):
+            if operator["type"] == "add":
+                return operands[0] + operands[1]
+            if operator["type"] == "substract":  # pycep's spelling
+                return operands[0] - operands[1]
+        return expr
+
     def _resolve_text(self, text: str) -> Any:
+        if text in self.bound:
+            return self.bound[text]
         if _IDENT.fullmatch(text):
             head = text.split(".")[0]
             if head == text and head in self.file.params:
@@ -210,8 +235,11 @@ class Scope:
         return str(value)
 
     def _resolve_loop(self, loop: dict[str, Any]) -> Any:
-        """``[for item in items(<object>): {...}]`` over a known object, else the loop as is."""
+        """``[for item in items(<object>): {...}]`` over a known object, or ``[for i in
+        range(start, count): {...}]`` with known bounds; else the loop as is."""
         loop_type = loop["loop_type"]
+        if loop_type["type"] == "range" and loop.get("condition") is None:
+            return self._resolve_range(loop)
         if loop_type["type"] != "object" or loop.get("condition") is not None:
             return loop
         item = loop_type["detail"]["item_name"]
@@ -224,6 +252,15 @@ class Scope:
         return [{name: pair[accessors[acc]] if (acc := _accessor(value)) in accessors
                  else self.resolve(value) for name, value in loop["config"].items()}
                 for pair in source.items()]
+
+    def _resolve_range(self, loop: dict[str, Any]) -> Any:
+        detail = loop["loop_type"]["detail"]
+        start, count = self.resolve(detail["start_index"]), self.resolve(detail["count"])
+        index = detail.get("index_name") or detail.get("item_name")
+        if not (isinstance(start, int) and isinstance(count, int) and index):
+            return loop
+        return [Scope(self.file, self.args, self.parent, {**self.bound, index: value})
+                .resolve(loop["config"]) for value in range(start, start + count)]
 
     def _resolve_function(self, function: dict[str, Any]) -> Any:
         kind = function["type"]

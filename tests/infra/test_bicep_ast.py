@@ -392,7 +392,14 @@ def test_alerts_query_the_apps_telemetry_in_app_insights(main: Scope) -> None:
         queries[symbol] = query
         for name in re.findall(r'"(ledger\.[a-z_.]+)"', query):
             assert f'"{name}"' in emitted, f"{symbol} queries {name}, which the app never emits"
-    assert set(queries) == {"noCommitAlert", "parkedAlert", "poisonAlert"}
+    assert set(queries) == {"noCommitAlert", "parkedAlert", "poisonAlert",
+                            "leaderlessShardAlert", "inFlightAlert", "behindAlert"}
+    for symbol in ("leaderlessShardAlert", "inFlightAlert", "behindAlert"):
+        assert "customDimensions.shard" in queries[symbol], f"{symbol} is per shard"
+    assert "ledger.flight.oldest_age" in queries["inFlightAlert"]
+    for param, default in (("inFlightAgeThresholdSeconds", 300), ("behindFactor", 10),
+                           ("behindMinPending", 1000)):
+        assert alerts.file.params[param]["default"] == default, param
     assert "ledger.full_scan" in queries["noCommitAlert"]
     assert "requestsReady" in queries["noCommitAlert"]
     assert "ledger.outcomes" in queries["noCommitAlert"]

@@ -9,12 +9,16 @@ from typing import Any
 
 import pytest
 
+from shared.config.names import MAX_INTAKE_QUEUES, MAX_SHARDS, poison_queue_name
 from shared.config.settings import (
+    ARCHIVE_CONTAINER_NAME,
     COMPLETIONS_QUEUE_NAME,
     COMPLETIONS_TABLE_NAME,
     DRAIN_BUDGET_SECONDS,
     FUNCTION_TIMEOUT_SECONDS,
+    INTAKE_QUEUES,
     LEASE_CONTAINER_NAME,
+    LEDGER_SHARDS,
     LEDGER_TABLE_NAME,
     OUTCOMES_QUEUE_NAME,
     PARKED_TABLE_NAME,
@@ -26,7 +30,7 @@ from shared.config.settings import (
 )
 from simulator import REPO_ROOT
 from simulator.hostjson import read_host_json, timespan_seconds
-from tests.infra.bicep_model import Scope, app_settings_of, root_scope
+from tests.infra.bicep_model import BicepFile, Scope, app_settings_of, parse_bicepparam, root_scope
 
 SETTING_NAMES = {setting.name for setting in SETTINGS}
 
@@ -103,8 +107,9 @@ def test_bicep_sets_the_identity_based_storage_connection(deployed: dict[str, An
 
 
 def _names(storage: Scope, resource_type: str) -> set[str]:
-    return {storage.resolve(resource["name"])
-            for resource in storage.file.of_type(resource_type).values()}
+    return {storage.resolve(instance["name"])
+            for resource in storage.file.of_type(resource_type).values()
+            for instance in storage.instances(resource)}
 
 
 @pytest.mark.parametrize("with_param_file", [False, True], ids=["bicep-defaults", "bicepparam"])
@@ -123,6 +128,63 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     assert LEASE_CONTAINER_NAME.default in containers
     assert storage.param("deploymentContainerName") in containers
     assert len(containers) == 2, containers
+
+
+@pytest.mark.parametrize("with_param_file", [False, True], ids=["bicep-defaults", "bicepparam"])
+def test_the_archive_container_is_the_settings(with_param_file: bool) -> None:
+    main = root_scope(with_param_file)
+    _, module = main.module("modules/reconcile_alerts.bicep")
+    containers = _names(module, "Microsoft.Storage/storageAccounts/blobServices/containers")
+    assert containers == {ARCHIVE_CONTAINER_NAME.default}
+    app = _deployed_settings(with_param_file)
+    assert app[ARCHIVE_CONTAINER_NAME.name] == ARCHIVE_CONTAINER_NAME.default
+QUEUE_TYPE = "Microsoft.Storage/storageAccounts/queueServices/queues"
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, MAX_INTAKE_QUEUES])
+def test_the_intake_queues_bicep_creates_are_the_ones_the_app_reads(count: int) -> None:
+    # intakeQueues=Q: queues 0..Q-1 and their poison queues, named as shared/config/names.py
+    # names them, the wake-up queue kept; and the app setting says Q.
+    main = Scope(root_scope().file, {"intakeQueues": count})
+    config = load_config({INTAKE_QUEUES.name: str(count)}, instance_id="test")
+    assert len(config.intake_queue_names) == count
+    expected = {*config.intake_queue_names,
+                *(poison_queue_name(name) for name in config.intake_queue_names),
+                WAKEUP_QUEUE_NAME.default, poison_queue_name(WAKEUP_QUEUE_NAME.default)}
+    assert _names(main.module("modules/storage.bicep")[1], QUEUE_TYPE) == expected
+    _, app = main.module("modules/functionapp.bicep")
+    assert app_settings_of(app, app.file.one("Microsoft.Web/sites"))[INTAKE_QUEUES.name] == (
+        str(count))
+
+
+@pytest.mark.parametrize(("setting", "param", "highest"), [
+    (LEDGER_SHARDS, "ledgerShards", MAX_SHARDS), (INTAKE_QUEUES, "intakeQueues", MAX_INTAKE_QUEUES),
+])
+def test_shards_and_queues_are_parameters_with_the_code_range(setting: Any, param: str,
+                                                               highest: int) -> None:
+    # The parameter's bounds are the setting's: the deployment refuses what the app would.
+    decorators = {d["type"]: d["argument"] for d in root_scope().file.params[param]["decorators"]
+                  if d["type"] in ("min_value", "max_value")}
+    assert decorators == {"min_value": 1, "max_value": highest}, decorators
+    load_config({setting.name: str(highest)}, instance_id="test")  # the code takes both ends
+    load_config({setting.name: "1"}, instance_id="test")
+    # main.bicepparam sets it, and main.bicep hands it to the app settings unchanged.
+    _, values = parse_bicepparam(root_scope().file.path.with_suffix(".bicepparam"))
+    assert str(values[param]) == setting.default, param
+    main = Scope(root_scope().file, {param: 5})
+    _, app = main.module("modules/functionapp.bicep")
+    assert app_settings_of(app, app.file.one("Microsoft.Web/sites"))[setting.name] == "5"
+
+
+def test_the_queue_data_role_covers_every_intake_queue() -> None:
+    # The queue role is granted on the storage account, so it covers queues added by intakeQueues
+    # (a role scoped to one queue would leave the others unreadable).
+    roles = BicepFile(root_scope().file.path.parent / "modules" / "roles.bicep")
+    [queue_role] = [config for config in roles.of_type(
+        "Microsoft.Authorization/roleAssignments").values()
+        if "storageQueueDataContributor" in str(config["properties"]["roleDefinitionId"])]
+    assert queue_role["scope"] == "storage"
+    assert roles.resources["storage"]["type"] == "Microsoft.Storage/storageAccounts"
 
 
 _host_json = read_host_json
