@@ -150,7 +150,8 @@ def test_the_intake_queues_bicep_creates_are_the_ones_the_app_reads(count: int) 
     assert len(config.intake_queue_names) == count
     expected = {*config.intake_queue_names,
                 *(poison_queue_name(name) for name in config.intake_queue_names),
-                WAKEUP_QUEUE_NAME.default, poison_queue_name(WAKEUP_QUEUE_NAME.default)}
+                WAKEUP_QUEUE_NAME.default, poison_queue_name(WAKEUP_QUEUE_NAME.default),
+                OUTCOMES_QUEUE_NAME.default}
     assert _names(main.module("modules/storage.bicep")[1], QUEUE_TYPE) == expected
     _, app = main.module("modules/functionapp.bicep")
     assert app_settings_of(app, app.file.one("Microsoft.Web/sites"))[INTAKE_QUEUES.name] == (
