@@ -46,9 +46,10 @@ from shared.domain.sharding import ShardMap
 from shared.errors import NotFound
 from shared.leadership import outbox as outbox_module
 from shared.leadership import sweeper
-from shared.leadership.elections import run_election
+from shared.leadership.elections import handle_wakeup, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import Publisher, depth, store
+from shared.leadership.wakeup import publish_body, publish_request
 from shared.storage.clients import clients_from_connection_string
 from shared.web import api
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames
@@ -120,6 +121,19 @@ def take_events(app: LedgerApp) -> list[str]:
         for message in got:
             bodies.append(message.text)
             queue.delete(message.handle)
+
+
+def run_publishers(app: LedgerApp) -> int:
+    """What the wake_up function does with the hand-off messages on the wake-up queue: each
+    sends one outbox row. Returns how many there were (lease alarms are dropped)."""
+    handed = 0
+    while got := app.wakeup_queue.receive(max_messages=32, visibility_timeout=60):
+        for message in got:
+            if publish_request(message.text) is not None:
+                handle_wakeup(app, message.text.encode())
+                handed += 1
+            app.wakeup_queue.delete(message.handle)
+    return handed
 
 
 def settle(app: LedgerApp, ids: list[str], incomplete: str, timeout: float = 60) -> None:
@@ -318,8 +332,41 @@ def test_the_outbox_at_the_100_operation_limit_and_past_64_kib(
     every = ids + wide_ids
     assert all(api_status(app, r) == "committed" for r in every)
     assert max(sizes) > 64 * 1024 // 2, "no outbox row past one property's 32K characters"
+    # Rows of more than INLINE_EVENTS events were handed off: any instance's wake_up sends them.
+    assert take_events(app) == [], "the leader sent none of a big row's events itself"
+    assert run_publishers(app) >= 2
     counts = check(app, take_events(app), every)
     assert set(counts) == set(every)
+
+
+@pytest.mark.parametrize("lost", [False, True], ids=["handed-off", "hand-off-lost"])
+def test_a_busy_leaders_rows_are_handed_off_and_a_lost_hand_off_is_sent_later(
+        ns: Namespace, lost: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A leader with a backlog writes rows of many events; it sends one hand-off message per row
+    # instead of the events (it is the one process of its shard that cannot scale out). A
+    # hand-off message that is lost leaves the row to the next look once it is 10 s old.
+    app = app_with(ns, 1)
+    ids = [f"busy-{i}" for i in range(30)]
+    record(app, *(body for i, r in enumerate(ids) for body in deposit(r, f"busy-{i}", "3.00")))
+    run_election(app)
+    assert all(api_status(app, r) == "committed" for r in ids)
+    assert take_events(app) == []
+    [row] = store(app).read()[0]
+    assert row.handed_off
+    if lost:
+        while got := app.wakeup_queue.receive(max_messages=32, visibility_timeout=60):
+            for message in got:
+                app.wakeup_queue.delete(message.handle)
+        assert outbox_module.publish_remaining(app) == 0, "young: its publisher may still come"
+        monkeypatch.setattr(outbox_module, "HANDED_OFF_GRACE_SECONDS", 0.0)
+        assert outbox_module.publish_remaining(app) == 1
+    else:
+        assert run_publishers(app) == 1
+    check(app, take_events(app), ids)
+    # The host delivering the hand-off again (its deletion's answer lost): the row is gone,
+    # nothing is sent twice.
+    handle_wakeup(app, publish_body(0, row.key).encode())
+    assert take_events(app) == []
 
 
 def test_events_off_writes_no_outbox_row_and_sends_nothing(ns: Namespace) -> None:

@@ -49,6 +49,7 @@ CHUNK_CHARACTERS = 30_000  # per property: under 32K UTF-16 units (every charact
 MAX_ROW_CHARACTERS = 400_000  # the events of one row: 800 KB as UTF-16, under the 1 MiB entity
 MAX_CHUNKS = MAX_ROW_CHARACTERS // CHUNK_CHARACTERS + 2
 OUTBOX_OPERATIONS = 1  # what the outbox adds to a transaction
+HANDED_OFF = "handedOff"  # a row a publisher invocation sends (``shared/leadership/outbox.py``)
 _EVENT_OVERHEAD = 400  # the fixed fields of an outcome event, generously
 _LEG_OVERHEAD = 40  # {"accountId":"","amount":""}, and the separators
 _AMOUNT_CHARACTERS = 17  # "-1000000000000.00"
@@ -135,14 +136,18 @@ def _chunks(text: str) -> list[str]:
     return chunks or [""]
 
 
-def outbox_entity(partition: str, key: str, events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The outbox row of ``events``: their JSON list split over ``events``, ``events1``, ..."""
+def outbox_entity(partition: str, key: str, events: Sequence[Mapping[str, Any]],
+                  handed_off: bool = False) -> dict[str, Any]:
+    """The outbox row of ``events``: their JSON list split over ``events``, ``events1``, ...;
+    ``handedOff`` when a publisher invocation, not the leader, sends them."""
     text = json.dumps([event_text(e) for e in events], separators=(",", ":"),
                       ensure_ascii=False)
     if _units(text) > MAX_ROW_CHARACTERS + CHUNK_CHARACTERS:
         raise ValueError(f"{len(events)} events take {len(text)} characters, more than an "
                          f"outbox row's {MAX_ROW_CHARACTERS}: plan smaller batches")
     entity: dict[str, Any] = {"PartitionKey": partition, "RowKey": key, "count": len(events)}
+    if handed_off:
+        entity[HANDED_OFF] = True
     for index, chunk in enumerate(_chunks(text)):
         entity["events" if index == 0 else f"events{index}"] = chunk
     return entity
@@ -159,7 +164,7 @@ def events_of(row: Mapping[str, Any]) -> list[str]:
     return [str(body) for body in json.loads(text)] if text else []
 
 
-def outbox_write(partition: str, key: str,
-                 events: Sequence[Mapping[str, Any]]) -> tuple[Subject, Write]:
+def outbox_write(partition: str, key: str, events: Sequence[Mapping[str, Any]],
+                 handed_off: bool = False) -> tuple[Subject, Write]:
     """The create of one outbox row, as an extra write of a fenced transaction."""
-    return ("outbox", key), Write("create", outbox_entity(partition, key, events))
+    return ("outbox", key), Write("create", outbox_entity(partition, key, events, handed_off))

@@ -9,6 +9,15 @@ the outcomes the transaction decides, or of the cross-shard requests it settles;
 next commits run; the term waits for them before it ends (``Publisher.finish``), so no send
 outlives its invocation (one still running at ``WAIT_SECONDS`` is cancelled, its row kept).
 
+**Rows of many events are handed off.** One send costs the leader a round trip and about a
+millisecond of CPU, and the leader is the one process per shard that cannot scale out. So a
+row of more than ``INLINE_EVENTS`` events (a busy leader's transaction) is marked ``handedOff``
+in its transaction, and after the commit the leader sends one message instead of its events:
+a wake-up message (``publish_body``) that any instance's ``wake_up`` invocation takes, reads
+the row, sends its events and deletes it (``publish_handed_off``). A quiet leader's events go
+out from the leader itself, at once. A hand-off message that cannot be sent makes the leader
+send the row itself; one that is lost leaves the row to the look below.
+
 **What is left is sent by the next one.** A row whose sends failed, or that a crash, a lost
 answer or an ended term left behind, stays in the ledger partition. The term reads the shard's
 outbox once more when it ends and sends what it finds (``publish_remaining``); the sweeper does
@@ -57,14 +66,17 @@ from shared.domain.rules import Assessment
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
+from shared.leadership.wakeup import publish_body
 from shared.observability import telemetry
 from shared.storage.clients import ensure_queues
-from shared.storage.outbox import OutboxDepth, OutboxStore
+from shared.storage.outbox import OutboxDepth, OutboxRow, OutboxStore
 from shared.storage.ports import MessageQueue
 
 logger = logging.getLogger(__name__)
 
 PUBLISHERS = 8  # threads sending events and deleting rows, per process
+INLINE_EVENTS = 8  # a row with more events is handed off to a publisher invocation
+HANDED_OFF_GRACE_SECONDS = 10.0  # a handed-off row anyone else sends once it is this old
 WAIT_SECONDS = 60.0  # the longest a term waits for its sends when it ends
 SWEEP_MIN_AGE_SECONDS = 10.0  # rows the sweeper leaves to the live leader that wrote them
 RECOVER_ROWS = 1000  # rows one look at the outbox sends at most
@@ -134,6 +146,33 @@ def publish_row(app: LedgerApp, key: str, etag: str | None, bodies: Sequence[str
     return True
 
 
+def hand_off(app: LedgerApp, key: str) -> bool:
+    """Ask any instance to send row ``key`` of ``app``'s shard (one wake-up message); False
+    when the message could not be sent (the caller then sends the row itself)."""
+    try:
+        app.wakeup_queue.send(publish_body(app.current, key))
+    except StorageError as exc:
+        logger.info("could not hand outbox row %s of shard %d off (%s): sent by the leader",
+                    key, app.current, exc)
+        return False
+    return True
+
+
+def publish_handed_off(app: LedgerApp, key: str) -> bool:
+    """A publisher invocation's job: send row ``key`` of ``app``'s shard, then delete it
+    (True also when it is gone already: someone sent it). A failure raises, so the host
+    delivers the message again; past ``maxDequeueCount`` the look below sends the row."""
+    if not app.config.outcome_events:
+        return True
+    row = store(app).read_row(key)
+    if row is None:
+        return True
+    for body in row.bodies:
+        _send(app, key, body)
+    store(app).delete(key, row.etag)
+    return True
+
+
 def publish_remaining(app: LedgerApp, min_age_seconds: float = 0.0,
                       limit: int = RECOVER_ROWS) -> int:
     """Send the rows left in the shard's outbox (older than ``min_age_seconds``); the rows
@@ -145,8 +184,12 @@ def publish_remaining(app: LedgerApp, min_age_seconds: float = 0.0,
     except StorageError as exc:
         logger.warning("could not read the outbox of shard %d: %s", app.current, exc)
         return 0
-    due = [row for row in rows if min_age_seconds <= 0 or row.written_at is None
-           or now is None or (now - row.written_at).total_seconds() >= min_age_seconds]
+    def old_enough(row: OutboxRow) -> bool:
+        least = max(min_age_seconds, HANDED_OFF_GRACE_SECONDS if row.handed_off else 0.0)
+        return least <= 0 or row.written_at is None or now is None or \
+            (now - row.written_at).total_seconds() >= least
+
+    due = [row for row in rows if old_enough(row)]
     if not due:
         return 0
     sent = sum(wait_all([_executor().submit(publish_row, app, row.key, row.etag, row.bodies)
@@ -250,7 +293,8 @@ class Publisher:
             return []
         key = outbox_key(fence.epoch)
         self._staged[key] = events
-        return [outbox_write(self.app.ledger.partition, key, events)]
+        return [outbox_write(self.app.ledger.partition, key, events,
+                             handed_off=len(events) > INLINE_EVENTS)]
 
     def stage_exchange(self, batch: _Batch, fence: Fence,
                        now: datetime) -> list[tuple[Subject, Write]]:
@@ -270,8 +314,11 @@ class Publisher:
         created: dict[str, str] = getattr(result, "outbox", {}) or {}
         for key, etag in created.items():
             events = self._staged.pop(key, None)
-            if events is not None:
-                self._submit(key, etag, [event_text(e) for e in events])
+            if events is None:
+                continue
+            if len(events) > INLINE_EVENTS and hand_off(self.app, key):
+                continue
+            self._submit(key, etag, [event_text(e) for e in events])
         self._staged.clear()
 
     def contradiction(self, parked_id: str, reason: str, decided: DecidedOutcome,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from shared.domain.outbox import OUTBOX_PREFIX, events_of, outbox_entity
-from shared.errors import AlreadyExists
+from shared.domain.outbox import HANDED_OFF, OUTBOX_PREFIX, events_of, outbox_entity
+from shared.errors import AlreadyExists, NotFound
 from shared.storage.ports import Table
 
 
@@ -28,6 +28,7 @@ class OutboxRow:
     etag: str
     bodies: tuple[str, ...]
     written_at: datetime | None = None
+    handed_off: bool = False  # a publisher invocation sends it (the leader handed it off)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,11 @@ class OutboxDepth:
 
 def _prefix_range(prefix: str) -> dict[str, str]:
     return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
+
+
+def _row(row: Any) -> OutboxRow:
+    return OutboxRow(str(row["RowKey"]), str(row.etag), tuple(events_of(row)), row.timestamp,
+                     bool(row.get(HANDED_OFF)))
 
 
 class OutboxStore:
@@ -59,9 +65,15 @@ class OutboxStore:
     def read(self, limit: int = 1000) -> tuple[list[OutboxRow], datetime | None]:
         """At most ``limit`` rows, oldest epoch first, and storage's time of the read."""
         rows = self._query(limit)
-        found = [OutboxRow(str(row["RowKey"]), str(row.etag), tuple(events_of(row)),
-                           row.timestamp) for row in rows]
+        found = [_row(row) for row in rows]
         return found, rows.date
+
+    def read_row(self, key: str) -> OutboxRow | None:
+        """One row by its key, or ``None`` (sent and deleted already)."""
+        try:
+            return _row(self.table.get(self.partition, key))
+        except NotFound:
+            return None
 
     def depth(self, limit: int = 10_000) -> OutboxDepth:
         """Rows and events waiting (counting stops at ``limit`` rows), and the oldest's age
