@@ -12,7 +12,8 @@ outlives its invocation (one still running at ``WAIT_SECONDS`` is cancelled, its
 **Rows of many events are handed off.** One send costs the leader a round trip and about a
 millisecond of CPU, and the leader is the one process per shard that cannot scale out. So a
 row of more than ``INLINE_EVENTS`` events (a busy leader's transaction) is marked ``handedOff``
-in its transaction, and after the commit the leader sends one message instead of its events:
+in its transaction, and after the commit the leader sends one message instead of its events
+(from a publisher thread, so the leader's next commit does not wait for it):
 a wake-up message (``publish_body``) that any instance's ``wake_up`` invocation takes, reads
 the row, sends its events and deletes it (``publish_handed_off``). A quiet leader's events go
 out from the leader itself, at once. A hand-off message that cannot be sent makes the leader
@@ -156,6 +157,12 @@ def hand_off(app: LedgerApp, key: str) -> bool:
                     key, app.current, exc)
         return False
     return True
+
+
+def _hand_off_or_publish(app: LedgerApp, key: str, etag: str | None,
+                         bodies: Sequence[str]) -> bool:
+    """A publisher thread's part for a big row: hand it off, or send it when that fails."""
+    return hand_off(app, key) or publish_row(app, key, etag, bodies)
 
 
 def publish_handed_off(app: LedgerApp, key: str) -> bool:
@@ -316,9 +323,12 @@ class Publisher:
             events = self._staged.pop(key, None)
             if events is None:
                 continue
-            if len(events) > INLINE_EVENTS and hand_off(self.app, key):
+            bodies = [event_text(e) for e in events]
+            if len(events) > INLINE_EVENTS:
+                self._futures.append(_executor().submit(_hand_off_or_publish, self.app, key,
+                                                        etag, bodies))
                 continue
-            self._submit(key, etag, [event_text(e) for e in events])
+            self._submit(key, etag, bodies)
         self._staged.clear()
 
     def contradiction(self, parked_id: str, reason: str, decided: DecidedOutcome,
