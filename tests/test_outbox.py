@@ -49,8 +49,10 @@ from shared.leadership import sweeper
 from shared.leadership.elections import handle_wakeup, run_election
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import Publisher, depth, store
+from shared.leadership.reshard import reshard
 from shared.leadership.wakeup import publish_body, publish_request
 from shared.storage.clients import clients_from_connection_string
+from shared.storage.outbox import OutboxStore
 from shared.web import api
 from simulator.faults import CallKind, Fault, FaultPlan, TableNames
 from tests.helpers import Namespace, deposit, record, send, step, transfer, wait_until
@@ -444,3 +446,24 @@ def test_a_child_forked_after_publishing_started_has_publishers_of_its_own() -> 
     answer = os.read(read, 1)
     os.waitpid(pid, 0)
     assert answer == b"1"
+
+
+def test_a_reshard_sends_every_outbox_row_first(ns: Namespace) -> None:
+    # Rows stay in the partition that wrote them, and nobody reads the partition of a shard a
+    # reshard removes: the reshard sends every row first, handed-off ones included (here the
+    # hand-off message was lost).
+    app = app_with(ns, 4)
+    accounts = accounts_on(4, 3, 12, "rs")
+    ids = [f"rs-{account}" for account in accounts]
+    record(app, *(body for account, request_id in zip(accounts, ids, strict=True)
+                  for body in deposit(request_id, account, "1.00")))
+    run_election(app.on(3))
+    while got := app.wakeup_queue.receive(max_messages=32, visibility_timeout=60):
+        for message in got:
+            app.wakeup_queue.delete(message.handle)
+    removed = app.topology.ledger_of(3)
+    left = OutboxStore(removed.table, removed.partition)
+    assert [row.handed_off for row in left.read()[0]] == [True]
+    reshard(app_with(ns, 4), 2)
+    assert left.read()[0] == [], "the removed shard's outbox was sent"
+    check(app_with(ns, 2), take_events(app), ids)

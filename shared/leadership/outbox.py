@@ -181,7 +181,7 @@ def publish_handed_off(app: LedgerApp, key: str) -> bool:
 
 
 def publish_remaining(app: LedgerApp, min_age_seconds: float = 0.0,
-                      limit: int = RECOVER_ROWS) -> int:
+                      limit: int = RECOVER_ROWS, handed_off_grace: bool = True) -> int:
     """Send the rows left in the shard's outbox (older than ``min_age_seconds``); the rows
     published. Storage errors are logged: what stays is sent by the next look."""
     if not app.config.outcome_events:
@@ -192,7 +192,8 @@ def publish_remaining(app: LedgerApp, min_age_seconds: float = 0.0,
         logger.warning("could not read the outbox of shard %d: %s", app.current, exc)
         return 0
     def old_enough(row: OutboxRow) -> bool:
-        least = max(min_age_seconds, HANDED_OFF_GRACE_SECONDS if row.handed_off else 0.0)
+        grace = HANDED_OFF_GRACE_SECONDS if row.handed_off and handed_off_grace else 0.0
+        least = max(min_age_seconds, grace)
         return least <= 0 or row.written_at is None or now is None or \
             (now - row.written_at).total_seconds() >= least
 
@@ -251,8 +252,10 @@ def sweep_outbox(app: LedgerApp) -> None:
 
 
 def drain_outbox(app: LedgerApp) -> int:
-    """Send everything in every shard's outbox (resharding calls this first); rows published."""
-    return sum(publish_remaining(shard, limit=RECOVER_ROWS * 100) for shard in app.each_shard())
+    """Send everything in every shard's outbox, handed-off rows included (resharding calls
+    this with every lease held: no row is being written); the rows published."""
+    return sum(publish_remaining(shard, limit=RECOVER_ROWS * 100, handed_off_grace=False)
+               for shard in app.each_shard())
 
 
 class _Batch(Protocol):
