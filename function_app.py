@@ -41,7 +41,8 @@ for _q in range(1, load_config(os.environ).intake_queues):
 @app.queue_trigger(arg_name="msg", queue_name="%WAKEUP_QUEUE_NAME%",
                    connection="AzureWebJobsStorage")
 def wake_up(msg: func.QueueMessage) -> None:
-    """A lease alarm came due (its holder stopped renewing?): compete and commit what waits."""
+    """A lease alarm came due (its holder stopped renewing?): compete and commit what waits.
+    Or a leader handed an outbox row off: send its outcome events."""
     elections.handle_wakeup(get_app(), msg.get_body())
 
 

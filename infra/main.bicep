@@ -119,6 +119,19 @@ param storageTimeoutSeconds int = 5
 @maxValue(64)
 param ledgerShards int = 1
 
+@description('OUTCOME_EVENTS: true sends one outcome event per decided request to OUTCOMES_QUEUE_NAME (a transactional outbox); false sends none.')
+@allowed([
+  'true'
+  'false'
+])
+param outcomeEvents string = 'true'
+
+@description('OUTCOMES_QUEUE_NAME: queue the leader sends outcome and contradiction events to (base64 JSON, version 1).')
+param outcomesQueueName string = 'outcomes'
+
+@description('Minutes an outcome event may stay unsent before the outbox alert fires.')
+@minValue(2)
+param outboxAlertMinutes int = 5
 @description('RECONCILE_MAX_FLIGHT_SECONDS: reconciliation reports work in flight between shards older than this.')
 @minValue(10)
 @maxValue(604800)
@@ -163,6 +176,8 @@ var appSettings = {
   REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
   STORAGE_TIMEOUT_SECONDS: string(storageTimeoutSeconds)
   LEDGER_SHARDS: string(ledgerShards)
+  OUTCOME_EVENTS: outcomeEvents
+  OUTCOMES_QUEUE_NAME: outcomesQueueName
   RECONCILE_MAX_FLIGHT_SECONDS: string(reconcileMaxFlightSeconds)
   RETENTION_DAYS: string(retentionDays)
   ARCHIVE_CONTAINER_NAME: archiveContainerName
@@ -189,6 +204,7 @@ module storage 'modules/storage.bicep' = {
     completionsQueueName: completionsQueueName
     intakeQueues: intakeQueues
     wakeupQueueName: wakeupQueueName
+    outcomesQueueName: outcomesQueueName
     completionsTableName: completionsTableName
     ledgerTableName: ledgerTableName
     parkedTableName: parkedTableName
@@ -234,6 +250,19 @@ module reconcileAlerts 'modules/reconcile_alerts.bicep' = {
     storageAccountName: storage.outputs.name
     archiveContainerName: archiveContainerName
     actionGroupIds: alertActionGroupIds
+  }
+}
+
+// Outcome events that stay unsent (the outbox, shared/leadership/outbox.py).
+module outboxAlerts 'modules/outbox_alerts.bicep' = {
+  name: 'outbox-alerts'
+  params: {
+    namePrefix: namePrefix
+    location: location
+    tags: tags
+    appInsightsName: monitoring.outputs.appInsightsName
+    actionGroupIds: alertActionGroupIds
+    thresholdMinutes: outboxAlertMinutes
   }
 }
 

@@ -21,6 +21,8 @@ param deployerPrincipalType = 'User'
 
 param completionsQueueName = 'completions'
 param wakeupQueueName = 'wakeups'
+param outcomesQueueName = 'outcomes'
+param outcomeEvents = 'true'
 param completionsTableName = 'completions'
 param ledgerTableName = 'ledger'
 param parkedTableName = 'parkedmessages'

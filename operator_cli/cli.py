@@ -42,6 +42,7 @@ from typing import Any, NoReturn, TextIO
 
 from azure.core.exceptions import AzureError, ResourceNotFoundError
 
+from operator_cli import outcomes
 from operator_cli import reconcile as reconcile_commands
 from operator_cli import reshard as reshard_command
 from operator_cli.output import Output, fields, preview, table
@@ -59,6 +60,7 @@ from shared.domain.contract import (
 )
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import outbox_view
 from shared.storage.azure_queues import AzureQueue
 from shared.storage.clients import clients_from_settings
 from shared.storage.parking import QUEUE_BATCH_LIMIT, ParkedMessage
@@ -333,6 +335,7 @@ def _answer(app: LedgerApp, call: Callable[[], api.Reply]) -> dict[str, Any]:
 def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
     """The leader view of ``GET /api/leader``."""
     view = _answer(app, lambda: api.leader(app))
+    view["outbox"] = outbox_view(app)  # outcome events not sent yet
     if output.as_json:
         output.data(view)
         return EXIT_OK
@@ -347,6 +350,8 @@ def cmd_status(app: LedgerApp, args: argparse.Namespace, output: Output) -> int:
                            for k in lease)),
         ("pending", f"{view.get('pendingCompletions')} completion(s)"),
         ("last commit", view.get("lastCommitAt") or "never"),
+        ("outbox", f"{view['outbox']['events']} event(s) unsent, oldest "
+                   f"{view['outbox']['oldestAgeSeconds']:g} s"),
     ]))
     if view.get("shards"):
         output.line("")
@@ -513,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   help="a request's status: pending or its outcome")
     request.add_argument("request_id", help="the requestId")
     request.set_defaults(handler=_ignore_stdin(cmd_request))
+    outcomes.register(commands, common, Parser, _ignore_stdin)  # ./dev cli outcomes tail
     reconcile_commands.register(commands, common)  # reconcile, archive
     reshard_command.register(commands, common)
     return parser

@@ -39,14 +39,17 @@ from azure.core.exceptions import AzureError
 from shared import wiring as runtime
 from shared.config.names import intake_queue_names
 from shared.config.settings import SETTINGS
+from shared.domain.exchange import COMMITTING
 from shared.domain.model import DecidedOutcome, Fence
 from shared.domain.planning import FENCE_ROW
 from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import drain_outbox
 from shared.storage.clients import ensure_queues
 from shared.storage.ledger import RELEASED_EPOCH
 from shared.storage.parking import queue_depth
 from shared.storage.ports import MessageQueue
+from shared.web import api
 from shared.web import status as status_data
 from simulator.azurite import Azurite
 from simulator.checker import LedgerReader, Snapshot, Verdict, check_final, money
@@ -322,6 +325,56 @@ def _kill_leader(cluster: Cluster, index: int, started: float, out: TextIO) -> N
     out.flush()
 
 
+def check_outcome_events(app: LedgerApp, out: TextIO) -> list[str]:
+    """Consume the outcomes queue as an upstream system would and check it against the read
+    API: one distinct outcome event per decided request, with the status the API reports.
+
+    Whatever the instances left in an outbox (a killed leader) is sent first, as the sweeper
+    would. Returns the problems found (none when the check holds).
+    """
+    if not app.config.outcome_events:
+        out.write("Outcome events: off (OUTCOME_EVENTS=false)\n")
+        return []
+    drain_outbox(app)
+    queue = app.queue(app.config.outcomes_queue)
+    events: dict[str, dict[str, object]] = {}
+    bodies: dict[str, str] = {}
+    copies = contradictions = 0
+    problems = []
+    while batch := queue.receive(max_messages=32, visibility_timeout=60):
+        for message in batch:
+            event = json.loads(message.text)
+            queue.delete(message.handle)
+            if event.get("type") == "contradiction":
+                contradictions += 1
+                continue
+            copies += 1
+            events[str(event["requestId"])] = event
+            if bodies.setdefault(str(event["eventId"]), message.text) != message.text:
+                problems.append(f"two bodies for event {event['eventId']}")
+    decided = {d.outcome.request_id for shard in app.each_shard()
+               for d in shard.ledger.list_outcomes()}
+    final = {}
+    for request_id in decided:
+        status = str(api.request(app, request_id).body.get("status"))
+        if status != COMMITTING:
+            final[request_id] = status
+    if missing := sorted(set(final) - set(events)):
+        problems.append(f"{len(missing)} decided request(s) without an outcome event, "
+                        f"e.g. {missing[:3]}")
+    if extra := sorted(set(events) - set(final)):
+        problems.append(f"{len(extra)} outcome event(s) for requests not decided, "
+                        f"e.g. {extra[:3]}")
+    if wrong := sorted(r for r in set(events) & set(final) if events[r]["status"] != final[r]):
+        problems.append(f"{len(wrong)} outcome event(s) disagree with the read API, "
+                        f"e.g. {wrong[:3]}")
+    out.write(f"Outcome events: {len(events)} distinct for {len(final)} decided request(s) "
+              f"({copies - len(events)} duplicate(s)), {contradictions} "
+              f"contradiction(s); statuses {'match' if not wrong else 'DO NOT match'} "
+              "the read API\n")
+    return problems
+
+
 def _holder_to_kill(cluster: Cluster, seconds: float = 1.0) -> int | None:
     """The instance holding shard 0's lease now or, when none does, the one holding the most
     shards (as their event lines say), watched for up to ``seconds``: terms can be short."""
@@ -469,6 +522,7 @@ def _summary(app: LedgerApp, work: Workload, cluster: Cluster, base_url: str, el
     w(f"GET /api/leader -> epoch {leader_view['epoch']}, lease {leader_view['lease']['state']}, "
       f"pending {leader_view['pendingCompletions']}\n")
     w(f"GET /api/accounts/{sample} -> {sample_view}\n")
+    result.problems += check_outcome_events(app, out)  # issue 18: the outcomes queue
     if verdict is not None:
         result.problems += [f"checker: {p}" for p in verdict.problems]
         if not verdict.ok and not verdict.problems:

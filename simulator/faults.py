@@ -169,6 +169,8 @@ def classify(method: str, url: str, headers: Mapping[str, str], body: bytes | st
         found = _ROW_KEY.search(keys)
         row_key = found.group(1) if found else ""
         if table == names.ledger:
+            if method == "DELETE" and row_key.startswith("outbox:"):
+                return CallKind.DELETE  # an outbox row whose events were sent
             if row_key == "fence":
                 return CallKind.FENCE_READ if method == "GET" else CallKind.CLAIM
             if method == "GET":

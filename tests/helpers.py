@@ -91,6 +91,7 @@ class Namespace:
         names = {
             "COMPLETIONS_QUEUE_NAME": f"{self.prefix}-completions",
             "WAKEUP_QUEUE_NAME": f"{self.prefix}-wakeups",
+            "OUTCOMES_QUEUE_NAME": f"{self.prefix}-outcomes",
             "COMPLETIONS_TABLE_NAME": f"{self.prefix}completions",
             "LEDGER_TABLE_NAME": f"{self.prefix}ledger",
             "PARKED_TABLE_NAME": f"{self.prefix}parked",

@@ -197,9 +197,9 @@ def test_a_snapshot_of_four_shards_reads_each_store_of_each_shard_once(ns: Names
     counter.calls.clear()
     status.snapshot(observed)
     # Per shard: fence, lease, completions, flight, outcomes in the window, all outcomes, the
-    # takeover row; then
+    # takeover row, the outbox; then
     # the parked table (the poison queue's client is not counted).
-    assert counter.total == 4 * 7 + 1, counter.calls
+    assert counter.total == 4 * 8 + 1, counter.calls
 
 
 def test_cli_status_prints_one_line_per_shard(ns: Namespace, tmp_path: Path,

@@ -344,10 +344,10 @@ def test_a_snapshot_reads_each_store_once_and_puts_commits_in_their_bucket(ns: N
     counter.calls.clear()  # creating the app made its tables: count only the snapshot
     clock.advance(5)
     data = status_data.snapshot(observed)
-    # fence, lease blob, all outcomes, recent outcomes, the takeover row, completions, parked:
-    # one call each (pages of 1,000 rows; the poison queue's client is built apart and not
-    # counted here).
-    assert counter.total == 7, counter.calls
+    # fence, lease blob, all outcomes, recent outcomes, the takeover row, completions, parked,
+    # the outbox: one call each (pages of 1,000 rows; the poison queue's client is built apart
+    # and not counted here).
+    assert counter.total == 8, counter.calls
     flow = data["throughput"]
     assert sum(flow["committed"]) == 3
     # Bars sit on whole 10 s of the clock (now is 00:01:10, in the last bar): d2 was decided

@@ -25,6 +25,9 @@ param intakeQueues int = 1
 @description('Queue of the lease alarms (WAKEUP_QUEUE_NAME).')
 param wakeupQueueName string
 
+@description('Queue the leader sends outcome events to (OUTCOMES_QUEUE_NAME).')
+param outcomesQueueName string = 'outcomes'
+
 @description('Table where every completion is recorded (COMPLETIONS_TABLE_NAME).')
 param completionsTableName string
 
@@ -172,6 +175,12 @@ resource wakeupQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@202
 resource wakeupPoisonQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
   parent: queueService
   name: '${wakeupQueueName}-poison'
+}
+
+// Outcome events for upstream: one per decided request (shared/leadership/outbox.py).
+resource outcomesQueue 'Microsoft.Storage/storageAccounts/queueServices/queues@2023-05-01' = {
+  parent: queueService
+  name: outcomesQueueName
 }
 
 resource tableService 'Microsoft.Storage/storageAccounts/tableServices@2023-05-01' = {

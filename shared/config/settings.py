@@ -92,6 +92,14 @@ LEDGER_SHARDS = Setting(
     "LEDGER_SHARDS", "1",
     "Shards of the ledger, 1-64: each has its own lease, ledger partition and completions table.",
 )
+OUTCOME_EVENTS = Setting(
+    "OUTCOME_EVENTS", "true",
+    "true: send one outcome event per decided request to OUTCOMES_QUEUE_NAME; false: none.",
+)
+OUTCOMES_QUEUE_NAME = Setting(
+    "OUTCOMES_QUEUE_NAME", "outcomes",
+    "Queue the leader sends outcome and contradiction events to (base64 JSON, version 1).",
+)
 RECONCILE_MAX_FLIGHT_SECONDS = Setting(
     "RECONCILE_MAX_FLIGHT_SECONDS", "300",
     "Reconciliation reports work in flight between shards (escrow, message, coordination) older "
@@ -130,6 +138,8 @@ SETTINGS: tuple[Setting, ...] = (
     REQUEST_TIMEOUT_SECONDS,
     STORAGE_TIMEOUT_SECONDS,
     LEDGER_SHARDS,
+    OUTCOME_EVENTS,
+    OUTCOMES_QUEUE_NAME,
     RECONCILE_MAX_FLIGHT_SECONDS,
     RETENTION_DAYS,
     ARCHIVE_CONTAINER_NAME,
@@ -158,6 +168,8 @@ class AppConfig:
     storage_timeout_seconds: float
     instance_id: str
     shards: int = 1  # LEDGER_SHARDS
+    outcome_events: bool = True  # OUTCOME_EVENTS
+    outcomes_queue: str = OUTCOMES_QUEUE_NAME.default
     reconcile_max_flight_seconds: float = 300.0  # RECONCILE_MAX_FLIGHT_SECONDS
     retention_days: int = 365  # RETENTION_DAYS
     archive_container: str = "ledger-archive"  # ARCHIVE_CONTAINER_NAME
@@ -227,6 +239,16 @@ def _optional_number(env: Mapping[str, str], setting: Setting, low: float,
     return value
 
 
+def _flag(env: Mapping[str, str], setting: Setting) -> bool:
+    raw = _text(env, setting).lower()
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{setting.name}={raw!r} is not true or false (default "
+                      f"{setting.default}). {setting.description}")
+
+
 def default_instance_id() -> str:
     """A name for this process: the Functions instance id in Azure, host:pid elsewhere."""
     site_instance = os.environ.get("WEBSITE_INSTANCE_ID", "")[:12]
@@ -281,6 +303,8 @@ def load_config(env: Mapping[str, str] | None = None, instance_id: str | None = 
         storage_timeout_seconds=storage_timeout,
         instance_id=instance_id or default_instance_id(),
         shards=int(shards),
+        outcome_events=_flag(env, OUTCOME_EVENTS),
+        outcomes_queue=_text(env, OUTCOMES_QUEUE_NAME),
         reconcile_max_flight_seconds=_number(env, RECONCILE_MAX_FLIGHT_SECONDS, 10, 7 * 24 * 3600),
         retention_days=int(retention),
         archive_container=_text(env, ARCHIVE_CONTAINER_NAME),

@@ -10,7 +10,7 @@ refusals are the app's errors: ``FencedOut`` and ``LedgerWriteError`` end the te
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -260,21 +260,30 @@ def accounts_of(assessment: Assessment) -> set[str]:
     return {account for account, _ in assessment.legs}
 
 
-def plan_batches(ready: Sequence[Assessment], claims: bool = False) -> list[list[Assessment]]:
+def plan_batches(ready: Sequence[Assessment], claims: bool = False,
+                 event_chars: Callable[[Assessment], int] | None = None,
+                 event_budget: int = 0) -> list[list[Assessment]]:
     """Group requests into transactions of at most 100 operations (fence + outcomes + accounts,
-    and a claim per request with ``claims``)."""
+    and a claim per request with ``claims``). With ``event_chars`` (outcome events on) each
+    transaction also holds one outbox row, whose events (``event_chars`` each, at most) stay
+    within ``event_budget`` characters (``shared/domain/outbox.py``)."""
     per_request = 2 if claims else 1
+    fixed = 1 if event_chars is None else 2  # the fence (and the outbox row)
     batches: list[list[Assessment]] = []
     batch: list[Assessment] = []
     accounts: set[str] = set()
+    chars = 0
     for assessment in ready:
         merged = accounts | accounts_of(assessment)
-        if batch and 1 + per_request * (len(batch) + 1) + len(merged) > \
-                MAX_TRANSACTION_OPERATIONS:
+        size = 0 if event_chars is None else event_chars(assessment)
+        if batch and (fixed + per_request * (len(batch) + 1) + len(merged) >
+                      MAX_TRANSACTION_OPERATIONS or
+                      (event_chars is not None and chars + size > event_budget)):
             batches.append(batch)
-            batch, merged = [], accounts_of(assessment)
+            batch, merged, chars = [], accounts_of(assessment), 0
         batch.append(assessment)
         accounts = merged
+        chars += size
     if batch:
         batches.append(batch)
     return batches

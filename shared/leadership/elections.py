@@ -16,6 +16,7 @@ from enum import StrEnum
 
 from shared.domain.exchange import RESEND_SECONDS
 from shared.election.elector import HeldLease, LeaseState, TermEnded
+from shared.leadership import outbox
 from shared.leadership.instance import LedgerApp
 from shared.leadership.term import LeaderTerm, TermReport
 from shared.leadership.view import ReadyView
@@ -23,6 +24,7 @@ from shared.leadership.wakeup import (
     WAKE_POLL_SECONDS,
     WAKE_WAIT_SECONDS,
     LeaseAlarm,
+    publish_request,
     shard_of_alarm,
     wake_soon,
 )
@@ -264,6 +266,11 @@ def handle_wakeup(app: LedgerApp, body: bytes) -> ElectionResult:
     to ``WAKE_WAIT_SECONDS``: a holder that stopped renewing loses its lease within that time.
     A holder that is alive commits the work itself (it then holds the lease all along).
     """
+    if (handed := publish_request(body)) is not None:  # not an alarm: an outbox row to send
+        shard, key = handed
+        if shard < app.shard_map.shards:  # else a reshard removed it, sending its outbox first
+            outbox.publish_handed_off(app.on(shard), key)
+        return ElectionResult(Role.FOLLOWER, shard=shard)
     app = app.on(shard_of_alarm(body, len(app.shards)))
     deadline = app.clock.monotonic() + WAKE_WAIT_SECONDS
     while True:

@@ -48,6 +48,7 @@ from shared.domain.rules import Assessment
 from shared.election.elector import HeldLease
 from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import Publisher
 from shared.leadership.report import TermReport
 from shared.leadership.view import ReadyRequest, ReadyRound
 from shared.storage.completions import Tombstone
@@ -62,6 +63,7 @@ class Term(Protocol):
     fence: Fence
     balances: dict[str, AccountRow]
     report: TermReport
+    outbox: Publisher
 
     def read_accounts(self, accounts: Iterable[str]) -> None: ...
 
@@ -176,7 +178,7 @@ class Exchange:
             else:
                 assert item.message is not None
                 size = batch.message_size(item.message)
-            if taken and not batch.fits(size):
+            if taken and not batch.fits(size + self.term.outbox.operations):
                 break
             taken.append(item)
             if item.request is not None:
@@ -192,10 +194,11 @@ class Exchange:
     def _write(self, batch: ExchangeBatch) -> CommitResult:
         term = self.term
         accounts = batch.account_writes()
+        now = term.app.clock.now()
         return term.app.ledger.commit(
             term.fence, batch.outcomes,
             {a: (row, balance) for a, (row, balance, _) in accounts.items()},
-            term.app.clock.now(), extra=batch.extra_writes(),
+            now, extra=batch.extra_writes() + term.outbox.stage_exchange(batch, term.fence, now),
             reserved={a: held for a, (_, _, held) in accounts.items()})
 
     def _landed(self, batch: ExchangeBatch, taken: Sequence[Item], written: CommitResult) -> None:

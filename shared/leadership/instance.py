@@ -391,7 +391,7 @@ class LedgerApp:
         if queues:
             intake = self.config.intake_queue_names
             ensure_queues(self.clients, (*intake, *(poison_queue_name(name) for name in intake),
-                                         self.config.wakeup_queue))
+                                         self.config.wakeup_queue, self.config.outcomes_queue))
 
     def queue(self, name: str | None = None, *, raw: bool = False) -> MessageQueue:
         """The completions queue (or ``name``): text encoded as the host decodes it (base64),

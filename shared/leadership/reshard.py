@@ -61,6 +61,7 @@ from shared.domain.reconciliation import MOVED_NET, MOVED_PREFIX
 from shared.domain.sharding import ShardMap
 from shared.election.elector import HeldLease
 from shared.errors import AlreadyExists, ConditionFailed, LedgerError
+from shared.leadership import outbox
 from shared.leadership.instance import MAP_TTL_SECONDS, LedgerApp
 from shared.leadership.term import LeaderTerm
 from shared.leadership.view import ReadyView
@@ -357,6 +358,9 @@ class _Run:
         else:
             raise ReshardError(f"work kept coming after {DRAIN_PASSES} passes; resume the "
                                "reshard")
+        # Outcome events: every outbox row is sent now (rows stay in the partition that wrote
+        # them, and a shard the new map removes is read by nobody).
+        outbox.drain_outbox(self.app)
         self.before = self._balances(self.old)
         total = sum(self.before.values(), Decimal("0.00"))
         self.report.total_before, self.report.accounts = total, len(self.before)

@@ -28,6 +28,7 @@ from shared.domain.rules import assess
 from shared.errors import StorageError
 from shared.leadership.elections import ElectionResult, run_election
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import sweep_outbox
 from shared.observability import telemetry
 from shared.storage.completions import FULL_SCAN_MAX_ROWS
 from shared.storage.parking import queue_depth
@@ -113,6 +114,7 @@ def sweep(app: LedgerApp) -> ElectionResult:
     record_poison_depth(app)
     results = []
     for shard in app.each_shard():
+        sweep_outbox(shard)  # outcome events a term left behind
         repair_scan(shard)
         results.append(run_election(shard))
     first = results[0]

@@ -61,6 +61,7 @@ from shared.election.elector import HeldLease
 from shared.leadership import generations
 from shared.leadership.exchange import Exchange
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import Publisher
 from shared.leadership.reads import Failed, read_concurrently, tolerant
 from shared.leadership.report import TermReport as TermReport  # re-exported
 from shared.leadership.view import ReadyRequest, ReadyRound, ReadyView
@@ -93,6 +94,7 @@ class LeaderTerm:
         self.balances: dict[str, AccountRow] = dict(balances or {})
         self.view = view or ReadyView(app)
         self.report = TermReport(fence.epoch)
+        self.outbox = Publisher(app)  # outcome events: one outbox row per transaction
 
     @classmethod
     def begin(cls, app: LedgerApp, lease: HeldLease,
@@ -126,6 +128,7 @@ class LeaderTerm:
             return self._rounds(budget_deadline, ready)
         finally:  # a term ends with its consumed rows gone (or their deletes given up on)
             self.app.cleaner.wait_until_done(timeout=self.app.config.storage_timeout_seconds)
+            self.outbox.finish()  # its events sent; then what earlier terms left
 
     def _rounds(self, budget_deadline: float, ready: ReadyRound | None) -> TermReport:
         step_seconds = self.app.config.storage_timeout_seconds
@@ -174,7 +177,8 @@ class LeaderTerm:
         if self.app.sharded:
             readable = self._claim_elsewhere(readable)
         by_id = {r.request_id: r for r in readable}
-        for batch in plan_batches([r.assessment for r in readable], claims=self.app.sharded):
+        for batch in plan_batches([r.assessment for r in readable], claims=self.app.sharded,
+                                  **self.outbox.batch_limits()):
             # A term commits at least one batch whatever its budget: otherwise a budget shorter
             # than a round's reads would end every term before its first commit.
             if self.report.transactions and self.app.clock.monotonic() >= budget_deadline:
@@ -346,9 +350,10 @@ class LeaderTerm:
                         [(s.traceparent, s.request_id, s.operation_id)
                          for r in pending for s in r.assessment.steps],
                         self.lease.remaining()):
-                    result = self.app.ledger.commit(self.fence, outcomes, new_balances,
-                                                    self.app.clock.now(),
-                                                    claims=self._claims(pending))
+                    result = self.app.ledger.commit(self.fence, outcomes, new_balances, now,
+                                                    claims=self._claims(pending),
+                                                    extra=self.outbox.stage(self.fence, now,
+                                                                            outcomes))
             except OutcomeExists as exc:
                 # Such requests rarely come alone (a leader that crashed with deletes queued
                 # leaves many): look up the whole batch's outcomes at once, settle all found.
@@ -398,6 +403,7 @@ class LeaderTerm:
         self.fence = result.fence
         self.report.transactions += 1
         self.balances.update(result.accounts)
+        self.outbox.landed(result)  # its events are sent, then its outbox row deleted
         # This term's own dict (the next term copies it): current while the fence's ETag is.
         self.app.snapshot = LedgerSnapshot(self.fence.epoch, self.fence.etag,
                                            self.fence.last_commit_at, self.balances)
@@ -478,6 +484,8 @@ class LeaderTerm:
                                   step.to_message().encode(), why, 0,
                                   self.app.config.instance_id, self.app.clock.now(),
                                   ParkedKind.LATE_CONTRADICTION)
+            self.outbox.contradiction(late_step_id(step.request_id, step.row_key), why,
+                                      decided, step.operation_id)
             parked += 1
         return parked
 

@@ -35,6 +35,7 @@ WAKE_POLL_SECONDS = 0.25  # how often a woken instance competes for the lease
 # (host.json maxPollingInterval) by which the alarm may be picked up late, plus a margin.
 WAKE_WAIT_SECONDS = ALARM_LEAD_SECONDS + 4
 ALARM_TYPE = "lease-alarm"
+PUBLISH_TYPE = "publish-outbox"  # a leader hands an outbox row to a publisher invocation
 
 
 def alarm_body(holder: str, instance_id: str, reason: str = "", shard: int = 0) -> str:
@@ -43,6 +44,26 @@ def alarm_body(holder: str, instance_id: str, reason: str = "", shard: int = 0) 
                        "armedBy": instance_id, **({"reason": reason} if reason else {}),
                        **({"shard": shard} if shard else {})},
                       separators=(",", ":"))
+
+
+def publish_body(shard: int, row: str) -> str:
+    """The wake-up message that asks any instance to send one outbox row's events."""
+    return json.dumps({"version": 1, "type": PUBLISH_TYPE, "shard": shard, "row": row},
+                      separators=(",", ":"))
+
+
+def publish_request(body: bytes | str) -> tuple[int, str] | None:
+    """(shard, outbox row key) of a publish message; ``None`` for anything else (an alarm)."""
+    try:
+        found = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(found, dict) or found.get("type") != PUBLISH_TYPE:
+        return None
+    shard, row = found.get("shard"), found.get("row")
+    if not isinstance(shard, int) or shard < 0 or not isinstance(row, str) or not row:
+        return None
+    return shard, row
 
 
 def shard_of_alarm(body: bytes | str, shards: int) -> int:

@@ -75,6 +75,7 @@ class CommitResult:
 
     fence: Fence
     accounts: dict[str, AccountRow] = field(default_factory=dict)
+    outbox: dict[str, str] = field(default_factory=dict)  # outbox rows created: key -> ETag
 
 
 MAP_GENERATION = "mapGeneration"  # on the fence: the shard map generation of its writer
@@ -446,8 +447,10 @@ class Ledger:
                 held = balances[subject][0].reserved if reserved is None else \
                     reserved.get(subject, balances[subject][0].reserved)
                 written[subject] = AccountRow(subject, balances[subject][1], result.etag, held)
+        outbox = {name: str(result.etag) for (kind, name), result
+                  in zip(plan.subjects, results, strict=True) if kind == "outbox"}
         return CommitResult(replace(fence, etag=str(results[0].etag), last_commit_at=stamp),
-                            written)
+                            written, outbox)
 
 
     def write_fenced(self, fence: Fence, upserts: Sequence[Mapping[str, Any]] = (),

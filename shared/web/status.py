@@ -39,6 +39,7 @@ from shared.config.names import poison_queue_name
 from shared.domain.model import Fence
 from shared.errors import NO_ANSWER, NO_CREDENTIAL, UNREACHABLE, StorageError
 from shared.leadership.instance import LedgerApp
+from shared.leadership.outbox import outbox_view
 from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
 from shared.web.api import Reply, leader_view
@@ -144,6 +145,7 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
         "parkedByKind": parked_by_kind,
         "poisoned": queues["poisoned"],
         "poisonQueue": app.config.poison_queue,
+        "outbox": outbox_view(app),  # outcome events not sent yet (shared/leadership/outbox.py)
         "poisonedByQueue": queues["byQueue"],
     }
 

@@ -20,6 +20,7 @@ from shared.config.settings import (
     LEASE_CONTAINER_NAME,
     LEDGER_SHARDS,
     LEDGER_TABLE_NAME,
+    OUTCOMES_QUEUE_NAME,
     PARKED_TABLE_NAME,
     SETTINGS,
     STORAGE_CONNECTION,
@@ -117,7 +118,8 @@ def test_storage_names_agree_with_the_code(with_param_file: bool) -> None:
     storage = root_scope(with_param_file).module("modules/storage.bicep")[1]
     queues = _names(storage, "Microsoft.Storage/storageAccounts/queueServices/queues")
     assert queues == {COMPLETIONS_QUEUE_NAME.default, config.poison_queue,
-                      WAKEUP_QUEUE_NAME.default, f"{WAKEUP_QUEUE_NAME.default}-poison"}
+                      WAKEUP_QUEUE_NAME.default, f"{WAKEUP_QUEUE_NAME.default}-poison",
+                      OUTCOMES_QUEUE_NAME.default}
     assert config.completions_queue == COMPLETIONS_QUEUE_NAME.default
     tables = _names(storage, "Microsoft.Storage/storageAccounts/tableServices/tables")
     assert tables == {COMPLETIONS_TABLE_NAME.default, LEDGER_TABLE_NAME.default,
@@ -148,7 +150,8 @@ def test_the_intake_queues_bicep_creates_are_the_ones_the_app_reads(count: int) 
     assert len(config.intake_queue_names) == count
     expected = {*config.intake_queue_names,
                 *(poison_queue_name(name) for name in config.intake_queue_names),
-                WAKEUP_QUEUE_NAME.default, poison_queue_name(WAKEUP_QUEUE_NAME.default)}
+                WAKEUP_QUEUE_NAME.default, poison_queue_name(WAKEUP_QUEUE_NAME.default),
+                OUTCOMES_QUEUE_NAME.default}
     assert _names(main.module("modules/storage.bicep")[1], QUEUE_TYPE) == expected
     _, app = main.module("modules/functionapp.bicep")
     assert app_settings_of(app, app.file.one("Microsoft.Web/sites"))[INTAKE_QUEUES.name] == (
