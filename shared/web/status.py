@@ -43,7 +43,7 @@ from shared.leadership.outbox import outbox_view
 from shared.storage.bounded import Bounded
 from shared.storage.parking import queue_depth
 from shared.web.api import Reply, leader_view
-from shared.web.shards import page_row, read_shards
+from shared.web.shards import page_row, parse_time, read_shards
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +116,8 @@ def snapshot(app: LedgerApp) -> dict[str, Any]:
     first = shards[0]
     fence, lease = first.fence, first.lease
     leased = lease.get("state") == "leased"
-    claimed_at = _parse(fence.claimed_at if fence else None)
-    last_commit_at = _parse(fence.last_commit_at if fence else None)
+    claimed_at = parse_time(fence.claimed_at if fence else None)
+    last_commit_at = parse_time(fence.last_commit_at if fence else None)
     outcomes = [row for reads in shards for row in (reads.outcomes.rows if reads.outcomes else [])]
     recent = [row for reads in shards for row in (reads.window.rows if reads.window else [])]
     parked_by_kind = queues["parked"]
@@ -164,7 +164,7 @@ def _lease_left(now: datetime, leased: bool, claimed_at: datetime | None,
 
 
 def _pending(rows: Bounded[dict[str, Any]], now: datetime) -> dict[str, Any]:
-    recorded = [stamp for row in rows.rows if (stamp := _parse(row.get("recordedAt")))]
+    recorded = [stamp for row in rows.rows if (stamp := parse_time(row.get("recordedAt")))]
     oldest = min(recorded, default=None)
     return {
         "completions": len(rows.rows),
@@ -183,7 +183,7 @@ def _throughput(recent: Bounded[dict[str, Any]], since: datetime, now: datetime)
     minute_ago = now - timedelta(seconds=60)
     last_minute = 0
     for row in recent.rows:
-        stamp = _parse(row.get("decidedAt"))
+        stamp = parse_time(row.get("decidedAt"))
         if stamp is None or stamp < since:
             continue
         index = min(count - 1, int((stamp - since).total_seconds() // BUCKET_SECONDS))
@@ -224,10 +224,3 @@ def _leaders(rows: list[dict[str, Any]], fence: Fence | None) -> list[dict[str, 
     return [epochs[e] for e in sorted(epochs, reverse=True)[:RECENT_LEADERS]]
 
 
-def _parse(value: Any) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError:
-        return None
