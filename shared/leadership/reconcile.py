@@ -46,7 +46,7 @@ from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
 from shared.leadership.retention import run_retention
 from shared.observability import telemetry
-from shared.storage.ledger import Ledger
+from shared.storage.ledger import Ledger, prefix_range
 from shared.storage.ports import Row
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,9 @@ def _etag(ledger: Ledger, row_key: str) -> str | None:
 
 def _range(ledger: Ledger, prefix: str, limit: int, select: list[str] | None = None,
            extra: str = "", parameters: dict[str, object] | None = None) -> Iterator[Row]:
-    high = prefix[:-1] + chr(ord(prefix[-1]) + 1)
     query = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high" + extra
-    return ledger.table.query(query, parameters={"pk": ledger.partition, "low": prefix,
-                                                 "high": high, **(parameters or {})},
+    return ledger.table.query(query, parameters={"pk": ledger.partition, **prefix_range(prefix),
+                                                 **(parameters or {})},
                               select=select, page_size=PAGE, limit=limit)
 
 

@@ -138,7 +138,7 @@ def _decided(row: Row) -> DecidedOutcome:
                           settled=bool(row.get("settled", True)))
 
 
-def _prefix_range(prefix: str) -> dict[str, str]:
+def prefix_range(prefix: str) -> dict[str, str]:
     """The RowKey range of the keys that start with ``prefix``: ``low <= key < high``."""
     return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
 
@@ -310,14 +310,14 @@ class Ledger:
     def _prefixed(self, prefix: str) -> Iterator[Row]:
         return iter(self.table.query(
             "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-            parameters={"pk": self.partition, **_prefix_range(prefix)}))
+            parameters={"pk": self.partition, **prefix_range(prefix)}))
 
     def outcome_rows(self, limit: int, select: list[str],
                      decided_since: str = "") -> Bounded[dict[str, Any]]:
         """At most ``limit`` outcome rows (decided at or after ``decided_since`` when given),
         as stored, with the properties in ``select``: for the status page's counts."""
         query = "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high"
-        parameters = {"pk": self.partition, **_prefix_range(REQUEST_PREFIX)}
+        parameters = {"pk": self.partition, **prefix_range(REQUEST_PREFIX)}
         if decided_since:
             query += " and decidedAt ge @since"
             parameters["since"] = decided_since
@@ -347,7 +347,7 @@ class Ledger:
         """The shard's coordinations, inbox and escrows (one key range), and storage's time."""
         rows = self.table.query(
             "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-            parameters={"pk": self.partition, **_prefix_range(FLIGHT_PREFIX)}, page_size=1000)
+            parameters={"pk": self.partition, **prefix_range(FLIGHT_PREFIX)}, page_size=1000)
         coordinations: dict[str, Coordination] = {}
         inbox: list[ShardMessage] = []
         escrows: dict[str, list[Escrow]] = {}

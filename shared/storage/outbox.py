@@ -17,6 +17,7 @@ from typing import Any
 
 from shared.domain.outbox import HANDED_OFF, OUTBOX_PREFIX, events_of, outbox_entity
 from shared.errors import AlreadyExists, NotFound
+from shared.storage.ledger import prefix_range
 from shared.storage.ports import Table
 
 
@@ -40,10 +41,6 @@ class OutboxDepth:
     oldest_age_seconds: float
 
 
-def _prefix_range(prefix: str) -> dict[str, str]:
-    return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
-
-
 def _row(row: Any) -> OutboxRow:
     return OutboxRow(str(row["RowKey"]), str(row.etag), tuple(events_of(row)), row.timestamp,
                      bool(row.get(HANDED_OFF)))
@@ -59,7 +56,7 @@ class OutboxStore:
     def _query(self, limit: int, select: Sequence[str] | None = None) -> Any:
         return self.table.query("PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
                                 parameters={"pk": self.partition,
-                                            **_prefix_range(OUTBOX_PREFIX)},
+                                            **prefix_range(OUTBOX_PREFIX)},
                                 select=select, page_size=min(1000, limit), limit=limit)
 
     def read(self, limit: int = 1000) -> tuple[list[OutboxRow], datetime | None]:

@@ -40,7 +40,7 @@ from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
 from shared.storage.bounded import Bounded, take_bounded
-from shared.storage.ledger import Takeover
+from shared.storage.ledger import Takeover, prefix_range
 
 MAX_PENDING_ROWS = 10_000  # completion rows read per shard
 MAX_FLIGHT_ROWS = 10_000  # flight rows read per shard
@@ -114,8 +114,7 @@ def read_flight(app: LedgerApp, limit: int = MAX_FLIGHT_ROWS) -> FlightSummary:
     ledger = app.ledger
     rows = ledger.table.query(
         "PartitionKey eq @pk and RowKey ge @low and RowKey lt @high",
-        parameters={"pk": ledger.partition, "low": FLIGHT_PREFIX,
-                    "high": FLIGHT_PREFIX[:-1] + chr(ord(FLIGHT_PREFIX[-1]) + 1)},
+        parameters={"pk": ledger.partition, **prefix_range(FLIGHT_PREFIX)},
         select=["RowKey", "Timestamp"], page_size=1000)
     found = take_bounded(rows, limit)
     by_kind: dict[str, int] = {}
