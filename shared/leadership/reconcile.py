@@ -46,8 +46,9 @@ from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
 from shared.leadership.retention import run_retention
 from shared.observability import telemetry
-from shared.storage.ledger import Ledger, prefix_range
+from shared.storage.ledger import Ledger
 from shared.storage.ports import Row
+from shared.storage.rows import prefix_range
 
 logger = logging.getLogger(__name__)
 

@@ -53,6 +53,7 @@ from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound
 from shared.observability import telemetry
 from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.ports import Mode, Row, Rows, Table, Written
+from shared.storage.rows import create_once
 
 logger = logging.getLogger(__name__)
 _Item = TypeVar("_Item")
@@ -455,14 +456,8 @@ class CompletionStore:
                 entity[STORED_AT] = _storage_time(row).isoformat()
             by_partition[str(row["PartitionKey"])].append(entity)
         for entities in by_partition.values():
-            for chunk in _chunks(entities, MAX_BATCH_ROWS):
-                try:
-                    self.table.submit([("create", e) for e in chunk])
-                    continue
-                except BatchRefused:
-                    pass
-                for entity in chunk:
-                    self._import_one(entity)
+            for entity in create_once(self.table, entities):
+                self._import_existing(entity)
 
     def import_steps(self, steps: Sequence[RecordedStep]) -> None:
         """``import_rows`` for steps as a leader read them (a step recorded on the wrong shard
@@ -471,12 +466,9 @@ class CompletionStore:
         rows += [_step_entity(step) for step in steps]
         self.import_rows(rows)
 
-    def _import_one(self, entity: dict[str, Any]) -> None:
-        try:
-            self.table.create(entity)
-            return
-        except AlreadyExists:
-            pass
+    def _import_existing(self, entity: dict[str, Any]) -> None:
+        """A row to import that exists here already: a step with another content is recorded
+        as the conflict row (a request row, or a conflict row, is left as it is)."""
         if is_request_row(str(entity["RowKey"])) or entity.get("conflict"):
             return
         try:

@@ -48,7 +48,6 @@ from shared.domain.planning import (
     CLAIM_PREFIX,
     FENCE_ROW,
     LEDGER_PARTITION,
-    MAX_TRANSACTION_OPERATIONS,
     REQUEST_PREFIX,
     FencedOut,
     LedgerWriteError,
@@ -65,6 +64,7 @@ from shared.domain.planning import (
 from shared.errors import AlreadyExists, BatchRefused, ConditionFailed, NotFound, StorageError
 from shared.storage.bounded import Bounded, take_bounded
 from shared.storage.ports import Mode, Operation, Row, Table
+from shared.storage.rows import create_once, prefix_range
 
 logger = logging.getLogger(__name__)
 
@@ -136,11 +136,6 @@ def _decided(row: Row) -> DecidedOutcome:
                           # rows written before step digests were kept have no "steps"
                           bool(row.get("stepsComplete", False)) and "steps" in row,
                           settled=bool(row.get("settled", True)))
-
-
-def prefix_range(prefix: str) -> dict[str, str]:
-    """The RowKey range of the keys that start with ``prefix``: ``low <= key < high``."""
-    return {"low": prefix, "high": prefix[:-1] + chr(ord(prefix[-1]) + 1)}
 
 
 def _operation(write: Write) -> Operation:
@@ -369,8 +364,8 @@ class Ledger:
         """Claim requests for shard ``home`` in this partition (create-once, not fenced: see
         ``claim_entity``). Returns the requests claimed by another shard, with its number."""
         lost: dict[str, int] = {}
-        existing = self._create_once([{"PartitionKey": self.partition, **claim_entity(r, home)}
-                                      for r in request_ids])
+        existing = create_once(self.table, [
+            {"PartitionKey": self.partition, **claim_entity(r, home)} for r in request_ids])
         for entity in existing:
             request_id = str(entity["RowKey"]).removeprefix(CLAIM_PREFIX)
             owner = self.claimed_by(request_id)
@@ -392,26 +387,7 @@ class Ledger:
 
     def deliver(self, messages: Sequence[ShardMessage]) -> None:
         """Put messages in this shard's inbox (create-once: a message sent twice is one row)."""
-        self._create_once([m.entity(self.partition) for m in messages])
-
-    def _create_once(self, entities: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Create rows of this partition that may exist already (one transaction per 100; one
-        by one when a transaction is refused). Returns the entities whose row existed."""
-        unique = list({str(e["RowKey"]): e for e in entities}.values())
-        existing: list[dict[str, Any]] = []
-        for start in range(0, len(unique), MAX_TRANSACTION_OPERATIONS):
-            chunk = unique[start:start + MAX_TRANSACTION_OPERATIONS]
-            try:
-                self.table.submit([("create", e) for e in chunk])
-                continue
-            except BatchRefused:
-                pass
-            for entity in chunk:
-                try:
-                    self.table.create(entity)
-                except AlreadyExists:
-                    existing.append(entity)
-        return existing
+        create_once(self.table, [m.entity(self.partition) for m in messages])
 
     # --- the one write path ----------------------------------------------------------------
     def commit(self, fence: Fence, outcomes: Sequence[Outcome],

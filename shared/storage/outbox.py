@@ -17,8 +17,8 @@ from typing import Any
 
 from shared.domain.outbox import HANDED_OFF, OUTBOX_PREFIX, events_of, outbox_entity
 from shared.errors import AlreadyExists, NotFound
-from shared.storage.ledger import prefix_range
 from shared.storage.ports import Table
+from shared.storage.rows import prefix_range
 
 
 @dataclass(frozen=True)

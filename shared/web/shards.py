@@ -40,7 +40,8 @@ from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
 from shared.storage.bounded import Bounded, take_bounded
-from shared.storage.ledger import Takeover, prefix_range
+from shared.storage.ledger import Takeover
+from shared.storage.rows import prefix_range
 
 MAX_PENDING_ROWS = 10_000  # completion rows read per shard
 MAX_FLIGHT_ROWS = 10_000  # flight rows read per shard
