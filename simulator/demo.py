@@ -41,12 +41,10 @@ from shared.config.names import intake_queue_names
 from shared.config.settings import SETTINGS
 from shared.domain.exchange import COMMITTING
 from shared.domain.model import DecidedOutcome, Fence
-from shared.domain.planning import FENCE_ROW
 from shared.errors import StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.outbox import drain_outbox
 from shared.storage.clients import ensure_queues
-from shared.storage.ledger import RELEASED_EPOCH
 from shared.storage.parking import queue_depth
 from shared.storage.ports import MessageQueue
 from shared.web import api
@@ -411,9 +409,7 @@ def _kill_holder(app: LedgerApp, cluster: Cluster, started: float, out: TextIO) 
         ledger = app.on(shard).ledger
         fence = _retry(ledger.read_fence)
         kill.epochs[shard] = fence.epoch if fence else 0
-        row = _retry(lambda ledger=ledger: ledger.read_row(FENCE_ROW))  # type: ignore[misc]
-        if fence is not None and _holder_pid(fence.holder) == pid and row is not None \
-                and row.get(RELEASED_EPOCH) != fence.epoch:
+        if fence is not None and _holder_pid(fence.holder) == pid and not fence.released:
             kill.in_term.append(shard)
     out.write(f"\n{at:5.1f} s: killed instance {index} (pid {pid}), the holder of shard(s) "
               f"{_list(held)} (SIGKILL: its leases are not released and expire within 15 s), "

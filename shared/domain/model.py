@@ -111,6 +111,13 @@ class Fence:
     holder: str
     claimed_at: str
     last_commit_at: str = ""
+    released_epoch: int = 0  # the last epoch whose holder released its lease (a hand-over)
+
+    @property
+    def released(self) -> bool:
+        """Its epoch's holder released the lease: the next claim is a hand-over, not a
+        takeover (``Ledger.mark_released``)."""
+        return self.released_epoch == self.epoch
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ class Takeover:
 
 def _fence(row: Row) -> Fence:
     return Fence(int(row["epoch"]), str(row.etag), str(row.get("holder", "")),
-                 str(row.get("claimedAt", "")), str(row.get("lastCommitAt", "")))
+                 str(row.get("claimedAt", "")), str(row.get("lastCommitAt", "")),
+                 int(row.get(RELEASED_EPOCH) or 0))
 
 
 def _decided(row: Row) -> DecidedOutcome:
@@ -278,7 +279,7 @@ class Ledger:
                 written = self.table.update(entity, mode=Mode.REPLACE, etag=current.etag)
             except ConditionFailed:
                 continue
-            if row is not None and row.get(RELEASED_EPOCH) != current.epoch:
+            if not current.released:
                 self._record_takeover(Takeover(seen + 1, claimed_at, current.epoch,
                                                current.holder, holder))
             return Fence(seen + 1, str(written.etag), holder, claimed_at,
