@@ -44,6 +44,7 @@ from shared.domain.reconciliation import (
 from shared.errors import NotFound, StorageError
 from shared.leadership.instance import LedgerApp
 from shared.leadership.reads import read_concurrently
+from shared.leadership.reshard import open_reshard
 from shared.leadership.retention import run_retention
 from shared.observability import telemetry
 from shared.storage.ledger import Ledger
@@ -168,19 +169,19 @@ def reconcile_ledger(app: LedgerApp, max_rows: int = MAX_ROWS_PER_SHARD,
 def _open_reshard(app: LedgerApp, now: datetime, threshold: float) -> Finding | None:
     """An error when a reshard's journal has been open longer than ``threshold``: its leases
     keep every leader out until it finishes, so a crashed run must be resumed by a person."""
-    journal = app.topology.store.read_journal()
-    if journal is None or journal.get("phase") == "done":
+    opened = open_reshard(app)
+    if opened is None:
         return None
     try:
-        started = datetime.fromisoformat(str(journal.get("startedAt")))
+        started: datetime | None = datetime.fromisoformat(opened["startedAt"])
     except ValueError:
         started = None
     if started is not None and (now - started).total_seconds() <= threshold:
         return None  # a reshard under way
-    target = journal.get("toShards")
+    target = opened["to"]
     return Finding(Severity.ERROR, "reshard-open", None, "shardmap",
                    f"a reshard to {target} shard(s) has been open since {started} (phase "
-                   f"{journal.get('phase')}): leaders stay paused until it finishes; resume it "
+                   f"{opened['phase']}): leaders stay paused until it finishes; resume it "
                    f"with ./dev cli reshard --to {target} --resume")
 
 

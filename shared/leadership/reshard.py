@@ -138,22 +138,28 @@ def reshard(app: LedgerApp, to: int, *, resume: bool = False,
     return run.start(to, resume)
 
 
+def open_reshard(app: LedgerApp) -> dict[str, Any] | None:
+    """The reshard whose journal is open (``phase``, ``to``, ``startedAt``), or ``None``."""
+    journal = app.topology.store.read_journal()
+    if journal is None or journal.get("phase") == "done":
+        return None
+    return {"phase": str(journal.get("phase")), "to": int(journal.get("toShards") or 0),
+            "startedAt": str(journal.get("startedAt") or "")}
+
+
 def status(app: LedgerApp) -> dict[str, Any] | None:
     """The ``reshard`` field of ``/api/leader``: ``None`` while the setting agrees with the
     stored map and no reshard is open; else what disagrees."""
     stored = app.topology.stored
-    journal = app.topology.store.read_journal()
-    open_phase = None if journal is None or journal.get("phase") == "done" \
-        else str(journal.get("phase"))
+    opened = open_reshard(app)
     setting = app.config.shards
-    if setting == stored.current.shards and open_phase is None:
+    if setting == stored.current.shards and opened is None:
         return None
     found: dict[str, Any] = {"needed": setting != stored.current.shards, "setting": setting,
                              "stored": stored.current.shards,
                              "generation": stored.current.generation}
-    if open_phase is not None and journal is not None:
-        found["open"] = {"phase": open_phase, "to": int(journal.get("toShards") or 0),
-                         "startedAt": str(journal.get("startedAt") or "")}
+    if opened is not None:
+        found["open"] = opened
     return found
 
 
